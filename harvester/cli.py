@@ -1,0 +1,252 @@
+"""Command line: argument parsing and the commands; the work itself lives elsewhere.
+
+Exit codes: 0 all harvested; 1 some jobs ended failed/cancelled/error (the rest harvested);
+2 bad usage, config or jobs file (nothing changed) or a fatal error such as refused
+credentials; 3 stopped by --timeout or a signal with work left (state saved: rerun continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+
+from harvester import __version__
+from harvester.config import Config, config_path, load_config
+from harvester.errors import FatalError, HarvesterError
+from harvester.jobs import UNSUCCESSFUL, JobState
+from harvester.logs import configure, get_logger
+
+EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
+log = get_logger("harvester.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harvester",
+        description="Submit, track and harvest jobs from annotation/ML providers.",
+    )
+    parser.add_argument("--version", action="version", version=f"harvester {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", help="config file (default: $HARVESTER_CONFIG)")
+
+    p = sub.add_parser("harvest", help="add jobs, then run until every job is terminal")
+    add_config(p)
+    p.add_argument("jobs", nargs="*", type=Path, help="jobs files (JSON Lines)")
+    p.add_argument("--provider", action="append", help="only work on this provider (repeatable)")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds (exit 3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+    p = sub.add_parser("submit", help="add jobs to the store only (no network)")
+    add_config(p)
+    p.add_argument("jobs", nargs="+", type=Path, help="jobs files (JSON Lines)")
+
+    p = sub.add_parser("status", help="jobs by provider and state, and failures")
+    add_config(p)
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also check the store's integrity (exit 1 if a problem is found)",
+    )
+
+    p = sub.add_parser("run", help="the long-running daemon")
+    add_config(p)
+
+    p = sub.add_parser("emulator", help="serve the built-in emulator of the provider APIs")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--storage-port", type=int, default=0, help="storage host port (0: free)")
+    p.add_argument("--scenario", help="scenario file (TOML); see configs/scenarios/")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "emulator":
+        from harvester.emulator.server import main as emulator_main
+
+        code: int = emulator_main(args.host, args.port, args.scenario, args.storage_port)
+        return code
+    try:
+        config = load_config(config_path(args.config))
+    except HarvesterError as exc:
+        print(f"harvester: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure(config.log.level, config.log.format)
+    try:
+        if args.command == "harvest":
+            return anyio.run(_harvest, config, args)
+        if args.command == "submit":
+            return anyio.run(_submit, config, args)
+        if args.command == "status":
+            return anyio.run(_status, config, args)
+        if args.command == "run":
+            print("harvester: the daemon (harvester run) is not available yet", file=sys.stderr)
+            return EXIT_USAGE
+    except FatalError as exc:
+        print(f"harvester: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    parser.error(f"unknown command {args.command}")
+
+
+async def _open_store(config: Config) -> Any:
+    from harvester.store import make_store
+
+    store = make_store(config.store)
+    await store.open()
+    return store
+
+
+async def _add(config: Config, paths: list[Path]) -> tuple[int, int]:
+    from harvester.clock import SystemClock
+    from harvester.jobsfile import read_jobs_files
+
+    jobs = read_jobs_files(paths, config)
+    store = await _open_store(config)
+    try:
+        result = await store.add_jobs(jobs, now=SystemClock().wall())
+    finally:
+        await store.close()
+    return len(result.added), len(result.duplicates)
+
+
+async def _submit(config: Config, args: argparse.Namespace) -> int:
+    added, duplicates = await _add(config, args.jobs)
+    print(f"added {added} jobs ({duplicates} already in the store)")
+    return EXIT_OK
+
+
+async def _status(config: Config, args: argparse.Namespace) -> int:
+    store = await _open_store(config)
+    try:
+        counts = await store.counts()
+        failures = await store.jobs(states=sorted(UNSUCCESSFUL))
+        problems = await store.check() if args.check else []
+    finally:
+        await store.close()
+    from harvester.summary import render_status, status_json
+
+    if args.json:
+        doc = status_json(counts, failures)
+        if args.check:
+            doc["check"] = problems
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        render_status(counts, failures)
+        if args.check:
+            if problems:
+                for p in problems:
+                    print(f"problem: {p}")
+            else:
+                print("store check: no problems found")
+    return EXIT_FAILED_JOBS if problems else EXIT_OK
+
+
+async def _harvest(config: Config, args: argparse.Namespace) -> int:
+    from harvester.engine import Engine
+    from harvester.summary import Progress, render_status, status_json
+
+    providers = args.provider or None
+    if providers:
+        unknown = [p for p in providers if p not in config.providers]
+        if unknown:
+            print(
+                f"harvester: --provider {unknown[0]} is not configured in {config.source}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    config.check_secrets()
+    if args.jobs:
+        added, duplicates = await _add(config, args.jobs)
+        log.info("jobs added", added=added, already_present=duplicates)
+    store = await _open_store(config)
+    interrupted = False
+    try:
+        selected = providers or sorted(config.providers)
+        counts = await store.counts()
+        stray = sorted(
+            {
+                p
+                for (p, s), n in counts.items()
+                if n
+                and s not in UNSUCCESSFUL
+                and s != JobState.HARVESTED
+                and p not in config.providers
+            }
+        )
+        if stray:
+            raise FatalError(
+                f"the store has unfinished {', '.join(stray)} jobs but {config.source} does not"
+                " configure that provider"
+            )
+        show = not args.no_progress and not args.json and sys.stderr.isatty()
+        progress = Progress(counts, selected, enabled=show)
+        stop = anyio.Event()
+        engine = Engine(config, store, providers=selected, burst=True, on_change=progress.update)
+        with progress:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_stop_on_signal, stop, name="signals")
+
+                async def work() -> None:
+                    await engine.run(stop=stop)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(work, name="engine")
+                if args.timeout is not None:
+                    with anyio.move_on_after(args.timeout):
+                        await engine.done.wait()
+                    stop.set()
+        interrupted = stop.is_set() and bool(engine.remaining)
+        counts = await store.counts()
+        failures = [
+            j for j in await store.jobs(states=sorted(UNSUCCESSFUL)) if j.provider in selected
+        ]
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+    if args.json:
+        doc = status_json(counts, failures, providers=selected)
+        doc["interrupted"] = interrupted
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        render_status(counts, failures, providers=selected)
+    return _exit_code(counts, selected, interrupted)
+
+
+def _exit_code(
+    counts: dict[tuple[str, JobState], int], providers: Sequence[str], interrupted: bool
+) -> int:
+    left = sum(
+        n
+        for (p, s), n in counts.items()
+        if p in providers and s not in UNSUCCESSFUL and s != JobState.HARVESTED
+    )
+    if interrupted or left:
+        return EXIT_INTERRUPTED
+    bad = sum(n for (p, s), n in counts.items() if p in providers and s in UNSUCCESSFUL)
+    return EXIT_FAILED_JOBS if bad else EXIT_OK
+
+
+async def _stop_on_signal(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.warning("signal received; stopping (state is saved)", signal=signum.name)
+            stop.set()
+            return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

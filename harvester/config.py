@@ -1,0 +1,406 @@
+"""Config: TOML -> frozen dataclasses, validated, with secrets only by reference.
+
+A secret field ``x`` is written ``x_env = "NAME"`` (an environment variable) or
+``x_file = "/run/secrets/x"``; the value itself never appears in a config file, and a
+``SecretRef`` never prints it. Relative paths are resolved against the config file's folder,
+so a config means the same thing from any working directory. Unknown keys are errors, with a
+suggestion when the key looks like a typo of a known one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from harvester.errors import ConfigError
+
+_T = TypeVar("_T")
+
+CONFIG_ENV = "HARVESTER_CONFIG"
+PROVIDERS = ("playment", "cognite", "bentley", "modzy")
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a secret lives. ``reveal()`` reads it; ``repr``/``str`` never show it."""
+
+    key: str  #: the config key that named it, for errors ("providers.playment.api_key")
+    env: str | None = None
+    file: Path | None = None
+
+    def reveal(self) -> str:
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if not value:
+                raise ConfigError(f"{self.key}: environment variable {self.env} is not set")
+            return value.strip()
+        assert self.file is not None
+        try:
+            value = self.file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{self.key}: cannot read secret file {self.file}: {exc.strerror}"
+            ) from None
+        if not value:
+            raise ConfigError(f"{self.key}: secret file {self.file} is empty")
+        return value
+
+    def __repr__(self) -> str:
+        where = f"env {self.env}" if self.env is not None else f"file {self.file}"
+        return f"SecretRef({self.key} from {where})"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """Settings every provider section takes."""
+
+    name: str
+    base_url: str
+    rate_per_s: float = 10.0
+    burst: int = 20
+    max_concurrency: int = 32
+    poll_min_s: float = 5.0
+    poll_max_s: float = 120.0
+    request_timeout_s: float = 30.0
+    max_retries: int = 5  #: attempts for idempotent requests after a retryable failure
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    on_lost_create: Literal["fail", "resubmit"] = "fail"
+
+    def secrets(self) -> list[SecretRef]:
+        return [v for v in vars(self).values() if isinstance(v, SecretRef)]
+
+
+@dataclass(frozen=True)
+class PlaymentConfig(ProviderConfig):
+    api_key: SecretRef | None = None
+    project_id: str = ""
+    batch_id: str | None = None  #: put jobs in this batch; default: one harvester creates
+    work_flow_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CogniteConfig(ProviderConfig):
+    project: str = ""
+    token_url: str = ""
+    client_id: str = ""
+    client_secret: SecretRef | None = None
+    scopes: tuple[str, ...] = ()
+    cdf_version: str = "beta"
+
+
+@dataclass(frozen=True)
+class BentleyConfig(ProviderConfig):
+    token_url: str = ""
+    client_id: str = ""
+    client_secret: SecretRef | None = None
+    scopes: tuple[str, ...] = ("itwin-platform",)
+    itwin_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ModzyConfig(ProviderConfig):
+    api_key: SecretRef | None = None
+
+
+_PROVIDER_CLASSES: dict[str, type[ProviderConfig]] = {
+    "playment": PlaymentConfig,
+    "cognite": CogniteConfig,
+    "bentley": BentleyConfig,
+    "modzy": ModzyConfig,
+}
+_DEFAULT_BASE_URLS = {
+    "playment": "https://api.playment.io",
+    "cognite": "https://westeurope-1.cognitedata.com",
+    "bentley": "https://api.bentley.com",
+    "modzy": "https://app.modzy.com",
+}
+#: fields a provider section must set (besides its secret)
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "playment": ("project_id", "api_key"),
+    "cognite": ("project", "token_url", "client_id", "client_secret"),
+    "bentley": ("token_url", "client_id", "client_secret"),
+    "modzy": ("api_key",),
+}
+_PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Bentley asks for 15/30/60/120 s polling; clamping its ladder into [15, 120] by default.
+    "bentley": {"poll_min_s": 15.0, "poll_max_s": 120.0},
+}
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = "sqlite://harvester-state.db"
+    password: SecretRef | None = None
+    #: the sqlite file when ``url`` is ``sqlite://...`` (resolved against the config folder)
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: Path = Path("harvest")
+    #: "auto": the smallest unsigned type that holds the largest label of each array
+    label_dtype: Literal["auto", "uint8", "uint16", "uint32", "uint64"] = "auto"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:8080"
+    token: SecretRef | None = None
+    drain_grace_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    concurrency: int = 8  #: jobs downloaded/decoded at once
+    max_attempts: int = 5  #: transient harvest failures before the job ends in error
+    chunk_bytes: int = 1 << 20  #: download chunk size fed to the decoder
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    store: StoreConfig
+    output: OutputConfig
+    server: ServerConfig
+    harvest: HarvestConfig
+    log: LogConfig
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+
+    def check_secrets(self) -> None:
+        """Read every secret once so a missing one stops the program before any work."""
+        for provider in self.providers.values():
+            for ref in provider.secrets():
+                ref.reveal()
+        for optional in (self.store.password, self.server.token):
+            if optional is not None:
+                optional.reveal()
+
+
+def config_path(arg: str | None) -> Path:
+    """The config file named by ``-c`` or, failing that, ``$HARVESTER_CONFIG``."""
+    chosen = arg or os.environ.get(CONFIG_ENV)
+    if not chosen:
+        raise ConfigError(f"no config file: pass -c CONFIG or set {CONFIG_ENV}")
+    return Path(chosen)
+
+
+def load_config(path: Path) -> Config:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, source=path)
+
+
+def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
+    base = source.resolve().parent
+    ctx = _Ctx(source, base)
+    sections = {"store", "output", "server", "harvest", "log", "providers"}
+    ctx.unknown(data, sections, "")
+
+    store = ctx.build(StoreConfig, ctx.table(data, "store"), "store", skip=frozenset({"path"}))
+    store = dataclasses.replace(store, path=_sqlite_path(store.url, base, ctx))
+    output = ctx.build(OutputConfig, ctx.table(data, "output"), "output")
+    server = ctx.build(ServerConfig, ctx.table(data, "server"), "server")
+    _check_listen(server.listen, ctx)
+    harvest = ctx.build(HarvestConfig, ctx.table(data, "harvest"), "harvest")
+    log = ctx.build(LogConfig, ctx.table(data, "log"), "log")
+
+    providers: dict[str, ProviderConfig] = {}
+    ptable = ctx.table(data, "providers")
+    ctx.unknown(ptable, set(PROVIDERS), "providers.")
+    for name in PROVIDERS:
+        if name not in ptable:
+            continue
+        section = dict(ctx.table(ptable, name, prefix="providers."))
+        where = f"providers.{name}"
+        if "base_url_env" in section:
+            env = section.pop("base_url_env")
+            if not isinstance(env, str) or "base_url" in section:
+                ctx.fail(f"{where}.base_url_env must be a string and excludes base_url")
+            value = os.environ.get(env)
+            if not value:
+                ctx.fail(f"{where}.base_url_env: environment variable {env} is not set")
+            section["base_url"] = value
+        section.setdefault("base_url", _DEFAULT_BASE_URLS[name])
+        for key, value in _PROVIDER_DEFAULTS.get(name, {}).items():
+            section.setdefault(key, value)
+        cfg = ctx.build(_PROVIDER_CLASSES[name], section, where, fixed={"name": name})
+        for req in _REQUIRED[name]:
+            if getattr(cfg, req) in (None, ""):
+                hint = f" (set {req}_env or {req}_file)" if req in _SECRET_FIELDS else ""
+                ctx.fail(f"{where}.{req} is required{hint}")
+        _check_provider(cfg, ctx, where)
+        providers[name] = cfg
+    return Config(
+        source=source,
+        store=store,
+        output=dataclasses.replace(output, dir=ctx.path(output.dir)),
+        server=server,
+        harvest=harvest,
+        log=log,
+        providers=providers,
+    )
+
+
+_SECRET_FIELDS = {"api_key", "client_secret", "password", "token"}
+
+
+def _check_provider(cfg: ProviderConfig, ctx: _Ctx, where: str) -> None:
+    if not cfg.base_url.startswith(("http://", "https://")):
+        ctx.fail(f"{where}.base_url must start with http:// or https://, got {cfg.base_url!r}")
+    positive = ("burst", "max_concurrency", "poll_min_s", "poll_max_s", "request_timeout_s")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            ctx.fail(f"{where}.{name} must be > 0")
+    if cfg.rate_per_s < 0:
+        ctx.fail(f"{where}.rate_per_s must be >= 0 (0 = unlimited)")
+    if cfg.max_retries < 0:
+        ctx.fail(f"{where}.max_retries must be >= 0")
+    if cfg.poll_max_s < cfg.poll_min_s:
+        ctx.fail(f"{where}.poll_max_s must be >= poll_min_s")
+
+
+def _check_listen(listen: str, ctx: _Ctx) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        ctx.fail(f"server.listen must be HOST:PORT, got {listen!r}")
+
+
+def _sqlite_path(url: str, base: Path, ctx: _Ctx) -> Path | None:
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return None
+    if not url.startswith("sqlite://"):
+        ctx.fail(f"store.url must start with sqlite:// or postgresql://, got {url!r}")
+    rest = url.removeprefix("sqlite://")
+    if not rest or rest == "/":
+        ctx.fail("store.url names no sqlite file")
+    # sqlite:///abs/path.db is absolute; sqlite://rel.db is relative to the config file.
+    return Path(rest) if rest.startswith("/") else base / rest
+
+
+class _Ctx:
+    def __init__(self, source: Path, base: Path) -> None:
+        self.source = source
+        self.base = base
+
+    def fail(self, message: str) -> Any:
+        raise ConfigError(f"{self.source}: {message}")
+
+    def path(self, p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else self.base / p
+
+    def table(self, data: Mapping[str, Any], name: str, prefix: str = "") -> Mapping[str, Any]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            self.fail(f"[{prefix}{name}] must be a table")
+        table: Mapping[str, Any] = value
+        return table
+
+    def unknown(self, data: Mapping[str, Any], known: set[str], prefix: str) -> None:
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+                known_list = ", ".join(sorted(known))
+                self.fail(f"unknown key {prefix}{key}{hint}; known keys: {known_list}")
+
+    def build(
+        self,
+        cls: type[_T],
+        data: Mapping[str, Any],
+        where: str,
+        *,
+        skip: frozenset[str] = frozenset(),
+        fixed: Mapping[str, Any] | None = None,
+    ) -> _T:
+        hints = get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        accepted: dict[str, str] = {}
+        fixed = fixed or {}
+        for name in fields:
+            if name in skip or name in fixed:
+                continue
+            if _is_secret(hints[name]):
+                accepted[f"{name}_env"] = name
+                accepted[f"{name}_file"] = name
+            else:
+                accepted[name] = name
+        self.unknown(data, set(accepted), f"{where}.")
+        kwargs: dict[str, Any] = dict(fixed)
+        for key, value in data.items():
+            name = accepted[key]
+            full = f"{where}.{key}"
+            if _is_secret(hints[name]):
+                if name in kwargs:
+                    self.fail(f"{where}: set only one of {name}_env and {name}_file")
+                if not isinstance(value, str) or not value:
+                    self.fail(f"{full} must be a non-empty string")
+                if key.endswith("_env"):
+                    kwargs[name] = SecretRef(f"{where}.{name}", env=value)
+                else:
+                    kwargs[name] = SecretRef(f"{where}.{name}", file=self.path(Path(value)))
+            else:
+                kwargs[name] = self.convert(hints[name], value, full)
+        return cls(**kwargs)
+
+    def convert(self, hint: Any, value: Any, where: str) -> Any:
+        origin = get_origin(hint)
+        if origin in (Union, types.UnionType):
+            args = [a for a in get_args(hint) if a is not type(None)]
+            return self.convert(args[0], value, where)
+        if origin is Literal:
+            choices = get_args(hint)
+            if value not in choices:
+                self.fail(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            return value
+        if origin is tuple:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                self.fail(f"{where} must be a list of strings")
+            return tuple(value)
+        if hint is bool:
+            if not isinstance(value, bool):
+                self.fail(f"{where} must be true or false, got {value!r}")
+            return value
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.fail(f"{where} must be an integer, got {value!r}")
+            return value
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                self.fail(f"{where} must be a number, got {value!r}")
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                self.fail(f"{where} must be a string, got {value!r}")
+            return value
+        if hint is Path:
+            if not isinstance(value, str) or not value:
+                self.fail(f"{where} must be a path string, got {value!r}")
+            return Path(value)
+        raise TypeError(f"config field type {hint!r} not handled")  # a bug, not bad input
+
+
+def _is_secret(hint: Any) -> bool:
+    return hint is SecretRef or SecretRef in get_args(hint)

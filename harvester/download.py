@@ -1,0 +1,156 @@
+"""Streaming signed-URL downloads: bounded memory, resume, re-sign on expiry.
+
+A body flows chunk by chunk into a ``Sink`` (a decoder writing labels, a file, a bounded
+buffer). On a transient failure the download resumes at the sink's offset with a ``Range``
+request (the sink has consumed exactly that many bytes); a server that answers 200 instead of
+206 makes the sink start over. A 401/403 from the storage host means the signature expired
+or was refused: ask the resolver for a fresh URL. Credentials are never sent (``Transport.
+open_stream``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Protocol
+
+from harvester.clock import Clock
+from harvester.errors import NetworkError, ProtocolError, ProviderUnavailable, RetryableError
+from harvester.logs import get_logger
+from harvester.providers.base import Resolver
+from harvester.ratelimit import backoff_delay
+from harvester.transport import Transport, safe_url
+
+log = get_logger("harvester.download")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class Sink(Protocol):
+    @property
+    def offset(self) -> int:
+        """Bytes consumed so far (where a resumed download must continue)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def reset(self) -> None:
+        """Forget everything consumed: the body starts again from byte 0."""
+
+
+class BufferSink:
+    """Collects a small body in memory, refusing to grow past ``limit`` bytes."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    @property
+    def offset(self) -> int:
+        return self._size
+
+    def feed(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self.limit:
+            raise ProtocolError(f"{self.what} is larger than {self.limit} bytes")
+        self._parts.append(chunk)
+
+    def reset(self) -> None:
+        self._parts.clear()
+        self._size = 0
+
+    def value(self) -> bytes:
+        return b"".join(self._parts)
+
+
+async def stream_into(
+    transport: Transport,
+    resolve: Resolver,
+    sink: Sink,
+    *,
+    what: str,
+    job: str | None,
+    clock: Clock,
+    chunk_bytes: int = 1 << 20,
+    max_failures: int = 5,
+    max_resolves: int = 5,
+    rng: random.Random | None = None,
+) -> None:
+    """Download the body behind ``resolve()`` into ``sink``."""
+    rng = rng or random.Random()
+    url = await resolve()
+    resolves, failures = 1, 0
+    metric = transport.metrics.bytes_downloaded.labels(transport.name)
+    while True:
+        try:
+            offset = sink.offset
+            async with transport.open_stream(url, offset=offset, job=job) as resp:
+                status = resp.status
+                if status in (401, 403):
+                    if resolves >= max_resolves:
+                        raise ProtocolError(
+                            f"storage refused {what} {resolves} times in a row (HTTP {status})"
+                            f" at {safe_url(url)}",
+                            provider=transport.name,
+                            job=job,
+                            status=status,
+                        )
+                    log.info(
+                        "signed URL refused, re-resolving",
+                        provider=transport.name,
+                        job=job,
+                        what=what,
+                        status=status,
+                        url=safe_url(url),
+                    )
+                    url = await resolve()
+                    resolves += 1
+                    continue
+                if status >= 500 or status == 429:
+                    raise ProviderUnavailable(
+                        f"storage answered HTTP {status} for {what}",
+                        provider=transport.name,
+                        job=job,
+                        status=status,
+                    )
+                if status == 206 and offset:
+                    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                    if not match or int(match.group(1)) != offset:
+                        raise ProtocolError(
+                            f"storage resumed {what} at the wrong offset",
+                            provider=transport.name,
+                            job=job,
+                            status=status,
+                        )
+                elif status == 200:
+                    if offset:
+                        sink.reset()  # the server ignored Range: start over
+                else:
+                    raise ProtocolError(
+                        f"storage answered HTTP {status} for {what} at {safe_url(url)}",
+                        provider=transport.name,
+                        job=job,
+                        status=status,
+                    )
+                async for chunk in resp.content.iter_chunked(chunk_bytes):
+                    sink.feed(chunk)
+                    metric.inc(len(chunk))
+            return
+        except (NetworkError, ProviderUnavailable) as exc:
+            failures += 1
+            if failures > max_failures:
+                raise
+            delay = backoff_delay(failures - 1, base=0.2, cap=10.0, rng=rng)
+            log.info(
+                "download interrupted, resuming",
+                provider=transport.name,
+                job=job,
+                what=what,
+                offset=sink.offset,
+                attempt=f"#{failures + 1}/{max_failures + 1}",
+                error=str(exc),
+                delay_s=round(delay, 3),
+            )
+            await clock.sleep_until(clock.monotonic() + delay)
+        except RetryableError:
+            raise

@@ -1,0 +1,610 @@
+"""The engine: store, scheduler, transports and harvest under one task group.
+
+Per provider there is one *lane*: a due-time queue of job keys (``DueQueue``), a dispatcher
+that hands due keys to a bounded pool of workers through a bounded stream, and the
+provider's transport (one session, one limiter). Jobs that finished remotely go to a shared,
+bounded harvest pool, so a slow disk slows downloads rather than growing memory.
+
+Every state change is committed to the store before the engine acts on it. A create POST is
+preceded by the ``submitting`` intent; a create whose answer is lost is reconciled (found
+by reference id, or handled by the provider's ``on_lost_create`` policy), never resent
+blindly.
+
+``burst=True`` (``harvester harvest``) stops when every job it works on is terminal; the
+daemon runs the same engine with ``burst=False`` until told to stop.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from harvester.clock import Clock, SystemClock
+from harvester.config import Config
+from harvester.errors import (
+    FatalError,
+    HarvesterError,
+    JobError,
+    RateLimited,
+    RetryableError,
+)
+from harvester.harvest import JobOutput
+from harvester.jobs import Event, Job, JobState
+from harvester.logs import get_logger
+from harvester.metrics import Metrics
+from harvester.providers import make_auth, make_provider
+from harvester.providers.base import (
+    Accepted,
+    AlreadyExists,
+    Found,
+    NextPage,
+    NotReady,
+    Provider,
+    RemoteState,
+    Status,
+)
+from harvester.ratelimit import ProviderLimiter, backoff_delay
+from harvester.schedule import DueQueue, PollPolicy
+from harvester.store.base import Store
+from harvester.transport import Transport
+
+log = get_logger("harvester.engine")
+
+#: create POSTs for one job before it ends in error (each one is recorded before it is sent)
+MAX_CREATE_ATTEMPTS = 8
+#: how often the daemon looks for jobs added by other processes
+FEED_INTERVAL_S = 2.0
+
+
+@dataclass
+class Lane:
+    name: str
+    provider: Provider
+    transport: Transport
+    policy: PollPolicy
+    queue: DueQueue[str] = field(default_factory=DueQueue)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    interval: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    in_flight: set[str] = field(default_factory=set)
+
+    def schedule(self, key: str, due: float) -> None:
+        self.queue.schedule(key, due)
+        self.wake.set()
+
+    def forget(self, key: str) -> None:
+        self.queue.discard(key)
+        self.interval.pop(key, None)
+        self.failures.pop(key, None)
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        providers: Iterable[str] | None = None,
+        burst: bool = True,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        on_change: Callable[[Job], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.names = sorted(providers) if providers is not None else sorted(config.providers)
+        self.burst = burst
+        self.clock = clock or SystemClock()
+        self.metrics = metrics or Metrics()
+        self.on_change = on_change
+        self.rng = rng or random.Random()
+        self.lanes: dict[str, Lane] = {}
+        self.remaining: set[tuple[str, str]] = set()
+        self.fatal: HarvesterError | None = None
+        self.done = anyio.Event()
+        self.stopping = False
+        self._harvest_send: MemoryObjectSendStream[tuple[str, str]] | None = None
+        self._queued_for_harvest: set[tuple[str, str]] = set()
+
+    # -- public -------------------------------------------------------------------------
+    async def run(self, *, stop: anyio.Event | None = None) -> None:
+        """Work until done (burst), ``stop`` is set, or a fatal error (re-raised)."""
+        for name in self.names:
+            if name not in self.config.providers:
+                raise FatalError(f"provider {name!r} is not configured")
+        async with _Transports(self) as lanes:
+            self.lanes = lanes
+            harvest_send, harvest_recv = anyio.create_memory_object_stream[tuple[str, str]](
+                self.config.harvest.concurrency * 2
+            )
+            self._harvest_send = harvest_send
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_stop, tg, stop, name="stop-watcher")
+                for lane in lanes.values():
+                    await self._setup(lane)
+                await self._load(initial=True)
+                if self.burst and not self.remaining:
+                    self.done.set()
+                for lane in lanes.values():
+                    tg.start_soon(self._lane, lane, name=f"lane:{lane.name}")
+                async with harvest_recv:
+                    for i in range(self.config.harvest.concurrency):
+                        tg.start_soon(self._harvester, harvest_recv.clone(), name=f"harvest:{i}")
+                if not self.burst:
+                    tg.start_soon(self._feeder, name="feeder")
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _watch_stop(self, tg: TaskGroup, stop: anyio.Event | None) -> None:
+        async with anyio.create_task_group() as inner:
+
+            async def wait_done() -> None:
+                await self.done.wait()
+                inner.cancel_scope.cancel()
+
+            async def wait_stop() -> None:
+                if stop is not None:
+                    await stop.wait()
+                    inner.cancel_scope.cancel()
+
+            inner.start_soon(wait_done)
+            inner.start_soon(wait_stop)
+        self.stopping = True
+        tg.cancel_scope.cancel()
+
+    def _fail_fatal(self, exc: HarvesterError) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            log.error("stopping: fatal error", error=str(exc))
+        self.done.set()
+
+    # -- start-up -----------------------------------------------------------------------
+    async def _setup(self, lane: Lane) -> None:
+        value = await self.store.get_meta(lane.provider.setup_key)
+        if value is not None:
+            lane.provider.restore_setup(value)
+            return
+        spec = lane.provider.setup_spec()
+        if spec is None:
+            return
+        value = await lane.transport.call(spec, lane.provider.parse_setup)
+        await self.store.set_meta(lane.provider.setup_key, value)
+        log.info("provider set up", provider=lane.name, setup=lane.provider.setup_key)
+
+    async def _load(self, *, initial: bool) -> None:
+        now = self.clock.monotonic()
+        for name, lane in self.lanes.items():
+            jobs = [j for j in await self.store.active(name)]
+            fresh = [j for j in jobs if (name, j.key) not in self.remaining]
+            for i, job in enumerate(fresh):
+                self.remaining.add((name, job.key))
+                if job.state in (JobState.SUCCEEDED, JobState.HARVESTING):
+                    delay = 0.0
+                elif job.state == JobState.RUNNING and initial:
+                    # After a restart, spread the first polls instead of firing them at once.
+                    delay = lane.policy.spread(i, len(fresh), self.rng)
+                else:
+                    delay = 0.0
+                lane.schedule(job.key, now + delay)
+            if fresh:
+                log.info("jobs loaded", provider=name, jobs=len(fresh))
+
+    async def _feeder(self) -> None:
+        while True:
+            await anyio.sleep(FEED_INTERVAL_S)
+            await self._load(initial=False)
+
+    # -- lanes --------------------------------------------------------------------------
+    async def _lane(self, lane: Lane) -> None:
+        send, recv = anyio.create_memory_object_stream[str](lane.transport.cfg.max_concurrency)
+        async with anyio.create_task_group() as tg:
+            async with recv:
+                for i in range(lane.transport.cfg.max_concurrency):
+                    tg.start_soon(self._worker, lane, recv.clone(), name=f"{lane.name}:{i}")
+            async with send:
+                while True:
+                    now = self.clock.monotonic()
+                    due = lane.queue.pop_due(now, limit=1024)
+                    self.metrics.queue_depth.labels(lane.name, "due").set(len(lane.queue))
+                    for key in due:
+                        lane.in_flight.add(key)
+                        await send.send(key)
+                    if due:
+                        continue
+                    lane.wake = anyio.Event()
+                    nxt = lane.queue.next_due()
+                    wait = 3600.0 if nxt is None else max(0.0, nxt - self.clock.monotonic())
+                    with anyio.move_on_after(wait):
+                        await lane.wake.wait()
+
+    async def _worker(self, lane: Lane, recv: MemoryObjectReceiveStream[str]) -> None:
+        async with recv:
+            async for key in recv:
+                try:
+                    await self._step(lane, key)
+                except FatalError as exc:
+                    self._fail_fatal(exc)
+                finally:
+                    lane.in_flight.discard(key)
+
+    async def _step(self, lane: Lane, key: str) -> None:
+        job = await self.store.get(lane.name, key)
+        if job is None or job.terminal:
+            lane.forget(key)
+            self._finished(lane.name, key)
+            return
+        try:
+            if job.state == JobState.NEW:
+                await self._start(lane, job)
+            elif job.state == JobState.SUBMITTING:
+                await self._reconcile(lane, job, exists=False)
+            elif job.state == JobState.RUNNING:
+                await self._poll(lane, job)
+            else:  # succeeded / harvesting
+                await self._queue_harvest(lane.name, job.key)
+        except RetryableError as exc:
+            self._retry_later(lane, key, exc)
+
+    def _retry_later(self, lane: Lane, key: str, exc: RetryableError) -> None:
+        n = lane.failures.get(key, 0) + 1
+        lane.failures[key] = n
+        if isinstance(exc, RateLimited) and lane.transport.limiter.gate_deadline is not None:
+            due = lane.transport.limiter.gate_deadline  # the gate decides; no extra delay
+        else:
+            delay = (
+                exc.retry_after
+                if exc.retry_after is not None
+                else backoff_delay(
+                    n - 1,
+                    base=lane.transport.cfg.backoff_base_s,
+                    cap=lane.transport.cfg.backoff_max_s,
+                    rng=self.rng,
+                )
+            )
+            due = self.clock.monotonic() + delay
+        log.info("job will retry", provider=lane.name, job=key, error=str(exc), failures=n)
+        lane.schedule(key, due)
+
+    async def _transition(self, job: Job, event: Event, **changes: Any) -> Job:
+        new = await self.store.transition(job, event, now=self.clock.wall(), **changes)
+        self.metrics.transitions.labels(new.provider, new.state.value).inc()
+        log.info(
+            "job state",
+            provider=new.provider,
+            job=new.key,
+            remote_id=new.remote_id,
+            state=new.state.value,
+            event=event.value,
+            reason=new.reason,
+        )
+        if self.on_change is not None:
+            self.on_change(new)
+        if new.terminal:
+            lane = self.lanes.get(new.provider)
+            if lane is not None:
+                lane.forget(new.key)
+            self._finished(new.provider, new.key)
+        return new
+
+    def _finished(self, provider: str, key: str) -> None:
+        self.remaining.discard((provider, key))
+        if self.burst and not self.remaining:
+            self.done.set()
+
+    def _poll_later(self, lane: Lane, job: Job, *, changed: bool) -> None:
+        prev = lane.interval.get(job.key)
+        interval = (
+            lane.policy.first(self.rng)
+            if prev is None
+            else lane.policy.next(prev, changed=changed, rng=self.rng)
+        )
+        lane.interval[job.key] = interval
+        lane.failures.pop(job.key, None)
+        lane.schedule(job.key, self.clock.monotonic() + interval)
+
+    # -- submit -------------------------------------------------------------------------
+    async def _start(self, lane: Lane, job: Job) -> None:
+        if job.remote_id is not None:
+            job = await self._transition(job, Event.TRACK, remote_id=job.remote_id)
+            lane.schedule(job.key, self.clock.monotonic())
+            return
+        if job.attempts >= MAX_CREATE_ATTEMPTS:
+            await self._transition(
+                job,
+                Event.GIVE_UP,
+                reason=f"gave up after {job.attempts} create attempts; last: {job.reason}",
+            )
+            return
+        payload = await self.store.load_payload(job)
+        if payload is None:
+            await self._transition(job, Event.GIVE_UP, reason="job has neither payload nor job_id")
+            return
+        try:
+            spec = lane.provider.build_create(job, payload)
+        except JobError as exc:
+            await self._transition(job, Event.GIVE_UP, reason=str(exc))
+            return
+        # The intent is on disk before the POST leaves: a crash from here on is reconciled.
+        job = await self._transition(job, Event.SUBMIT, attempts=job.attempts + 1)
+        pinned = job
+        try:
+            result = await lane.transport.call(
+                spec, lambda r: lane.provider.parse_create(r, pinned), job=job.key
+            )
+        except RateLimited as exc:
+            # A 429 is a refusal before processing: nothing was created.
+            await self._transition(job, Event.NOT_FOUND_REMOTE, reason=str(exc))
+            self._retry_later(lane, job.key, exc)
+            return
+        except RetryableError as exc:
+            log.warning(
+                "create answer lost; reconciling", provider=lane.name, job=job.key, error=str(exc)
+            )
+            await self._store_reason(job, str(exc))
+            self._retry_later(lane, job.key, exc)
+            return
+        except JobError as exc:
+            await self._transition(job, Event.GIVE_UP, reason=str(exc))
+            return
+        if isinstance(result, Accepted):
+            job = await self._transition(
+                job, Event.ACCEPTED, remote_id=result.remote_id, reason=None
+            )
+            self._poll_later(lane, job, changed=True)
+        elif isinstance(result, AlreadyExists):
+            await self._reconcile(lane, job, exists=True)
+
+    async def _store_reason(self, job: Job, reason: str) -> None:
+        fresh = await self.store.get(job.provider, job.key)
+        if fresh is not None and fresh.version == job.version:
+            await self.store.update(fresh, now=self.clock.wall(), reason=reason)
+
+    async def _reconcile(self, lane: Lane, job: Job, *, exists: bool) -> None:
+        """Find a job whose create answer we never saw (or that the provider says exists)."""
+        cursor: str | None = None
+        pages = 0
+        while True:
+            spec = lane.provider.build_find(job, cursor)
+            if spec is None:
+                await self._lost_create_policy(lane, job, exists=exists)
+                return
+            try:
+                found = await lane.transport.call(
+                    spec, functools.partial(lane.provider.parse_find, job=job), job=job.key
+                )
+            except JobError as exc:
+                await self._transition(job, Event.GIVE_UP, reason=f"reconciliation: {exc}")
+                return
+            pages += 1
+            if isinstance(found, Found):
+                job = await self._transition(
+                    job, Event.FOUND_REMOTE, remote_id=found.remote_id, reason=None
+                )
+                log.info(
+                    "reconciled",
+                    provider=lane.name,
+                    job=job.key,
+                    remote_id=job.remote_id,
+                    pages=pages,
+                )
+                self._poll_later(lane, job, changed=True)
+                return
+            if isinstance(found, NextPage):
+                cursor = found.cursor
+                continue
+            break
+        if exists:
+            await self._transition(
+                job,
+                Event.GIVE_UP,
+                reason=(
+                    f"{lane.name} says reference_id {job.reference_id!r} already exists, but not"
+                    " among the jobs harvester submitted; track it with a job_id line instead"
+                ),
+            )
+            return
+        # Proven absent: the POST never landed, so sending it again is safe.
+        job = await self._transition(job, Event.NOT_FOUND_REMOTE)
+        lane.schedule(job.key, self.clock.monotonic())
+
+    async def _lost_create_policy(self, lane: Lane, job: Job, *, exists: bool) -> None:
+        policy = lane.transport.cfg.on_lost_create
+        if policy == "resubmit" and not exists:
+            job = await self._transition(job, Event.NOT_FOUND_REMOTE)
+            lane.schedule(job.key, self.clock.monotonic())
+            return
+        await self._transition(
+            job,
+            Event.GIVE_UP,
+            reason=(
+                f"the create answer for reference_id {job.reference_id!r} was lost and"
+                f" {lane.name} offers no way to look the job up; check the provider's console"
+                " and add a job_id line to track it if it exists (or set"
+                f' providers.{lane.name}.on_lost_create = "resubmit")'
+            ),
+        )
+
+    # -- poll ---------------------------------------------------------------------------
+    async def _poll(self, lane: Lane, job: Job) -> None:
+        pinned = job
+        try:
+            result = await lane.transport.call(
+                lane.provider.build_poll(job),
+                lambda r: lane.provider.parse_poll(r, pinned),
+                job=job.key,
+            )
+        except JobError as exc:
+            await self._transition(job, Event.GIVE_UP, reason=str(exc))
+            return
+        if isinstance(result, NotReady):
+            self._poll_later(lane, job, changed=False)
+            return
+        await self._apply_status(lane, job, result)
+
+    async def _apply_status(self, lane: Lane, job: Job, status: Status) -> None:
+        if status.state == RemoteState.SUCCEEDED:
+            job = await self._transition(
+                job, Event.COMPLETED, remote_status=status.raw, progress=status.progress
+            )
+            await self._queue_harvest(lane.name, job.key)
+        elif status.state == RemoteState.FAILED:
+            await self._transition(
+                job,
+                Event.PROVIDER_FAILED,
+                remote_status=status.raw,
+                reason=status.reason or f"provider status {status.raw}",
+            )
+        elif status.state == RemoteState.CANCELLED:
+            await self._transition(
+                job,
+                Event.PROVIDER_CANCELLED,
+                remote_status=status.raw,
+                reason=status.reason or f"provider status {status.raw}",
+            )
+        else:
+            changed = status.raw != job.remote_status or status.progress != job.progress
+            if changed:
+                job = await self.store.update(
+                    job, now=self.clock.wall(), remote_status=status.raw, progress=status.progress
+                )
+                if self.on_change is not None:
+                    self.on_change(job)
+            self._poll_later(lane, job, changed=changed)
+
+    # -- harvest ------------------------------------------------------------------------
+    async def _queue_harvest(self, provider: str, key: str) -> None:
+        item = (provider, key)
+        if item in self._queued_for_harvest:
+            return
+        self._queued_for_harvest.add(item)
+        assert self._harvest_send is not None
+        self.metrics.queue_depth.labels(provider, "harvest").set(len(self._queued_for_harvest))
+        await self._harvest_send.send(item)
+
+    async def _harvester(self, recv: MemoryObjectReceiveStream[tuple[str, str]]) -> None:
+        async with recv:
+            async for provider, key in recv:
+                try:
+                    await self._harvest_one(self.lanes[provider], key)
+                except FatalError as exc:
+                    self._fail_fatal(exc)
+                finally:
+                    self._queued_for_harvest.discard((provider, key))
+
+    async def _harvest_one(self, lane: Lane, key: str) -> None:
+        job = await self.store.get(lane.name, key)
+        if job is None or job.state not in (JobState.SUCCEEDED, JobState.HARVESTING):
+            return
+        if job.state == JobState.SUCCEEDED:
+            job = await self._transition(job, Event.HARVEST)
+        pinned = job
+        try:
+            status = await lane.transport.call(
+                lane.provider.build_poll(job),
+                lambda r: lane.provider.parse_poll(r, pinned),
+                job=job.key,
+            )
+            if not isinstance(status, Status) or status.state != RemoteState.SUCCEEDED:
+                raise RetryableErrorInHarvest(f"job is not finished any more ({status})")
+            out = JobOutput(
+                self.config.output.dir,
+                job,
+                transport=lane.transport,
+                clock=self.clock,
+                label_dtype=self.config.output.label_dtype,
+                chunk_bytes=self.config.harvest.chunk_bytes,
+                rng=self.rng,
+            )
+            await lane.provider.harvest(job, status, out)
+            self.metrics.decode_seconds.labels(lane.name).inc(out.decode_s)
+            relative = out.write_manifest(harvested_at=self.clock.wall())
+        except RetryableError as exc:
+            n = lane.failures.get(key, 0) + 1
+            lane.failures[key] = n
+            if n >= self.config.harvest.max_attempts:
+                await self._transition(
+                    job, Event.GIVE_UP, reason=f"harvest failed {n} times; last: {exc}"
+                )
+                return
+            job = await self._transition(job, Event.HARVEST_RETRY, reason=str(exc))
+            delay = exc.retry_after or backoff_delay(
+                n - 1,
+                base=lane.transport.cfg.backoff_base_s,
+                cap=lane.transport.cfg.backoff_max_s,
+                rng=self.rng,
+            )
+            lane.schedule(key, self.clock.monotonic() + delay)
+            return
+        except JobError as exc:
+            await self._transition(job, Event.GIVE_UP, reason=str(exc))
+            return
+        await self._transition(job, Event.HARVESTED, output=str(relative), reason=None)
+
+
+class RetryableErrorInHarvest(RetryableError):
+    """The provider's job changed under us between finishing and harvesting."""
+
+
+class _Transports:
+    """Opens one transport (session + limiter) per lane and closes them all on exit."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.opened: list[Transport] = []
+
+    async def __aenter__(self) -> dict[str, Lane]:
+        lanes: dict[str, Lane] = {}
+        e = self.engine
+        try:
+            for name in e.names:
+                cfg = e.config.providers[name]
+                provider = make_provider(cfg)
+                limiter = ProviderLimiter(
+                    name,
+                    rate_per_s=cfg.rate_per_s,
+                    burst=cfg.burst,
+                    max_concurrency=cfg.max_concurrency,
+                    clock=e.clock,
+                    backoff_base=cfg.backoff_base_s,
+                    backoff_cap=cfg.backoff_max_s,
+                    rng=e.rng,
+                )
+                transport = Transport(
+                    cfg,
+                    auth=make_auth(cfg),
+                    limiter=limiter,
+                    clock=e.clock,
+                    metrics=e.metrics,
+                    rng=e.rng,
+                )
+                await transport.__aenter__()
+                self.opened.append(transport)
+                ladder = provider.ladder()
+                policy = PollPolicy(min_s=cfg.poll_min_s, max_s=cfg.poll_max_s, ladder=ladder)
+                lanes[name] = Lane(name, provider, transport, policy)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return lanes
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            for transport in self.opened:
+                await transport.__aexit__(None, None, None)
+        self.opened.clear()
+
+
+def describe_remaining(remaining: set[tuple[str, str]]) -> str:
+    by_provider: dict[str, int] = {}
+    for provider, _ in remaining:
+        by_provider[provider] = by_provider.get(provider, 0) + 1
+    return ", ".join(f"{p}: {n}" for p, n in sorted(by_provider.items())) or "none"
+

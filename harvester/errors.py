@@ -1,0 +1,141 @@
+"""The exception tree of harvester.
+
+Every error harvester raises on purpose is a ``HarvesterError``; its ``str()`` is the one
+line a user sees (where it came from: file:line, provider, job, request id).
+
+    HarvesterError
+    ├── FatalError              stops the process (exit 2): nothing can progress
+    │   ├── ConfigError         bad or unreadable config, missing secret
+    │   ├── JobsFileError       a bad line in a jobs file (nothing from that file is added)
+    │   ├── CredentialsError    the provider refused our credentials
+    │   └── StoreError          the job table is unreadable or inconsistent
+    ├── JobError                terminal for one job; stored as its failure reason
+    │   ├── ProviderJobFailed   the provider says the job failed or was rejected
+    │   ├── InvalidPayload      the job's payload can never be accepted
+    │   ├── ProtocolError       the provider answered something we cannot understand
+    │   └── DecodeError         a result file is malformed (names job, frame, byte offset)
+    ├── RetryableError          try again later; carries ``retry_after`` when known
+    │   ├── NetworkError        connection reset, timeout, truncated body
+    │   ├── RateLimited         429 (or a provider's equivalent)
+    │   └── ProviderUnavailable 5xx and provider-side transient error codes
+    └── IllegalTransition       a state change the job state machine forbids (a bug)
+
+Foreign exceptions (aiohttp, OS) are mapped to this tree in exactly one place,
+``harvester.transport``.
+"""
+
+from __future__ import annotations
+
+
+class HarvesterError(Exception):
+    """Base of every error harvester raises on purpose."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        job: str | None = None,
+        request_id: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.job = job
+        self.request_id = request_id
+        self.status = status
+        self.code = code
+
+    def __str__(self) -> str:
+        where = []
+        if self.provider:
+            where.append(self.provider)
+        if self.job:
+            where.append(f"job {self.job}")
+        prefix = " ".join(where)
+        detail = []
+        if self.status is not None:
+            detail.append(f"HTTP {self.status}")
+        if self.code:
+            detail.append(f"code {self.code}")
+        if self.request_id:
+            detail.append(f"request id {self.request_id}")
+        text = f"{prefix}: {self.message}" if prefix else self.message
+        return f"{text} ({', '.join(detail)})" if detail else text
+
+
+class FatalError(HarvesterError):
+    """Nothing can progress until a person fixes something; the process stops."""
+
+
+class ConfigError(FatalError):
+    """The config file (or a secret it references) is missing, unreadable or invalid."""
+
+
+class JobsFileError(FatalError):
+    """A jobs file line is invalid; message starts with ``file:line:``."""
+
+
+class CredentialsError(FatalError):
+    """The provider rejected our credentials (401/403 on its API)."""
+
+
+class StoreError(FatalError):
+    """The durable job table cannot be opened or is inconsistent."""
+
+
+class JobError(HarvesterError):
+    """Terminal for one job: the message becomes the job's stored failure reason."""
+
+
+class ProviderJobFailed(JobError):
+    """The provider reports the job failed, was cancelled or was rejected."""
+
+
+class InvalidPayload(JobError):
+    """The payload can never be accepted (ours or the provider's validation)."""
+
+
+class ProtocolError(JobError):
+    """The provider answered with a body we cannot understand."""
+
+
+class DecodeError(JobError):
+    """A result file is malformed; names the frame and byte offset when known."""
+
+    def __init__(self, message: str, *, offset: int | None = None, **kw: object) -> None:
+        if offset is not None:
+            message = f"{message} at byte {offset}"
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.offset = offset
+
+
+class RetryableError(HarvesterError):
+    """Transient: the same request may succeed later. ``retry_after`` in seconds if known."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class NetworkError(RetryableError):
+    """Connection refused/reset, timeout, or a body shorter than announced."""
+
+
+class RateLimited(RetryableError):
+    """The provider said slow down (429, or a rate-limit error code)."""
+
+
+class ProviderUnavailable(RetryableError):
+    """The provider failed on its side (5xx, or a documented server-side error code)."""
+
+
+class IllegalTransition(HarvesterError):
+    """A state change the job state machine forbids; the job is left unchanged."""
+
+    def __init__(self, job: str, state: str, event: str) -> None:
+        super().__init__(f"event {event!r} is not allowed in state {state!r}", job=job)
+        self.state = state
+        self.event = event

@@ -1,0 +1,174 @@
+"""What every provider adapter is made of: request descriptions in, typed results out.
+
+Adapters are sans-I/O: ``build_*`` functions return a frozen ``RequestSpec`` and ``parse_*``
+functions turn a ``Response`` into a typed result or raise a ``HarvesterError``. The
+transport sends specs; the engine decides what to do with results. The only async part of an
+adapter is ``harvest``, which talks to the outside world exclusively through the
+``HarvestIO`` it is handed, so it too runs against an in-memory fake in unit tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal, Protocol
+
+import orjson
+
+from harvester.errors import ProtocolError
+from harvester.jobs import Job
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    method: str
+    url: str
+    endpoint: str  #: a short name for logs and metrics: "create", "poll", "find", ...
+    params: Mapping[str, str] = field(default_factory=dict)
+    json: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: safe to send twice; only idempotent requests are retried automatically
+    idempotent: bool = True
+    #: False for signed URLs on storage hosts: no auth header may go there
+    send_credentials: bool = True
+    follow_redirects: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]  #: case-insensitive mapping
+    body: bytes
+    url: str  #: without query string (safe to log)
+    request_id: str | None = None
+
+    def json(self, *, provider: str | None = None) -> Any:
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            snippet = self.body[:120].decode("utf-8", "replace")
+            raise ProtocolError(
+                f"answer to {self.url} is not JSON: {snippet!r}",
+                provider=provider,
+                status=self.status,
+                request_id=self.request_id,
+            ) from None
+
+
+class RemoteState(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    remote_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AlreadyExists:
+    """The provider says this reference id is taken: the job exists, go and find it."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    remote_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotFound:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class NextPage:
+    cursor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    state: RemoteState
+    raw: str  #: the provider's own status string, verbatim
+    progress: float | None = None
+    reason: str | None = None
+    document: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotReady:
+    """Asked too early (e.g. Modzy's results 404 right after submission): poll again."""
+
+    reason: str
+
+
+CreateResult = Accepted | AlreadyExists
+FindResult = Found | NotFound | NextPage
+PollResult = Status | NotReady
+
+#: returns a fresh signed URL each time it is called (re-resolution after expiry)
+Resolver = Callable[[], Awaitable[str]]
+LabelFormat = Literal["mask", "pcd"]
+
+
+class HarvestIO(Protocol):
+    """The outside world as an adapter's ``harvest`` sees it (implemented in harvest.py)."""
+
+    async def request(self, spec: RequestSpec) -> Response:
+        """Send a spec through the provider's transport (limiter, auth, retries)."""
+
+    async def fetch(self, resolve: Resolver, *, what: str) -> bytes:
+        """A whole (small) signed-URL body; re-resolves on expiry; size-capped."""
+
+    async def labels(self, frame: str, resolve: Resolver, fmt: LabelFormat) -> None:
+        """Stream a label file through the decoder into ``labels/<frame>.npy``."""
+
+    async def download(self, relpath: str, resolve: Resolver) -> None:
+        """Stream a signed-URL body to ``relpath`` under the job's output folder."""
+
+    def write_bytes(self, relpath: str, data: bytes) -> None: ...
+
+    def write_json(self, relpath: str, obj: Any) -> None: ...
+
+
+class Provider(Protocol):
+    """One provider's API, as the engine drives it."""
+
+    name: str
+
+    def validate_payload(self, payload: Any) -> None:
+        """Raise ``InvalidPayload`` (one clear sentence) if this payload can never work."""
+
+    # One-off per-store setup (e.g. a Playment batch for our jobs); ``None`` = nothing to do.
+    def setup_spec(self) -> RequestSpec | None: ...
+
+    def parse_setup(self, resp: Response) -> str:
+        """The value to remember (``Store.set_meta``) from the setup answer."""
+
+    def restore_setup(self, value: str) -> None: ...
+
+    @property
+    def setup_key(self) -> str: ...
+
+    def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec: ...
+
+    def parse_create(self, resp: Response, job: Job) -> CreateResult: ...
+
+    def build_find(self, job: Job, cursor: str | None) -> RequestSpec | None:
+        """How to look for a job whose create answer was lost; None: the provider can't."""
+
+    def parse_find(self, resp: Response, job: Job) -> FindResult: ...
+
+    def build_poll(self, job: Job) -> RequestSpec: ...
+
+    def parse_poll(self, resp: Response, job: Job) -> PollResult: ...
+
+    def ladder(self) -> tuple[float, ...] | None:
+        """The provider's own poll cadence, if it prescribes one."""
+
+    async def harvest(self, job: Job, status: Status, io: HarvestIO) -> None:
+        """Write the job's outputs through ``io`` (the manifest is the caller's)."""

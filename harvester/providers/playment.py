@@ -1,0 +1,400 @@
+"""Playment / TELUS annotation: request building and answer parsing (sans-I/O).
+
+Quirks handled here, each tested on recorded bodies:
+- a 200 answer with ``success: false`` is an error; every error carries a code;
+- ``FS_0001`` on create means the reference id exists: the job is there, find it;
+- ``completed`` is the only documented status, anything else is "still going", kept verbatim;
+- results and masks are private: they are fetched through ``/v1/attachments?url=``, which
+  redirects to a short-lived signed URL on another host (no API key may follow it).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import orjson
+
+from harvester.config import PlaymentConfig
+from harvester.errors import (
+    CredentialsError,
+    HarvesterError,
+    InvalidPayload,
+    ProtocolError,
+    ProviderJobFailed,
+    ProviderUnavailable,
+    RateLimited,
+)
+from harvester.jobs import Job, job_key
+from harvester.providers.base import (
+    Accepted,
+    AlreadyExists,
+    CreateResult,
+    FindResult,
+    Found,
+    HarvestIO,
+    NextPage,
+    NotFound,
+    PollResult,
+    RemoteState,
+    RequestSpec,
+    Resolver,
+    Response,
+    Status,
+)
+
+NAME = "playment"
+_BAD_PAYLOAD = {"FS_0002", "FS_0003", "FS_0004", "FS_0005", "FS_0007", "GE_0001"}
+_SERVER_SIDE = {"FS_0000", "FS_0008", "api_error"}
+_AUTH = {"auth-failure", "unauthorized"}
+#: result documents are JSON of modest size; a bigger one is a provider fault, not data
+MAX_RESULT_BYTES = 512 << 20
+
+
+class PlaymentProvider:
+    name = NAME
+
+    def __init__(self, cfg: PlaymentConfig) -> None:
+        self.cfg = cfg
+        self.base = cfg.base_url.rstrip("/")
+        self.project = f"{self.base}/v1/projects/{cfg.project_id}"
+        self.batch_id: str | None = cfg.batch_id
+
+    # -- payload -----------------------------------------------------------------------
+    def validate_payload(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            raise InvalidPayload("payload must be a JSON object with a 'data' object")
+        data = payload.get("data")
+        if not isinstance(data, dict) or not data:
+            raise InvalidPayload("payload.data must be a non-empty JSON object")
+        for key in ("reference_id", "project_id"):
+            if key in payload:
+                raise InvalidPayload(
+                    f"payload.{key} is not allowed: it comes from the line / the config"
+                )
+        sensor = data.get("sensor_data")
+        if sensor is not None:
+            frames = sensor.get("frames") if isinstance(sensor, dict) else None
+            if frames is not None and (
+                not isinstance(frames, list)
+                or not frames
+                or not all(
+                    isinstance(f, dict) and isinstance(f.get("frame_id"), str) and f["frame_id"]
+                    for f in frames
+                )
+            ):
+                raise InvalidPayload(
+                    "payload.data.sensor_data.frames must be a non-empty list of objects"
+                    " with a string frame_id"
+                )
+        for key in ("work_flow_id", "batch_id"):
+            if key in payload and payload[key] is not None and not isinstance(payload[key], str):
+                raise InvalidPayload(f"payload.{key} must be a string")
+
+    # -- setup: a batch of our own, so a lost create answer can be found by listing it ------
+    @property
+    def setup_key(self) -> str:
+        return f"playment.batch.{self.cfg.project_id}"
+
+    def setup_spec(self) -> RequestSpec | None:
+        if self.batch_id is not None:
+            return None
+        # A fresh name per attempt: if an answer is lost the orphan batch is empty and
+        # harmless, and the next attempt cannot collide with it.
+        name = f"harvester-{secrets.token_hex(6)}"
+        return RequestSpec(
+            "POST",
+            f"{self.project}/batch",
+            endpoint="batch",
+            json={"name": name, "description": "jobs submitted by harvester"},
+            idempotent=False,
+        )
+
+    def parse_setup(self, resp: Response) -> str:
+        data = self._data(resp, job=None)
+        batch = data.get("batch_id") if isinstance(data, dict) else None
+        if not isinstance(batch, str) or not batch:
+            raise self._protocol(resp, "batch answer has no data.batch_id")
+        self.batch_id = batch
+        return batch
+
+    def restore_setup(self, value: str) -> None:
+        if self.batch_id is None:
+            self.batch_id = value
+
+    # -- create -------------------------------------------------------------------------
+    def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:
+        body: dict[str, Any] = {"reference_id": job.reference_id, "data": payload["data"]}
+        flow = payload.get("work_flow_id") or self.cfg.work_flow_id
+        if flow:
+            body["work_flow_id"] = flow
+        batch = payload.get("batch_id") or self.batch_id
+        if batch:
+            body["batch_id"] = batch
+        for key, value in payload.items():
+            body.setdefault(key, value)
+        return RequestSpec(
+            "POST", f"{self.project}/jobs", endpoint="create", json=body, idempotent=False
+        )
+
+    def parse_create(self, resp: Response, job: Job) -> CreateResult:
+        try:
+            data = self._data(resp, job=job)
+        except InvalidPayload as exc:
+            if exc.code == "FS_0001":
+                return AlreadyExists(exc.message)
+            raise
+        job_id = data.get("job_id") if isinstance(data, dict) else None
+        if not isinstance(job_id, str) or not job_id:
+            raise self._protocol(resp, "create answer has no data.job_id", job)
+        return Accepted(job_id)
+
+    # -- reconciliation -----------------------------------------------------------------
+    def build_find(self, job: Job, cursor: str | None) -> RequestSpec | None:
+        if self.batch_id is None:
+            return None
+        params = {"page_token": cursor} if cursor else {}
+        return RequestSpec(
+            "GET", f"{self.project}/batch/{self.batch_id}", endpoint="find", params=params
+        )
+
+    def parse_find(self, resp: Response, job: Job) -> FindResult:
+        data = self._data(resp, job=job)
+        jobs = data.get("jobs") if isinstance(data, dict) else None
+        if not isinstance(jobs, list):
+            raise self._protocol(resp, "batch listing has no data.jobs list", job)
+        for item in jobs:
+            if isinstance(item, dict) and item.get("reference_id") == job.reference_id:
+                remote = item.get("id") or item.get("job_id")
+                if isinstance(remote, str) and remote:
+                    return Found(remote)
+        token = data.get("next_page_token")
+        if isinstance(token, str) and token:
+            return NextPage(token)
+        return NotFound()
+
+    # -- poll ---------------------------------------------------------------------------
+    def build_poll(self, job: Job) -> RequestSpec:
+        return RequestSpec("GET", f"{self.project}/jobs/{job.remote_id}", endpoint="poll")
+
+    def parse_poll(self, resp: Response, job: Job) -> PollResult:
+        if resp.status == 404:
+            raise ProviderJobFailed(
+                "Playment does not know this job id (404)",
+                provider=NAME,
+                job=job.key,
+                status=404,
+                request_id=resp.request_id,
+            )
+        data = self._data(resp, job=job)
+        if not isinstance(data, dict):
+            raise self._protocol(resp, "job answer has no data object", job)
+        raw = data.get("status")
+        if not isinstance(raw, str):
+            raise self._protocol(resp, "job answer has no status string", job)
+        result = data.get("result")
+        if raw == "completed" and isinstance(result, str) and result:
+            return Status(RemoteState.SUCCEEDED, raw, progress=100.0, document=data)
+        # Only "completed" is documented; anything else (or "completed" before its result URL
+        # is filled in) is still in progress, and the raw value is kept for `status`.
+        return Status(RemoteState.RUNNING, raw, document=data)
+
+    def ladder(self) -> tuple[float, ...] | None:
+        return None
+
+    # -- attachments --------------------------------------------------------------------
+    def build_attachment(self, url: str) -> RequestSpec:
+        return RequestSpec(
+            "GET", f"{self.base}/v1/attachments", endpoint="attachment", params={"url": url}
+        )
+
+    def parse_attachment(self, resp: Response, url: str) -> str:
+        if resp.status in (301, 302, 303, 307, 308):
+            location = resp.headers.get("Location")
+            if not location:
+                raise self._protocol(resp, "attachment redirect without a Location")
+            signed = urljoin(resp.url, location)
+            if urlsplit(signed).scheme not in ("http", "https"):
+                raise self._protocol(resp, "attachment redirect to a non-HTTP URL")
+            return signed
+        data = self._data(resp, job=None)
+        # Not documented, but a JSON answer naming the signed URL is the obvious variant.
+        found = data.get("url") if isinstance(data, dict) else None
+        if isinstance(found, str) and found.startswith(("http://", "https://")):
+            return found
+        raise self._protocol(resp, f"attachment answer for {_path_of(url)} has no signed URL")
+
+    def resolver(self, io: HarvestIO, url: str) -> Resolver:
+        async def resolve() -> str:
+            return self.parse_attachment(await io.request(self.build_attachment(url)), url)
+
+        return resolve
+
+    # -- harvest ------------------------------------------------------------------------
+    async def harvest(self, job: Job, status: Status, io: HarvestIO) -> None:
+        document = status.document
+        io.write_json("job.json", document)
+        result_url = document["result"]
+        body = await io.fetch(self.resolver(io, result_url), what="result.json")
+        io.write_bytes("result.json", body)
+        try:
+            result = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ProtocolError("result.json is not JSON", provider=NAME, job=job.key) from None
+        if not isinstance(result, dict):
+            raise ProtocolError("result.json is not a JSON object", provider=NAME, job=job.key)
+        if "annotation_data" in result:
+            await self._harvest_masks(job, result["annotation_data"], io)
+        elif "legend" in result and "url" in result:
+            await self._harvest_pcd(job, result, io)
+        else:
+            raise ProtocolError(
+                "result.json has neither annotation_data nor legend+url; "
+                "this result type is not harvested yet",
+                provider=NAME,
+                job=job.key,
+            )
+
+    async def _harvest_masks(self, job: Job, annotation_data: Any, io: HarvestIO) -> None:
+        if not isinstance(annotation_data, dict):
+            raise ProtocolError("annotation_data is not an object", provider=NAME, job=job.key)
+        masks = annotation_data.get("masks")
+        if not isinstance(masks, list):
+            raise ProtocolError("annotation_data.masks is not a list", provider=NAME, job=job.key)
+        io.write_json("classes.json", classes_from_annotations(annotation_data, job))
+        seen: set[str] = set()
+        for mask in masks:
+            if not isinstance(mask, dict):
+                raise ProtocolError("a mask entry is not an object", provider=NAME, job=job.key)
+            frame, url = mask.get("frame_id"), mask.get("label_url")
+            if not isinstance(frame, str) or not frame or not isinstance(url, str) or not url:
+                raise ProtocolError(
+                    "a mask entry lacks frame_id or label_url", provider=NAME, job=job.key
+                )
+            name = frame_file_name(frame)
+            if name in seen:
+                raise ProtocolError(f"two masks for frame {frame!r}", provider=NAME, job=job.key)
+            seen.add(name)
+            await io.labels(name, self.resolver(io, url), "mask")
+
+    async def _harvest_pcd(self, job: Job, result: dict[str, Any], io: HarvestIO) -> None:
+        url = result["url"]
+        if not isinstance(url, str) or not url:
+            raise ProtocolError("result url is not a string", provider=NAME, job=job.key)
+        io.write_json("classes.json", classes_from_legend(result.get("legend"), job))
+        stem = PurePosixPath(urlsplit(url).path).name
+        stem = stem.removesuffix(".pcd").removesuffix("_data") or "frame"
+        await io.labels(frame_file_name(stem), self.resolver(io, url), "pcd")
+
+    # -- helpers ------------------------------------------------------------------------
+    def _data(self, resp: Response, *, job: Job | None) -> Any:
+        """The ``data`` of a success envelope, or the right typed error."""
+        key = job.key if job else None
+        if resp.status == 429:
+            raise RateLimited(
+                "rate limited", provider=NAME, job=key, status=429, request_id=resp.request_id
+            )
+        if resp.status >= 500:
+            raise ProviderUnavailable(
+                f"server error: {_snippet(resp.body)}",
+                provider=NAME,
+                job=key,
+                status=resp.status,
+                request_id=resp.request_id,
+            )
+        body = resp.json(provider=NAME)
+        if not isinstance(body, dict) or not isinstance(body.get("success"), bool):
+            raise self._protocol(resp, "answer has no boolean 'success'", job)
+        if body["success"] and resp.status < 300:
+            return body.get("data")
+        error = body.get("error")
+        code = message = None
+        if isinstance(error, dict):
+            code, message = error.get("code"), error.get("message")
+        code = str(code) if code is not None else None
+        text = str(message) if message else "request failed"
+        kw: dict[str, Any] = {
+            "provider": NAME,
+            "job": key,
+            "status": resp.status,
+            "code": code,
+            "request_id": resp.request_id,
+        }
+        err: HarvesterError
+        if resp.status == 401 or code in _AUTH:
+            err = CredentialsError(f"API key refused: {text}", **kw)
+        elif code in _SERVER_SIDE:
+            err = ProviderUnavailable(text, **kw)
+        elif code == "FS_0001" or code in _BAD_PAYLOAD or resp.status in (400, 422):
+            err = InvalidPayload(text, **kw)
+        elif resp.status == 404:
+            err = ProviderJobFailed(f"not found: {text}", **kw)
+        else:
+            err = ProtocolError(f"unexpected answer: {text}", **kw)
+        raise err
+
+    def _protocol(self, resp: Response, message: str, job: Job | None = None) -> ProtocolError:
+        return ProtocolError(
+            message,
+            provider=NAME,
+            job=job.key if job else None,
+            status=resp.status,
+            request_id=resp.request_id,
+        )
+
+
+def classes_from_annotations(annotation_data: dict[str, Any], job: Job) -> dict[str, Any]:
+    """label_key -> {label, class_id, color}, one entry per label key (first one wins)."""
+    annotations = annotation_data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise ProtocolError("annotations is not a list", provider=NAME, job=job.key)
+    classes: dict[str, Any] = {}
+    for ann in annotations:
+        if not isinstance(ann, dict) or "label_key" not in ann:
+            continue
+        key = str(ann["label_key"])
+        if key not in classes:
+            classes[key] = {
+                "label": ann.get("label"),
+                "class_id": ann.get("class_id"),
+                "color": ann.get("color"),
+            }
+    return dict(sorted(classes.items(), key=lambda kv: _num_key(kv[0])))
+
+
+def classes_from_legend(legend: Any, job: Job) -> dict[str, Any]:
+    if not isinstance(legend, list):
+        raise ProtocolError("legend is not a list", provider=NAME, job=job.key)
+    classes: dict[str, Any] = {}
+    for item in legend:
+        if isinstance(item, dict) and "label_key" in item:
+            classes.setdefault(
+                str(item["label_key"]),
+                {
+                    "label": item.get("text"),
+                    "class_id": item.get("id"),
+                    "color": item.get("color"),
+                    "value": item.get("value"),
+                },
+            )
+    return dict(sorted(classes.items(), key=lambda kv: _num_key(kv[0])))
+
+
+def frame_file_name(frame: str) -> str:
+    """Frame ids come from payloads: make them a safe file name (same rule as job keys)."""
+    return job_key(frame)
+
+
+def _num_key(text: str) -> tuple[int, int | str]:
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
+def _path_of(url: str) -> str:
+    return urlsplit(url).path
+
+
+def _snippet(body: bytes) -> str:
+    return body[:200].decode("utf-8", "replace").strip()

@@ -1,0 +1,389 @@
+"""One limiter per provider: a token bucket, a concurrency cap and a Retry-After gate.
+
+Every request to a provider (submit, poll, resolve) enters through ``ProviderLimiter.slot()``.
+A request starts only when all three agree at the same instant:
+
+- the **gate** is open: a 429/503 closes it for every later request of that provider until the
+  server's ``Retry-After`` deadline, or, when the server gives none (Cognite), until a delay from
+  truncated exponential backoff with full jitter;
+- the **bucket** holds a token (``rate_per_s``, up to ``burst`` saved up);
+- fewer than ``max_concurrency`` requests are in flight.
+
+Waiters queue in FIFO order. Only the head of the queue ever sleeps on the clock, so a thousand
+waiting requests cost one timer, not a thousand polling tasks; everybody behind it waits on an
+event until it becomes the head. The arithmetic (``parse_retry_after``, ``backoff_delay``,
+``TokenBucket``) is pure and takes time as an argument.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC
+
+import anyio
+import anyio.lowlevel
+
+from harvester.clock import Clock
+
+__all__ = [
+    "MAX_RETRY_AFTER_S",
+    "LimiterStats",
+    "ProviderLimiter",
+    "TokenBucket",
+    "backoff_delay",
+    "parse_retry_after",
+]
+
+#: Longest gate any server answer may impose; a typo'd or hostile header must not park a
+#: provider for a year.
+MAX_RETRY_AFTER_S = 86_400.0
+
+# Waits below a microsecond count as none. Float rounding at large monotonic values can leave
+# a computed wake-up equal to "now"; the head waiter would then re-arm a 0 s sleep forever.
+_TIME_EPS = 1e-6
+
+_DELAY_SECONDS = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+def parse_retry_after(
+    value: str | None, *, now_wall: float, cap: float = MAX_RETRY_AFTER_S
+) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header value, or None if absent or unreadable.
+
+    Accepts delay-seconds (``"120"``, and ``"1.5"`` which some servers send) and an HTTP-date,
+    measured against ``now_wall`` (Unix time); a date in the past means 0. Capped at ``cap``.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    if _DELAY_SECONDS.fullmatch(text):
+        seconds = float(text)
+        return min(seconds, cap) if math.isfinite(seconds) else cap
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        # HTTP dates are GMT by definition; a "-0000" zone comes back naive.
+        when = when.replace(tzinfo=UTC)
+    try:
+        delta = when.timestamp() - now_wall
+    except (OverflowError, OSError, ValueError):
+        return None
+    return min(max(0.0, delta), cap)
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Truncated exponential backoff with full jitter, never zero.
+
+    Uniform over ``[base / 10, min(cap, base * 2**attempt))``. The floor is the point: a plain
+    ``uniform(0, x)`` (or the Cognite SDK's ``int()`` of it) can retry immediately and hit the
+    same overloaded server again.
+    """
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    if not (math.isfinite(base) and base > 0):
+        raise ValueError(f"base must be a positive number of seconds, got {base!r}")
+    if not (math.isfinite(cap) and cap >= base):
+        raise ValueError(f"cap must be >= base ({base}), got {cap!r}")
+    try:
+        ceiling = min(cap, math.ldexp(base, min(attempt, 4096)))
+    except OverflowError:
+        ceiling = cap
+    floor = base / 10.0
+    return rng.uniform(floor, ceiling)
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """Tokens refill at ``rate_per_s`` up to ``burst``; one token per request.
+
+    Pure: the caller passes ``now`` (monotonic seconds). A rate of 0 or less means unlimited.
+    The bucket starts full.
+    """
+
+    rate_per_s: float
+    burst: float = 1.0
+    tokens: float = field(init=False)
+    updated_at: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.rate_per_s) or math.isnan(self.burst):
+            raise ValueError("rate_per_s and burst must be numbers")
+        if self.rate_per_s > 0:
+            self.burst = max(1.0, float(self.burst))
+        self.tokens = float(self.burst)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate_per_s <= 0 or math.isinf(self.rate_per_s)
+
+    def level(self, now: float) -> float:
+        """Tokens available at ``now``."""
+        if self.unlimited:
+            return math.inf
+        if self.updated_at is None:
+            return self.tokens
+        elapsed = max(0.0, now - self.updated_at)
+        return min(self.burst, self.tokens + elapsed * self.rate_per_s)
+
+    def time_until(self, n: float, now: float) -> float:
+        """Seconds from ``now`` until ``n`` tokens are available; 0 if they are."""
+        if self.unlimited:
+            return 0.0
+        if n > self.burst:
+            raise ValueError(f"{n} tokens can never fit a bucket of burst {self.burst}")
+        wait = (n - self.level(now)) / self.rate_per_s
+        return wait if wait > _TIME_EPS else 0.0
+
+    def take(self, n: float, now: float) -> None:
+        """Remove ``n`` tokens at ``now``; ValueError if they are not there (ask time_until)."""
+        if self.unlimited:
+            return
+        if self.time_until(n, now) > 0:
+            raise ValueError(f"{n} tokens not available at {now}: level {self.level(now):.6f}")
+        self.tokens = max(0.0, self.level(now) - n)
+        self.updated_at = now if self.updated_at is None else max(self.updated_at, now)
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStats:
+    """A snapshot for metrics and logs."""
+
+    admitted: int  #: requests let through since creation
+    rate_limited: int  #: close_gate() calls (429/503 answers)
+    gate_wait_s: float  #: seconds admitted requests spent queued while the gate was closed
+    waiting: int  #: requests queued now
+    in_use: int  #: requests in flight now
+    consecutive_failures: int  #: the adaptive backoff's attempt number
+
+
+class _Waiter:
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+
+class ProviderLimiter:
+    """Admission control for every request to one provider.
+
+    ``async with limiter.slot(): ...`` waits for the gate, a token and a concurrency slot,
+    FIFO among waiters. ``close_gate()`` after a 429/503, ``note_success()`` after a good answer.
+    """
+
+    __slots__ = (
+        "_admitted",
+        "_backoff_base",
+        "_backoff_cap",
+        "_bucket",
+        "_clock",
+        "_closed_before",
+        "_failures",
+        "_gate_since",
+        "_gate_until",
+        "_gate_wait_s",
+        "_in_use",
+        "_max_concurrency",
+        "_rate_limited",
+        "_rng",
+        "_waiters",
+        "name",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        rate_per_s: float,
+        burst: int,
+        max_concurrency: int,
+        clock: Clock,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"{name}: max_concurrency must be >= 1, got {max_concurrency}")
+        if math.isnan(rate_per_s):
+            raise ValueError(f"{name}: rate_per_s must be a number")
+        if not (math.isfinite(backoff_base) and backoff_base > 0):
+            raise ValueError(f"{name}: backoff_base must be > 0, got {backoff_base!r}")
+        if not (math.isfinite(backoff_cap) and backoff_cap >= backoff_base):
+            raise ValueError(f"{name}: backoff_cap must be >= backoff_base, got {backoff_cap!r}")
+        self.name = name
+        self._clock = clock
+        self._bucket = TokenBucket(rate_per_s, burst)
+        self._max_concurrency = max_concurrency
+        self._in_use = 0
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._rng = rng if rng is not None else random.Random()
+        # Insertion-ordered with O(1) removal of a cancelled waiter anywhere in the queue.
+        self._waiters: OrderedDict[_Waiter, None] = OrderedDict()
+        # The gate is closed while now < _gate_until. Closed time is tracked as finished
+        # closures (_closed_before) plus the current one [_gate_since, _gate_until], so a
+        # waiter's gate wait is a difference of two readings, whatever happened in between.
+        self._gate_until = -math.inf
+        self._gate_since = -math.inf
+        self._closed_before = 0.0
+        self._failures = 0
+        self._admitted = 0
+        self._rate_limited = 0
+        self._gate_wait_s = 0.0
+
+    # -- admission -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one admission for the duration of one request."""
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        now = self._clock.monotonic()
+        closed_at_entry = self._closed_total(now)
+        if not self._waiters and self._admissible(now):
+            self._admit(now, closed_at_entry)
+            return
+        me = _Waiter()
+        self._waiters[me] = None
+        try:
+            while True:
+                # State is re-read after every wake-up, so a nudge that raced with the check
+                # below is never lost: it changed the state first, then set the old event.
+                if me.event.is_set():
+                    me.event = anyio.Event()
+                if next(iter(self._waiters)) is not me:
+                    await me.event.wait()
+                    continue
+                now = self._clock.monotonic()
+                if self._in_use >= self._max_concurrency:
+                    await me.event.wait()
+                    continue
+                ready_at = self._ready_at(now)
+                if ready_at > now:
+                    await self._clock.sleep_until(ready_at)
+                    continue
+                # No await between this check and the caller's request: nothing starts inside
+                # a window that closed while we slept.
+                self._admit(now, closed_at_entry)
+                return
+        finally:
+            was_head = next(iter(self._waiters)) is me
+            del self._waiters[me]
+            if was_head:
+                self._nudge_head()
+
+    def _release(self) -> None:
+        self._in_use -= 1
+        self._nudge_head()
+
+    def _nudge_head(self) -> None:
+        if self._waiters:
+            next(iter(self._waiters)).event.set()
+
+    def _admit(self, now: float, closed_at_entry: float) -> None:
+        self._bucket.take(1, now)
+        self._in_use += 1
+        self._admitted += 1
+        self._gate_wait_s += self._closed_total(now) - closed_at_entry
+
+    def _ready_at(self, now: float) -> float:
+        return max(self._gate_until, now + self._bucket.time_until(1, now))
+
+    def _admissible(self, now: float) -> bool:
+        return self._in_use < self._max_concurrency and self._ready_at(now) <= now
+
+    def has_capacity(self) -> bool:
+        """Would a request be admitted right now without waiting (and without queue-jumping)?"""
+        return not self._waiters and self._admissible(self._clock.monotonic())
+
+    # -- the gate --------------------------------------------------------------------------
+
+    def close_gate(self, retry_after: float | None) -> float:
+        """Stop all requests of this provider after a 429/503; return the gate's deadline.
+
+        With ``retry_after`` the gate stays closed that many seconds (capped); without it the
+        delay comes from ``backoff_delay`` on the count of consecutive failures. A deadline
+        already further out is never shortened.
+
+        A failure counts only when it finds the gate open: answers to requests that were
+        already in flight when the gate closed are the same congestion, and counting each would
+        inflate the backoff by the concurrency level.
+        """
+        now = self._clock.monotonic()
+        self._rate_limited += 1
+        gate_open = now >= self._gate_until
+        if retry_after is not None and not math.isnan(retry_after):
+            delay = min(max(retry_after, 0.0), MAX_RETRY_AFTER_S)
+        elif gate_open:
+            delay = backoff_delay(
+                self._failures, base=self._backoff_base, cap=self._backoff_cap, rng=self._rng
+            )
+        else:
+            delay = 0.0
+        if gate_open:
+            self._failures += 1
+            if self._gate_since > -math.inf:
+                self._closed_before += self._gate_until - self._gate_since
+            self._gate_since = now
+            self._gate_until = now + delay
+        else:
+            self._gate_until = max(self._gate_until, now + delay)
+        return self._gate_until
+
+    def note_success(self) -> None:
+        """A good answer: the next failure starts the adaptive backoff from the beginning."""
+        self._failures = 0
+
+    @property
+    def gate_deadline(self) -> float | None:
+        """Monotonic time the gate opens, or None if it is open."""
+        return self._gate_until if self._clock.monotonic() < self._gate_until else None
+
+    def _closed_total(self, now: float) -> float:
+        if self._gate_since == -math.inf or now <= self._gate_since:
+            return self._closed_before
+        return self._closed_before + min(now, self._gate_until) - self._gate_since
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def stats(self) -> LimiterStats:
+        return LimiterStats(
+            admitted=self._admitted,
+            rate_limited=self._rate_limited,
+            gate_wait_s=self._gate_wait_s,
+            waiting=len(self._waiters),
+            in_use=self._in_use,
+            consecutive_failures=self._failures,
+        )
+
+    def __repr__(self) -> str:
+        now = self._clock.monotonic()
+        if self._bucket.unlimited:
+            bucket = "rate=unlimited"
+        else:
+            bucket = (
+                f"tokens={self._bucket.level(now):.2f}/{self._bucket.burst:g} "
+                f"rate={self._bucket.rate_per_s:g}/s"
+            )
+        gate = f"closed {self._gate_until - now:.2f}s" if now < self._gate_until else "open"
+        return (
+            f"<ProviderLimiter {self.name!r} {bucket} in_use={self._in_use}/"
+            f"{self._max_concurrency} waiting={len(self._waiters)} gate={gate} "
+            f"failures={self._failures}>"
+        )

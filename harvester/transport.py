@@ -1,0 +1,324 @@
+"""Sending requests: one aiohttp session per provider, its limiter, auth, retries.
+
+One request goes: gate + token + slot (``ProviderLimiter``) -> auth headers -> one HTTP
+exchange -> classify. Foreign exceptions (aiohttp, OS, timeouts) are mapped to
+``harvester.errors`` here and nowhere else (``map_exceptions``).
+
+Retries: only specs marked ``idempotent`` are retried automatically. A create POST never is:
+the engine records intent first and reconciles a lost answer instead. A 429 (or 503) closes
+the provider's gate for every request, in flight or future, until its Retry-After deadline
+(or an adaptive, jittered backoff when the provider sends none).
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+
+from harvester.auth import Auth
+from harvester.clock import Clock
+from harvester.config import ProviderConfig
+from harvester.errors import (
+    CredentialsError,
+    HarvesterError,
+    NetworkError,
+    ProviderUnavailable,
+    RateLimited,
+    RetryableError,
+)
+from harvester.logs import get_logger, redact_text
+from harvester.metrics import Metrics
+from harvester.providers.base import RequestSpec, Response
+from harvester.ratelimit import ProviderLimiter, backoff_delay, parse_retry_after
+
+T = TypeVar("T")
+log = get_logger("harvester.transport")
+_REQUEST_ID_HEADERS = ("x-request-id", "x-amz-request-id", "request-id", "x-ms-request-id")
+_MAX_REDIRECTS = 5
+
+
+def safe_url(url: str) -> str:
+    """The URL without its query string: what may appear in logs and errors."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+@asynccontextmanager
+async def map_exceptions(provider: str, url: str, *, job: str | None = None) -> AsyncIterator[None]:
+    """Turn aiohttp/OS/timeouts into ``NetworkError``: the single mapping boundary."""
+    where = safe_url(url)
+    try:
+        yield
+    except HarvesterError:
+        raise
+    except TimeoutError:
+        raise NetworkError(f"timed out talking to {where}", provider=provider, job=job) from None
+    except aiohttp.ClientPayloadError as exc:
+        raise NetworkError(
+            f"body from {where} cut short: {_exc_text(exc)}", provider=provider, job=job
+        ) from None
+    except aiohttp.ClientConnectorError as exc:
+        raise NetworkError(
+            f"cannot connect to {where}: {_exc_text(exc)}", provider=provider, job=job
+        ) from None
+    except aiohttp.ServerDisconnectedError:
+        raise NetworkError(
+            f"{where} closed the connection without answering", provider=provider, job=job
+        ) from None
+    except (aiohttp.ClientError, ssl.SSLError, ConnectionError, OSError) as exc:
+        raise NetworkError(
+            f"network error with {where}: {type(exc).__name__}: {_exc_text(exc)}",
+            provider=provider,
+            job=job,
+        ) from None
+
+
+def _exc_text(exc: BaseException) -> str:
+    return redact_text(str(exc))[:300]
+
+
+class Transport:
+    """All HTTP to one provider: its API (with auth) and its signed-URL hosts (without)."""
+
+    def __init__(
+        self,
+        cfg: ProviderConfig,
+        *,
+        auth: Auth,
+        limiter: ProviderLimiter,
+        clock: Clock,
+        metrics: Metrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.auth = auth
+        self.limiter = limiter
+        self.clock = clock
+        self.metrics = metrics
+        self.rng = rng or random.Random()
+        self._session: aiohttp.ClientSession | None = None
+        self.api_origin = _origin(cfg.base_url)
+
+    async def __aenter__(self) -> Transport:
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.cfg.request_timeout_s,
+            sock_read=self.cfg.request_timeout_s,
+        )
+        connector = aiohttp.TCPConnector(limit=max(self.cfg.max_concurrency * 2, 16))
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            connector=connector,
+            auto_decompress=True,
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+            # Each request sets its own headers; nothing shared may carry credentials.
+            headers={"User-Agent": "harvester/0.1"},
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"transport for {self.name} is not open")
+        return self._session
+
+    # -- one exchange -------------------------------------------------------------------
+    async def send(self, spec: RequestSpec, *, job: str | None = None) -> Response:
+        """One request through the limiter; raises for 429/5xx/network, returns the rest."""
+        async with self.limiter.slot():
+            return await self._exchange(spec, job=job)
+
+    async def _exchange(self, spec: RequestSpec, *, job: str | None) -> Response:
+        url, method = spec.url, spec.method
+        params: Mapping[str, str] | None = spec.params or None
+        body = orjson.dumps(spec.json) if spec.json is not None else None
+        with_credentials = spec.send_credentials and _origin(url) == self.api_origin
+        for _hop in range(_MAX_REDIRECTS + 1):
+            headers = dict(spec.headers)
+            if body is not None:
+                headers.setdefault("Content-Type", "application/json")
+            if with_credentials:
+                headers.update(await self.auth.headers())
+            start = self.clock.monotonic()
+            async with map_exceptions(self.name, url, job=job), self.session.request(
+                method,
+                url,
+                params=params,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s),
+            ) as resp:
+                payload = await resp.read()
+                status = resp.status
+                rheaders = resp.headers
+                real_url = str(resp.url)
+            if spec.endpoint == "poll":
+                self.metrics.poll_latency.labels(self.name).observe(self.clock.monotonic() - start)
+            self.metrics.requests.labels(self.name, spec.endpoint, str(status)).inc()
+            request_id = next((rheaders[h] for h in _REQUEST_ID_HEADERS if h in rheaders), None)
+            response = Response(status, rheaders, payload, safe_url(real_url), request_id)
+            if spec.follow_redirects and status in (301, 302, 303, 307, 308):
+                location = rheaders.get("Location")
+                if location:
+                    from urllib.parse import urljoin
+
+                    url = urljoin(real_url, location)
+                    params = None
+                    # Credentials never follow a redirect off the API's origin.
+                    with_credentials = with_credentials and _origin(url) == self.api_origin
+                    if status == 303:
+                        method, body = "GET", None
+                    continue
+            self._classify(response, spec, job)
+            return response
+        raise NetworkError(f"too many redirects from {safe_url(spec.url)}", provider=self.name)
+
+    def _classify(self, resp: Response, spec: RequestSpec, job: str | None) -> None:
+        status = resp.status
+        if status == 429 or status == 503:
+            retry_after = parse_retry_after(
+                resp.headers.get("Retry-After"), now_wall=self.clock.wall()
+            )
+            cls: type[RetryableError] = RateLimited if status == 429 else ProviderUnavailable
+            if status == 429:
+                self.metrics.rate_limited.labels(self.name).inc()
+            raise cls(
+                f"{spec.endpoint}: {'rate limited' if status == 429 else 'unavailable'}"
+                f"{_body_hint(resp.body)}",
+                retry_after=retry_after,
+                provider=self.name,
+                job=job,
+                status=status,
+                request_id=resp.request_id,
+            )
+        if status in (500, 502, 504) or status > 504:
+            raise ProviderUnavailable(
+                f"{spec.endpoint}: server error{_body_hint(resp.body)}",
+                provider=self.name,
+                job=job,
+                status=status,
+                request_id=resp.request_id,
+            )
+
+    # -- with retries -------------------------------------------------------------------
+    async def call(
+        self,
+        spec: RequestSpec,
+        parse: Callable[[Response], T],
+        *,
+        job: str | None = None,
+    ) -> T:
+        """Send ``spec`` and parse the answer, retrying transient failures when allowed.
+
+        Auth: a 401 lets the auth refresh once (OAuth) before the error stands.
+        """
+        attempts = self.cfg.max_retries + 1 if spec.idempotent else 1
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                resp = await self.send(spec, job=job)
+                if resp.status == 401 and spec.send_credentials and not refreshed:
+                    refreshed = True
+                    if await self.auth.unauthorized():
+                        attempt -= 1
+                        continue
+                result = parse(resp)
+            except RetryableError as exc:
+                self._on_retryable(exc)
+                if attempt >= attempts:
+                    raise
+                self.metrics.retries.labels(self.name, spec.endpoint).inc()
+                delay = self._retry_delay(exc, attempt)
+                log.info(
+                    "retrying",
+                    provider=self.name,
+                    endpoint=spec.endpoint,
+                    job=job,
+                    attempt=f"#{attempt + 1}/{attempts}",
+                    error=str(exc),
+                    delay_s=round(delay, 3),
+                )
+                if delay > 0:
+                    await self.clock.sleep_until(self.clock.monotonic() + delay)
+                continue
+            except CredentialsError:
+                raise
+            self.limiter.note_success()
+            return result
+
+    def _on_retryable(self, exc: RetryableError) -> None:
+        if isinstance(exc, RateLimited) or (
+            isinstance(exc, ProviderUnavailable) and exc.status == 503
+        ):
+            deadline = self.limiter.close_gate(exc.retry_after)
+            log.warning(
+                "gate closed",
+                provider=self.name,
+                status=exc.status,
+                retry_after=exc.retry_after,
+                closed_for_s=round(max(0.0, deadline - self.clock.monotonic()), 3),
+            )
+
+    def _retry_delay(self, exc: RetryableError, attempt: int) -> float:
+        if isinstance(exc, RateLimited) or exc.status == 503:
+            return 0.0  # the gate already holds every request until its deadline
+        return backoff_delay(
+            attempt - 1, base=self.cfg.backoff_base_s, cap=self.cfg.backoff_max_s, rng=self.rng
+        )
+
+    # -- signed URLs --------------------------------------------------------------------
+    @asynccontextmanager
+    async def open_stream(
+        self, url: str, *, offset: int = 0, job: str | None = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET a signed URL with no credentials, for streaming (caller checks status)."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        async with map_exceptions(self.name, url, job=job), self.session.get(
+            url,
+            headers=headers,
+            allow_redirects=False,
+            # Only the gap between chunks is bounded: a big file may take long overall.
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.cfg.request_timeout_s,
+                sock_read=self.cfg.request_timeout_s,
+            ),
+        ) as resp:
+            self.metrics.requests.labels(self.name, "download", str(resp.status)).inc()
+            yield resp
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return (parts.scheme.lower(), parts.netloc.lower())
+
+
+def _body_hint(body: bytes) -> str:
+    text = body[:256].decode("utf-8", "replace").strip()
+    return f": {redact_text(text)}" if text else ""
+
+
+def json_body(obj: Any) -> bytes:
+    return orjson.dumps(obj)

@@ -1,0 +1,115 @@
+"""Config loading: types, unknown keys, secrets by reference only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harvester.config import PlaymentConfig, config_path, load_config
+from harvester.errors import ConfigError
+
+GOOD = """
+[store]
+url = "sqlite://state/harvester.db"
+[output]
+dir = "out"
+label_dtype = "uint16"
+[providers.playment]
+api_key_env = "TEST_PLAYMENT_KEY"
+project_id = "p1"
+rate_per_s = 5
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "h.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_resolves_paths_against_its_folder(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.store.path == tmp_path / "state/harvester.db"
+    assert cfg.output.dir == tmp_path / "out"
+    assert cfg.output.label_dtype == "uint16"
+    p = cfg.providers["playment"]
+    assert isinstance(p, PlaymentConfig)
+    assert p.rate_per_s == 5.0 and p.burst == 20 and p.base_url == "https://api.playment.io"
+
+
+def test_absolute_sqlite_url(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD.replace("sqlite://state", "sqlite:///var/x")))
+    assert cfg.store.path == Path("/var/x/harvester.db")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (GOOD + "typo = 1\n", "unknown key providers.playment.typo"),
+        (GOOD.replace("rate_per_s", "rate_per_sec"), "did you mean providers.playment.rate_per_s"),
+        (GOOD.replace("rate_per_s = 5", 'rate_per_s = "fast"'), "must be a number"),
+        (GOOD.replace('"uint16"', '"int7"'), "output.label_dtype must be one of"),
+        (GOOD.replace('project_id = "p1"', ""), "providers.playment.project_id is required"),
+        (GOOD.replace('api_key_env = "TEST_PLAYMENT_KEY"', ""), "set api_key_env or api_key_file"),
+        (GOOD.replace("api_key_env", "api_key"), "unknown key providers.playment.api_key"),
+        (GOOD + "[providers.nope]\n", "unknown key providers.nope"),
+        (GOOD + "[bogus]\n", "unknown key bogus"),
+        (GOOD.replace("sqlite://state/harvester.db", "mysql://x"), "store.url must start"),
+        (GOOD.replace("rate_per_s = 5", "rate_per_s = -1"), "rate_per_s must be >= 0"),
+        (GOOD.replace("rate_per_s = 5", "poll_min_s = 10\npoll_max_s = 1"), "poll_max_s"),
+        (GOOD + 'base_url = "ftp://x"\n', "base_url must start with http"),
+        ("[store\n", "not valid TOML"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert needle in str(info.value)
+    assert str(tmp_path / "h.toml") in str(info.value)
+
+
+def test_secrets_are_read_only_on_demand_and_never_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    monkeypatch.delenv("TEST_PLAYMENT_KEY", raising=False)
+    with pytest.raises(ConfigError, match="TEST_PLAYMENT_KEY is not set"):
+        cfg.check_secrets()
+    monkeypatch.setenv("TEST_PLAYMENT_KEY", "s3cr3t-marker")
+    cfg.check_secrets()
+    p = cfg.providers["playment"]
+    assert isinstance(p, PlaymentConfig) and p.api_key is not None
+    assert p.api_key.reveal() == "s3cr3t-marker"
+    assert "s3cr3t-marker" not in repr(cfg)
+    assert "s3cr3t-marker" not in str(p.api_key)
+
+
+def test_secret_file(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("from-file\n")
+    cfg = load_config(write(tmp_path, GOOD.replace('api_key_env = "TEST_PLAYMENT_KEY"',
+                                                   'api_key_file = "key"')))
+    p = cfg.providers["playment"]
+    assert isinstance(p, PlaymentConfig) and p.api_key is not None
+    assert p.api_key.reveal() == "from-file"
+    (tmp_path / "key").unlink()
+    with pytest.raises(ConfigError, match="cannot read secret file"):
+        p.api_key.reveal()
+
+
+def test_base_url_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = GOOD + 'base_url_env = "EMU_URL"\n'
+    monkeypatch.setenv("EMU_URL", "http://127.0.0.1:9/playment")
+    assert load_config(write(tmp_path, text)).providers["playment"].base_url.endswith("/playment")
+    monkeypatch.delenv("EMU_URL")
+    with pytest.raises(ConfigError, match="EMU_URL is not set"):
+        load_config(write(tmp_path, text))
+
+
+def test_config_path_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARVESTER_CONFIG", "/etc/h.toml")
+    assert config_path(None) == Path("/etc/h.toml")
+    assert config_path("x.toml") == Path("x.toml")
+    monkeypatch.delenv("HARVESTER_CONFIG")
+    with pytest.raises(ConfigError, match="HARVESTER_CONFIG"):
+        config_path(None)
