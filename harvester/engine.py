@@ -282,7 +282,7 @@ class Engine:
             job=new.key,
             remote_id=new.remote_id,
             state=new.state.value,
-            event=event.value,
+            via=event.value,
             reason=new.reason,
         )
         if self.on_change is not None:
@@ -607,4 +607,3 @@ def describe_remaining(remaining: set[tuple[str, str]]) -> str:
     for provider, _ in remaining:
         by_provider[provider] = by_provider.get(provider, 0) + 1
     return ", ".join(f"{p}: {n}" for p, n in sorted(by_provider.items())) or "none"
-

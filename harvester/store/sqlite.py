@@ -288,7 +288,9 @@ class _Db:
         differs = []
         if row[0] != new.reference_id:
             differs.append(f"reference id {row[0]!r} there, {new.reference_id!r} here")
-        if row[1] != new.remote_id:
+        # A submitted job acquires its remote id later: a line without job_id (the same line
+        # added again after the job was created) does not contradict it.
+        if new.remote_id is not None and row[1] != new.remote_id:
             differs.append(f"job id {row[1]!r} there, {new.remote_id!r} here")
         if not _same_payload(row[2], payload):
             differs.append("different payload")

@@ -491,3 +491,20 @@ async def test_one_instance_adds_while_another_reads(store: Store, backend: Back
         assert await store.get(first.provider, first.key) == moved
     finally:
         await reader.close()
+
+
+@pytest.mark.anyio
+async def test_readding_a_submitted_line_after_it_got_a_remote_id_is_a_duplicate(
+    store: Store,
+) -> None:
+    line = NewJob("playment", "scan-1", "scan-1", None, {"data": {"a": 1}}, "j.jsonl:1")
+    await store.add_jobs([line], now=1.0)
+    job = await store.get("playment", "scan-1")
+    assert job is not None
+    job = await store.transition(job, Event.SUBMIT, now=2.0)
+    await store.transition(job, Event.ACCEPTED, now=3.0, remote_id="remote-9")
+    again = await store.add_jobs([line], now=4.0)
+    assert again.added == () and again.duplicates == ("playment/scan-1",)
+    other = NewJob("playment", "scan-1", "scan-1", "remote-10", None, "j.jsonl:2")
+    with pytest.raises(JobsFileError, match=r"j\.jsonl:2"):
+        await store.add_jobs([other], now=5.0)

@@ -82,8 +82,9 @@ def test_the_happy_path_is_in_the_table() -> None:
     ]
     job = new_job("playment", reference_id="scan-0001", remote_id=None, now=1.0)
     for i, (event, target) in enumerate(path, start=1):
-        job = apply(job, event, now=1.0 + i, remote_id=job.remote_id or "r-1",
-                    **required_changes(event))
+        job = apply(
+            job, event, now=1.0 + i, remote_id=job.remote_id or "r-1", **required_changes(event)
+        )
         assert job.state is target
         assert job.version == i
 

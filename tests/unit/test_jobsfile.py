@@ -31,13 +31,15 @@ def line(**kw: object) -> str:
 
 
 def test_good_lines(config) -> None:  # type: ignore[no-untyped-def]
-    text = "\n".join([
-        line(provider="playment", reference_id="scan-1", payload=PAYLOAD),
-        "",
-        line(provider="playment", job_id="abc"),
-        line(provider="playment", reference_id="scan-1", payload=PAYLOAD),  # same twice: once
-        line(provider="playment", reference_id="../../etc", payload=PAYLOAD),
-    ]).encode()
+    text = "\n".join(
+        [
+            line(provider="playment", reference_id="scan-1", payload=PAYLOAD),
+            "",
+            line(provider="playment", job_id="abc"),
+            line(provider="playment", reference_id="scan-1", payload=PAYLOAD),  # same twice: once
+            line(provider="playment", reference_id="../../etc", payload=PAYLOAD),
+        ]
+    ).encode()
     jobs = parse_jobs_text(text, source="j.jsonl", config=config)
     assert [j.key for j in jobs][:2] == ["scan-1", "abc"]
     assert jobs[1].remote_id == "abc" and jobs[1].payload is None
@@ -78,13 +80,15 @@ def test_bad_line_is_named(config, bad: str, needle: str) -> None:  # type: igno
 def test_conflicting_lines(config) -> None:  # type: ignore[no-untyped-def]
     a = line(provider="playment", reference_id="a", payload=PAYLOAD)
     b = line(provider="playment", reference_id="a", payload={"data": {"image_url": "u"}})
-    with pytest.raises(JobsFileError, match="j.jsonl:2: job key playment/a was already used by j.jsonl:1"):
+    with pytest.raises(
+        JobsFileError, match=r"j\.jsonl:2: job key playment/a was already used by j\.jsonl:1"
+    ):
         parse_jobs_text(f"{a}\n{b}\n".encode(), source="j.jsonl", config=config)
 
 
 def test_huge_line(config) -> None:  # type: ignore[no-untyped-def]
     huge = line(provider="playment", reference_id="a", payload={"data": {"x": "y" * (5 << 20)}})
-    with pytest.raises(JobsFileError, match="j.jsonl:1: line is .* bytes"):
+    with pytest.raises(JobsFileError, match=r"j\.jsonl:1: line is .* bytes"):
         parse_jobs_text(huge.encode(), source="j.jsonl", config=config)
 
 
@@ -92,8 +96,10 @@ def test_files_are_all_or_nothing(config, tmp_path: Path) -> None:  # type: igno
     one = tmp_path / "one.jsonl"
     one.write_text(line(provider="playment", reference_id="a", payload=PAYLOAD) + "\n")
     two = tmp_path / "two.jsonl"
-    two.write_text(line(provider="playment", reference_id="a", payload={"data": {"image_url": "u"}}))
-    with pytest.raises(JobsFileError, match="two.jsonl:1"):
+    two.write_text(
+        line(provider="playment", reference_id="a", payload={"data": {"image_url": "u"}})
+    )
+    with pytest.raises(JobsFileError, match=r"two\.jsonl:1"):
         read_jobs_files([one, two], config)
     with pytest.raises(JobsFileError, match="cannot read jobs file"):
         read_jobs_files([tmp_path / "missing.jsonl"], config)

@@ -1,0 +1,179 @@
+"""The signed-URL storage host: a separate port that behaves like a private S3 bucket.
+
+Objects are only reachable through a presigned URL; an unsigned, forged or expired one gets S3's
+403 XML. A request carrying an API key or ``Authorization`` header is the client leaking
+credentials to a third-party host: it is recorded (header name and path, never the value) and
+refused as S3 refuses a second auth mechanism.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import quote
+
+from aiohttp import web
+
+from harvester.emulator.middleware import TRUNCATE_KEY, drop_connection, provider_middlewares
+from harvester.emulator.objects import ObjectStore, StoredObject
+from harvester.emulator.responses import s3_error
+from harvester.emulator.signing import Signer, Verdict
+from harvester.emulator.state import EmulatorState
+
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+
+
+class StorageHost:
+    """The store, the signer and the counters of URLs handed out by attachment APIs."""
+
+    def __init__(self, state: EmulatorState) -> None:
+        cfg = state.scenario.storage
+        self.state = state
+        self.objects = ObjectStore()
+        self.signer = Signer(ttl_s=cfg.url_ttl_s)
+        self.base_url = ""  # set once listening
+        self._expire_first_n = cfg.expire_first_n
+        self._chunk = cfg.chunk_size
+        self._issued = 0
+        self._issued_expired = 0
+        self._rejected_expired = 0
+        state.add_stats_source("storage", self._stats)
+
+    def signed_url(self, path: str) -> str:
+        self._issued += 1
+        expired = self._issued <= self._expire_first_n
+        self._issued_expired += expired
+        return f"{self.private_url(path)}?{self.signer.query(path, expired=expired)}"
+
+    def private_url(self, path: str) -> str:
+        return self.base_url + quote(path)
+
+    def build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=provider_middlewares("storage", self.state, _render_error)
+        )
+        app.router.add_get("/{key:.+}", self._get)
+        return app
+
+    def _stats(self) -> dict[str, int]:
+        return {
+            "signed_urls_issued": self._issued,
+            "expired_urls_issued": self._issued_expired,
+            "expired_rejected": self._rejected_expired,
+        }
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        leaked = self._credential_header(request)
+        if leaked is not None:
+            self.state.record_credential_hit(leaked, request.path)
+            return s3_error(
+                400,
+                "InvalidArgument",
+                "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
+                "Signature query string parameter or the Authorization header should be "
+                "specified",
+            )
+        check = self.signer.check(request.path, request.query)
+        if check.verdict is Verdict.UNSIGNED:
+            return s3_error(403, "AccessDenied", "Access Denied")
+        if check.verdict is Verdict.BAD_SIGNATURE:
+            return s3_error(
+                403,
+                "SignatureDoesNotMatch",
+                "The request signature we calculated does not match the signature you "
+                "provided. Check your key and signing method.",
+            )
+        if check.verdict is Verdict.EXPIRED:
+            self._rejected_expired += 1
+            assert check.expires_at is not None
+            return s3_error(
+                403,
+                "AccessDenied",
+                "Request has expired",
+                {
+                    "X-Amz-Expires": request.query.get("X-Amz-Expires", ""),
+                    "Expires": _iso(check.expires_at),
+                    "ServerTime": _iso(time.time()),
+                },
+            )
+        obj = await self.objects.get(request.path)
+        if obj is None:
+            return s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        return await self._send(request, obj)
+
+    def _credential_header(self, request: web.Request) -> str | None:
+        for name, value in request.headers.items():
+            if name.lower() in _CREDENTIAL_HEADERS or self.state.is_api_key(value):
+                return name
+        return None
+
+    async def _send(self, request: web.Request, obj: StoredObject) -> web.StreamResponse:
+        total = len(obj.body)
+        start = 0
+        status = 200
+        range_header = request.headers.get("Range")
+        if range_header is not None:
+            parsed = _parse_range(range_header, total)
+            if parsed is None:
+                return s3_error(
+                    416,
+                    "InvalidRange",
+                    "The requested range is not satisfiable",
+                    {"RangeRequested": range_header, "ActualObjectSize": str(total)},
+                )
+            start, end = parsed
+            status = 206
+        else:
+            end = total
+        response = web.StreamResponse(status=status)
+        response.content_type = obj.content_type
+        response.headers["ETag"] = obj.etag
+        response.headers["Accept-Ranges"] = "bytes"
+        if status == 206:
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
+        response.content_length = end - start
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        fraction = request.get(TRUNCATE_KEY)
+        stop = end if fraction is None else start + int((end - start) * fraction)
+        view = memoryview(obj.body)
+        for pos in range(start, stop, self._chunk):
+            await response.write(view[pos : min(pos + self._chunk, stop)])
+        if fraction is not None:
+            drop_connection(request, reset=False)
+        return response
+
+
+def _parse_range(header: str, total: int) -> tuple[int, int] | None:
+    """``bytes=N-`` or ``bytes=N-M`` (one range) as a half-open [start, end)."""
+    unit, _, spec = header.partition("=")
+    first, sep, last = spec.strip().partition("-")
+    if unit.strip() != "bytes" or not sep or "," in spec:
+        return None
+    try:
+        if first == "":  # suffix: the last N bytes
+            n = int(last)
+            return (max(0, total - n), total) if n > 0 and total > 0 else None
+        start = int(first)
+        end = total if last == "" else min(int(last) + 1, total)
+    except ValueError:
+        return None
+    return (start, end) if 0 <= start < end else None
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _render_error(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.StreamResponse:
+    code = {
+        404: "NoSuchKey",
+        405: "MethodNotAllowed",
+        429: "SlowDown",
+        503: "ServiceUnavailable",
+    }.get(status, "InternalError")
+    response = s3_error(status, code, message)
+    response.headers.update(headers or {})
+    return response

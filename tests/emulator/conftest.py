@@ -1,0 +1,155 @@
+"""Fixtures for the emulator tests: a started emulator and a small raw-HTTP Playment client.
+
+The client here is deliberately naive (plain aiohttp calls, no harvester code): these tests
+check the emulator against the API description, not against harvester's own client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from harvester.emulator import Emulator
+from harvester.emulator.scenario import parse_scenario
+
+API_KEY = "test-key-123"
+PROJECT = "proj-1"
+FAST: dict[str, Any] = {"playment": {"job_duration_s": 0.3, "points_per_frame": [500, 2000]}}
+WAIT_S = 5.0  # upper bound for any wait in these tests; jobs take 0.3 s
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+StartEmulator = Callable[..., Awaitable[Emulator]]
+
+
+@pytest.fixture
+async def start_emulator() -> AsyncIterator[StartEmulator]:
+    """``await start_emulator({...scenario overrides...})`` -> a started emulator."""
+    started: list[Emulator] = []
+
+    async def start(overrides: dict[str, Any] | None = None) -> Emulator:
+        emu = Emulator(parse_scenario(merged(FAST, overrides or {})))
+        await emu.start()
+        started.append(emu)
+        return emu
+
+    yield start
+    for emu in started:
+        await emu.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as s:
+        yield s
+
+
+def point_cloud_body(reference_id: str, frames: tuple[str, ...] = ("f0",)) -> dict[str, Any]:
+    return {
+        "reference_id": reference_id,
+        "work_flow_id": "wf-1",
+        "data": {
+            "sensor_data": {
+                "frames": [{"frame_id": f, "ego_pose": {}, "sensors": []} for f in frames],
+                "sensor_meta": [{"id": "lidar", "modality": "lidar"}],
+            }
+        },
+    }
+
+
+class PlaymentClient:
+    def __init__(self, emu: Emulator, session: aiohttp.ClientSession) -> None:
+        self.emu = emu
+        self.session = session
+        self.base = emu.urls["playment"]
+        self.headers = {"x-api-key": API_KEY}
+
+    async def request(
+        self, method: str, path: str, *, key: str | None = API_KEY, **kw: Any
+    ) -> tuple[int, Any]:
+        headers = {"x-api-key": key} if key is not None else {}
+        async with self.session.request(method, self.base + path, headers=headers, **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def create(self, body: dict[str, Any], path: str | None = None) -> tuple[int, Any]:
+        return await self.request("POST", path or f"/v1/projects/{PROJECT}/jobs", json=body)
+
+    async def create_job(self, reference_id: str, frames: tuple[str, ...] = ("f0",)) -> str:
+        status, doc = await self.create(point_cloud_body(reference_id, frames))
+        assert status == 200, doc
+        return str(doc["data"]["job_id"])
+
+    async def job(self, job_id: str, version: str = "v1") -> dict[str, Any]:
+        status, doc = await self.request("GET", f"/{version}/projects/{PROJECT}/jobs/{job_id}")
+        assert status == 200, doc
+        return dict(doc["data"])
+
+    async def wait_completed(self, job_id: str) -> dict[str, Any]:
+        seen: list[str] = []
+        with anyio.fail_after(WAIT_S):
+            while True:
+                doc = await self.job(job_id)
+                if not seen or seen[-1] != doc["status"]:
+                    seen.append(doc["status"])
+                if doc["status"] == "completed":
+                    doc["_seen"] = seen
+                    return doc
+                await anyio.sleep(0.03)
+
+    async def resolve(self, url: str) -> tuple[int, str | None]:
+        """Ask the attachments API for ``url``; returns (status, Location)."""
+        async with self.session.get(
+            f"{self.base}/v1/attachments",
+            params={"url": url},
+            headers=self.headers,
+            allow_redirects=False,
+        ) as r:
+            return r.status, r.headers.get("Location")
+
+    async def download(self, url: str) -> bytes:
+        """Resolve, then fetch the signed URL without any credential, as a client must."""
+        status, location = await self.resolve(url)
+        assert status == 302 and location, (status, location)
+        async with self.session.get(location) as r:
+            assert r.status == 200, await r.text()
+            return await r.read()
+
+    async def introspect(self, method: str, path: str, **kw: Any) -> Any:
+        origin = self.base.removesuffix("/playment")
+        async with self.session.request(method, f"{origin}/_emulator{path}", **kw) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+
+MakeClient = Callable[..., Awaitable[PlaymentClient]]
+
+
+@pytest.fixture
+async def make_client(start_emulator: StartEmulator, session: aiohttp.ClientSession) -> MakeClient:
+    async def make(overrides: dict[str, Any] | None = None) -> PlaymentClient:
+        return PlaymentClient(await start_emulator(overrides), session)
+
+    return make
+
+
+@pytest.fixture
+async def api(make_client: MakeClient) -> PlaymentClient:
+    return await make_client()
