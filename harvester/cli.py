@@ -92,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return anyio.run(_status, config, args)
         if args.command == "run":
-            print("harvester: the daemon (harvester run) is not available yet", file=sys.stderr)
-            return EXIT_USAGE
+            from harvester.daemon import serve
+
+            return anyio.run(serve, config)
     except FatalError as exc:
         print(f"harvester: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -198,7 +199,7 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
         engine = Engine(config, store, providers=selected, burst=True, on_change=progress.update)
         with progress:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_stop_on_signal, stop, name="signals")
+                tg.start_soon(_stop_on_signal, stop, tg.cancel_scope, name="signals")
 
                 async def work() -> None:
                     await engine.run(stop=stop)
@@ -240,12 +241,18 @@ def _exit_code(
     return EXIT_FAILED_JOBS if bad else EXIT_OK
 
 
-async def _stop_on_signal(stop: anyio.Event) -> None:
+async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope) -> None:
+    """First signal: drain (finish in-flight work). Second: stop at once (still safe)."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            log.warning("signal received; stopping (state is saved)", signal=signum.name)
+            if stop.is_set():
+                log.warning("second signal: stopping now", signal=signum.name)
+                scope.cancel()
+                return
+            log.warning(
+                "signal received; finishing in-flight work (state is saved)", signal=signum.name
+            )
             stop.set()
-            return
 
 
 if __name__ == "__main__":

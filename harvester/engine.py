@@ -20,7 +20,7 @@ import functools
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -48,6 +48,8 @@ from harvester.providers.base import (
     NotReady,
     Provider,
     RemoteState,
+    RequestSpec,
+    Response,
     Status,
 )
 from harvester.ratelimit import ProviderLimiter, backoff_delay
@@ -56,6 +58,7 @@ from harvester.store.base import Store
 from harvester.transport import Transport
 
 log = get_logger("harvester.engine")
+T = TypeVar("T")
 
 #: create POSTs for one job before it ends in error (each one is recorded before it is sent)
 MAX_CREATE_ATTEMPTS = 8
@@ -97,8 +100,10 @@ class Engine:
         metrics: Metrics | None = None,
         on_change: Callable[[Job], None] | None = None,
         rng: random.Random | None = None,
+        drain_grace_s: float | None = None,
     ) -> None:
         self.config = config
+        self.drain_grace_s = config.server.drain_grace_s if drain_grace_s is None else drain_grace_s
         self.store = store
         self.names = sorted(providers) if providers is not None else sorted(config.providers)
         self.burst = burst
@@ -110,7 +115,12 @@ class Engine:
         self.remaining: set[tuple[str, str]] = set()
         self.fatal: HarvesterError | None = None
         self.done = anyio.Event()
-        self.stopping = False
+        #: set once transports are open, providers set up and the store's jobs loaded
+        self.ready = anyio.Event()
+        #: true from the stop request on: nothing new starts, in-flight work may finish
+        self.draining = False
+        self._busy = 0
+        self._idle = anyio.Event()
         self._harvest_send: MemoryObjectSendStream[tuple[str, str]] | None = None
         self._queued_for_harvest: set[tuple[str, str]] = set()
 
@@ -126,13 +136,14 @@ class Engine:
                 self.config.harvest.concurrency * 2
             )
             self._harvest_send = harvest_send
+            for lane in lanes.values():
+                await self._setup(lane)
+            await self._load(initial=True)
+            if self.burst and not self.remaining:
+                self.done.set()
+            self.ready.set()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_stop, tg, stop, name="stop-watcher")
-                for lane in lanes.values():
-                    await self._setup(lane)
-                await self._load(initial=True)
-                if self.burst and not self.remaining:
-                    self.done.set()
                 for lane in lanes.values():
                     tg.start_soon(self._lane, lane, name=f"lane:{lane.name}")
                 async with harvest_recv:
@@ -144,6 +155,7 @@ class Engine:
             raise self.fatal
 
     async def _watch_stop(self, tg: TaskGroup, stop: anyio.Event | None) -> None:
+        stopped = False
         async with anyio.create_task_group() as inner:
 
             async def wait_done() -> None:
@@ -151,14 +163,43 @@ class Engine:
                 inner.cancel_scope.cancel()
 
             async def wait_stop() -> None:
+                nonlocal stopped
                 if stop is not None:
                     await stop.wait()
+                    stopped = True
                     inner.cancel_scope.cancel()
 
             inner.start_soon(wait_done)
             inner.start_soon(wait_stop)
-        self.stopping = True
+        if stopped and not self.done.is_set():
+            await self._drain()
         tg.cancel_scope.cancel()
+
+    async def _drain(self) -> None:
+        """Stop starting work; let what is in flight finish within the grace period.
+
+        Whatever is cut off after that is safe: each step's state is in the store and its
+        files are written under temporary names, so the next start resumes it.
+        """
+        self.draining = True
+        for lane in self.lanes.values():
+            lane.wake.set()
+        log.info("draining", in_flight=self._busy, grace_s=self.drain_grace_s)
+        if self._busy:
+            with anyio.move_on_after(self.drain_grace_s):
+                await self._idle.wait()
+        log.info("drained" if not self._busy else "grace period over", in_flight=self._busy)
+
+    def _enter(self) -> bool:
+        if self.draining:
+            return False
+        self._busy += 1
+        return True
+
+    def _leave(self) -> None:
+        self._busy -= 1
+        if self._busy == 0 and self.draining:
+            self._idle.set()
 
     def _fail_fatal(self, exc: HarvesterError) -> None:
         if self.fatal is None:
@@ -197,10 +238,19 @@ class Engine:
             if fresh:
                 log.info("jobs loaded", provider=name, jobs=len(fresh))
 
-    async def _feeder(self) -> None:
-        while True:
-            await anyio.sleep(FEED_INTERVAL_S)
+    async def refresh(self) -> None:
+        """Pick up jobs other processes (or the HTTP API) added to the store, now."""
+        if self.lanes and not self.draining:
             await self._load(initial=False)
+
+    async def _feeder(self) -> None:
+        while not self.draining:
+            await anyio.sleep(FEED_INTERVAL_S)
+            try:
+                await self._load(initial=False)
+            except FatalError as exc:
+                self._fail_fatal(exc)
+                return
 
     # -- lanes --------------------------------------------------------------------------
     async def _lane(self, lane: Lane) -> None:
@@ -210,7 +260,7 @@ class Engine:
                 for i in range(lane.transport.cfg.max_concurrency):
                     tg.start_soon(self._worker, lane, recv.clone(), name=f"{lane.name}:{i}")
             async with send:
-                while True:
+                while not self.draining:
                     now = self.clock.monotonic()
                     due = lane.queue.pop_due(now, limit=1024)
                     self.metrics.queue_depth.labels(lane.name, "due").set(len(lane.queue))
@@ -228,12 +278,16 @@ class Engine:
     async def _worker(self, lane: Lane, recv: MemoryObjectReceiveStream[str]) -> None:
         async with recv:
             async for key in recv:
+                if not self._enter():
+                    lane.in_flight.discard(key)
+                    continue
                 try:
                     await self._step(lane, key)
                 except FatalError as exc:
                     self._fail_fatal(exc)
                 finally:
                     lane.in_flight.discard(key)
+                    self._leave()
 
     async def _step(self, lane: Lane, key: str) -> None:
         job = await self.store.get(lane.name, key)
@@ -434,13 +488,8 @@ class Engine:
 
     # -- poll ---------------------------------------------------------------------------
     async def _poll(self, lane: Lane, job: Job) -> None:
-        pinned = job
         try:
-            result = await lane.transport.call(
-                lane.provider.build_poll(job),
-                lambda r: lane.provider.parse_poll(r, pinned),
-                job=job.key,
-            )
+            result = await lane.provider.poll(job, _JobClient(lane.transport, job.key))
         except JobError as exc:
             await self._transition(job, Event.GIVE_UP, reason=str(exc))
             return
@@ -492,12 +541,16 @@ class Engine:
     async def _harvester(self, recv: MemoryObjectReceiveStream[tuple[str, str]]) -> None:
         async with recv:
             async for provider, key in recv:
+                if not self._enter():
+                    self._queued_for_harvest.discard((provider, key))
+                    continue
                 try:
                     await self._harvest_one(self.lanes[provider], key)
                 except FatalError as exc:
                     self._fail_fatal(exc)
                 finally:
                     self._queued_for_harvest.discard((provider, key))
+                    self._leave()
 
     async def _harvest_one(self, lane: Lane, key: str) -> None:
         job = await self.store.get(lane.name, key)
@@ -505,13 +558,8 @@ class Engine:
             return
         if job.state == JobState.SUCCEEDED:
             job = await self._transition(job, Event.HARVEST)
-        pinned = job
         try:
-            status = await lane.transport.call(
-                lane.provider.build_poll(job),
-                lambda r: lane.provider.parse_poll(r, pinned),
-                job=job.key,
-            )
+            status = await lane.provider.poll(job, _JobClient(lane.transport, job.key))
             if not isinstance(status, Status) or status.state != RemoteState.SUCCEEDED:
                 raise RetryableErrorInHarvest(f"job is not finished any more ({status})")
             out = JobOutput(
@@ -547,6 +595,17 @@ class Engine:
             await self._transition(job, Event.GIVE_UP, reason=str(exc))
             return
         await self._transition(job, Event.HARVESTED, output=str(relative), reason=None)
+
+
+class _JobClient:
+    """A ``Client`` that names its job in every log line and error."""
+
+    def __init__(self, transport: Transport, job: str) -> None:
+        self.transport = transport
+        self.job = job
+
+    async def call(self, spec: RequestSpec, parse: Callable[[Response], T]) -> T:
+        return await self.transport.call(spec, parse, job=self.job)
 
 
 class RetryableErrorInHarvest(RetryableError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 
@@ -33,6 +33,9 @@ class RequestSpec:
     #: False for signed URLs on storage hosts: no auth header may go there
     send_credentials: bool = True
     follow_redirects: bool = False
+    #: an ``application/x-www-form-urlencoded`` body (OAuth token requests) instead of
+    #: ``json``; kept out of ``repr`` because it carries a client secret
+    form: Mapping[str, str] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,15 @@ Resolver = Callable[[], Awaitable[str]]
 LabelFormat = Literal["mask", "pcd"]
 
 
+T = TypeVar("T")
+
+
+class Client(Protocol):
+    """Sends a spec through the provider's transport and parses the answer (engine side)."""
+
+    async def call(self, spec: RequestSpec, parse: Callable[[Response], T]) -> T: ...
+
+
 class HarvestIO(Protocol):
     """The outside world as an adapter's ``harvest`` sees it (implemented in harvest.py)."""
 
@@ -163,9 +175,10 @@ class Provider(Protocol):
 
     def parse_find(self, resp: Response, job: Job) -> FindResult: ...
 
-    def build_poll(self, job: Job) -> RequestSpec: ...
-
-    def parse_poll(self, resp: Response, job: Job) -> PollResult: ...
+    async def poll(self, job: Job, client: Client) -> PollResult:
+        """The job's current status: one request for most providers, a few for some
+        (Bentley: state, progress, and the messages of a failed job). Built only from the
+        adapter's pure build/parse functions; ``client`` does the sending."""
 
     def ladder(self) -> tuple[float, ...] | None:
         """The provider's own poll cadence, if it prescribes one."""

@@ -10,11 +10,14 @@ Quirks handled here, each tested on recorded bodies:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import orjson
 
@@ -32,6 +35,7 @@ from harvester.jobs import Job, job_key
 from harvester.providers.base import (
     Accepted,
     AlreadyExists,
+    Client,
     CreateResult,
     FindResult,
     Found,
@@ -52,6 +56,9 @@ _SERVER_SIDE = {"FS_0000", "FS_0008", "api_error"}
 _AUTH = {"auth-failure", "unauthorized"}
 #: result documents are JSON of modest size; a bigger one is a provider fault, not data
 MAX_RESULT_BYTES = 512 << 20
+#: image/video results: a walk deeper or a list of files longer than this is not a result
+MAX_RESULT_DEPTH = 64
+MAX_ATTACHMENTS = 100_000
 
 
 class PlaymentProvider:
@@ -202,6 +209,9 @@ class PlaymentProvider:
         # is filled in) is still in progress, and the raw value is kept for `status`.
         return Status(RemoteState.RUNNING, raw, document=data)
 
+    async def poll(self, job: Job, client: Client) -> PollResult:
+        return await client.call(self.build_poll(job), functools.partial(self.parse_poll, job=job))
+
     def ladder(self) -> tuple[float, ...] | None:
         return None
 
@@ -251,12 +261,7 @@ class PlaymentProvider:
         elif "legend" in result and "url" in result:
             await self._harvest_pcd(job, result, io)
         else:
-            raise ProtocolError(
-                "result.json has neither annotation_data nor legend+url; "
-                "this result type is not harvested yet",
-                provider=NAME,
-                job=job.key,
-            )
+            await self._harvest_attachments(job, result, io)
 
     async def _harvest_masks(self, job: Job, annotation_data: Any, io: HarvestIO) -> None:
         if not isinstance(annotation_data, dict):
@@ -288,6 +293,30 @@ class PlaymentProvider:
         stem = PurePosixPath(urlsplit(url).path).name
         stem = stem.removesuffix(".pcd").removesuffix("_data") or "frame"
         await io.labels(frame_file_name(stem), self.resolver(io, url), "pcd")
+
+    async def _harvest_attachments(self, job: Job, result: dict[str, Any], io: HarvestIO) -> None:
+        """Image and video results: every file the result links to, filed by frame."""
+        if "legend" in result:
+            io.write_json("classes.json", classes_from_legend(result["legend"], job))
+        try:
+            found = find_attachments(result)
+        except ValueError as exc:
+            raise ProtocolError(str(exc), provider=NAME, job=job.key) from None
+        index: list[dict[str, Any]] = []
+        for att in found:
+            await io.download(att.relpath, self.resolver(io, att.url))
+            index.append(
+                {
+                    "file": att.relpath,
+                    "frame": att.frame,
+                    "json_path": att.json_path,
+                    "url": _path_of(att.url),
+                }
+            )
+        if index:
+            # The folder says which frame a file belongs to; this says where in the result
+            # it was referenced, for the files whose names alone are ambiguous.
+            io.write_json("attachments.json", index)
 
     # -- helpers ------------------------------------------------------------------------
     def _data(self, resp: Response, *, job: Job | None) -> Any:
@@ -381,6 +410,89 @@ def classes_from_legend(legend: Any, job: Job) -> dict[str, Any]:
                 },
             )
     return dict(sorted(classes.items(), key=lambda kv: _num_key(kv[0])))
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    url: str
+    frame: str  #: the frame it belongs to: its frame_id, else a list index, else "0"
+    relpath: str  #: ``outputs/<frame>/<file name>``
+    json_path: str  #: where the result references it, e.g. ``$.frames[2].label_url``
+
+
+def is_attachment_key(key: str) -> bool:
+    """``url``/``urls`` or a name ending ``_url``/``_urls``/``Url``/``Urls``."""
+    return key in ("url", "urls") or key.endswith(("_url", "_urls", "Url", "Urls"))
+
+
+def find_attachments(result: Any) -> list[Attachment]:
+    """Every file an image/video result links to, in document order, each once.
+
+    The rule: a string is an attachment when it starts with ``http://`` or ``https://``
+    and its key (the object key it is the value of; for a string in a list, the key of
+    that list) passes ``is_attachment_key`` (``label_url``, ``image_url``, ``mask_url``,
+    ``url``, ``maskUrl``, ``urls``, ...). Its frame is the ``frame_id`` of the nearest
+    enclosing object that has one, else its index in the outermost list of objects
+    (``frames[i]``), else ``"0"`` (a single image). It is saved as
+    ``outputs/<frame>/<last URL path segment>``, both made safe like job keys, with a short
+    hash of the URL added when two files of one frame share a name. Raises ``ValueError``
+    for results nested absurdly deep or linking absurdly many files.
+    """
+    found: list[Attachment] = []
+    urls: set[str] = set()
+    used: set[str] = set()
+    # (value, key, json path, frame, outer index, depth), walked without recursion
+    stack: list[tuple[Any, str | None, str, str | None, int | None, int]] = [
+        (result, None, "$", None, None, 0)
+    ]
+    while stack:
+        value, key, path, frame, outer, depth = stack.pop()
+        if depth > MAX_RESULT_DEPTH:
+            raise ValueError(f"result.json is nested deeper than {MAX_RESULT_DEPTH} levels")
+        if isinstance(value, dict):
+            fid = value.get("frame_id")
+            if isinstance(fid, str | int) and not isinstance(fid, bool) and str(fid):
+                frame = str(fid)
+            stack.extend(
+                (v, str(k), f"{path}.{k}", frame, outer, depth + 1)
+                for k, v in reversed(value.items())
+            )
+        elif isinstance(value, list):
+            stack.extend(
+                (
+                    v,
+                    key,
+                    f"{path}[{i}]",
+                    frame,
+                    i if outer is None and isinstance(v, dict) else outer,
+                    depth + 1,
+                )
+                for i, v in reversed(list(enumerate(value)))
+            )
+        elif (
+            isinstance(value, str)
+            and key is not None
+            and is_attachment_key(key)
+            and value[:8].lower().startswith(("http://", "https://"))
+            and value not in urls
+        ):
+            urls.add(value)
+            if len(urls) > MAX_ATTACHMENTS:
+                raise ValueError(f"result.json links more than {MAX_ATTACHMENTS} files")
+            where = frame if frame is not None else str(outer if outer is not None else 0)
+            relpath = f"outputs/{frame_file_name(where)}/{_file_name(value)}"
+            if relpath in used:
+                stem, dot, ext = relpath.rpartition(".")
+                tag = hashlib.sha256(value.encode()).hexdigest()[:8]
+                relpath = f"{stem}+{tag}.{ext}" if dot and "/" not in ext else f"{relpath}+{tag}"
+            used.add(relpath)
+            found.append(Attachment(value, where, relpath, path))
+    return found
+
+
+def _file_name(url: str) -> str:
+    name = unquote(PurePosixPath(urlsplit(url).path).name)
+    return job_key(name) if name else "file"
 
 
 def frame_file_name(frame: str) -> str:

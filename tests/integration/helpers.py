@@ -1,0 +1,114 @@
+"""Shared set-up for integration tests: a config pointing at an emulator, jobs, checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harvester.config import Config, parse_config
+from harvester.emulator.scenario import Scenario, parse_scenario
+from harvester.emulator.server import Emulator
+from harvester.fsutil import sha256_file
+from harvester.jobs import job_key
+from harvester.store.base import NewJob
+
+API_KEY = "it-key-0123456789-marker"
+
+
+def scenario(**playment: Any) -> Scenario:
+    base: dict[str, Any] = {"job_duration_s": 0.3, "points_per_frame": [2000, 4000]}
+    base.update(playment.pop("_playment", {}))
+    storage = playment.pop("_storage", {})
+    base.update(playment)
+    return parse_scenario({"seed": 7, "playment": base, "storage": storage})
+
+
+def make_config(tmp_path: Path, emulator: Emulator, **provider: Any) -> Config:
+    section: dict[str, Any] = {
+        "base_url": emulator.urls["playment"],
+        "api_key_env": "IT_PLAYMENT_KEY",
+        "project_id": "it-project",
+        "rate_per_s": 0,
+        "burst": 50,
+        "max_concurrency": 8,
+        "poll_min_s": 0.1,
+        "poll_max_s": 0.5,
+        "request_timeout_s": 5,
+        "backoff_base_s": 0.05,
+        "backoff_max_s": 0.5,
+    }
+    section.update(provider)
+    doc = {
+        "store": {"url": "sqlite://state.db"},
+        "output": {"dir": "out"},
+        "harvest": {"concurrency": 4, "chunk_bytes": 4096},
+        "log": {"level": "warning", "format": "json"},
+        "providers": {"playment": section},
+    }
+    return parse_config(doc, source=tmp_path / "config.toml")
+
+
+def payload(frames: int) -> dict[str, Any]:
+    return {
+        "data": {
+            "sensor_data": {
+                "frames": [{"frame_id": f"f-{i:03d}", "sensors": []} for i in range(frames)],
+                "sensor_meta": [],
+            }
+        },
+        "work_flow_id": "wf-it",
+    }
+
+
+def new_jobs(n: int, *, frames: int = 2, prefix: str = "scan") -> list[NewJob]:
+    return [
+        NewJob(
+            "playment",
+            job_key(f"{prefix}-{i:03d}"),
+            f"{prefix}-{i:03d}",
+            None,
+            payload(frames),
+            f"test:{i + 1}",
+        )
+        for i in range(n)
+    ]
+
+
+def jobs_file(path: Path, jobs: list[NewJob]) -> Path:
+    lines = [
+        json.dumps({"provider": j.provider, "reference_id": j.reference_id, "payload": j.payload})
+        for j in jobs
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def check_outputs(config: Config, emulator: Emulator, jobs: list[NewJob], frames: int) -> None:
+    """Every label array equals the emulator's ground truth; every manifest entry is true."""
+    for job in jobs:
+        folder = config.output.dir / "playment" / job.key
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        assert manifest["reference_id"] == job.reference_id
+        files = manifest["files"]
+        assert {"job.json", "result.json", "classes.json"} <= set(files)
+        for rel, entry in files.items():
+            path = folder / rel
+            assert path.stat().st_size == entry["bytes"], rel
+            assert sha256_file(path) == entry["sha256"], rel
+        for i in range(frames):
+            frame = f"f-{i:03d}"
+            assert job.reference_id is not None
+            truth = emulator.state.truth_labels("playment", job.reference_id, frame)
+            arr = np.load(folder / "labels" / f"{frame}.npy")
+            assert arr.ndim == 1
+            assert np.array_equal(arr, truth), (job.key, frame)
+            entry = files[f"labels/{frame}.npy"]
+            assert entry["shape"] == [len(truth)]
+            assert entry["max"] == int(truth.max()) and entry["min"] == int(truth.min())
+            assert arr.dtype == np.dtype(entry["dtype"])
+            assert arr.dtype.itemsize == (1 if truth.max() < 256 else 2)
+        leftovers = [p for p in folder.rglob("*") if ".tmp-" in p.name]
+        assert leftovers == []

@@ -1,0 +1,168 @@
+"""The walking skeleton over real HTTP on 127.0.0.1: engine + store against the emulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from harvester.config import Config
+from harvester.emulator.scenario import parse_fault
+from harvester.emulator.server import Emulator
+from harvester.engine import Engine
+from harvester.jobs import JobState
+from harvester.store.sqlite import SqliteStore
+
+from .helpers import API_KEY, check_outputs, make_config, new_jobs, scenario
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IT_PLAYMENT_KEY", API_KEY)
+
+
+async def harvest(config: Config, jobs: list, *, limit_s: float = 60.0) -> dict:  # type: ignore[type-arg]
+    """Add ``jobs`` and run the engine in burst mode; returns counts by state."""
+    assert config.store.path is not None
+    async with SqliteStore(config.store.path) as store:
+        if jobs:
+            await store.add_jobs(jobs, now=0.0)
+        engine = Engine(config, store, burst=True)
+        with anyio.fail_after(limit_s):
+            await engine.run()
+        counts = await store.counts()
+    return {state: n for (_, state), n in counts.items()}
+
+
+async def test_full_harvest_equals_ground_truth_and_rerun_sends_nothing(tmp_path: Path) -> None:
+    async with Emulator(scenario()) as emu:
+        config = make_config(tmp_path, emu)
+        jobs = new_jobs(12, frames=3)
+        counts = await harvest(config, jobs)
+        assert counts == {JobState.HARVESTED: 12}
+        check_outputs(config, emu, jobs, frames=3)
+        stats = emu.state.stats()
+        assert stats["playment"]["creates"] == 12
+        assert stats["playment"]["duplicate_creates"] == 0
+        assert stats["credential_hits"] == []
+        seen = len(emu.state.requests())
+
+        # A rerun with the same lines: nothing is created, nothing is even asked.
+        counts = await harvest(config, jobs)
+        assert counts == {JobState.HARVESTED: 12}
+        assert len(emu.state.requests()) == seen
+        assert emu.state.stats()["playment"]["creates"] == 12
+
+
+async def test_429_storm_holds_every_request_until_retry_after(tmp_path: Path) -> None:
+    async with Emulator(scenario(job_duration_s=0.5)) as emu:
+        config = make_config(tmp_path, emu, max_concurrency=8)
+        jobs = new_jobs(10, frames=1)
+
+        async def storm_soon() -> None:
+            # Once polling is under way, every Playment API request for 0.3 s gets a 429
+            # with Retry-After: 1.
+            with anyio.fail_after(10):
+                while not any("/jobs/" in r["path"] for r in emu.state.requests()):
+                    await anyio.sleep(0.01)
+            emu.state.add_fault(
+                parse_fault({"kind": "429", "retry_after_s": 1.0, "duration_s": 0.3})
+            )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(storm_soon)
+            counts = await harvest(config, jobs)
+        assert counts == {JobState.HARVESTED: 10}
+        check_outputs(config, emu, jobs, frames=1)
+
+        api = [r for r in emu.state.requests() if r["provider"] == "playment"]
+        limited = [r for r in api if r["status"] == 429]
+        assert limited, "the storm never hit"
+        first = limited[0]["t"]
+        # Requests already on the wire when the first 429 was answered arrive within a few
+        # ms on loopback; after that, nothing may arrive before the 1 s deadline.
+        inside = [r for r in api if first + 0.05 < r["t"] < first + 0.95]
+        assert inside == [], inside[:5]
+        deadline = max(r["t"] for r in limited) + 1.0
+        later = [r for r in api if r["t"] > first + 0.05 and r["status"] != 429]
+        assert later and min(r["t"] for r in later) >= deadline - 0.02
+
+
+async def test_expired_signed_urls_are_resolved_again(tmp_path: Path) -> None:
+    async with Emulator(scenario(_storage={"expire_first_n": 5})) as emu:
+        config = make_config(tmp_path, emu)
+        jobs = new_jobs(4, frames=2)
+        counts = await harvest(config, jobs)
+        assert counts == {JobState.HARVESTED: 4}
+        check_outputs(config, emu, jobs, frames=2)
+        storage = emu.state.stats()["storage"]
+        assert storage["expired_rejected"] == 5
+        assert storage["credential_hits"] == 0 or storage["credential_hits"] == []
+
+
+async def test_api_key_never_reaches_the_storage_host(tmp_path: Path) -> None:
+    async with Emulator(scenario()) as emu:
+        config = make_config(tmp_path, emu)
+        counts = await harvest(config, new_jobs(3, frames=2))
+        assert counts == {JobState.HARVESTED: 3}
+        assert emu.state.stats()["credential_hits"] == []
+        storage_requests = [r for r in emu.state.requests() if r["provider"] == "storage"]
+        assert storage_requests and all(r["status"] in (200, 206) for r in storage_requests)
+
+
+async def test_lost_create_answers_are_reconciled_not_resent(tmp_path: Path) -> None:
+    async with Emulator(scenario()) as emu:
+        # The first three create POSTs are processed, then their answers are lost.
+        emu.state.add_fault(
+            parse_fault({"kind": "reset", "when": "after", "match": "/jobs", "count": 3})
+        )
+        config = make_config(tmp_path, emu)
+        jobs = new_jobs(6, frames=1)
+        counts = await harvest(config, jobs)
+        assert counts == {JobState.HARVESTED: 6}
+        check_outputs(config, emu, jobs, frames=1)
+        stats = emu.state.stats()["playment"]
+        assert stats["faults"].get("reset") == 3
+        assert stats["creates"] == 6
+        assert stats["duplicate_creates"] == 0
+        assert stats["max_jobs_per_reference"] == 1
+        listings = [r for r in emu.state.requests() if "/batch/" in r["path"]]
+        assert len(listings) >= 3
+
+
+async def test_reference_id_taken_outside_our_batch_is_an_error_not_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    async with Emulator(scenario()) as emu:
+        config = make_config(tmp_path, emu)
+        jobs = new_jobs(2, frames=1)
+        first = await harvest(config, jobs[:1])
+        assert first == {JobState.HARVESTED: 1}
+        # A second store (another tool, another batch) submits the same reference id.
+        other = make_config(tmp_path / "other", emu)
+        counts = await harvest(other, jobs)
+        assert counts == {JobState.ERROR: 1, JobState.HARVESTED: 1}
+        assert other.store.path is not None
+        async with SqliteStore(other.store.path) as store:
+            (failed,) = await store.jobs(states=[JobState.ERROR])
+        assert failed.reason is not None and "already exists" in failed.reason
+        assert emu.state.stats()["playment"]["max_jobs_per_reference"] == 1
+
+
+async def test_bad_api_key_stops_with_a_fatal_error(tmp_path: Path) -> None:
+    sc = scenario(valid_api_keys=["the-only-key"])
+    async with Emulator(sc) as emu:
+        config = make_config(tmp_path, emu)
+        assert config.store.path is not None
+        async with SqliteStore(config.store.path) as store:
+            await store.add_jobs(new_jobs(2), now=0.0)
+            engine = Engine(config, store, burst=True)
+            with anyio.fail_after(20), pytest.raises(Exception, match="API key refused"):
+                await engine.run()
+            counts = await store.counts()
+        # Nothing was created and nothing was lost: both jobs can run again later.
+        assert emu.state.stats()["playment"]["creates"] == 0
+        assert sum(counts.values()) == 2
