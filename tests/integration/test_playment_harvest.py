@@ -61,20 +61,12 @@ async def test_429_storm_holds_every_request_until_retry_after(tmp_path: Path) -
     async with Emulator(scenario(job_duration_s=0.5)) as emu:
         config = make_config(tmp_path, emu, max_concurrency=8)
         jobs = new_jobs(10, frames=1)
-
-        async def storm_soon() -> None:
-            # Once polling is under way, every Playment API request for 0.3 s gets a 429
-            # with Retry-After: 1.
-            with anyio.fail_after(10):
-                while not any("/jobs/" in r["path"] for r in emu.state.requests()):
-                    await anyio.sleep(0.01)
-            emu.state.add_fault(
-                parse_fault({"kind": "429", "retry_after_s": 1.0, "duration_s": 0.3})
-            )
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(storm_soon)
-            counts = await harvest(config, jobs)
+        # From 0.3 s on (jobs created, polling under way), every Playment API request for
+        # 0.3 s gets a 429 with Retry-After: 1.
+        emu.state.add_fault(
+            parse_fault({"kind": "429", "retry_after_s": 1.0, "start_s": 0.3, "duration_s": 0.3})
+        )
+        counts = await harvest(config, jobs)
         assert counts == {JobState.HARVESTED: 10}
         check_outputs(config, emu, jobs, frames=1)
 
