@@ -158,7 +158,7 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
 
 async def _harvest(config: Config, args: argparse.Namespace) -> int:
     from harvester.engine import Engine
-    from harvester.summary import Progress, render_status, status_json
+    from harvester.summary import Progress, render_run, render_status, status_json
 
     providers = args.provider or None
     if providers:
@@ -196,6 +196,7 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
         show = not args.no_progress and not args.json and sys.stderr.isatty()
         progress = Progress(counts, selected, enabled=show)
         stop = anyio.Event()
+        started = anyio.current_time()
         engine = Engine(config, store, providers=selected, burst=True, on_change=progress.update)
         with progress:
             async with anyio.create_task_group() as tg:
@@ -211,6 +212,7 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
                         await engine.done.wait()
                     stop.set()
         interrupted = stop.is_set() and bool(engine.remaining)
+        run = {"elapsed_s": anyio.current_time() - started, **engine.metrics.totals()}
         counts = await store.counts()
         failures = [
             j for j in await store.jobs(states=sorted(UNSUCCESSFUL)) if j.provider in selected
@@ -221,9 +223,11 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         doc = status_json(counts, failures, providers=selected)
         doc["interrupted"] = interrupted
+        doc["run"] = run
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         render_status(counts, failures, providers=selected)
+        render_run(run)
     return _exit_code(counts, selected, interrupted)
 
 

@@ -70,3 +70,22 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def totals(self) -> dict[str, float]:
+        """Run totals over every label set: what the end-of-run summary reports."""
+
+        def total(name: str) -> float:
+            return sum(
+                s.value
+                for metric in self.registry.collect()
+                for s in metric.samples
+                if s.name == name
+            )
+
+        return {
+            "requests": total("harvester_requests_total"),
+            "rate_limited": total("harvester_rate_limited_total"),
+            "retries": total("harvester_retries_total"),
+            "downloaded_bytes": total("harvester_downloaded_bytes_total"),
+            "decode_seconds": total("harvester_decode_seconds_total"),
+        }

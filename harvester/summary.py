@@ -48,6 +48,16 @@ def status_json(
     }
 
 
+def render_run(run: dict[str, float], console: Console | None = None) -> None:
+    console = console or Console(file=sys.stdout)
+    mb = run["downloaded_bytes"] / 1e6
+    console.print(
+        f"{run['elapsed_s']:.1f} s: {int(run['requests'])} requests"
+        f" ({int(run['rate_limited'])} rate-limited, {int(run['retries'])} retried),"
+        f" {mb:.1f} MB downloaded, {run['decode_seconds']:.2f} s decoding"
+    )
+
+
 def render_status(
     counts: dict[tuple[str, JobState], int],
     failures: Sequence[Job],
