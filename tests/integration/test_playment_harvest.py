@@ -158,3 +158,26 @@ async def test_bad_api_key_stops_with_a_fatal_error(tmp_path: Path) -> None:
         # Nothing was created and nothing was lost: both jobs can run again later.
         assert emu.state.stats()["playment"]["creates"] == 0
         assert sum(counts.values()) == 2
+
+
+async def test_5xx_resets_and_truncated_bodies_lose_nothing(tmp_path: Path) -> None:
+    async with Emulator(scenario()) as emu:
+        for fault in (
+            {"kind": "5xx", "status": 502, "probability": 0.3, "match": "/jobs/"},
+            {"kind": "reset", "probability": 0.2, "match": "/jobs/"},
+            {"kind": "truncate", "provider": "storage", "probability": 0.3, "fraction": 0.4},
+            {"kind": "reset", "provider": "storage", "probability": 0.1},
+        ):
+            emu.state.add_fault(parse_fault(fault))
+        config = make_config(tmp_path, emu, max_retries=8)
+        jobs = new_jobs(8, frames=2)
+        counts = await harvest(config, jobs)
+        assert counts == {JobState.HARVESTED: 8}
+        check_outputs(config, emu, jobs, frames=2)
+        stats = emu.state.stats()
+        assert stats["playment"]["faults"].get("5xx", 0) > 0
+        assert stats["storage"]["faults"].get("truncate", 0) > 0
+        assert stats["playment"]["creates"] == 8
+        assert stats["playment"]["duplicate_creates"] == 0
+        # Resumed downloads asked for the rest of the body, not all of it again.
+        assert any(r["status"] == 206 for r in emu.state.requests() if r["provider"] == "storage")
