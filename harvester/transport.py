@@ -82,7 +82,11 @@ async def map_exceptions(provider: str, url: str, *, job: str | None = None) -> 
 
 
 def _exc_text(exc: BaseException) -> str:
-    return redact_text(str(exc))[:300]
+    try:
+        text = str(exc)
+    except Exception:  # some aiohttp errors cannot render themselves when half-built
+        text = type(exc).__name__
+    return redact_text(text)[:300]
 
 
 class Transport:
@@ -159,15 +163,18 @@ class Transport:
             if with_credentials:
                 headers.update(await self.auth.headers())
             start = self.clock.monotonic()
-            async with map_exceptions(self.name, url, job=job), self.session.request(
-                method,
-                url,
-                params=params,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s),
-            ) as resp:
+            async with (
+                map_exceptions(self.name, url, job=job),
+                self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s),
+                ) as resp,
+            ):
                 payload = await resp.read()
                 status = resp.status
                 rheaders = resp.headers
@@ -295,17 +302,20 @@ class Transport:
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """GET a signed URL with no credentials, for streaming (caller checks status)."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        async with map_exceptions(self.name, url, job=job), self.session.get(
-            url,
-            headers=headers,
-            allow_redirects=False,
-            # Only the gap between chunks is bounded: a big file may take long overall.
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.cfg.request_timeout_s,
-                sock_read=self.cfg.request_timeout_s,
-            ),
-        ) as resp:
+        async with (
+            map_exceptions(self.name, url, job=job),
+            self.session.get(
+                url,
+                headers=headers,
+                allow_redirects=False,
+                # Only the gap between chunks is bounded: a big file may take long overall.
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=self.cfg.request_timeout_s,
+                    sock_read=self.cfg.request_timeout_s,
+                ),
+            ) as resp,
+        ):
             self.metrics.requests.labels(self.name, "download", str(resp.status)).inc()
             yield resp
 

@@ -1,0 +1,55 @@
+"""``map_exceptions`` is the one place foreign exceptions become harvester errors."""
+
+from __future__ import annotations
+
+import ssl
+
+import aiohttp
+import pytest
+from aiohttp.client_reqrep import ConnectionKey
+
+from harvester.errors import HarvesterError, InvalidPayload, NetworkError
+from harvester.transport import map_exceptions, safe_url
+
+KEY = ConnectionKey("h", 1, False, True, None, None, None)
+
+FOREIGN: list[BaseException] = [
+    TimeoutError(),
+    aiohttp.ClientPayloadError("Response payload is not completed"),
+    aiohttp.ClientConnectorError(KEY, OSError(111, "Connection refused")),
+    aiohttp.ServerDisconnectedError(),
+    aiohttp.ClientOSError(104, "Connection reset by peer"),
+    aiohttp.ServerTimeoutError("read timeout"),
+    aiohttp.ClientResponseError(None, (), status=400),  # type: ignore[arg-type]
+    aiohttp.InvalidURL("http://"),
+    aiohttp.ClientError("anything else"),
+    ssl.SSLError("bad handshake"),
+    ConnectionResetError(),
+    OSError("disk?"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("exc", FOREIGN, ids=lambda e: type(e).__name__)
+async def test_every_foreign_exception_becomes_a_network_error(exc: BaseException) -> None:
+    url = "http://storage:9/x/mask.txt?X-Amz-Signature=SECRET"
+    with pytest.raises(NetworkError) as info:
+        async with map_exceptions("playment", url, job="scan-1"):
+            raise exc
+    text = str(info.value)
+    assert "playment" in text and "scan-1" in text
+    assert "SECRET" not in text
+    assert info.value.__cause__ is None or not isinstance(info.value.__cause__, HarvesterError)
+
+
+@pytest.mark.anyio
+async def test_our_own_errors_pass_through_untouched() -> None:
+    original = InvalidPayload("bad", provider="playment")
+    with pytest.raises(InvalidPayload) as info:
+        async with map_exceptions("playment", "http://x"):
+            raise original
+    assert info.value is original
+
+
+def test_safe_url_drops_query_and_fragment() -> None:
+    assert safe_url("https://h:1/a/b?sig=1#f") == "https://h:1/a/b"
