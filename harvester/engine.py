@@ -32,6 +32,7 @@ from harvester.errors import (
     FatalError,
     HarvesterError,
     JobError,
+    NotYetAvailable,
     RateLimited,
     RetryableError,
 )
@@ -575,7 +576,8 @@ class Engine:
             self.metrics.decode_seconds.labels(lane.name).inc(out.decode_s)
             relative = out.write_manifest(harvested_at=self.clock.wall())
         except RetryableError as exc:
-            n = lane.failures.get(key, 0) + 1
+            # "Not published yet" is no failure; everything else spends an attempt.
+            n = lane.failures.get(key, 0) + (0 if isinstance(exc, NotYetAvailable) else 1)
             lane.failures[key] = n
             if n >= self.config.harvest.max_attempts:
                 await self._transition(
@@ -636,14 +638,21 @@ class _Transports:
                     backoff_cap=cfg.backoff_max_s,
                     rng=e.rng,
                 )
+                holder: list[Transport] = []
+
+                async def post(spec: RequestSpec, holder: list[Transport] = holder) -> Response:
+                    # Token requests go through the provider's own limiter and retries.
+                    return await holder[0].call(spec, _identity)
+
                 transport = Transport(
                     cfg,
-                    auth=make_auth(cfg),
+                    auth=make_auth(cfg, post=post, clock=e.clock),
                     limiter=limiter,
                     clock=e.clock,
                     metrics=e.metrics,
                     rng=e.rng,
                 )
+                holder.append(transport)
                 await transport.__aenter__()
                 self.opened.append(transport)
                 ladder = provider.ladder()
@@ -659,6 +668,10 @@ class _Transports:
             for transport in self.opened:
                 await transport.__aexit__(None, None, None)
         self.opened.clear()
+
+
+def _identity(resp: Response) -> Response:
+    return resp
 
 
 def describe_remaining(remaining: set[tuple[str, str]]) -> str:

@@ -17,7 +17,8 @@ line a user sees (where it came from: file:line, provider, job, request id).
     ├── RetryableError          try again later; carries ``retry_after`` when known
     │   ├── NetworkError        connection reset, timeout, truncated body
     │   ├── RateLimited         429 (or a provider's equivalent)
-    │   └── ProviderUnavailable 5xx and provider-side transient error codes
+    │   ├── ProviderUnavailable 5xx and provider-side transient error codes
+    │   └── NotYetAvailable     a finished job's results are not published yet
     └── IllegalTransition       a state change the job state machine forbids (a bug)
 
 Foreign exceptions (aiohttp, OS) are mapped to this tree in exactly one place,
@@ -130,6 +131,11 @@ class RateLimited(RetryableError):
 
 class ProviderUnavailable(RetryableError):
     """The provider failed on its side (5xx, or a documented server-side error code)."""
+
+
+class NotYetAvailable(RetryableError):
+    """Asked too early (e.g. Modzy's results 404 right after a job finishes): not a fault,
+    so it spends neither request retries nor the job's harvest attempts."""
 
 
 class IllegalTransition(HarvesterError):

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -30,6 +30,7 @@ from harvester.errors import (
     CredentialsError,
     HarvesterError,
     NetworkError,
+    NotYetAvailable,
     ProviderUnavailable,
     RateLimited,
     RetryableError,
@@ -148,20 +149,33 @@ class Transport:
     # -- one exchange -------------------------------------------------------------------
     async def send(self, spec: RequestSpec, *, job: str | None = None) -> Response:
         """One request through the limiter; raises for 429/5xx/network, returns the rest."""
+        with_credentials = spec.send_credentials and _origin(spec.url) == self.api_origin
+        # Credentials first, outside the slot: an OAuth refresh is itself a request that
+        # needs a slot, and must not wait behind requests that are waiting for it.
+        auth = dict(await self.auth.headers()) if with_credentials else {}
         async with self.limiter.slot():
-            return await self._exchange(spec, job=job)
+            return await self._exchange(spec, auth, job=job)
 
-    async def _exchange(self, spec: RequestSpec, *, job: str | None) -> Response:
+    async def _exchange(
+        self, spec: RequestSpec, auth: Mapping[str, str], *, job: str | None
+    ) -> Response:
         url, method = spec.url, spec.method
         params: Mapping[str, str] | None = spec.params or None
-        body = orjson.dumps(spec.json) if spec.json is not None else None
-        with_credentials = spec.send_credentials and _origin(url) == self.api_origin
+        content_type: str | None = None
+        body: bytes | None = None
+        if spec.form is not None:
+            body = urlencode(spec.form).encode()  # never logged: it may hold a client secret
+            content_type = "application/x-www-form-urlencoded"
+        elif spec.json is not None:
+            body = orjson.dumps(spec.json)
+            content_type = "application/json"
+        with_credentials = bool(auth)
         for _hop in range(_MAX_REDIRECTS + 1):
             headers = dict(spec.headers)
-            if body is not None:
-                headers.setdefault("Content-Type", "application/json")
+            if content_type is not None:
+                headers.setdefault("Content-Type", content_type)
             if with_credentials:
-                headers.update(await self.auth.headers())
+                headers.update(auth)
             start = self.clock.monotonic()
             async with (
                 map_exceptions(self.name, url, job=job),
@@ -187,8 +201,6 @@ class Transport:
             if spec.follow_redirects and status in (301, 302, 303, 307, 308):
                 location = rheaders.get("Location")
                 if location:
-                    from urllib.parse import urljoin
-
                     url = urljoin(real_url, location)
                     params = None
                     # Credentials never follow a redirect off the API's origin.
@@ -252,6 +264,8 @@ class Transport:
                         attempt -= 1
                         continue
                 result = parse(resp)
+            except NotYetAvailable:
+                raise  # asked too early: the caller decides when to ask again
             except RetryableError as exc:
                 self._on_retryable(exc)
                 if attempt >= attempts:

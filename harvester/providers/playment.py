@@ -310,7 +310,7 @@ class PlaymentProvider:
                     "file": att.relpath,
                     "frame": att.frame,
                     "json_path": att.json_path,
-                    "url": _path_of(att.url),
+                    "url_path": _path_of(att.url),
                 }
             )
         if index:

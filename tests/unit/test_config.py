@@ -87,8 +87,9 @@ def test_secrets_are_read_only_on_demand_and_never_printed(
 
 def test_secret_file(tmp_path: Path) -> None:
     (tmp_path / "key").write_text("from-file\n")
-    cfg = load_config(write(tmp_path, GOOD.replace('api_key_env = "TEST_PLAYMENT_KEY"',
-                                                   'api_key_file = "key"')))
+    cfg = load_config(
+        write(tmp_path, GOOD.replace('api_key_env = "TEST_PLAYMENT_KEY"', 'api_key_file = "key"'))
+    )
     p = cfg.providers["playment"]
     assert isinstance(p, PlaymentConfig) and p.api_key is not None
     assert p.api_key.reveal() == "from-file"

@@ -157,7 +157,9 @@ def test_no_batch_means_setup_then_find() -> None:
     p = PlaymentProvider(PlaymentConfig(name="playment", base_url="http://h", project_id="p"))
     assert p.build_find(job(), None) is None
     spec = p.setup_spec()
-    assert spec is not None and spec.idempotent is False and spec.url == "http://h/v1/projects/p/batch"
+    assert (
+        spec is not None and spec.idempotent is False and spec.url == "http://h/v1/projects/p/batch"
+    )
     assert p.parse_setup(resp(200, {"success": True, "data": {"batch_id": "B"}})) == "B"
     assert p.setup_spec() is None and p.batch_id == "B"
 
@@ -214,3 +216,136 @@ def test_module_has_no_network_imports() -> None:
     source = Path(mod.__file__).read_text()
     for forbidden in ("aiohttp", "harvester.transport", "harvester.engine", "anyio"):
         assert forbidden not in source
+
+
+# -- image/video results: attachments ------------------------------------------------------
+VIDEO_RESULT: dict[str, Any] = {
+    "frames": [
+        {
+            "frame_id": "f-001",
+            "src": "https://bucket/in/f-001.jpg",  # the input frame: not a result file
+            "label_url": "https://bucket/out/f-001/label.png",
+            "annotations": [
+                {"label": "car", "mask_url": "https://bucket/out/f-001/mask.png?v=1"},
+                {"label": "bus", "mask_url": "https://bucket/out/f-001/other/mask.png"},
+            ],
+        },
+        {
+            "frame_id": 2,
+            "label_url": "https://bucket/out/f-002/label.png",
+            "urls": ["https://bucket/out/f-002/a.bin", "not a url", "ftp://bucket/x"],
+        },
+        {"imageUrl": "https://bucket/out/third.png", "url": 5},
+    ],
+    "legend": [{"id": "c1", "text": "car", "color": "#f00", "label_key": 1, "value": 1}],
+    "summary_url": "https://bucket/out/summary.json",
+    "also": {"label_url": "https://bucket/out/f-001/label.png"},  # a repeat: fetched once
+    "notes": "see https://bucket/out/readme.txt",
+}
+
+
+def test_find_attachments_rule() -> None:
+    from harvester.providers.playment import find_attachments
+
+    found = find_attachments(VIDEO_RESULT)
+    assert [(a.relpath, a.frame, a.json_path) for a in found] == [
+        ("outputs/f-001/label.png", "f-001", "$.frames[0].label_url"),
+        ("outputs/f-001/mask.png", "f-001", "$.frames[0].annotations[0].mask_url"),
+        (
+            f"outputs/f-001/mask+{_sha8('https://bucket/out/f-001/other/mask.png')}.png",
+            "f-001",
+            "$.frames[0].annotations[1].mask_url",
+        ),
+        ("outputs/2/label.png", "2", "$.frames[1].label_url"),
+        ("outputs/2/a.bin", "2", "$.frames[1].urls[0]"),
+        ("outputs/2/third.png", "2", "$.frames[2].imageUrl"),
+        ("outputs/0/summary.json", "0", "$.summary_url"),
+    ]
+
+
+def test_find_attachments_frames_without_ids_use_the_outer_index() -> None:
+    from harvester.providers.playment import find_attachments
+
+    result = {
+        "images": [{"layers": [{"mask_url": "https://b/a.png"}]}, {"mask_url": "https://b/b.png"}]
+    }
+    assert [a.relpath for a in find_attachments(result)] == [
+        "outputs/0/a.png",
+        "outputs/1/b.png",
+    ]
+    hostile = {"frame_id": "../../etc", "label_url": "https://b/x/..%2F..%2Fpasswd"}
+    (att,) = find_attachments(hostile)
+    assert ".." not in att.relpath.split("/") and att.relpath.count("/") == 2
+
+
+def test_find_attachments_refuses_absurd_results() -> None:
+    from harvester.providers.playment import MAX_RESULT_DEPTH, find_attachments
+
+    deep: Any = "https://b/x.png"
+    for _ in range(MAX_RESULT_DEPTH + 2):
+        deep = {"n": deep}
+    with pytest.raises(ValueError, match="nested deeper"):
+        find_attachments(deep)
+
+
+def _sha8(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+class _AttachmentIO:
+    def __init__(self, result: Any) -> None:
+        self.result = orjson.dumps(result)
+        self.files: dict[str, bytes] = {}
+        self.downloads: dict[str, str] = {}
+
+    async def request(self, spec: Any) -> Response:
+        # The attachments API redirects to a signed URL on the storage host.
+        url = spec.params["url"]
+        return resp(302, b"", {"Location": f"https://storage.example/signed?src={url}"})
+
+    async def fetch(self, resolve: Any, *, what: str) -> bytes:
+        await resolve()
+        return self.result
+
+    async def labels(self, frame: str, resolve: Any, fmt: Any) -> None:
+        raise AssertionError("image/video results have no label arrays")
+
+    async def download(self, relpath: str, resolve: Any) -> None:
+        self.downloads[relpath] = await resolve()
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        self.files[relpath] = data
+
+    def write_json(self, relpath: str, obj: Any) -> None:
+        self.files[relpath] = orjson.dumps(obj)
+
+
+@pytest.mark.anyio
+async def test_image_video_result_downloads_attachments(p: PlaymentProvider) -> None:
+    io = _AttachmentIO(VIDEO_RESULT)
+    doc = {"status": "completed", "result": "https://bucket/out/result.json", "job_id": "j-1"}
+    await p.harvest(job(), Status(RemoteState.SUCCEEDED, "completed", document=doc), io)
+    assert set(io.files) == {"job.json", "result.json", "classes.json", "attachments.json"}
+    assert len(io.downloads) == 7
+    assert io.downloads["outputs/f-001/label.png"] == (
+        "https://storage.example/signed?src=https://bucket/out/f-001/label.png"
+    )
+    classes = orjson.loads(io.files["classes.json"])
+    assert classes == {"1": {"label": "car", "class_id": "c1", "color": "#f00", "value": 1}}
+    index = orjson.loads(io.files["attachments.json"])
+    assert index[1] == {
+        "file": "outputs/f-001/mask.png",
+        "frame": "f-001",
+        "json_path": "$.frames[0].annotations[0].mask_url",
+        "url_path": "/out/f-001/mask.png",
+    }
+
+
+@pytest.mark.anyio
+async def test_result_without_attachments_keeps_just_the_result(p: PlaymentProvider) -> None:
+    io = _AttachmentIO({"annotations": [{"label": "car"}]})
+    doc = {"status": "completed", "result": "https://bucket/out/result.json"}
+    await p.harvest(job(), Status(RemoteState.SUCCEEDED, "completed", document=doc), io)
+    assert set(io.files) == {"job.json", "result.json"} and io.downloads == {}

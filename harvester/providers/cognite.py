@@ -1,0 +1,315 @@
+"""Cognite Data Fusion vision segmentation: request building and answer parsing (sans-I/O).
+
+Quirks handled here, each tested on recorded bodies:
+- the API version is a header (``cdf-version``), and segmentation exists only in a beta one;
+- statuses ``Queued``/``Running``/``Completed``/``Failed``; CDF's other contextualization
+  APIs also say ``Distributing``/``Collecting``, so an unknown status is "still going",
+  kept verbatim, rather than a failure;
+- a ``Completed`` job whose only item landed in ``failedItems`` produced nothing: failed;
+- errors come as ``{"error": {"code", "message", "missing"?, "duplicated"?}}`` with an
+  ``x-request-id`` header, both kept in the error a user sees;
+- 429 and 503 come without ``Retry-After``. Nothing here handles them: the transport closes
+  the provider's gate with truncated exponential backoff and full jitter (``ratelimit``), for
+  every request to Cognite at once;
+- Cognite offers no lookup of a job by anything of ours, so a lost create answer is left to
+  the engine's ``on_lost_create`` policy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+from harvester.config import CogniteConfig
+from harvester.errors import (
+    CredentialsError,
+    HarvesterError,
+    InvalidPayload,
+    ProtocolError,
+    ProviderJobFailed,
+    ProviderUnavailable,
+    RateLimited,
+)
+from harvester.jobs import Job
+from harvester.providers.base import (
+    Accepted,
+    Client,
+    CreateResult,
+    FindResult,
+    HarvestIO,
+    NotFound,
+    PollResult,
+    RemoteState,
+    RequestSpec,
+    Response,
+    Status,
+)
+
+NAME = "cognite"
+#: CDF ids are positive integers that fit a JSON double exactly
+MAX_ID = 2**53 - 1
+_STATES = {
+    "Queued": RemoteState.RUNNING,
+    "Running": RemoteState.RUNNING,
+    "Completed": RemoteState.SUCCEEDED,
+    "Failed": RemoteState.FAILED,
+}
+_MAX_REASON = 1000
+
+
+class CogniteProvider:
+    name = NAME
+
+    def __init__(self, cfg: CogniteConfig) -> None:
+        self.cfg = cfg
+        self.base = cfg.base_url.rstrip("/")
+        self.segment = (
+            f"{self.base}/api/v1/projects/{quote(cfg.project, safe='')}/context/vision/segment"
+        )
+        self.headers = {"cdf-version": cfg.cdf_version}
+
+    # -- payload -----------------------------------------------------------------------
+    def validate_payload(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            raise InvalidPayload("payload must be a JSON object with items and points")
+        items = payload.get("items")
+        if not isinstance(items, list) or len(items) != 1:
+            raise InvalidPayload("payload.items must be a list of exactly one file")
+        _check_item(items[0])
+        points = payload.get("points")
+        if not isinstance(points, list) or not points:
+            raise InvalidPayload("payload.points must be a non-empty list of {x, y, label}")
+        for i, point in enumerate(points):
+            where = f"payload.points[{i}]"
+            if not isinstance(point, dict):
+                raise InvalidPayload(f"{where} must be an object {{x, y, label}}")
+            for axis in ("x", "y"):
+                if not _unit(point.get(axis)):
+                    raise InvalidPayload(f"{where}.{axis} must be a number from 0 to 1")
+            label = point.get("label")
+            if type(label) is not int or label not in (0, 1):
+                raise InvalidPayload(f"{where}.label must be 0 (background) or 1 (foreground)")
+        box = payload.get("boundingBox")
+        if box is not None:
+            _check_box(box)
+
+    # -- setup: nothing to set up --------------------------------------------------------
+    @property
+    def setup_key(self) -> str:
+        return f"cognite.setup.{self.cfg.project}"
+
+    def setup_spec(self) -> RequestSpec | None:
+        return None
+
+    def parse_setup(self, resp: Response) -> str:
+        raise ProtocolError("Cognite has no setup step", provider=NAME)
+
+    def restore_setup(self, value: str) -> None:
+        return None
+
+    # -- create -------------------------------------------------------------------------
+    def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:
+        return RequestSpec(
+            "POST",
+            self.segment,
+            endpoint="create",
+            json=dict(payload),
+            headers=self.headers,
+            idempotent=False,
+        )
+
+    def parse_create(self, resp: Response, job: Job) -> CreateResult:
+        body = self._ok(resp, job, "create")
+        return Accepted(_job_id(body.get("jobId"), resp, job))
+
+    # -- reconciliation: impossible ----------------------------------------------------
+    def build_find(self, job: Job, cursor: str | None) -> RequestSpec | None:
+        return None
+
+    def parse_find(self, resp: Response, job: Job) -> FindResult:
+        return NotFound()
+
+    # -- poll ---------------------------------------------------------------------------
+    def build_poll(self, job: Job) -> RequestSpec:
+        return RequestSpec(
+            "GET",
+            f"{self.segment}/{quote(str(job.remote_id), safe='')}",
+            endpoint="poll",
+            headers=self.headers,
+        )
+
+    def parse_poll(self, resp: Response, job: Job) -> PollResult:
+        body = self._ok(resp, job, "poll")
+        raw = body.get("status")
+        if not isinstance(raw, str) or not raw:
+            raise _protocol(resp, "job answer has no status string", job)
+        state = _STATES.get(raw, RemoteState.RUNNING)
+        if state == RemoteState.FAILED:
+            return Status(state, raw, reason=failure_reason(body), document=body)
+        if state == RemoteState.SUCCEEDED:
+            items = body.get("items")
+            if items is not None and not isinstance(items, list):
+                raise _protocol(resp, "completed job's items is not a list", job)
+            if not items and _failed_items(body):
+                return Status(RemoteState.FAILED, raw, reason=failure_reason(body), document=body)
+            return Status(state, raw, progress=100.0, document=body)
+        return Status(state, raw, document=body)
+
+    async def poll(self, job: Job, client: Client) -> PollResult:
+        return await client.call(self.build_poll(job), functools.partial(self.parse_poll, job=job))
+
+    def ladder(self) -> tuple[float, ...] | None:
+        return None
+
+    # -- harvest ------------------------------------------------------------------------
+    async def harvest(self, job: Job, status: Status, io: HarvestIO) -> None:
+        document = status.document
+        if not isinstance(document, dict):
+            raise ProtocolError("final job document is not an object", provider=NAME, job=job.key)
+        items = document.get("items")
+        if not isinstance(items, list):
+            raise ProtocolError("completed job has no items list", provider=NAME, job=job.key)
+        io.write_json("job.json", document)
+        # Exactly as served: segment polygons are the result, and any reshaping here would
+        # be a second format for users to learn.
+        io.write_json("segments.json", {"items": items})
+
+    # -- helpers ------------------------------------------------------------------------
+    def _ok(self, resp: Response, job: Job, endpoint: str) -> dict[str, Any]:
+        """The JSON object of a 2xx answer, or the right typed error."""
+        if not 200 <= resp.status < 300:
+            raise error_from(resp, job, endpoint)
+        body = resp.json(provider=NAME)
+        if not isinstance(body, dict):
+            raise _protocol(resp, f"{endpoint} answer is not a JSON object", job)
+        return body
+
+
+def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError:
+    """The typed error for a non-2xx answer, keeping Cognite's code and request id."""
+    status = resp.status
+    code: str | None = None
+    message = ""
+    try:
+        body = resp.json(provider=NAME)
+    except ProtocolError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        if error.get("code") is not None:
+            code = str(error["code"])[:40]
+        if error.get("message") is not None:
+            message = str(error["message"])[:300]
+        for key in ("missing", "duplicated"):
+            if isinstance(error.get(key), list) and error[key]:
+                message += f"; {key}: {_ids(error[key])}"
+    else:
+        message = _snippet(resp.body)
+    message = message or f"HTTP {status} without a message"
+    kw: dict[str, Any] = {
+        "provider": NAME,
+        "job": job.key if job else None,
+        "status": status,
+        "code": code,
+        "request_id": resp.request_id,
+    }
+    if status in (401, 403):
+        return CredentialsError(f"credentials refused: {message}", **kw)
+    if status in (400, 409, 422):
+        return InvalidPayload(message, **kw)
+    if status == 404:
+        what = "this job id" if endpoint == "poll" else "the segmentation endpoint"
+        return ProviderJobFailed(f"Cognite does not know {what} (404): {message}", **kw)
+    if status == 429:
+        return RateLimited(f"rate limited: {message}", **kw)
+    if status >= 500:
+        return ProviderUnavailable(f"server error: {message}", **kw)
+    return ProtocolError(f"unexpected answer to {endpoint}: {message}", **kw)
+
+
+def failure_reason(body: Mapping[str, Any]) -> str:
+    """``errorMessage`` and every ``failedItems[].errorMessage``, de-duplicated, in order."""
+    texts: list[str] = []
+    top = body.get("errorMessage")
+    if isinstance(top, str) and top.strip():
+        texts.append(top.strip())
+    for failed in _failed_items(body):
+        text = failed.get("errorMessage")
+        if isinstance(text, str) and text.strip() and text.strip() not in texts:
+            texts.append(text.strip())
+    reason = "; ".join(texts) or f"Cognite job {body.get('status')} without an error message"
+    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+
+
+def _failed_items(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    failed = body.get("failedItems")
+    if not isinstance(failed, list):
+        return []
+    return [f for f in failed if isinstance(f, dict)]
+
+
+def _job_id(value: Any, resp: Response, job: Job) -> str:
+    # orjson turns an integer beyond 64 bits into a float: that is rejected here too.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 2**63 - 1:
+        return str(value)
+    if isinstance(value, str) and value.isdigit() and len(value) <= 19:
+        return value
+    raise _protocol(resp, "create answer has no integer jobId", job)
+
+
+def _check_item(item: Any) -> None:
+    if not isinstance(item, dict):
+        raise InvalidPayload("payload.items[0] must be an object {fileId} or {fileExternalId}")
+    keys = set(item)
+    if keys == {"fileId"}:
+        value = item["fileId"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
+            raise InvalidPayload(f"payload.items[0].fileId must be an integer from 1 to {MAX_ID}")
+    elif keys == {"fileExternalId"}:
+        value = item["fileExternalId"]
+        if not isinstance(value, str) or not value:
+            raise InvalidPayload("payload.items[0].fileExternalId must be a non-empty string")
+    else:
+        raise InvalidPayload(
+            "payload.items[0] must hold exactly one of fileId or fileExternalId, nothing else"
+        )
+
+
+def _check_box(box: Any) -> None:
+    names = ("xMin", "yMin", "xMax", "yMax")
+    if not isinstance(box, dict):
+        raise InvalidPayload("payload.boundingBox must be an object {xMin, yMin, xMax, yMax}")
+    for name in names:
+        if not _unit(box.get(name)):
+            raise InvalidPayload(f"payload.boundingBox.{name} must be a number from 0 to 1")
+    if not box["xMin"] < box["xMax"] or not box["yMin"] < box["yMax"]:
+        raise InvalidPayload("payload.boundingBox needs xMin < xMax and yMin < yMax")
+
+
+def _unit(value: Any) -> bool:
+    """A coordinate normalised to the image: a finite number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and 0 <= value <= 1
+
+
+def _ids(entries: list[Any]) -> str:
+    shown = ", ".join(str(e)[:80] for e in entries[:5])
+    return shown + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+
+
+def _protocol(resp: Response, message: str, job: Job | None = None) -> ProtocolError:
+    return ProtocolError(
+        message,
+        provider=NAME,
+        job=job.key if job else None,
+        status=resp.status,
+        request_id=resp.request_id,
+    )
+
+
+def _snippet(body: bytes) -> str:
+    return body[:200].decode("utf-8", "replace").strip()

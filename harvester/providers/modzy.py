@@ -1,0 +1,314 @@
+"""Modzy: request building and answer parsing (sans-I/O).
+
+Quirks handled here, each tested on recorded bodies:
+- ``Authorization: ApiKey <key>`` (the auth is built in ``providers.make_auth``);
+- statuses are exact upper case; ``TIMEDOUT`` is a failure, ``CANCELED`` has one L;
+- right after a job finishes, ``/api/results/{id}`` may answer 404 or ``finished: false``
+  for a while: that is "not yet" (``ResultsNotReady``, retried later), not a failure;
+- a job's inputs can fail one by one: results that partly failed are still harvested, with
+  the failures kept next to them; only a job whose every input failed is a failed job;
+- errors come as ``{statusCode, status, message, reportErrorUrl}``;
+- Modzy offers no lookup of a job by anything of ours, so a lost create answer is left to
+  the engine's ``on_lost_create`` policy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+from harvester.config import ModzyConfig
+from harvester.errors import (
+    CredentialsError,
+    HarvesterError,
+    InvalidPayload,
+    NotYetAvailable,
+    ProtocolError,
+    ProviderJobFailed,
+    ProviderUnavailable,
+    RateLimited,
+)
+from harvester.jobs import Job
+from harvester.providers.base import (
+    Accepted,
+    Client,
+    CreateResult,
+    FindResult,
+    HarvestIO,
+    NotFound,
+    PollResult,
+    RemoteState,
+    RequestSpec,
+    Response,
+    Status,
+)
+
+NAME = "modzy"
+_STATES = {
+    "SUBMITTED": RemoteState.RUNNING,
+    "IN_PROGRESS": RemoteState.RUNNING,
+    "COMPLETED": RemoteState.SUCCEEDED,
+    "CANCELED": RemoteState.CANCELLED,
+    "TIMEDOUT": RemoteState.FAILED,
+    "FAILED": RemoteState.FAILED,
+}
+#: how soon to ask again for results that are not there yet
+RESULTS_RETRY_S = 10.0
+_MAX_REASON = 1000
+
+
+class ResultsNotReady(NotYetAvailable):
+    """Modzy has not published a finished job's results yet (404 or ``finished: false``)."""
+
+
+class ModzyProvider:
+    name = NAME
+
+    def __init__(self, cfg: ModzyConfig) -> None:
+        self.cfg = cfg
+        self.base = cfg.base_url.rstrip("/")
+        self.jobs = f"{self.base}/api/jobs"
+        self.results = f"{self.base}/api/results"
+
+    # -- payload -----------------------------------------------------------------------
+    def validate_payload(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            raise InvalidPayload("payload must be a JSON object with model and input")
+        model = payload.get("model")
+        if not isinstance(model, dict):
+            raise InvalidPayload("payload.model must be an object {identifier, version}")
+        for key in ("identifier", "version"):
+            if not isinstance(model.get(key), str) or not model[key]:
+                raise InvalidPayload(f"payload.model.{key} must be a non-empty string")
+        data = payload.get("input")
+        if not isinstance(data, dict):
+            raise InvalidPayload("payload.input must be an object {type, sources}")
+        if not isinstance(data.get("type"), str) or not data["type"]:
+            raise InvalidPayload("payload.input.type must be a non-empty string such as 'text'")
+        sources = data.get("sources")
+        if not isinstance(sources, dict) or not sources:
+            raise InvalidPayload("payload.input.sources must be a non-empty object of items")
+        for item, inputs in sources.items():
+            if not isinstance(inputs, dict) or not inputs:
+                raise InvalidPayload(
+                    f"payload.input.sources[{item[:60]!r}] must be a non-empty object"
+                    " {input name: value}"
+                )
+        if "explain" in payload and not isinstance(payload["explain"], bool):
+            raise InvalidPayload("payload.explain must be true or false")
+
+    # -- setup: nothing to set up --------------------------------------------------------
+    @property
+    def setup_key(self) -> str:
+        return "modzy.setup"
+
+    def setup_spec(self) -> RequestSpec | None:
+        return None
+
+    def parse_setup(self, resp: Response) -> str:
+        raise ProtocolError("Modzy has no setup step", provider=NAME)
+
+    def restore_setup(self, value: str) -> None:
+        return None
+
+    # -- create -------------------------------------------------------------------------
+    def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:
+        return RequestSpec(
+            "POST", self.jobs, endpoint="create", json=dict(payload), idempotent=False
+        )
+
+    def parse_create(self, resp: Response, job: Job) -> CreateResult:
+        body = self._ok(resp, job, "create")
+        remote = body.get("jobIdentifier")
+        if not isinstance(remote, str) or not remote:
+            raise _protocol(resp, "create answer has no jobIdentifier string", job)
+        return Accepted(remote)
+
+    # -- reconciliation: impossible ----------------------------------------------------
+    def build_find(self, job: Job, cursor: str | None) -> RequestSpec | None:
+        return None
+
+    def parse_find(self, resp: Response, job: Job) -> FindResult:
+        return NotFound()
+
+    # -- poll ---------------------------------------------------------------------------
+    def build_poll(self, job: Job) -> RequestSpec:
+        return RequestSpec(
+            "GET", f"{self.jobs}/{quote(str(job.remote_id), safe='')}", endpoint="poll"
+        )
+
+    def parse_poll(self, resp: Response, job: Job) -> PollResult:
+        body = self._ok(resp, job, "poll")
+        raw = body.get("status")
+        if not isinstance(raw, str) or not raw:
+            raise _protocol(resp, "job answer has no status string", job)
+        # An undocumented status is "still going", kept verbatim, rather than a failure.
+        state = _STATES.get(raw, RemoteState.RUNNING)
+        progress = _progress(body)
+        if state == RemoteState.SUCCEEDED:
+            progress = 100.0
+        reason = None
+        if state in (RemoteState.FAILED, RemoteState.CANCELLED):
+            reason = f"Modzy reports the job {raw}"
+            failed, total = body.get("failed"), body.get("total")
+            if _count(failed) and _count(total) is not None:
+                reason += f" ({failed} of {total} inputs failed)"
+        return Status(state, raw, progress=progress, reason=reason, document=body)
+
+    async def poll(self, job: Job, client: Client) -> PollResult:
+        return await client.call(self.build_poll(job), functools.partial(self.parse_poll, job=job))
+
+    def ladder(self) -> tuple[float, ...] | None:
+        return None
+
+    # -- results ------------------------------------------------------------------------
+    def build_results(self, job: Job) -> RequestSpec:
+        return RequestSpec(
+            "GET", f"{self.results}/{quote(str(job.remote_id), safe='')}", endpoint="results"
+        )
+
+    def parse_results(self, resp: Response, job: Job) -> dict[str, Any]:
+        """The finished results document, or ``ResultsNotReady`` while Modzy catches up."""
+        if resp.status == 404:
+            # Modzy's own SDK reads a 404 here as "not yet" once the job is known to exist;
+            # a finished job certainly exists.
+            raise ResultsNotReady(
+                "results are not published yet (404)",
+                retry_after=RESULTS_RETRY_S,
+                provider=NAME,
+                job=job.key,
+                status=404,
+                request_id=resp.request_id,
+            )
+        body = self._ok(resp, job, "results")
+        finished = body.get("finished")
+        if not isinstance(finished, bool):
+            raise _protocol(resp, "results answer has no boolean 'finished'", job)
+        if not finished:
+            raise ResultsNotReady(
+                "results are not finished yet",
+                retry_after=RESULTS_RETRY_S,
+                provider=NAME,
+                job=job.key,
+                status=resp.status,
+                request_id=resp.request_id,
+            )
+        for key in ("results", "failures"):
+            if body.get(key) is not None and not isinstance(body[key], dict):
+                raise _protocol(resp, f"results answer's {key} is not an object", job)
+        return body
+
+    async def harvest(self, job: Job, status: Status, io: HarvestIO) -> None:
+        resp = await io.request(self.build_results(job))
+        document = self.parse_results(resp, job)
+        results = document.get("results") or {}
+        failures = document.get("failures") or {}
+        io.write_json("job.json", status.document)
+        # As served, byte for byte: the per-item "results.json" entries are model outputs
+        # whose exact form is the user's business.
+        io.write_bytes("results.json", resp.body)
+        if failures:
+            io.write_json("failures.json", failures)
+            if not results:
+                raise ProviderJobFailed(
+                    f"every input failed: {failure_reason(failures)}",
+                    provider=NAME,
+                    job=job.key,
+                    request_id=resp.request_id,
+                )
+
+    # -- helpers ------------------------------------------------------------------------
+    def _ok(self, resp: Response, job: Job | None, endpoint: str) -> dict[str, Any]:
+        if not 200 <= resp.status < 300:
+            raise error_from(resp, job, endpoint)
+        body = resp.json(provider=NAME)
+        if not isinstance(body, dict):
+            raise _protocol(resp, f"{endpoint} answer is not a JSON object", job)
+        return body
+
+
+def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError:
+    """The typed error for a non-2xx answer, keeping Modzy's status text and request id."""
+    status = resp.status
+    code: str | None = None
+    try:
+        body = resp.json(provider=NAME)
+    except ProtocolError:
+        body = None
+    if isinstance(body, dict) and ("message" in body or "status" in body):
+        message = str(body.get("message") or "")[:300]
+        if isinstance(body.get("status"), str) and body["status"]:
+            code = body["status"][:60]
+        elif body.get("statusCode") is not None:
+            code = str(body["statusCode"])[:20]
+    else:
+        message = resp.body[:200].decode("utf-8", "replace").strip()
+    message = message or f"HTTP {status} without a message"
+    kw: dict[str, Any] = {
+        "provider": NAME,
+        "job": job.key if job else None,
+        "status": status,
+        "code": code,
+        "request_id": resp.request_id,
+    }
+    if status in (401, 403):
+        return CredentialsError(f"API key refused: {message}", **kw)
+    if status == 404:
+        if endpoint == "create":
+            # A create 404 names an unknown model or version: the payload's doing.
+            return InvalidPayload(f"not found: {message}", **kw)
+        return ProviderJobFailed(f"Modzy does not know this job (404): {message}", **kw)
+    if status in (400, 409, 422):
+        return InvalidPayload(message, **kw)
+    if status == 429:
+        return RateLimited(f"rate limited: {message}", **kw)
+    if status >= 500:
+        return ProviderUnavailable(f"server error: {message}", **kw)
+    return ProtocolError(f"unexpected answer to {endpoint}: {message}", **kw)
+
+
+def failure_reason(failures: Mapping[str, Any]) -> str:
+    """``item: error`` for each failed input, de-duplicated by error text, in order."""
+    seen: set[str] = set()
+    parts: list[str] = []
+    for item, failure in failures.items():
+        error = failure.get("error") if isinstance(failure, dict) else failure
+        if isinstance(error, dict):
+            error = error.get("message") or error.get("error") or error
+        text = str(error).strip() if error is not None else "no error text"
+        if text in seen:
+            continue
+        seen.add(text)
+        parts.append(f"{item}: {text[:200]}")
+    reason = "; ".join(parts)
+    if len(failures) > len(parts):
+        reason += f" ({len(failures)} inputs in all)"
+    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _progress(body: Mapping[str, Any]) -> float | None:
+    total, completed, failed = (_count(body.get(k)) for k in ("total", "completed", "failed"))
+    if not total or completed is None:
+        return None
+    done = completed + (failed or 0)
+    percent = 100.0 * done / total
+    return min(percent, 100.0) if math.isfinite(percent) else None
+
+
+def _protocol(resp: Response, message: str, job: Job | None = None) -> ProtocolError:
+    return ProtocolError(
+        message,
+        provider=NAME,
+        job=job.key if job else None,
+        status=resp.status,
+        request_id=resp.request_id,
+    )

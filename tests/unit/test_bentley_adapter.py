@@ -1,0 +1,673 @@
+"""The Bentley adapter on recorded bodies (written from PROVIDERS.md): no network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+import pytest
+from multidict import CIMultiDict
+
+from harvester.config import BentleyConfig, SecretRef
+from harvester.errors import (
+    CredentialsError,
+    HarvesterError,
+    InvalidPayload,
+    ProtocolError,
+    ProviderJobFailed,
+    ProviderUnavailable,
+    RateLimited,
+)
+from harvester.jobs import Job, JobState
+from harvester.providers import make_provider
+from harvester.providers.base import (
+    Accepted,
+    RemoteState,
+    RequestSpec,
+    Resolver,
+    Response,
+    Status,
+)
+from harvester.providers.bentley import ACCEPT, ACCEPT_REALITY_DATA, BentleyProvider
+from harvester.schedule import BENTLEY_LADDER, PollPolicy
+
+T = TypeVar("T")
+BASE = "https://api.bentley.com"
+JOBS = f"{BASE}/reality-analysis/jobs"
+CFG = BentleyConfig(
+    name="bentley",
+    base_url=BASE + "/",
+    token_url="https://ims.example/connect/token",
+    client_id="c",
+    client_secret=SecretRef("s", env="X"),
+    itwin_id="twin-1",
+)
+PAYLOAD: dict[str, Any] = {
+    "type": "Objects2D",
+    "specifications": {
+        "inputs": [{"type": "photos", "id": "rd-in"}],
+        "outputs": ["objects2D", "segmentation2D"],
+        "options": {"minQuality": 0.5},
+    },
+}
+
+
+def job_doc(state: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "job": {
+            "id": "j-1",
+            "state": state,
+            "userId": "u",
+            "executionInfo": {"createdDateTime": "2024-01-01T00:00:00Z"},
+            "specifications": {
+                "inputs": PAYLOAD["specifications"]["inputs"],
+                "outputs": {"objects2D": "rd-out-1", "segmentation2D": "rd-out-2"},
+                "options": {},
+            },
+            "name": "scan-1",
+            "type": "Objects2D",
+            "iTwinId": "twin-1",
+            **extra,
+        }
+    }
+
+
+def job(**kw: Any) -> Job:
+    base: dict[str, Any] = {
+        "provider": "bentley",
+        "key": "scan-1",
+        "reference_id": "scan-1",
+        "remote_id": "j-1",
+        "state": JobState.RUNNING,
+        "created_at": 0.0,
+        "updated_at": 0.0,
+    }
+    base.update(kw)
+    return Job(**base)
+
+
+def resp(
+    status: int, body: Any, headers: dict[str, str] | None = None, url: str = JOBS
+) -> Response:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return Response(status, CIMultiDict(headers or {}), raw, url, "rid-b")
+
+
+def err(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+@pytest.fixture
+def p() -> BentleyProvider:
+    return BentleyProvider(CFG)
+
+
+# -- requests ---------------------------------------------------------------------------
+def test_factory_builds_it() -> None:
+    assert isinstance(make_provider(CFG), BentleyProvider)
+
+
+def test_create_request_names_the_job_after_its_reference(p: BentleyProvider) -> None:
+    spec = p.build_create(job(remote_id=None), PAYLOAD)
+    assert (spec.method, spec.url, spec.endpoint) == ("POST", JOBS, "create")
+    assert spec.headers == {"Accept": ACCEPT}
+    assert spec.idempotent is False
+    assert spec.json == {
+        "name": "scan-1",
+        "type": "Objects2D",
+        "iTwinId": "twin-1",
+        "specifications": PAYLOAD["specifications"],
+    }
+    named = p.build_create(job(), {**PAYLOAD, "name": "mine", "iTwinId": "t2"})
+    assert named.json["name"] == "mine" and named.json["iTwinId"] == "t2"
+
+
+def test_no_lookup_and_the_ladder(p: BentleyProvider) -> None:
+    assert p.build_find(job(), None) is None
+    assert p.ladder() == BENTLEY_LADDER == (15.0, 30.0, 60.0, 120.0)
+    # The engine clamps it into the configured poll bounds.
+    policy = PollPolicy(min_s=20, max_s=90, ladder=p.ladder(), jitter=0)
+    assert policy.ladder == (20.0, 30.0, 60.0, 90.0)
+
+
+def test_poll_requests(p: BentleyProvider) -> None:
+    assert p.build_get(job()).url == f"{JOBS}/j-1"
+    assert p.build_progress(job()).url == f"{JOBS}/j-1/progress"
+    assert p.build_messages(job()).url == f"{JOBS}/j-1/messages"
+    for spec in (p.build_get(job()), p.build_progress(job()), p.build_messages(job())):
+        assert spec.method == "GET" and spec.headers["Accept"] == ACCEPT
+    odd = p.build_get(job(remote_id="a/../b"))
+    assert odd.url == f"{JOBS}/a%2F..%2Fb"
+    ra = p.build_readaccess("rd/1")
+    assert ra.url == f"{BASE}/reality-management/reality-data/rd%2F1/readaccess"
+    assert ra.headers["Accept"] == ACCEPT_REALITY_DATA and ra.send_credentials is True
+
+
+# -- create answers ---------------------------------------------------------------------
+def test_create_answer(p: BentleyProvider) -> None:
+    assert p.parse_create(resp(201, job_doc("Queued")), job()) == Accepted("j-1")
+
+
+@pytest.mark.parametrize(
+    "body", [{"job": {}}, {"job": {"id": 5}}, {"id": "j-1"}, {"job": "j-1"}, b"<html/>", [1]]
+)
+def test_malformed_create_answers(p: BentleyProvider, body: Any) -> None:
+    with pytest.raises(ProtocolError) as info:
+        p.parse_create(resp(201, body), job())
+    assert "bentley" in str(info.value) and "rid-b" in str(info.value)
+
+
+# -- error envelopes ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("status", "body", "exc"),
+    [
+        (
+            401,
+            err("HeaderNotFound", "Header Authorization was not found in the request."),
+            CredentialsError,
+        ),
+        (403, err("InsufficientPermissions", "Not allowed."), CredentialsError),
+        (404, err("JobNotFound", "Requested job is not available."), ProviderJobFailed),
+        (422, err("InvalidChange", "Cannot submit", target="state"), InvalidPayload),
+        (
+            400,
+            err(
+                "InvalidRealityAnalysisRequest",
+                "Bad",
+                details=[{"code": "InvalidValue", "message": "type is wrong", "target": "type"}],
+            ),
+            InvalidPayload,
+        ),
+        (429, err("RateLimitExceeded", "Too many."), RateLimited),
+        (500, err("InternalServerError", "Oops"), ProviderUnavailable),
+        (405, err("MethodNotAllowed", "No"), ProtocolError),
+    ],
+)
+def test_error_envelopes_are_typed(p: BentleyProvider, status: int, body: Any, exc: type) -> None:
+    code = body["error"]["code"]
+    for parse in (p.parse_create, p.parse_get, p.parse_progress, p.parse_messages):
+        with pytest.raises(exc) as info:
+            parse(resp(status, body, {"Retry-After": "12"}), job())
+        error = info.value
+        assert isinstance(error, HarvesterError)
+        assert error.code == code and error.request_id == "rid-b"
+        text = str(error)
+        assert f"code {code}" in text and "request id rid-b" in text and "bentley" in text
+        assert body["error"]["message"] in text
+    if exc is RateLimited:
+        assert isinstance(error, RateLimited) and error.retry_after == 12.0
+
+
+def test_error_details_and_target_reach_the_message(p: BentleyProvider) -> None:
+    body = err(
+        "InvalidRealityAnalysisRequest",
+        "Invalid request.",
+        target="specifications",
+        details=[{"code": "MissingRequiredProperty", "message": "inputs is required"}],
+    )
+    with pytest.raises(InvalidPayload) as info:
+        p.parse_create(resp(400, body), job())
+    text = str(info.value)
+    assert "target specifications" in text and "MissingRequiredProperty: inputs is required" in text
+
+
+@pytest.mark.parametrize("body", [b"", b"<html>", {"error": "x"}, {"message": "m"}])
+def test_odd_error_bodies_still_typed_by_status(p: BentleyProvider, body: Any) -> None:
+    with pytest.raises(CredentialsError):
+        p.parse_get(resp(401, body), job())
+    with pytest.raises(ProviderJobFailed):
+        p.parse_get(resp(404, body), job())
+
+
+# -- status mapping ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "state"),
+    [
+        ("Queued", RemoteState.RUNNING),
+        ("Active", RemoteState.RUNNING),
+        ("TerminatingOnCancel", RemoteState.RUNNING),
+        ("TerminatingOnFailure", RemoteState.RUNNING),
+        ("Success", RemoteState.SUCCEEDED),
+        ("Failed", RemoteState.FAILED),
+        ("Cancelled", RemoteState.CANCELLED),
+        ("Paused", RemoteState.RUNNING),
+    ],
+)
+def test_state_mapping(p: BentleyProvider, raw: str, state: RemoteState) -> None:
+    status = p.parse_get(resp(200, job_doc(raw)), job())
+    assert (status.state, status.raw) == (state, raw)
+    assert status.document == job_doc(raw)
+
+
+@pytest.mark.parametrize(
+    "body", [{"job": {"id": "j-1"}}, {"job": {"state": 1}}, {"state": "Active"}, b"{", b"null"]
+)
+def test_malformed_job_answers(p: BentleyProvider, body: Any) -> None:
+    with pytest.raises(ProtocolError):
+        p.parse_get(resp(200, body), job())
+
+
+@pytest.mark.parametrize(
+    ("body", "value"),
+    [
+        ({"progress": {"percentage": 42, "state": "Active"}}, 42.0),
+        ({"progress": {"percentage": 12.5}}, 12.5),
+        ({"progress": {"percentage": 250}}, 100.0),
+        ({"progress": {"percentage": -1}}, 0.0),
+    ],
+)
+def test_progress(p: BentleyProvider, body: Any, value: float) -> None:
+    assert p.parse_progress(resp(200, body), job()) == value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"progress": {}},
+        {"progress": {"percentage": "42"}},
+        {"progress": {"percentage": True}},
+        {"percentage": 4},
+        b"1e999",
+        b'{"progress": {"percentage": 1e999}}',
+    ],
+)
+def test_malformed_progress(p: BentleyProvider, body: Any) -> None:
+    with pytest.raises(ProtocolError):
+        p.parse_progress(resp(200, body), job())
+
+
+def test_messages_become_texts(p: BentleyProvider) -> None:
+    body = {
+        "messages": {
+            "errors": [
+                {
+                    "code": "InputNotFound",
+                    "title": "Input missing",
+                    "message": "Input %1 was not found in %2.",
+                    "params": ["rd-in", "twin-1"],
+                },
+                "plain text error",
+                "plain text error",
+                {"code": "E2"},
+                42,
+            ],
+            "warnings": [{"code": "W", "message": "ignored"}],
+        }
+    }
+    assert p.parse_messages(resp(200, body), job()) == [
+        "InputNotFound: Input rd-in was not found in twin-1.",
+        "plain text error",
+        "E2",
+    ]
+    with pytest.raises(ProtocolError):
+        p.parse_messages(resp(200, {"messages": {}}), job())
+
+
+# -- the multi-request poll ------------------------------------------------------------
+class FakeClient:
+    """A ``Client`` that is an in-memory function from spec to response."""
+
+    def __init__(self, handler: Callable[[RequestSpec], Response]) -> None:
+        self.handler = handler
+        self.specs: list[RequestSpec] = []
+
+    async def call(self, spec: RequestSpec, parse: Callable[[Response], T]) -> T:
+        self.specs.append(spec)
+        return parse(self.handler(spec))
+
+
+def api(state: str, progress: Any = None, messages: Any = None) -> FakeClient:
+    def handle(spec: RequestSpec) -> Response:
+        if spec.url.endswith("/progress"):
+            return resp(200, progress if progress is not None else {"progress": {"percentage": 40}})
+        if spec.url.endswith("/messages"):
+            return resp(200, messages if messages is not None else {"messages": {"errors": []}})
+        return resp(200, job_doc(state))
+
+    return FakeClient(handle)
+
+
+def endpoints(client: FakeClient) -> list[str]:
+    return [s.endpoint for s in client.specs]
+
+
+@pytest.mark.anyio
+async def test_active_job_asks_for_its_progress(p: BentleyProvider) -> None:
+    client = api("Active")
+    status = await p.poll(job(), client)
+    assert isinstance(status, Status)
+    assert (status.state, status.raw, status.progress) == (RemoteState.RUNNING, "Active", 40.0)
+    assert endpoints(client) == ["poll", "progress"]
+
+
+@pytest.mark.anyio
+async def test_queued_and_finished_jobs_cost_one_request(p: BentleyProvider) -> None:
+    for state in ("Queued", "Success", "Cancelled"):
+        client = api(state)
+        status = await p.poll(job(), client)
+        assert isinstance(status, Status) and status.raw == state
+        assert endpoints(client) == ["poll"]
+    done = await p.poll(job(), api("Success"))
+    assert isinstance(done, Status) and done.progress == 100.0
+
+
+@pytest.mark.anyio
+async def test_odd_progress_answer_does_not_end_a_running_job(p: BentleyProvider) -> None:
+    client = api("Active", progress={"progress": "soon"})
+    status = await p.poll(job(), client)
+    assert isinstance(status, Status)
+    assert status.state == RemoteState.RUNNING and status.progress is None
+
+
+@pytest.mark.anyio
+async def test_failed_job_reason_comes_from_its_messages(p: BentleyProvider) -> None:
+    msgs = {"messages": {"errors": [{"code": "E1", "message": "Not enough photos."}, "GPU lost"]}}
+    client = api("Failed", messages=msgs)
+    status = await p.poll(job(), client)
+    assert isinstance(status, Status) and status.state == RemoteState.FAILED
+    assert status.reason == "E1: Not enough photos.; GPU lost"
+    assert endpoints(client) == ["poll", "messages"]
+    silent = await p.poll(job(), api("Failed"))
+    assert (
+        isinstance(silent, Status) and silent.reason and "without error messages" in silent.reason
+    )
+    broken = await p.poll(job(), api("Failed", messages=[1]))
+    assert isinstance(broken, Status) and broken.reason and "unreadable" in broken.reason
+
+
+@pytest.mark.anyio
+async def test_gone_job_fails_the_poll(p: BentleyProvider) -> None:
+    client = FakeClient(
+        lambda spec: resp(404, err("JobNotFound", "Requested job is not available."))
+    )
+    with pytest.raises(ProviderJobFailed):
+        await p.poll(job(), client)
+
+
+# -- payload validation --------------------------------------------------------------------
+def test_valid_payloads(p: BentleyProvider) -> None:
+    p.validate_payload(PAYLOAD)
+    p.validate_payload({**PAYLOAD, "name": "n", "iTwinId": "t"})
+    spec = dict(PAYLOAD["specifications"])
+    del spec["options"]
+    p.validate_payload({**PAYLOAD, "specifications": spec})
+
+
+@pytest.mark.parametrize(
+    ("payload", "words"),
+    [
+        ([], "JSON object"),
+        ({**PAYLOAD, "type": "Objects3D"}, "payload.type must be one of"),
+        ({**PAYLOAD, "type": None}, "payload.type"),
+        ({**PAYLOAD, "name": ""}, "payload.name"),
+        ({**PAYLOAD, "iTwinId": 5}, "iTwinId"),
+        ({**PAYLOAD, "specifications": None}, "specifications must be an object"),
+        ({**PAYLOAD, "specifications": {"outputs": ["a"]}}, "inputs"),
+        ({**PAYLOAD, "specifications": {"inputs": [], "outputs": ["a"]}}, "inputs"),
+        ({**PAYLOAD, "specifications": {"inputs": ["rd"], "outputs": ["a"]}}, "inputs"),
+        ({**PAYLOAD, "specifications": {"inputs": [{}], "outputs": []}}, "outputs"),
+        ({**PAYLOAD, "specifications": {"inputs": [{}], "outputs": {"a": "b"}}}, "outputs"),
+        ({**PAYLOAD, "specifications": {"inputs": [{}], "outputs": ["a", "a"]}}, "distinct"),
+        ({**PAYLOAD, "specifications": {"inputs": [{}], "outputs": [""]}}, "outputs"),
+        (
+            {**PAYLOAD, "specifications": {"inputs": [{}], "outputs": ["a"], "options": []}},
+            "options",
+        ),
+    ],
+)
+def test_invalid_payloads(p: BentleyProvider, payload: Any, words: str) -> None:
+    with pytest.raises(InvalidPayload, match=words):
+        p.validate_payload(payload)
+
+
+def test_itwin_id_is_required_without_config() -> None:
+    p = BentleyProvider(BentleyConfig(name="bentley", base_url=BASE))
+    with pytest.raises(InvalidPayload, match="itwin_id"):
+        p.validate_payload(PAYLOAD)
+    p.validate_payload({**PAYLOAD, "iTwinId": "t"})
+
+
+# -- harvest -------------------------------------------------------------------------------
+STORAGE = "https://acct.blob.core.windows.net"
+
+
+def listing(names: list[str], marker: str | None = None) -> bytes:
+    blobs = "".join(f"<Blob><Name>{n}</Name><Properties/></Blob>" for n in names)
+    nxt = f"<NextMarker>{marker}</NextMarker>" if marker else "<NextMarker/>"
+    return (
+        f'<?xml version="1.0" encoding="utf-8"?><EnumerationResults ContainerName="c">'
+        f"<Blobs>{blobs}</Blobs>{nxt}</EnumerationResults>"
+    ).encode()
+
+
+class World:
+    """Bentley's API and an Azure storage host, in memory.
+
+    Each readaccess issues a new SAS (``sig=N``); signatures up to ``expired_below`` are
+    refused by storage (403), as an expired SAS would be.
+    """
+
+    def __init__(self, containers: dict[str, dict[str, Any]]) -> None:
+        # reality data id -> {"pages": {marker: (names, next)}, blob name: bytes}
+        self.containers = containers
+        self.sas = 0
+        self.expired_below = 0
+        self.readaccess: list[str] = []
+        self.storage_gets: list[str] = []
+
+    def api(self, spec: RequestSpec) -> Response:
+        assert spec.headers.get("Accept") == ACCEPT_REALITY_DATA
+        rid = unquote(spec.url.split("/reality-data/")[1].removesuffix("/readaccess"))
+        self.readaccess.append(rid)
+        if rid not in self.containers:
+            return resp(404, err("RealityDataNotFound", f"{rid} not found"))
+        self.sas += 1
+        href = f"{STORAGE}/{rid}?sv=2021&sp=rl&sig={self.sas}"
+        return resp(200, {"_links": {"containerUrl": {"href": href}}})
+
+    def storage(self, url: str) -> bytes | None:
+        """The body at a signed URL, or None for a 403."""
+        self.storage_gets.append(url)
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        if int(query["sig"][0]) <= self.expired_below:
+            return None
+        rid, _, blob = parts.path.lstrip("/").partition("/")
+        container = self.containers[rid]
+        if query.get("comp") == ["list"]:
+            marker = query.get("marker", [""])[0]
+            names, nxt = container["pages"][marker]
+            return listing(names, nxt)
+        body: bytes = container[unquote(blob)]
+        return body
+
+
+class FakeIO:
+    """Records what a harvest writes; downloads re-resolve on 403 like ``stream_into``."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.files: dict[str, bytes] = {}
+
+    async def request(self, spec: RequestSpec) -> Response:
+        assert spec.send_credentials
+        return self.world.api(spec)
+
+    async def _get(self, resolve: Resolver) -> bytes:
+        for _ in range(3):
+            body = self.world.storage(await resolve())
+            if body is not None:
+                return body
+        raise ProtocolError("storage refused 3 times")
+
+    async def fetch(self, resolve: Resolver, *, what: str) -> bytes:
+        return await self._get(resolve)
+
+    async def labels(self, frame: str, resolve: Resolver, fmt: Any) -> None:
+        raise AssertionError("Bentley has no label arrays")
+
+    async def download(self, relpath: str, resolve: Resolver) -> None:
+        assert not relpath.startswith("/") and ".." not in relpath.split("/")
+        self.files[relpath] = await self._get(resolve)
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        self.files[relpath] = data
+
+    def write_json(self, relpath: str, obj: Any) -> None:
+        self.write_bytes(relpath, orjson.dumps(obj))
+
+
+def success() -> Status:
+    return Status(RemoteState.SUCCEEDED, "Success", progress=100.0, document=job_doc("Success"))
+
+
+@pytest.mark.anyio
+async def test_harvest_lists_pages_and_downloads_every_blob(p: BentleyProvider) -> None:
+    world = World(
+        {
+            "rd-out-1": {
+                "pages": {
+                    "": (["a.json", "tiles/0/t.b3dm"], "m2"),
+                    "m2": (["z dir/b.txt", "d/"], None),
+                },
+                "a.json": b"{}",
+                "tiles/0/t.b3dm": b"B3DM",
+                "z dir/b.txt": b"text",
+            },
+            "rd-out-2": {"pages": {"": ([], None)}},
+        }
+    )
+    io = FakeIO(world)
+    await p.harvest(job(), success(), io)
+    assert orjson.loads(io.files.pop("job.json")) == job_doc("Success")
+    assert io.files == {
+        "outputs/objects2D/a.json": b"{}",
+        "outputs/objects2D/tiles/0/t.b3dm": b"B3DM",
+        f"outputs/objects2D/{_key('z dir')}/b.txt": b"text",
+    }
+    # One readaccess per output: the SAS is reused until storage refuses it.
+    assert world.readaccess == ["rd-out-1", "rd-out-2"]
+    lists = [u for u in world.storage_gets if "comp=list" in u]
+    assert len(lists) == 3 and "marker=m2" in lists[1]
+
+
+@pytest.mark.anyio
+async def test_expired_sas_is_re_resolved(p: BentleyProvider) -> None:
+    world = World(
+        {
+            "rd-out-1": {"pages": {"": (["a", "b"], None)}, "a": b"A", "b": b"B"},
+            "rd-out-2": {"pages": {"": (["c"], None)}, "c": b"C"},
+        }
+    )
+    io = FakeIO(world)
+
+    original = world.storage
+
+    def expire_after_listing(url: str) -> bytes | None:
+        # The first SAS dies as soon as the first output's listing is read.
+        if "comp=list" not in url and world.sas == 1:
+            world.expired_below = 1
+        return original(url)
+
+    world.storage = expire_after_listing  # type: ignore[method-assign]
+    await p.harvest(job(), success(), io)
+    assert io.files["outputs/objects2D/a"] == b"A" and io.files["outputs/objects2D/b"] == b"B"
+    assert io.files["outputs/segmentation2D/c"] == b"C"
+    assert world.readaccess == ["rd-out-1", "rd-out-1", "rd-out-2"]
+
+
+@pytest.mark.parametrize(
+    "hostile", ["../../../etc/passwd", "/etc/passwd", "a/../../x", "a//b", "./x"]
+)
+@pytest.mark.anyio
+async def test_hostile_blob_names_never_touch_the_disk(p: BentleyProvider, hostile: str) -> None:
+    world = World({"rd-out-1": {"pages": {"": (["ok.txt", hostile], None)}, "ok.txt": b"fine"}})
+    io = FakeIO(world)
+    status = Status(
+        RemoteState.SUCCEEDED,
+        "Success",
+        document={"job": {"specifications": {"outputs": {"o": "rd-out-1"}}}},
+    )
+    with pytest.raises(ProtocolError) as info:
+        await p.harvest(job(), status, io)
+    assert "bentley" in str(info.value) and "scan-1" in str(info.value)
+    assert set(io.files) == {"job.json"}  # refused before anything was downloaded
+
+
+@pytest.mark.anyio
+async def test_odd_but_harmless_names_are_sanitised(p: BentleyProvider) -> None:
+    names = ["..a", ".hidden", "a\\..\\b", "é.txt"]
+    world = World({"rd-out-1": {"pages": {"": (names, None)}, **{n: n.encode() for n in names}}})
+    io = FakeIO(world)
+    doc = {"job": {"specifications": {"outputs": {"../evil": "rd-out-1"}}}}
+    await p.harvest(job(), Status(RemoteState.SUCCEEDED, "Success", document=doc), io)
+    written = sorted(k for k in io.files if k != "job.json")
+    assert len(written) == 4
+    for rel in written:
+        parts = rel.split("/")
+        assert parts[0] == "outputs" and parts[1] == _key("../evil")
+        assert not any(x in ("", ".", "..") or x.startswith(".") for x in parts)
+
+
+@pytest.mark.anyio
+async def test_looping_listing_is_refused(p: BentleyProvider) -> None:
+    world = World({"rd-out-1": {"pages": {"": (["a"], "m"), "m": (["b"], "m")}}})
+    status = Status(
+        RemoteState.SUCCEEDED,
+        "Success",
+        document={"job": {"specifications": {"outputs": {"o": "rd-out-1"}}}},
+    )
+    with pytest.raises(ProtocolError, match="repeats a page marker"):
+        await p.harvest(job(), status, FakeIO(world))
+
+
+@pytest.mark.parametrize(
+    ("document", "exc"),
+    [
+        (None, ProtocolError),
+        ({"job": {}}, ProtocolError),
+        ({"job": {"specifications": {"outputs": ["objects2D"]}}}, ProtocolError),
+        ({"job": {"specifications": {"outputs": {"o": None}}}}, ProtocolError),
+        ({"job": {"specifications": {"outputs": {"o": "missing"}}}}, ProviderJobFailed),
+    ],
+)
+@pytest.mark.anyio
+async def test_harvest_of_odd_documents(p: BentleyProvider, document: Any, exc: type) -> None:
+    with pytest.raises(exc):
+        await p.harvest(
+            job(), Status(RemoteState.SUCCEEDED, "Success", document=document), FakeIO(World({}))
+        )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"_links": {}},
+        {"_links": {"containerUrl": {"href": 5}}},
+        {"_links": {"containerUrl": {"href": "file:///etc/passwd"}}},
+        b"<html/>",
+    ],
+)
+def test_malformed_readaccess(p: BentleyProvider, body: Any) -> None:
+    with pytest.raises(ProtocolError):
+        p.parse_readaccess(resp(200, body), job())
+
+
+def _key(name: str) -> str:
+    from harvester.jobs import job_key
+
+    return job_key(name)
+
+
+def test_module_has_no_network_imports() -> None:
+    import harvester.azure as azure
+    import harvester.providers.bentley as mod
+
+    for module in (mod, azure):
+        source = Path(module.__file__).read_text()  # type: ignore[arg-type]
+        for forbidden in ("aiohttp", "harvester.transport", "harvester.engine", "anyio"):
+            assert forbidden not in source
