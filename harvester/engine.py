@@ -122,6 +122,7 @@ class Engine:
         self.draining = False
         self._busy = 0
         self._idle = anyio.Event()
+        self._cursor = 0  #: the store's added_since cursor
         self._harvest_send: MemoryObjectSendStream[tuple[str, str]] | None = None
         self._queued_for_harvest: set[tuple[str, str]] = set()
 
@@ -223,9 +224,12 @@ class Engine:
 
     async def _load(self, *, initial: bool) -> None:
         now = self.clock.monotonic()
+        added, self._cursor = await self.store.added_since(self._cursor)
+        by_lane: dict[str, list[Job]] = {}
+        for job in added:
+            by_lane.setdefault(job.provider, []).append(job)
         for name, lane in self.lanes.items():
-            jobs = [j for j in await self.store.active(name)]
-            fresh = [j for j in jobs if (name, j.key) not in self.remaining]
+            fresh = [j for j in by_lane.get(name, []) if (name, j.key) not in self.remaining]
             for i, job in enumerate(fresh):
                 self.remaining.add((name, job.key))
                 if job.state in (JobState.SUCCEEDED, JobState.HARVESTING):

@@ -78,6 +78,13 @@ class Store(Protocol):
     async def counts(self) -> dict[tuple[str, JobState], int]:
         """Number of jobs per (provider, state)."""
 
+    async def added_since(self, cursor: int) -> tuple[list[Job], int]:
+        """Active jobs added after ``cursor`` (0: all), and the cursor to pass next time.
+
+        Lets a long-running engine notice jobs other processes add without re-reading the
+        whole table; a cursor is opaque to callers and only ever grows.
+        """
+
     async def get_meta(self, name: str) -> str | None:
         """A small named value the program keeps (e.g. a provider batch id)."""
 

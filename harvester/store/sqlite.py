@@ -407,6 +407,17 @@ class _Db:
         sql = _SELECT_JOBS + (f" WHERE {' AND '.join(where)}" if where else "") + _ORDER
         return [_job_from_row(row) for row in self.conn.execute(sql, params)]
 
+    def added_since(self, cursor: int) -> tuple[list[Job], int]:
+        # Rows enter the table only through add_jobs and are never deleted, so rowids only
+        # grow and a rowid cursor sees every new row. One statement: one snapshot, so a row
+        # committed meanwhile is either in this answer or after its cursor.
+        rows = self.conn.execute(
+            f"SELECT rowid, {_JOB_COLUMNS} FROM jobs WHERE rowid > ? ORDER BY rowid", (cursor,)
+        ).fetchall()
+        jobs = [_job_from_row(row[1:]) for row in rows]
+        top = int(rows[-1][0]) if rows else cursor
+        return [j for j in jobs if j.state in ACTIVE], top
+
     def counts(self) -> dict[tuple[str, JobState], int]:
         result: dict[tuple[str, JobState], int] = {}
         rows = self.conn.execute(
@@ -644,6 +655,9 @@ class SqliteStore:
 
     async def counts(self) -> dict[tuple[str, JobState], int]:
         return await self._call(_Db.counts)
+
+    async def added_since(self, cursor: int) -> tuple[list[Job], int]:
+        return await self._call(lambda db: db.added_since(cursor))
 
     async def get_meta(self, name: str) -> str | None:
         return await self._call(lambda db: db.get_meta(name))

@@ -508,3 +508,22 @@ async def test_readding_a_submitted_line_after_it_got_a_remote_id_is_a_duplicate
     other = NewJob("playment", "scan-1", "scan-1", "remote-10", None, "j.jsonl:2")
     with pytest.raises(JobsFileError, match=r"j\.jsonl:2"):
         await store.add_jobs([other], now=5.0)
+
+
+@pytest.mark.anyio
+async def test_added_since_reports_only_new_active_jobs(store: Store) -> None:
+    first = [NewJob("playment", f"k{i}", f"k{i}", None, {"data": {"i": i}}, "t") for i in range(3)]
+    await store.add_jobs(first, now=1.0)
+    jobs, cursor = await store.added_since(0)
+    assert [j.key for j in jobs] == ["k0", "k1", "k2"]
+    again, same = await store.added_since(cursor)
+    assert again == [] and same == cursor
+    done = await store.get("playment", "k1")
+    assert done is not None
+    await store.transition(done, Event.GIVE_UP, now=2.0, reason="x")
+    more = [NewJob("playment", "k3", "k3", None, {"data": {}}, "t")]
+    await store.add_jobs(more, now=3.0)
+    jobs, later = await store.added_since(cursor)
+    assert [j.key for j in jobs] == ["k3"] and later > cursor
+    everything, _ = await store.added_since(0)
+    assert [j.key for j in everything] == ["k0", "k2", "k3"]
