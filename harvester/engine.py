@@ -123,6 +123,7 @@ class Engine:
         self._busy = 0
         self._idle = anyio.Event()
         self._cursor = 0  #: the store's added_since cursor
+        self._load_lock = anyio.Lock()
         self._harvest_send: MemoryObjectSendStream[tuple[str, str]] | None = None
         self._queued_for_harvest: set[tuple[str, str]] = set()
 
@@ -139,7 +140,8 @@ class Engine:
             )
             self._harvest_send = harvest_send
             for lane in lanes.values():
-                await self._setup(lane)
+                if not await self._setup_until_done(lane, stop):
+                    return  # stopped while a provider was unreachable: nothing started
             await self._load(initial=True)
             if self.burst and not self.remaining:
                 self.done.set()
@@ -210,6 +212,38 @@ class Engine:
         self.done.set()
 
     # -- start-up -----------------------------------------------------------------------
+    async def _setup_until_done(self, lane: Lane, stop: anyio.Event | None) -> bool:
+        """Provider setup, retried while the provider is unreachable (a daemon must not
+        crash-loop because a provider is down at start). False if stopped meanwhile."""
+        failures = 0
+        while True:
+            try:
+                await self._setup(lane)
+                return True
+            except RetryableError as exc:
+                failures += 1
+                delay = exc.retry_after or backoff_delay(
+                    failures - 1,
+                    base=lane.transport.cfg.backoff_base_s,
+                    cap=lane.transport.cfg.backoff_max_s,
+                    rng=self.rng,
+                )
+                log.warning(
+                    "provider setup failed; retrying",
+                    provider=lane.name,
+                    error=str(exc),
+                    delay_s=round(delay, 2),
+                    attempt=failures,
+                )
+                with anyio.move_on_after(delay):
+                    await (stop or anyio.Event()).wait()
+                if stop is not None and stop.is_set():
+                    return False
+            except FatalError:
+                raise
+            except HarvesterError as exc:
+                raise FatalError(f"setting up {lane.name} failed: {exc}") from None
+
     async def _setup(self, lane: Lane) -> None:
         value = await self.store.get_meta(lane.provider.setup_key)
         if value is not None:
@@ -223,6 +257,10 @@ class Engine:
         log.info("provider set up", provider=lane.name, setup=lane.provider.setup_key)
 
     async def _load(self, *, initial: bool) -> None:
+        async with self._load_lock:  # one reader at a time: the cursor only moves forward
+            await self._load_new(initial=initial)
+
+    async def _load_new(self, *, initial: bool) -> None:
         now = self.clock.monotonic()
         added, self._cursor = await self.store.added_since(self._cursor)
         by_lane: dict[str, list[Job]] = {}

@@ -181,3 +181,16 @@ async def test_5xx_resets_and_truncated_bodies_lose_nothing(tmp_path: Path) -> N
         assert stats["playment"]["duplicate_creates"] == 0
         # Resumed downloads asked for the rest of the body, not all of it again.
         assert any(r["status"] == 206 for r in emu.state.requests() if r["provider"] == "storage")
+
+
+async def test_provider_down_at_start_is_waited_for_not_fatal(tmp_path: Path) -> None:
+    async with Emulator(scenario()) as emu:
+        # The batch set-up request fails three times before the provider comes back.
+        emu.state.add_fault(
+            parse_fault({"kind": "5xx", "status": 502, "match": "/batch", "count": 3})
+        )
+        config = make_config(tmp_path, emu, max_retries=0)
+        jobs = new_jobs(2, frames=1)
+        counts = await harvest(config, jobs)
+        assert counts == {JobState.HARVESTED: 2}
+        assert emu.state.stats()["playment"]["faults"].get("5xx") == 3

@@ -1,0 +1,436 @@
+"""The daemon's HTTP surface: the jobs API, health, readiness and Prometheus metrics.
+
+Routes (every answer is JSON except ``/metrics``):
+
+    POST /jobs                   add jobs (JSON Lines, or a JSON array of job objects)
+    GET  /jobs/{provider}/{key}  one job's state, timestamps, failure reason, output path
+    GET  /healthz                200 while the event loop answers (liveness)
+    GET  /readyz                 200 when ready for work, else 503 with the reason
+    GET  /metrics                Prometheus text format
+
+When ``server.token`` is configured the two job routes need ``Authorization: Bearer
+<token>``. The probes and metrics stay open because kubelets and scrapers carry no token, so
+they never show a payload, a job key or a secret.
+
+Probes are cheap by construction: the store check behind ``/readyz`` and the job counts behind
+``/metrics`` are cached for a second or two behind a lock, so a burst of probes or several
+scrapers cost one query, not one each (kopf's probing does the same).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.to_thread
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from harvester.config import Config
+from harvester.engine import Engine
+from harvester.errors import HarvesterError, JobsFileError
+from harvester.jobs import Job, JobState, job_key
+from harvester.jobsfile import parse_jobs_text
+from harvester.logs import get_logger, redact_text
+from harvester.providers.base import Provider
+from harvester.store.base import NewJob, Store
+
+log = get_logger("harvester.api")
+_T = TypeVar("_T")
+
+#: the largest request body accepted (a point-cloud job lists every frame with its poses)
+MAX_BODY_BYTES = 64 << 20
+#: how long a store check or the job counts are reused before asking the store again
+READY_CACHE_S = 1.5
+METRICS_CACHE_S = 2.0
+#: a store that takes longer than this to answer a point lookup is not ready
+STORE_PROBE_TIMEOUT_S = 2.0
+#: ``source`` of jobs added over HTTP; errors read ``request:3: ...`` like ``jobs.jsonl:3: ...``
+SOURCE = "request"
+_ERROR_LINE = re.compile(rf"^{SOURCE}:(\d+): (.*)$")
+_PROBE_META = "daemon.readiness-probe"
+
+JOBS_PATH = "/jobs"
+JOB_PATH = "/jobs/{provider}/{key}"
+HEALTHZ_PATH = "/healthz"
+READYZ_PATH = "/readyz"
+METRICS_PATH = "/metrics"
+
+
+class BadBody(Exception):
+    """A body that opens a JSON array but is not one (or is not UTF-8): no job is looked at."""
+
+
+def json_response(
+    doc: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(doc), status=status, content_type="application/json", headers=headers
+    )
+
+
+def iso(t: float | None) -> str | None:
+    """Unix seconds as ISO-8601 UTC with milliseconds (``2025-01-31T12:00:00.123Z``)."""
+    if t is None:
+        return None
+    stamp = datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def job_document(job: Job, config: Config) -> dict[str, Any]:
+    return {
+        "provider": job.provider,
+        "key": job.key,
+        "reference_id": job.reference_id,
+        "remote_id": job.remote_id,
+        "state": job.state.value,
+        "terminal": job.terminal,
+        "remote_status": job.remote_status,
+        "progress": job.progress,
+        "attempts": job.attempts,
+        "reason": job.reason,
+        "created_at": iso(job.created_at),
+        "updated_at": iso(job.updated_at),
+        "due_at": iso(job.due_at),
+        "output": str(config.output.dir / job.output) if job.output else None,
+    }
+
+
+# -- request bodies -----------------------------------------------------------------------
+def body_as_json_lines(body: bytes) -> bytes:
+    """The body as JSON Lines: a JSON array becomes one line per item, in order.
+
+    Items are cut out of the original text rather than parsed and re-serialised, so
+    ``parse_jobs_text`` sees exactly what the client sent (duplicate keys, ``1`` vs ``1.0``)
+    and applies the jobs file's rules unchanged; line N is then item N.
+    """
+    start = len(body) - len(body.lstrip())
+    if body[start : start + 1] != b"[":
+        return body
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadBody(f"the body is not UTF-8 (byte {exc.start})") from None
+    decoder = json.JSONDecoder()
+    items: list[str] = []
+    i = _skip_ws(text, start + 1)
+    if text[i : i + 1] == "]":
+        i += 1
+    else:
+        while True:
+            try:
+                _, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as exc:
+                raise BadBody(f"item {len(items) + 1} is not valid JSON: {exc.msg}") from None
+            # Outside strings JSON whitespace may include newlines; inside them it cannot.
+            items.append(text[i:end].replace("\r", " ").replace("\n", " "))
+            i = _skip_ws(text, end)
+            sep = text[i : i + 1]
+            i = _skip_ws(text, i + 1)
+            if sep == "]":
+                break
+            if sep != ",":
+                raise BadBody(f"expected ',' or ']' after item {len(items)} (character {i})")
+    if text[i:].strip():
+        raise BadBody("unexpected data after the JSON array")
+    return "\n".join(items).encode("utf-8")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedLine:
+    line: int
+    job: NewJob
+    first_line: int  #: the line that first named this job in the same request
+
+
+def parse_body(body: bytes, config: Config) -> list[ParsedLine]:
+    """Every job line of ``body``, validated like a jobs file (raises ``JobsFileError``)."""
+    text = body_as_json_lines(body)
+    validators: dict[str, Provider] = {}
+    jobs = parse_jobs_text(text, source=SOURCE, config=config, validators=validators)
+    first = {(j.provider, j.key): _line_of(j) for j in jobs}
+    parsed = [ParsedLine(_line_of(j), j, _line_of(j)) for j in jobs]
+    # parse_jobs_text folds identical repeats into their first line; answer for those too.
+    named = {p.line for p in parsed}
+    for number, raw in enumerate(text.split(b"\n"), start=1):
+        if number in named or not raw.strip():
+            continue
+        (job,) = parse_jobs_text(raw, source=SOURCE, config=config, validators=validators)
+        parsed.append(ParsedLine(number, job, first[(job.provider, job.key)]))
+    parsed.sort(key=lambda p: p.line)
+    return parsed
+
+
+def _line_of(job: NewJob) -> int:
+    return int(job.source.rpartition(":")[2])
+
+
+def line_errors(exc: JobsFileError) -> list[dict[str, Any]]:
+    """A jobs-file error message as ``[{"line": 3, "error": "..."}]``."""
+    errors: list[dict[str, Any]] = []
+    for text in str(exc).splitlines():
+        m = _ERROR_LINE.match(text)
+        if m is not None:
+            errors.append({"line": int(m[1]), "error": m[2]})
+        elif text and not text.startswith(f"nothing from {SOURCE}"):
+            errors.append({"line": None, "error": text})
+    return errors
+
+
+# -- cached probes ------------------------------------------------------------------------
+class Cached(Generic[_T]):
+    """One value computed at most every ``ttl`` seconds, whoever asks and however often.
+
+    Double-checked behind a lock: concurrent callers wait for the one computation in flight
+    instead of each starting their own.
+    """
+
+    def __init__(self, ttl: float, compute: Callable[[], Awaitable[_T]]) -> None:
+        self.ttl = ttl
+        self.compute = compute
+        self._lock = anyio.Lock()
+        self._value: tuple[_T] | None = None  # boxed: a cached None is still a value
+        self._at: float | None = None
+
+    def _fresh(self) -> bool:
+        return self._at is not None and anyio.current_time() - self._at < self.ttl
+
+    async def get(self) -> _T:
+        if not self._fresh():
+            async with self._lock:
+                if not self._fresh():
+                    self._value = (await self.compute(),)
+                    self._at = anyio.current_time()
+        assert self._value is not None
+        return self._value[0]
+
+
+# -- the app ------------------------------------------------------------------------------
+class Api:
+    """The handlers, bound to the daemon's config, store and engine."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        engine: Engine,
+        stopping: Callable[[], bool],
+        jobs_added: Callable[[], None],
+        token: str | None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.engine = engine
+        self.stopping = stopping
+        self.jobs_added = jobs_added
+        # Hashing both sides makes the comparison constant-time whatever their lengths.
+        self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
+        self._store_ok = Cached(READY_CACHE_S, self._probe_store)
+        self._counts = Cached(METRICS_CACHE_S, self._refresh_job_gauge)
+
+    def build_app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors, self._auth]
+        )
+        r = app.router
+        r.add_post(JOBS_PATH, self.post_jobs)
+        r.add_get(JOB_PATH, self.get_job)
+        r.add_get(HEALTHZ_PATH, self.healthz)
+        r.add_get(READYZ_PATH, self.readyz)
+        r.add_get(METRICS_PATH, self.metrics)
+        return app
+
+    # -- auth ---------------------------------------------------------------------------
+    @web.middleware
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        # Checked before the handler reads the body: a stranger cannot make us read 64 MB.
+        if self._token_digest is not None and _needs_token(request.path):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            digest = hashlib.sha256(given.strip().encode()).digest()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self._token_digest):
+                return json_response(
+                    {"error": "a valid 'Authorization: Bearer <token>' header is required"},
+                    401,
+                    headers={"WWW-Authenticate": 'Bearer realm="harvester"'},
+                )
+        return await handler(request)
+
+    # -- jobs ---------------------------------------------------------------------------
+    async def post_jobs(self, request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=MAX_BODY_BYTES, actual_size=request.content_length
+            )
+        body = await request.read()
+        # Parsing and validating a large body is CPU work; the probes must keep answering.
+        try:
+            parsed = await anyio.to_thread.run_sync(
+                functools.partial(parse_body, body, self.config)
+            )
+        except BadBody as exc:
+            return json_response({"error": str(exc), "errors": []}, 400)
+        except JobsFileError as exc:
+            errors = line_errors(exc)
+            log.info("jobs refused", source="http", bad_lines=len(errors))
+            return json_response(
+                {"error": "invalid jobs; nothing was added", "errors": errors}, 400
+            )
+        if not parsed:
+            return json_response({"error": "the body holds no jobs", "errors": []}, 400)
+        unique = [p.job for p in parsed if p.line == p.first_line]
+        try:
+            result = await self.store.add_jobs(unique, now=self.engine.clock.wall())
+        except JobsFileError as exc:
+            # The store has a different job under one of these keys: a conflict, not a typo.
+            return json_response(
+                {
+                    "error": "a job conflicts with the store; nothing was added",
+                    "errors": line_errors(exc),
+                },
+                409,
+            )
+        except HarvesterError as exc:
+            log.error("jobs not added: store error", error=str(exc))
+            return json_response({"error": f"store unavailable: {exc}"}, 503)
+        added = set(result.added)
+        jobs = []
+        for p in parsed:
+            label = f"{p.job.provider}/{p.job.key}"
+            doc: dict[str, Any] = {
+                "line": p.line,
+                "provider": p.job.provider,
+                "key": p.job.key,
+                "href": f"/jobs/{label}",
+            }
+            if p.line != p.first_line:
+                doc["result"] = "repeated"
+                doc["same_as_line"] = p.first_line
+            else:
+                doc["result"] = "added" if label in added else "already_present"
+            jobs.append(doc)
+        log.info(
+            "jobs added", source="http", added=len(added), already_present=len(result.duplicates)
+        )
+        if added:
+            self.jobs_added()
+        return json_response(
+            {"added": len(added), "already_present": len(result.duplicates), "jobs": jobs},
+            201 if added else 200,
+        )
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        provider = request.match_info["provider"]
+        key = request.match_info["key"]
+        job = await self.store.get(provider, key)
+        if job is None:
+            # Also accept the reference id a key was derived from, for ids that needed it.
+            derived = job_key(key)
+            if derived != key:
+                job = await self.store.get(provider, derived)
+        if job is None:
+            return json_response({"error": f"no job {provider}/{key}"}, 404)
+        return json_response(job_document(job, self.config))
+
+    # -- probes -------------------------------------------------------------------------
+    async def healthz(self, request: web.Request) -> web.Response:
+        # Answering at all proves the loop runs; anything deeper belongs to /readyz, since a
+        # failing liveness probe restarts the pod and a restart fixes no unreachable store.
+        return json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        reason = await self.not_ready_reason()
+        if reason is None:
+            return json_response({"ready": True})
+        return json_response({"ready": False, "reason": reason}, 503)
+
+    async def not_ready_reason(self) -> str | None:
+        # The cheap, live checks first: draining must turn 503 the moment a signal lands.
+        if self.stopping() or self.engine.draining:
+            return "draining: finishing in-flight work before exit"
+        if self.engine.fatal is not None:
+            return "stopping after a fatal error (see the logs)"
+        if not self.config.providers:
+            return f"no providers are configured in {self.config.source.name}"
+        if not self.engine.ready.is_set():
+            return "starting: setting up providers and loading jobs"
+        return await self._store_ok.get()
+
+    async def _probe_store(self) -> str | None:
+        try:
+            with anyio.fail_after(STORE_PROBE_TIMEOUT_S):
+                await self.store.get_meta(_PROBE_META)
+        except TimeoutError:
+            return f"store did not answer within {STORE_PROBE_TIMEOUT_S:g} s"
+        except Exception as exc:  # whatever the store raises, the answer is "not ready"
+            log.warning("readiness: store check failed", error=str(exc))
+            return f"store unreachable: {redact_text(str(exc))}"
+        return None
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        await self._counts.get()
+        return web.Response(
+            body=self.engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _refresh_job_gauge(self) -> None:
+        try:
+            with anyio.fail_after(STORE_PROBE_TIMEOUT_S):
+                counts = await self.store.counts()
+        except Exception as exc:  # keep serving the other metrics; the gauge stays as it was
+            log.warning("metrics: job counts unavailable", error=str(exc))
+            return
+        gauge = self.engine.metrics.jobs
+        providers = set(self.config.providers) | {p for p, _ in counts}
+        # Every (provider, state) pair, zeros included: a state that empties must read 0,
+        # not keep its last value, and rate()/alerts need series that do not come and go.
+        gauge.clear()
+        for provider in sorted(providers):
+            for state in JobState:
+                gauge.labels(provider, state.value).set(counts.get((provider, state), 0))
+
+
+def _needs_token(path: str) -> bool:
+    return path == JOBS_PATH or path.startswith(JOBS_PATH + "/")
+
+
+_REASONS: dict[int, str] = {
+    404: "no such route",
+    405: "method not allowed on this route",
+    413: f"request body larger than {MAX_BODY_BYTES >> 20} MiB",
+}
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413, ...) as JSON, and a bug as a logged JSON 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        message = _REASONS.get(exc.status, exc.reason)
+        return json_response({"error": message}, exc.status, headers=headers)
+    except Exception:
+        log.exception("http handler failed", method=request.method, path=request.path)
+        return json_response({"error": "internal error (see the daemon's log)"}, 500)

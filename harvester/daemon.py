@@ -1,0 +1,192 @@
+"""The long-running service (``harvester run``): the engine, the HTTP API, signals and drain.
+
+One task group holds the daemon's root tasks, each named for its role:
+
+    signals       first SIGTERM/SIGINT sets ``stop``; a second one cancels everything
+    http-server   the API, probes and metrics (``harvester.api``), started with ``tg.start``
+                  so nothing else starts before the port is bound
+    engine        ``Engine.run(stop=...)`` in daemon mode (``burst=False``)
+    refresher     tells the engine about jobs the API added, bursts coalesced
+    announcer     logs "ready" once the engine has loaded the store
+
+When the engine returns (drained after a stop, or a fatal error) the group is cancelled: the
+HTTP server stops last among the tasks, so ``/readyz`` answers 503 for the whole drain, then
+the store is closed. Stopping is safe at any point, even on the second signal: each state
+change is an atomic SQLite commit and output files only get their final names once complete.
+
+Exit: 0 after a signal and drain; 2 (via ``FatalError``) for a bad config, a port that cannot
+be bound or a fatal error at run time; 3 when a second signal cut the drain short.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import anyio
+from aiohttp import web
+from anyio.abc import TaskStatus
+
+from harvester.api import Api
+from harvester.config import Config
+from harvester.engine import Engine
+from harvester.errors import ConfigError, FatalError, HarvesterError
+from harvester.logs import get_logger
+from harvester.store import make_store
+from harvester.store.base import Store
+
+log = get_logger("harvester.daemon")
+
+EXIT_OK, EXIT_INTERRUPTED = 0, 3
+#: how long stopping the HTTP server may take (it waits for in-flight requests)
+HTTP_SHUTDOWN_S = 3.0
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` / ``"[::]:8080"`` -> (host, port); the config checked the shape."""
+    host, _, port = listen.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+async def serve(config: Config) -> int:
+    """Run the daemon until signalled; returns the exit code or raises ``FatalError``."""
+    config.check_secrets()  # a missing secret stops us before anything is opened
+    if not config.providers:
+        log.warning("no providers configured: the daemon will not become ready")
+    store = make_store(config.store)
+    await store.open()
+    try:
+        return await Daemon(config, store).run()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+        log.info("store closed")
+
+
+class Daemon:
+    """One run of the service over an open store; ``run()`` returns the exit code."""
+
+    def __init__(self, config: Config, store: Store, *, engine: Engine | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.engine = engine or Engine(config, store, burst=False)
+        self.host, self.port = parse_listen(config.server.listen)
+        #: set by the first signal: readiness turns false at once and the engine drains
+        self.stop = anyio.Event()
+        self.forced = False
+        self.fatal: HarvesterError | None = None
+        self.url: str | None = None
+        self._refresh_wanted = anyio.Event()
+        token = config.server.token.reveal() if config.server.token is not None else None
+        self.api = Api(
+            config=config,
+            store=store,
+            engine=self.engine,
+            stopping=self.stop.is_set,
+            jobs_added=self._request_refresh,
+            token=token,
+        )
+
+    async def run(self) -> int:
+        log.info(
+            "daemon starting",
+            listen=self.config.server.listen,
+            providers=sorted(self.config.providers),
+            drain_grace_s=self.engine.drain_grace_s,
+            # (a key naming "token" would be redacted by the log pipeline, value and all)
+            job_api_auth="bearer" if self.config.server.token is not None else "none",
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._signals, tg.cancel_scope, name="signals")
+            try:
+                self.url = await tg.start(self._http_server, name="http-server")
+            except OSError as exc:
+                self.fatal = ConfigError(
+                    f"server.listen {self.config.server.listen}: cannot listen:"
+                    f" {exc.strerror or exc}"
+                )
+                tg.cancel_scope.cancel()
+            else:
+                tg.start_soon(self._engine, tg.cancel_scope, name="engine")
+                tg.start_soon(self._refresher, name="refresher")
+                tg.start_soon(self._announce, name="announcer")
+        if self.fatal is not None:
+            raise self.fatal if isinstance(self.fatal, FatalError) else FatalError(str(self.fatal))
+        log.info("daemon stopped", forced=self.forced, unfinished=len(self.engine.remaining))
+        return EXIT_INTERRUPTED if self.forced else EXIT_OK
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        """First signal: drain. Second: stop now. A third gets the default action (kill),
+        since the receiver is gone by then: the way out if shutdown itself ever hangs."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if not self.stop.is_set():
+                    log.warning(
+                        "signal received: draining (a second signal stops at once)",
+                        signal=signum.name,
+                        grace_s=self.engine.drain_grace_s,
+                    )
+                    self.stop.set()
+                    continue
+                log.warning("second signal: stopping now (state is saved)", signal=signum.name)
+                self.forced = True
+                scope.cancel()
+                return
+
+    async def _http_server(self, *, task_status: TaskStatus[str]) -> None:
+        runner = web.AppRunner(
+            self.api.build_app(),
+            handle_signals=False,  # signals are ours: the first one drains, not exits
+            access_log=None,  # probes every few seconds would drown the job events
+            shutdown_timeout=HTTP_SHUTDOWN_S,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            log.info("http server listening", url=url)
+            task_status.started(url)
+            await anyio.sleep_forever()
+        finally:
+            with anyio.move_on_after(HTTP_SHUTDOWN_S + 1, shield=True):
+                await runner.cleanup()
+
+    async def _engine(self, scope: anyio.CancelScope) -> None:
+        try:
+            await self.engine.run(stop=self.stop)
+        except* HarvesterError as group:
+            self.fatal = _first(group)
+            log.error("stopping: fatal error", error=str(self.fatal))
+        finally:
+            # Whatever ended the engine ends the daemon: a server without an engine would
+            # accept jobs nobody works on.
+            scope.cancel()
+
+    def _request_refresh(self) -> None:
+        self._refresh_wanted.set()
+
+    async def _refresher(self) -> None:
+        # One reload per burst of POSTs: a reload reads every active job, so a client
+        # posting one job at a time must not trigger one reload each.
+        while True:
+            await self._refresh_wanted.wait()
+            await self.engine.ready.wait()
+            self._refresh_wanted = anyio.Event()
+            try:
+                await self.engine.refresh()
+            except HarvesterError as exc:  # the engine's feeder retries within seconds
+                log.warning("could not pick up new jobs now", error=str(exc))
+
+    async def _announce(self) -> None:
+        await self.engine.ready.wait()
+        log.info("daemon ready", url=self.url, active_jobs=len(self.engine.remaining))
+
+
+def _first(group: BaseExceptionGroup[Any]) -> HarvesterError:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, HarvesterError)
+    return exc
