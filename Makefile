@@ -23,8 +23,8 @@ demo-clean:
 	rm -rf .demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check harvester tests bench
-	$(BIN)/ruff format --check harvester tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict harvester

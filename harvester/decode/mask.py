@@ -1,0 +1,524 @@
+"""Streaming decoder for Playment label masks: a text array of integers, one label per point.
+
+A mask looks like ``[16, 58, 58, 1, 4,\\n 7, 0, ...]``, arrives in chunks that split numbers
+anywhere, and holds millions of labels, so decoding is vectorised per block of bytes:
+
+1. The block is copied into a work buffer behind spaces and a sentinel comma that stands for the
+   previous separator, so every number has a separator before it, and reads that run off the
+   front of the block see a harmless non-digit.
+2. Commas are found with one comparison and one ``nonzero``, run over 2-byte pairs rather than
+   bytes: ``nonzero`` costs per element scanned, and valid commas are at least two bytes apart.
+3. A number's digits end right before its comma: the units digit is one byte before it, the
+   tens digit two bytes, and so on. So the 2-byte words at, and before, every comma's pair are
+   gathered for all numbers at once (one ``take`` per two digit positions), and each digit is
+   picked from them by whether the comma is its pair's first or second byte.
+4. Validation is a count, not a classification: the block is well formed when its gathered
+   digits, commas and whitespace add up to its length. The gather loop stops as soon as they do.
+5. Anything unusual (whitespace before a comma, a stray byte, a long number, the closing ``]``)
+   goes to the exact path, which classifies every byte, reports the first problem by absolute
+   byte offset, or decodes the block when there is no problem after all.
+
+The bytes after the last comma of a block are carried into the next block.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from harvester.decode._digits import (
+    CLOSE,
+    COMMA,
+    CR,
+    DIGIT,
+    MASK_CLASSES,
+    NEWLINE,
+    OPEN,
+    OTHER,
+    SEP,
+    SPACE,
+    TAB,
+    U8,
+    ZERO,
+    Idx,
+    Labels,
+    accumulator_dtype,
+    describe_byte,
+    max_digits,
+    run_values,
+    smallest_uint_dtype,
+)
+from harvester.errors import DecodeError
+
+__all__ = ["MaskDecoder", "decode_mask"]
+
+#: bytes decoded per vectorised pass: large enough to amortise ~100 numpy calls per block, small
+#: enough for a block and its temporaries to stay in a 2 MiB L2 cache
+BLOCK = 1 << 20
+#: spaces in front of each block (even, for 2-byte words): more than the longest number
+_PAD: Final = 32
+#: a carry longer than this (only whitespace runs do that) is squeezed to its digits
+_CARRY_MAX: Final = 64
+
+
+class _Phase(enum.Enum):
+    START = "before '['"
+    BODY = "inside the array"
+    DONE = "after ']'"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class _Where:
+    """Maps an index of the assembled block back to an absolute byte offset of the stream."""
+
+    sep: int  #: offset of the separator the sentinel stands for
+    carry: Idx  #: offsets of the carried bytes (not contiguous once squeezed)
+    piece: int  #: offset of the first byte of the new piece
+
+    def __call__(self, i: int) -> int:
+        if i == 0:
+            return self.sep
+        if i - 1 < len(self.carry):
+            return int(self.carry[i - 1])
+        return self.piece + i - 1 - len(self.carry)
+
+
+class _Result(NamedTuple):
+    labels: Labels
+    top: int  #: largest label, -1 when there is none
+    last: int  #: index of the last separator whose number is complete
+    close: int  #: index of the closing ']', or -1
+
+
+class MaskDecoder:
+    """Sans-I/O decoder: ``feed`` chunks as they arrive, then ``finish``.
+
+    Every returned array has the same dtype, the smallest unsigned type that holds
+    ``max_value`` (uint32 by default). A number may have at most as many digits as
+    ``max_value`` (so a run of leading zeros cannot smuggle in an unbounded digit run).
+    After a ``DecodeError`` the decoder refuses further input.
+    """
+
+    __slots__ = (
+        "_carry",
+        "_carry_pos",
+        "_count",
+        "_dtype",
+        "_error",
+        "_flags",
+        "_kmax",
+        "_max_label",
+        "_max_value",
+        "_more_ws",
+        "_offset",
+        "_open",
+        "_phase",
+        "_sep",
+        "_step",
+        "_words",
+        "_work",
+    )
+
+    def __init__(self, *, max_value: int = 2**32 - 1) -> None:
+        self._kmax = max_digits(max_value)
+        self._max_value = max_value
+        self._dtype = smallest_uint_dtype(max_value)
+        self._phase = _Phase.START
+        self._error: DecodeError | None = None
+        self._offset = 0
+        self._count = 0
+        self._max_label = -1
+        self._carry: U8 = np.empty(0, dtype=np.uint8)
+        self._carry_pos: Idx = np.empty(0, dtype=np.intp)
+        self._sep = -1
+        self._open = True  # the last separator is the '[' itself, so `[]` is still allowed
+        self._more_ws = False  # tabs or CRs seen once: count them in every later block
+        self._step = BLOCK
+        size = _PAD + 2 + _CARRY_MAX + BLOCK
+        self._work = np.full(size + (size & 1), SPACE, dtype=np.uint8)  # whole 2-byte words
+        self._words = self._work.view(np.uint16)
+        self._flags = np.zeros(len(self._work), dtype=np.bool_)
+
+    @property
+    def count(self) -> int:
+        """Labels emitted so far."""
+        return self._count
+
+    @property
+    def max_label(self) -> int:
+        """Largest label emitted so far, -1 when none."""
+        return self._max_label
+
+    @property
+    def offset(self) -> int:
+        """Bytes fed so far (a number split across chunks is held until its end arrives)."""
+        return self._offset
+
+    def __repr__(self) -> str:
+        return (
+            f"<MaskDecoder {self._phase.value} count={self._count} "
+            f"max_label={self._max_label} offset={self._offset}>"
+        )
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> Labels:
+        """Decode ``chunk``; returns the labels it completes (possibly none)."""
+        self._check_usable()
+        data = np.frombuffer(chunk, dtype=np.uint8)
+        base = self._offset
+        self._offset += len(data)
+        try:
+            return self._feed(data, base)
+        except DecodeError as exc:
+            self._fail(exc)
+            raise
+
+    def finish(self) -> Labels:
+        """Check that the array was closed; returns the labels still pending (none after ']')."""
+        self._check_usable()
+        try:
+            if self._phase is _Phase.START:
+                raise DecodeError(
+                    "mask: no '[' found, this is not a label array", offset=self._offset
+                )
+            if self._phase is _Phase.BODY:
+                if len(self._carry):
+                    # An error inside the carried bytes comes before the missing ']'.
+                    self._check_carry()
+                raise DecodeError("mask: the array is not closed by ']'", offset=self._offset)
+        except DecodeError as exc:
+            self._fail(exc)
+            raise
+        self._phase = _Phase.FINISHED
+        return np.empty(0, dtype=self._dtype)
+
+    def _check_usable(self) -> None:
+        if self._phase is _Phase.FAILED:
+            assert self._error is not None
+            raise DecodeError(
+                f"mask: decoder already failed ({self._error.message})", offset=self._error.offset
+            )
+        if self._phase is _Phase.FINISHED:
+            raise RuntimeError("MaskDecoder used after finish()")
+
+    def _fail(self, exc: DecodeError) -> None:
+        self._phase = _Phase.FAILED
+        self._error = exc
+        self._carry = np.empty(0, dtype=np.uint8)
+
+    def _feed(self, data: U8, base: int) -> Labels:
+        out: list[Labels] = []
+        pos = 0
+        while pos < len(data):
+            if self._phase is _Phase.BODY:
+                pos += self._block(data[pos : pos + self._step], base + pos, out)
+            elif self._phase is _Phase.START:
+                skip = _first_non_ws(data[pos:])
+                if skip < 0:
+                    break
+                pos += skip
+                if data[pos] != OPEN:
+                    found = describe_byte(int(data[pos]))
+                    raise DecodeError(f"mask: expected '[', found {found}", offset=base + pos)
+                self._phase = _Phase.BODY
+                self._sep = base + pos
+                pos += 1
+            else:
+                skip = _first_non_ws(data[pos:])
+                if skip >= 0:
+                    found = describe_byte(int(data[pos + skip]))
+                    raise DecodeError(
+                        f"mask: data after the closing ']': {found}", offset=base + pos + skip
+                    )
+                break
+        if not out:
+            return np.empty(0, dtype=self._dtype)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def _block(self, piece: U8, piece_at: int, out: list[Labels]) -> int:
+        """Decode one block; returns how many bytes of ``piece`` it consumed."""
+        nc, npc = len(self._carry), len(piece)
+        work = self._work
+        work[_PAD] = COMMA
+        work[_PAD + 1 : _PAD + 1 + nc] = self._carry
+        work[_PAD + 1 + nc : _PAD + 1 + nc + npc] = piece
+        buf = work[_PAD : _PAD + 1 + nc + npc]
+        where = _Where(self._sep, self._carry_pos, piece_at)
+
+        res = self._fast(buf)
+        if res is None:
+            res = self._exact(buf, where, 0)
+        elif res.close >= 0:
+            tail = self._exact(buf, where, res.last)
+            res = _Result(
+                np.concatenate((res.labels, tail.labels)),
+                max(res.top, tail.top),
+                tail.last,
+                tail.close,
+            )
+        if len(res.labels):
+            out.append(res.labels)
+            self._count += len(res.labels)
+            self._max_label = max(self._max_label, res.top)
+
+        if res.close >= 0:
+            self._phase = _Phase.DONE
+            self._carry = np.empty(0, dtype=np.uint8)
+            self._carry_pos = np.empty(0, dtype=np.intp)
+            return res.close - nc  # ']' is always in the piece: the carry was scanned before
+
+        if res.last > 0:
+            self._sep = where(res.last)
+            self._open = False
+        keep = res.last + 1  # first byte after the last complete separator
+        tail_pos = piece_at + np.arange(max(keep - 1 - nc, 0), npc, dtype=np.intp)
+        if keep - 1 < nc:
+            tail_pos = np.concatenate((self._carry_pos[keep - 1 :], tail_pos))
+        self._carry = buf[keep:].copy()
+        self._carry_pos = tail_pos
+        if len(self._carry) > _CARRY_MAX:
+            self._squeeze_carry()
+        return npc
+
+    def _fast(self, buf: U8) -> _Result | None:
+        """The common case, or None when the block needs the exact path."""
+        close = -1
+        region = buf
+        if buf.max() > ZERO + 9:
+            close = int(np.argmax(buf > ZERO + 9))
+            if buf[close] != CLOSE:
+                return None
+            region = buf[:close]
+        n = len(region)
+        flags = self._flags
+        np.equal(region, COMMA, out=flags[:n])
+        flags[n] = False
+        # Valid commas are at least two bytes apart, so each 2-byte pair holds at most one:
+        # scanning pairs halves the bytes `nonzero` walks (two commas in a pair make the
+        # counts below disagree, and the exact path reports them).
+        pairs = np.flatnonzero(flags[: n + (n & 1)].view(np.uint16) != 0)[1:]
+        if len(pairs) == 0:
+            return _Result(np.empty(0, dtype=self._dtype), -1, 0, close)
+        last = 2 * int(pairs[-1])
+        last += int(region[last] != COMMA)
+        body = region[: last + 1]
+        ws = int(np.count_nonzero(body == SPACE)) + int(np.count_nonzero(body == NEWLINE))
+        if self._more_ws:
+            ws += _tabs_and_crs(body)
+        # Every byte up to the last comma is a comma, whitespace or a digit of some number,
+        # so this many digits must be found; the gather loop stops when they are.
+        digits = last + 1 - (1 + len(pairs)) - ws
+        got = self._gather(pairs, digits)
+        if got is None:
+            return None
+        values, total = got
+        if total != digits and not self._more_ws:
+            tabs = _tabs_and_crs(body)
+            self._more_ws = tabs > 0
+            digits -= tabs
+        if total != digits:
+            return None
+        top = int(values.max())
+        if top > self._max_value:
+            return None
+        return _Result(values.astype(self._dtype, copy=False), top, last, close)
+
+    def _gather(self, pairs: Idx, digits: int) -> tuple[Labels, int] | None:
+        """Values of the numbers before the commas in ``pairs``, and how many digits they span.
+
+        Takes whole 2-byte words at the pair index from views of the work buffer shifted by
+        whole words, so no index array is ever computed. Going back from the comma, byte i
+        is ``seq[i]`` when the comma is the pair's high byte and ``seq[i + 1]`` otherwise,
+        with ``seq`` = low byte of word 0, high of word 1, low of word 1, high of word 2, ...
+        The loop stops once ``digits`` digits are found, or no number has a digit left.
+        """
+        words = self._words
+        base = _PAD // 2
+        lo = words[base:].take(pairs).astype(np.uint8)
+        high = (lo != COMMA).view(np.uint8)
+        seq = [lo]
+
+        def back(i: int) -> U8:
+            while len(seq) <= i:
+                word = words[base - (len(seq) + 1) // 2 :].take(pairs)
+                seq.append((word >> 8).astype(np.uint8))
+                seq.append(word.astype(np.uint8))
+            return seq[i]
+
+        def digit(k: int) -> U8:
+            d = back(k) - back(k + 1)
+            d *= high
+            d += back(k + 1)
+            d -= ZERO
+            return d
+
+        unit = digit(0)
+        if unit.max() > 9:
+            return None  # whitespace before a comma, or two separators in a row
+        values: Labels = unit
+        total = len(pairs)
+        alive: npt.NDArray[np.bool_] | None = None
+        pending: tuple[int, U8] | None = None  # an even position's digits, awaiting a partner
+        k = 1
+        while total < digits:
+            d = digit(k)
+            more = d < 10
+            if alive is not None:
+                more &= alive
+            live = int(np.count_nonzero(more))
+            if live == 0:
+                break
+            if k >= self._kmax:
+                return None  # longer than any allowed label
+            total += live
+            d *= more
+            alive = more
+            if k >= 18:
+                # Past 18 digits, one position at a time: only the 20th can overflow 64 bits
+                # (the exact path reports it).
+                room = np.uint64(2**64 - 1 - 10**19)
+                if k == 19 and np.any((d > 1) | ((d == 1) & (values > room))):
+                    return None
+                values = _scaled_add(values, d, k, k)
+            elif k == 1:
+                d *= np.uint8(10)
+                values += d
+            elif k % 2 == 0:
+                pending = (k, d)
+            else:
+                # Two digits fit a uint8 (at most 99), so widen once per pair, not per digit.
+                assert pending is not None
+                d *= np.uint8(10)
+                d += pending[1]
+                values = _scaled_add(values, d, k - 1, k)
+                pending = None
+            k += 1
+        if pending is not None:
+            values = _scaled_add(values, pending[1], pending[0], pending[0])
+        return values, total
+
+    def _exact(self, buf: U8, where: _Where, start: int) -> _Result:
+        """Classify every byte of ``buf[start:]``; raise at the first problem, else decode it."""
+        seg = buf[start:]
+        is_open = self._open and start == 0
+        cls = MASK_CLASSES.take(seg)
+        cls[0] = SEP
+        bad = np.flatnonzero(cls == OTHER)
+        lim = int(bad[0]) if len(bad) else len(seg)
+        digit = cls[:lim] == DIGIT
+        begins = np.flatnonzero(digit & ~np.concatenate(([False], digit[:-1])))
+        ends = np.flatnonzero(digit & ~np.concatenate((digit[1:], [False])))
+        seps = np.flatnonzero(cls[:lim] == SEP)
+        lengths = ends - begins + 1
+
+        # Candidate problems as (index in seg, message); the earliest is reported.
+        problems: list[tuple[int, str]] = []
+        at = np.concatenate((seps, begins))
+        is_num = np.concatenate((np.zeros(len(seps), bool), np.ones(len(begins), bool)))
+        order = np.argsort(at, kind="stable")
+        at, is_num = at[order], is_num[order]
+        twice = np.flatnonzero(is_num[1:] == is_num[:-1])
+        if len(twice):
+            i = int(twice[0]) + 1
+            if is_num[i]:
+                problems.append((int(at[i]), "missing comma between two numbers"))
+            elif i == 1 and is_open:
+                problems.append((int(at[i]), "expected a number after '[', found ','"))
+            else:
+                problems.append((int(at[i]), "two commas in a row"))
+
+        values, overflow = run_values(seg, ends, np.minimum(lengths, 20))
+        big = (lengths <= 20) & (overflow | (values > self._max_value))
+        long = lengths > self._kmax
+        for i in np.flatnonzero(big | long)[:1]:
+            if big[i]:
+                shown = "" if overflow[i] else f" {int(values[i])}"
+                problems.append((int(begins[i]), f"label{shown} is larger than {self._max_value}"))
+            else:
+                zeros = " (counting leading zeros)" if seg[begins[i]] == ZERO else ""
+                problems.append(
+                    (int(begins[i]), f"number has more than {self._kmax} digits{zeros}")
+                )
+
+        close = -1
+        if lim < len(seg):
+            if seg[lim] == CLOSE:
+                close = lim
+                if not is_num[-1] and not (len(is_num) == 1 and is_open):
+                    problems.append((int(at[-1]), "trailing comma before ']'"))
+            else:
+                problems.append((lim, _bad_byte(seg, lim)))
+        if problems:
+            index, message = min(problems, key=lambda p: p[0])
+            raise DecodeError(f"mask: {message}", offset=where(start + index))
+
+        complete = len(begins) if close >= 0 else int(np.searchsorted(begins, seps[-1]))
+        labels = values[:complete]
+        top = int(labels.max()) if complete else -1
+        return _Result(
+            labels.astype(self._dtype),
+            top,
+            start + int(seps[-1]),
+            start + close if close >= 0 else -1,
+        )
+
+    def _check_carry(self) -> None:
+        """Raise for any problem the carried bytes already have, whatever follows them."""
+        buf = np.concatenate((np.array([COMMA], dtype=np.uint8), self._carry))
+        self._exact(buf, _Where(self._sep, self._carry_pos, -1), 0)
+
+    def _squeeze_carry(self) -> None:
+        """Shrink a long carry (a long whitespace run) to its digits and one following space."""
+        self._check_carry()
+        digits = np.flatnonzero((self._carry - ZERO) < 10)
+        if len(digits) == 0:
+            keep = np.empty(0, dtype=np.intp)
+        else:
+            stop = min(int(digits[-1]) + 2, len(self._carry))
+            keep = np.arange(int(digits[0]), stop, dtype=np.intp)
+        self._carry = self._carry[keep]
+        self._carry_pos = self._carry_pos[keep]
+
+
+def _scaled_add(values: Labels, part: U8, scale: int, top: int) -> Labels:
+    """``values + part * 10**scale`` in a dtype holding any number of ``top + 1`` digits."""
+    dtype = accumulator_dtype(min(top, 18))
+    out: Labels = part.astype(dtype)
+    out *= dtype.type(10**scale)
+    out += values
+    return out
+
+
+def _tabs_and_crs(body: U8) -> int:
+    return int(np.count_nonzero(body == TAB)) + int(np.count_nonzero(body == CR))
+
+
+def _first_non_ws(data: U8) -> int:
+    ws = (data == SPACE) | (data == NEWLINE) | (data == CR) | (data == TAB)
+    return -1 if ws.all() else int(np.argmin(ws))
+
+
+def _bad_byte(seg: U8, i: int) -> str:
+    byte = int(seg[i])
+    if byte == ord("-"):
+        return "negative label (minus sign)"
+    if byte == ord("."):
+        return "decimal point: labels are integers"
+    if byte in (ord("e"), ord("E")) and ZERO <= int(seg[i - 1]) <= ZERO + 9:
+        return "exponent: labels are integers"
+    if byte == OPEN:
+        return "unexpected '[' inside the array"
+    return f"unexpected {describe_byte(byte)}"
+
+
+def decode_mask(data: bytes | bytearray | memoryview, *, max_value: int = 2**32 - 1) -> Labels:
+    """Decode a whole mask held in memory."""
+    decoder = MaskDecoder(max_value=max_value)
+    labels = decoder.feed(data)
+    rest = decoder.finish()
+    return np.concatenate((labels, rest)) if len(rest) else labels
