@@ -25,6 +25,10 @@ log = get_logger("harvester.download")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
+class StorageRefused(ProviderUnavailable):
+    """The storage host refused several freshly signed URLs in a row."""
+
+
 class Sink(Protocol):
     @property
     def offset(self) -> int:
@@ -88,7 +92,9 @@ async def stream_into(
                 status = resp.status
                 if status in (401, 403):
                     if resolves >= max_resolves:
-                        raise ProtocolError(
+                        # Transient for the job: the harvest is retried later (with its own
+                        # attempt budget) rather than hammering the resolver now.
+                        raise StorageRefused(
                             f"storage refused {what} {resolves} times in a row (HTTP {status})"
                             f" at {safe_url(url)}",
                             provider=transport.name,
@@ -136,6 +142,8 @@ async def stream_into(
                     sink.feed(chunk)
                     metric.inc(len(chunk))
             return
+        except StorageRefused:
+            raise
         except (NetworkError, ProviderUnavailable) as exc:
             failures += 1
             if failures > max_failures:

@@ -99,7 +99,6 @@ class PcdLabelDecoder:
     """
 
     __slots__ = (
-        "_body_at",
         "_carry",
         "_column",
         "_columns",
@@ -137,7 +136,6 @@ class PcdLabelDecoder:
         self._header: PcdHeader | None = None
         self._column = 0
         self._columns = 0
-        self._body_at = 0  # absolute offset of the first body byte
         self._carry: U8 = np.empty(0, dtype=np.uint8)
         self._work = np.empty(0, dtype=np.uint8)
 
@@ -249,7 +247,6 @@ class PcdLabelDecoder:
             if self._head_line(start, end):
                 used = self._scan - before
                 self._head = bytearray()
-                self._body_at = self._scan
                 self._phase = _Phase.BODY
                 return used
 

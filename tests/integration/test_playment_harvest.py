@@ -84,14 +84,16 @@ async def test_429_storm_holds_every_request_until_retry_after(tmp_path: Path) -
 
 
 async def test_expired_signed_urls_are_resolved_again(tmp_path: Path) -> None:
-    async with Emulator(scenario(_storage={"expire_first_n": 5})) as emu:
+    # More pre-expired URLs than one download may re-resolve in a row: whichever job draws
+    # too many spends a harvest attempt and is retried later, so nothing ends in error.
+    async with Emulator(scenario(_storage={"expire_first_n": 12})) as emu:
         config = make_config(tmp_path, emu)
         jobs = new_jobs(4, frames=2)
         counts = await harvest(config, jobs)
         assert counts == {JobState.HARVESTED: 4}
         check_outputs(config, emu, jobs, frames=2)
         storage = emu.state.stats()["storage"]
-        assert storage["expired_rejected"] == 5
+        assert storage["expired_rejected"] == 12
         assert storage["credential_hits"] == 0 or storage["credential_hits"] == []
 
 
