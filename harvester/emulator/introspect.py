@@ -25,11 +25,13 @@ def build_app(state: EmulatorState) -> web.Application:
     r = app.router
     r.add_get("/stats", _stats)
     r.add_get("/requests", _requests)
+    r.add_get("/truth/{provider}/{job_id}", _job_truth)
     r.add_get("/truth/{provider}/{reference_id}/{frame_id}", _truth)
     r.add_get("/faults", _faults)
     r.add_post("/faults", _add_fault)
     r.add_delete("/faults", _clear_faults)
     r.add_post("/reset-stats", _reset_stats)
+    r.add_post("/revoke-tokens", _revoke_tokens)
     r.add_get("/scenario", _scenario)
     return app
 
@@ -60,6 +62,23 @@ async def _truth(request: web.Request) -> web.StreamResponse:
         body=orjson.dumps(labels, option=orjson.OPT_SERIALIZE_NUMPY),
         content_type="application/json",
     )
+
+
+async def _job_truth(request: web.Request) -> web.StreamResponse:
+    """Cognite segments by jobId, Bentley blob sha256s by job id, Modzy results by job id."""
+    m = request.match_info
+    try:
+        doc = _state(request).job_truth(m["provider"], m["job_id"])
+    except KeyError:
+        return json_response(
+            {"error": f"no ground truth for {m['provider']!r} job {m['job_id']!r}"}, 404
+        )
+    return json_response(doc)
+
+
+async def _revoke_tokens(request: web.Request) -> web.StreamResponse:
+    revoked = _state(request).tokens.revoke_all()
+    return json_response({"ok": True, "revoked": revoked})
 
 
 async def _faults(request: web.Request) -> web.StreamResponse:
@@ -95,18 +114,29 @@ async def _reset_stats(request: web.Request) -> web.StreamResponse:
 
 async def _scenario(request: web.Request) -> web.StreamResponse:
     s = _state(request).scenario
+    oauth = _plain(s.oauth)
+    oauth["clients"] = {client_id: "***" for client_id, _ in s.oauth.clients}
     return json_response(
         {
             "seed": s.seed,
             "playment": _without_keys(s.playment),
+            "cognite": _plain(s.cognite),
+            "bentley": _plain(s.bentley),
+            "modzy": _without_keys(s.modzy),
+            "oauth": oauth,
             "storage": s.storage,
             "faults": [f.to_json() for f in s.faults],
         }
     )
 
 
-def _without_keys(p: Any) -> dict[str, Any]:
-    """The Playment section with API keys masked: secrets never leave the process."""
-    doc: dict[str, Any] = orjson.loads(orjson.dumps(p))
-    doc["valid_api_keys"] = ["***"] * len(p.valid_api_keys)
+def _plain(section: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = orjson.loads(orjson.dumps(section))
+    return doc
+
+
+def _without_keys(section: Any) -> dict[str, Any]:
+    """A section with its API keys masked: secrets never leave the process."""
+    doc = _plain(section)
+    doc["valid_api_keys"] = ["***"] * len(section.valid_api_keys)
     return doc

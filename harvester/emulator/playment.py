@@ -10,10 +10,10 @@ import logging
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from harvester.emulator.bodies import BodyError, read_json_object
 from harvester.emulator.middleware import provider_middlewares
 from harvester.emulator.playment_model import Job, PlaymentError, PlaymentModel
 from harvester.emulator.playment_results import PREFIX, PlaymentResults
@@ -191,9 +191,6 @@ class PlaymentApi:
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise PlaymentError(400, "GE_0001", f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise PlaymentError(400, "GE_0001", "request body must be a JSON object")
-    return body
+        return await read_json_object(request)
+    except BodyError as exc:
+        raise PlaymentError(400, "GE_0001", exc.message) from exc

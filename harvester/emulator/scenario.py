@@ -23,7 +23,7 @@ FaultWhen = Literal["before", "after"]
 
 RETRY_AFTER_FORMATS: tuple[RetryAfterFormat, ...] = ("seconds", "http-date", "none")
 FAULT_KINDS: tuple[FaultKind, ...] = ("429", "5xx", "reset", "truncate", "slow")
-FAULT_PROVIDERS = ("playment", "storage")
+FAULT_PROVIDERS = ("playment", "storage", "cognite", "bentley", "modzy", "token")
 
 _COMMON_FAULT_KEYS = {"kind", "provider", "start_s", "duration_s", "probability", "count", "match"}
 _FAULT_KEYS_BY_KIND: dict[str, set[str]] = {
@@ -57,6 +57,60 @@ class PlaymentScenario:
     attachments_redirect_status: int = 302
     result_variant: ResultVariant = "masks"
     rate_limit: RateLimit = field(default_factory=RateLimit)
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthScenario:
+    # (client_id, client_secret) pairs; empty = any non-empty id and secret are accepted.
+    clients: tuple[tuple[str, str], ...] = ()
+    token_ttl_s: float = 3600.0
+    rate_limit: RateLimit = field(default_factory=RateLimit)
+
+
+@dataclass(frozen=True, slots=True)
+class CogniteScenario:
+    job_duration_s: float = 2.0
+    failure_rate: float = 0.0
+    # Empty = any token scope is accepted; else the bearer token must carry this scope.
+    required_scope: str = ""
+    # Empty = any (or no) cdf-version header; else segmentation calls must send exactly this.
+    required_cdf_version: str = ""
+    # Jobs Queued or Running at once per project; 0 = unlimited. Over it: 429 (concurrency).
+    max_active_jobs: int = 0
+    segments_per_item: tuple[int, int] = (1, 3)
+    polygons_per_segment: tuple[int, int] = (1, 2)
+    vertices_per_polygon: tuple[int, int] = (6, 24)
+    # Files that do not exist: ints are ids, strings external ids (400 with "missing").
+    missing_files: tuple[int | str, ...] = ()
+    file_bytes: int = 4096
+    rate_limit: RateLimit = field(default_factory=lambda: RateLimit(retry_after="none"))
+
+
+@dataclass(frozen=True, slots=True)
+class BentleyScenario:
+    job_duration_s: float = 2.0
+    failure_rate: float = 0.0
+    # How long a job stays in TerminatingOnFailure / TerminatingOnCancel.
+    terminating_s: float = 0.5
+    progress_step: int = 10  # percent
+    required_scope: str = "itwin-platform"
+    parts_per_output: int = 3
+    blob_bytes: int = 262_144
+    list_page_size: int = 5000
+    sas_ttl_s: float = 3600.0
+    expire_first_n: int = 0
+    rate_limit: RateLimit = field(default_factory=RateLimit)
+
+
+@dataclass(frozen=True, slots=True)
+class ModzyScenario:
+    valid_api_keys: tuple[str, ...] = ()  # empty = any non-empty key
+    job_duration_s: float = 2.0
+    results_404_s: float = 1.0
+    failure_rate: float = 0.0
+    timeout_rate: float = 0.0
+    item_failure_rate: float = 0.0
+    rate_limit: RateLimit = field(default_factory=lambda: RateLimit(retry_after="none"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +150,10 @@ class FaultSpec:
 class Scenario:
     seed: int = 1
     playment: PlaymentScenario = field(default_factory=PlaymentScenario)
+    cognite: CogniteScenario = field(default_factory=CogniteScenario)
+    bentley: BentleyScenario = field(default_factory=BentleyScenario)
+    modzy: ModzyScenario = field(default_factory=ModzyScenario)
+    oauth: OAuthScenario = field(default_factory=OAuthScenario)
     storage: StorageScenario = field(default_factory=StorageScenario)
     faults: tuple[FaultSpec, ...] = ()
 
@@ -120,6 +178,10 @@ def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
     t = _Table(doc, "")
     seed = t.get_int("seed", 1)
     playment = _parse_playment(t.table("playment"))
+    cognite = _parse_cognite(t.table("cognite"))
+    bentley = _parse_bentley(t.table("bentley"))
+    modzy = _parse_modzy(t.table("modzy"))
+    oauth = _parse_oauth(t.table("oauth"))
     storage = _parse_storage(t.table("storage"))
     faults_raw = t.get_list("faults", [])
     t.done()
@@ -127,7 +189,16 @@ def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
         parse_fault(_as_table(raw, f"faults[{i}]"), f"faults[{i}]")
         for i, raw in enumerate(faults_raw)
     )
-    return Scenario(seed=seed, playment=playment, storage=storage, faults=faults)
+    return Scenario(
+        seed=seed,
+        playment=playment,
+        cognite=cognite,
+        bentley=bentley,
+        modzy=modzy,
+        oauth=oauth,
+        storage=storage,
+        faults=faults,
+    )
 
 
 def parse_fault(doc: Mapping[str, Any], where: str = "fault") -> FaultSpec:
@@ -158,21 +229,13 @@ def parse_fault(doc: Mapping[str, Any], where: str = "fault") -> FaultSpec:
 
 
 def _parse_playment(t: _Table) -> PlaymentScenario:
-    keys = t.get_list("valid_api_keys", [])
-    if not all(isinstance(k, str) and k for k in keys):
-        raise ScenarioError(f"{t.name('valid_api_keys')} must be a list of non-empty strings")
+    keys = _api_keys(t)
     statuses = t.get_list("statuses", ["created", "in_progress", "completed"])
     if not statuses or not all(isinstance(s, str) and s for s in statuses):
         raise ScenarioError(f"{t.name('statuses')} must be a non-empty list of strings")
     if statuses[-1] != "completed" or statuses.count("completed") != 1:
         raise ScenarioError(f"{t.name('statuses')} must end with 'completed' (and only there)")
-    rl = t.table("rate_limit")
-    rate_limit = RateLimit(
-        rate_per_s=rl.get_float("rate_per_s", 0.0, minimum=0.0),
-        burst=rl.get_int("burst", 0, minimum=0),
-        retry_after=rl.choice("retry_after", RETRY_AFTER_FORMATS, "seconds"),
-    )
-    rl.done()
+    rate_limit = _rate_limit(t)
     out = PlaymentScenario(
         valid_api_keys=tuple(keys),
         job_duration_s=t.get_float("job_duration_s", 2.0, minimum=0.0),
@@ -188,6 +251,83 @@ def _parse_playment(t: _Table) -> PlaymentScenario:
     return out
 
 
+def _parse_cognite(t: _Table) -> CogniteScenario:
+    missing = t.get_list("missing_files", [])
+    if not all((_is_int(m) and m > 0) or (isinstance(m, str) and m) for m in missing):
+        raise ScenarioError(
+            f"{t.name('missing_files')} must list file ids (ints > 0) or external ids (strings)"
+        )
+    out = CogniteScenario(
+        job_duration_s=t.get_float("job_duration_s", 2.0, minimum=0.0),
+        failure_rate=_rate(t, "failure_rate"),
+        required_scope=t.get_str("required_scope", ""),
+        required_cdf_version=t.get_str("required_cdf_version", ""),
+        max_active_jobs=t.get_int("max_active_jobs", 0, minimum=0),
+        segments_per_item=_int_range(t, "segments_per_item", (1, 3), minimum=1),
+        polygons_per_segment=_int_range(t, "polygons_per_segment", (1, 2), minimum=1),
+        vertices_per_polygon=_int_range(t, "vertices_per_polygon", (6, 24), minimum=3),
+        missing_files=tuple(missing),
+        file_bytes=t.get_int("file_bytes", 4096, minimum=0),
+        # Cognite documents its 429s as carrying no Retry-After: not configurable.
+        rate_limit=_rate_limit(t, retry_after="none"),
+    )
+    t.done()
+    return out
+
+
+def _parse_bentley(t: _Table) -> BentleyScenario:
+    out = BentleyScenario(
+        job_duration_s=t.get_float("job_duration_s", 2.0, minimum=0.0),
+        failure_rate=_rate(t, "failure_rate"),
+        terminating_s=t.get_float("terminating_s", 0.5, minimum=0.0),
+        progress_step=t.get_int("progress_step", 10, minimum=1, maximum=100),
+        required_scope=t.get_str("required_scope", "itwin-platform"),
+        parts_per_output=t.get_int("parts_per_output", 3, minimum=0, maximum=9999),
+        blob_bytes=t.get_int("blob_bytes", 262_144, minimum=0),
+        list_page_size=t.get_int("list_page_size", 5000, minimum=1, maximum=5000),
+        sas_ttl_s=t.get_float("sas_ttl_s", 3600.0, minimum=1.0),
+        expire_first_n=t.get_int("expire_first_n", 0, minimum=0),
+        # Bentley documents Retry-After in seconds on its 429s: not configurable.
+        rate_limit=_rate_limit(t, retry_after="seconds"),
+    )
+    t.done()
+    return out
+
+
+def _parse_modzy(t: _Table) -> ModzyScenario:
+    out = ModzyScenario(
+        valid_api_keys=tuple(_api_keys(t)),
+        job_duration_s=t.get_float("job_duration_s", 2.0, minimum=0.0),
+        results_404_s=t.get_float("results_404_s", 1.0, minimum=0.0),
+        failure_rate=_rate(t, "failure_rate"),
+        timeout_rate=_rate(t, "timeout_rate"),
+        item_failure_rate=_rate(t, "item_failure_rate"),
+        # Modzy documents no 429 at all; when a scenario adds one it says nothing more.
+        rate_limit=_rate_limit(t, retry_after="none"),
+    )
+    if out.failure_rate + out.timeout_rate > 1.0:
+        raise ScenarioError(f"{t.name('failure_rate')} + timeout_rate must be <= 1")
+    t.done()
+    return out
+
+
+def _parse_oauth(t: _Table) -> OAuthScenario:
+    raw = t.table("clients")
+    clients: list[tuple[str, str]] = []
+    for client_id in list(raw.keys()):
+        secret = raw.get_str(client_id, "")
+        if not client_id or not secret:
+            raise ScenarioError(f"{raw.name(client_id)} must be a non-empty client secret")
+        clients.append((client_id, secret))
+    out = OAuthScenario(
+        clients=tuple(clients),
+        token_ttl_s=t.get_float("token_ttl_s", 3600.0, minimum=0.0),
+        rate_limit=_rate_limit(t),
+    )
+    t.done()
+    return out
+
+
 def _parse_storage(t: _Table) -> StorageScenario:
     out = StorageScenario(
         url_ttl_s=t.get_float("url_ttl_s", 300.0, minimum=1.0),
@@ -196,6 +336,48 @@ def _parse_storage(t: _Table) -> StorageScenario:
     )
     t.done()
     return out
+
+
+def _api_keys(t: _Table) -> list[str]:
+    keys = t.get_list("valid_api_keys", [])
+    if not all(isinstance(k, str) and k for k in keys):
+        raise ScenarioError(f"{t.name('valid_api_keys')} must be a list of non-empty strings")
+    return keys
+
+
+def _rate(t: _Table, key: str) -> float:
+    return t.get_float(key, 0.0, minimum=0.0, maximum=1.0)
+
+
+def _rate_limit(t: _Table, *, retry_after: RetryAfterFormat | None = None) -> RateLimit:
+    """The ``rate_limit`` sub-table; ``retry_after`` fixes the header format (and makes the
+    key unknown) for providers whose documentation already decides it."""
+    rl = t.table("rate_limit")
+    out = RateLimit(
+        rate_per_s=rl.get_float("rate_per_s", 0.0, minimum=0.0),
+        burst=rl.get_int("burst", 0, minimum=0),
+        retry_after=(
+            rl.choice("retry_after", RETRY_AFTER_FORMATS, "seconds")
+            if retry_after is None
+            else retry_after
+        ),
+    )
+    rl.done()
+    return out
+
+
+def _int_range(t: _Table, key: str, default: tuple[int, int], *, minimum: int) -> tuple[int, int]:
+    raw = t.raw(key, list(default))
+    if _is_int(raw) and raw >= minimum:
+        return (raw, raw)
+    if (
+        isinstance(raw, list)
+        and len(raw) == 2
+        and all(_is_int(v) for v in raw)
+        and minimum <= raw[0] <= raw[1]
+    ):
+        return (raw[0], raw[1])
+    raise ScenarioError(f"{t.name(key)} must be an int >= {minimum} or [min, max]")
 
 
 def _points_range(t: _Table) -> tuple[int, int]:
@@ -239,6 +421,9 @@ class _Table:
     def raw(self, key: str, default: object) -> Any:
         self._used.add(key)
         return self._doc.get(key, default)
+
+    def keys(self) -> list[str]:
+        return list(self._doc)
 
     def done(self) -> None:
         for key in self._doc:

@@ -1,7 +1,7 @@
 """The emulator process: provider apps on one port, the storage host on another.
 
-Each provider is a sub-app at its own prefix, built from ``ProviderContext``. Imitating a new
-provider means adding its builder to ``_BUILDERS``; until then a 501 stub holds its prefix.
+Each provider is a sub-app at its own prefix, built from ``ProviderContext`` by its entry in
+``_BUILDERS``.
 """
 
 from __future__ import annotations
@@ -13,15 +13,19 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
 from harvester.emulator import introspect
+from harvester.emulator.bentley import BentleyApi
+from harvester.emulator.cognite import CogniteApi
+from harvester.emulator.modzy import ModzyApi
+from harvester.emulator.oauth import TokenEndpoint
 from harvester.emulator.playment import PlaymentApi
 from harvester.emulator.scenario import Scenario, ScenarioError, load_scenario
 from harvester.emulator.state import EmulatorState
 from harvester.emulator.storage import StorageHost
-from harvester.emulator.stubs import not_implemented_app
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -49,6 +53,10 @@ MOUNTS = (
 
 _BUILDERS: dict[str, Callable[[ProviderContext], web.Application]] = {
     "playment": lambda ctx: PlaymentApi(ctx.state, ctx.storage).build_app(),
+    "cognite": lambda ctx: CogniteApi(ctx.state, ctx.storage).build_app(),
+    "bentley": lambda ctx: BentleyApi(ctx.state, ctx.storage).build_app(),
+    "modzy": lambda ctx: ModzyApi(ctx.state).build_app(),
+    "token": lambda ctx: TokenEndpoint(ctx.state).build_app(),
 }
 
 
@@ -83,7 +91,8 @@ class Emulator:
             # Storage first: result URLs name it, so its address must exist before any job.
             storage_port = await self._listen(self.storage.build_app(), self.storage_port)
             self.storage.base_url = self._origin(storage_port)
-            main_port = await self._listen(self._main_app(), self.port)
+            # Provider APIs decode Content-Encoding themselves (see ``bodies``).
+            main_port = await self._listen(self._main_app(), self.port, auto_decompress=False)
         except BaseException:
             await self.stop()
             raise
@@ -118,14 +127,12 @@ class Emulator:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         ctx = ProviderContext(self.state, self.storage)
         for mount in MOUNTS:
-            builder = _BUILDERS.get(mount.name)
-            sub = builder(ctx) if builder else not_implemented_app(mount.name, self.state)
-            app.add_subapp(mount.prefix, sub)
+            app.add_subapp(mount.prefix, _BUILDERS[mount.name](ctx))
         app.add_subapp(introspect.PREFIX, introspect.build_app(self.state))
         return app
 
-    async def _listen(self, app: web.Application, port: int) -> int:
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    async def _listen(self, app: web.Application, port: int, **server_kw: Any) -> int:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, **server_kw)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, self.host, port)

@@ -44,11 +44,14 @@ class Signer:
         self._expires = max(1, math.ceil(ttl_s))  # S3 takes whole seconds
         self._clock = wall_clock
 
-    def query(self, path: str, *, expired: bool = False) -> str:
+    def query(self, path: str, *, expired: bool = False, ttl_s: float | None = None) -> str:
+        """The presigned query for ``path``; ``ttl_s`` overrides the default lifetime (a
+        provider whose links live a documented time, like Cognite's 30 s)."""
+        lifetime = self._expires if ttl_s is None else max(1, math.ceil(ttl_s))
         now = int(self._clock())
-        signed_at = now - self._expires - _EXPIRED_MARGIN_S if expired else now
+        signed_at = now - lifetime - _EXPIRED_MARGIN_S if expired else now
         date = time.strftime(_DATE_FORMAT, time.gmtime(signed_at))
-        expires = str(self._expires)
+        expires = str(lifetime)
         return urlencode(
             {
                 "X-Amz-Algorithm": ALGORITHM,

@@ -17,8 +17,11 @@ from typing import Any
 from harvester.emulator import truth
 from harvester.emulator.faults import FaultBook
 from harvester.emulator.scenario import FaultSpec, Scenario
+from harvester.emulator.tokens import TokenBook
 
 StatsSource = Callable[[], dict[str, Any]]
+# job key -> the JSON ground truth for it; KeyError when the provider never had that job.
+TruthSource = Callable[[str], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,8 @@ class ProviderCounters:
         default_factory=lambda: defaultdict(Counter)
     )
     extra: Counter[str] = field(default_factory=Counter)
+    # Requests refused for their credentials, by reason ("missing", "expired", "revoked", ...).
+    auth_refusals: Counter[str] = field(default_factory=Counter)
 
     def to_json(self) -> dict[str, Any]:
         by_status: Counter[int] = Counter()
@@ -67,6 +72,11 @@ class ProviderCounters:
             "creates": self.creates,
             "duplicate_creates": self.duplicate_creates,
             "creates_by_reference": {p: dict(c) for p, c in self.creates_by_reference.items()},
+            "max_creates_per_reference": max(
+                (n for c in self.creates_by_reference.values() for n in c.values()), default=0
+            ),
+            "auth_refusals": sum(self.auth_refusals.values()),
+            "auth_refusals_by_reason": dict(sorted(self.auth_refusals.items())),
             **self.extra,
         }
 
@@ -80,9 +90,17 @@ class EmulatorState:
         self._providers: defaultdict[str, ProviderCounters] = defaultdict(ProviderCounters)
         self._credential_hits: list[CredentialHit] = []
         self._sources: dict[str, StatsSource] = {}
-        # Keys seen on provider APIs, so storage can spot one sent under any header name.
-        # Memory only: never rendered anywhere.
-        self._api_keys: set[str] = set(scenario.playment.valid_api_keys)
+        self._truth: dict[str, TruthSource] = {}
+        # Counters that exist (at 0) before anything happened, so a reader need not guess.
+        self._declared: defaultdict[str, set[str]] = defaultdict(set)
+        self.tokens = TokenBook(scenario.oauth.token_ttl_s, clock)
+        # Secrets seen on provider APIs (API keys, bearer tokens, client secrets), so storage
+        # can spot one sent under any header name. Memory only: never rendered anywhere.
+        self._api_keys: set[str] = {
+            *scenario.playment.valid_api_keys,
+            *scenario.modzy.valid_api_keys,
+            *(secret for _, secret in scenario.oauth.clients),
+        }
 
     # -- recording (called by the apps) -------------------------------------------------
 
@@ -112,6 +130,15 @@ class EmulatorState:
         else:
             c.duplicate_creates += 1
 
+    def record_auth_refusal(self, provider: str, reason: str) -> None:
+        self._providers[provider].auth_refusals[reason] += 1
+
+    def declare_counters(self, provider: str, *names: str) -> None:
+        self._declared[provider].update(names)
+
+    def count(self, provider: str, name: str, n: int = 1) -> None:
+        self._providers[provider].extra[name] += n
+
     def record_credential_hit(self, header: str, path: str) -> None:
         self._credential_hits.append(CredentialHit(self.clock(), header.lower(), path))
 
@@ -126,16 +153,20 @@ class EmulatorState:
         table contents) that a stats reset must not clear."""
         self._sources[provider] = source
 
+    def add_truth_source(self, provider: str, source: TruthSource) -> None:
+        self._truth[provider] = source
+
     # -- introspection ------------------------------------------------------------------
 
     def add_fault(self, spec: FaultSpec) -> None:
         self.faults.add(spec)
 
     def stats(self) -> dict[str, Any]:
-        providers = sorted(set(self._providers) | set(self._sources))
+        providers = sorted(set(self._providers) | set(self._sources) | set(self._declared))
         out: dict[str, Any] = {}
         for name in providers:
-            section = self._providers[name].to_json()
+            section = dict.fromkeys(sorted(self._declared[name]), 0)
+            section.update(self._providers[name].to_json())
             if name in self._sources:
                 section.update(self._sources[name]())
             out[name] = section
@@ -164,6 +195,10 @@ class EmulatorState:
         self._log.clear()
         self._providers.clear()
         self._credential_hits.clear()
+
+    def job_truth(self, provider: str, key: str) -> Any:
+        """The ground truth of one job; ``KeyError`` for an unknown provider or job."""
+        return self._truth[provider](key)
 
     def truth_labels(self, provider: str, reference_id: str, frame_id: str) -> truth.LabelArray:
         if provider != "playment":

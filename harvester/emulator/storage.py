@@ -1,4 +1,5 @@
-"""The signed-URL storage host: a separate port that behaves like a private S3 bucket.
+"""The signed-URL storage host: a separate port that behaves like a private S3 bucket (and,
+under ``/bentley/``, like Azure blob containers: see ``azure``).
 
 Objects are only reachable through a presigned URL; an unsigned, forged or expired one gets S3's
 403 XML. A request carrying an API key or ``Authorization`` header is the client leaking
@@ -9,6 +10,7 @@ refused as S3 refuses a second auth mechanism.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from aiohttp import web
@@ -22,8 +24,15 @@ from harvester.emulator.state import EmulatorState
 _CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 
 
+StorageHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 class StorageHost:
-    """The store, the signer and the counters of URLs handed out by attachment APIs."""
+    """The store, the signer and the counters of URLs handed out by attachment APIs.
+
+    Paths are S3-style by default; a provider whose signed URLs follow another cloud's rules
+    (Bentley's Azure SAS) mounts its own handler under a path prefix.
+    """
 
     def __init__(self, state: EmulatorState) -> None:
         cfg = state.scenario.storage
@@ -36,13 +45,18 @@ class StorageHost:
         self._issued = 0
         self._issued_expired = 0
         self._rejected_expired = 0
+        self._handlers: list[tuple[str, StorageHandler]] = []
         state.add_stats_source("storage", self._stats)
 
-    def signed_url(self, path: str) -> str:
+    def mount_handler(self, prefix: str, handler: StorageHandler) -> None:
+        self._handlers.append((prefix, handler))
+
+    def signed_url(self, path: str, ttl_s: float | None = None) -> str:
         self._issued += 1
         expired = self._issued <= self._expire_first_n
         self._issued_expired += expired
-        return f"{self.private_url(path)}?{self.signer.query(path, expired=expired)}"
+        query = self.signer.query(path, expired=expired, ttl_s=ttl_s)
+        return f"{self.private_url(path)}?{query}"
 
     def private_url(self, path: str) -> str:
         return self.base_url + quote(path)
@@ -61,10 +75,20 @@ class StorageHost:
             "expired_rejected": self._rejected_expired,
         }
 
+    def leaked_credential(self, request: web.Request) -> str | None:
+        """The name of a header that carries a credential, recorded as a hit; None if the
+        request is clean."""
+        for name, value in request.headers.items():
+            if name.lower() in _CREDENTIAL_HEADERS or self.state.is_api_key(value):
+                self.state.record_credential_hit(name, request.path)
+                return name
+        return None
+
     async def _get(self, request: web.Request) -> web.StreamResponse:
-        leaked = self._credential_header(request)
-        if leaked is not None:
-            self.state.record_credential_hit(leaked, request.path)
+        for prefix, handler in self._handlers:
+            if request.path.startswith(prefix):
+                return await handler(request)
+        if self.leaked_credential(request) is not None:
             return s3_error(
                 400,
                 "InvalidArgument",
@@ -98,21 +122,24 @@ class StorageHost:
         obj = await self.objects.get(request.path)
         if obj is None:
             return s3_error(404, "NoSuchKey", "The specified key does not exist.")
-        return await self._send(request, obj)
+        return await self.send_object(request, obj)
 
-    def _credential_header(self, request: web.Request) -> str | None:
-        for name, value in request.headers.items():
-            if name.lower() in _CREDENTIAL_HEADERS or self.state.is_api_key(value):
-                return name
-        return None
-
-    async def _send(self, request: web.Request, obj: StoredObject) -> web.StreamResponse:
+    async def send_object(
+        self,
+        request: web.Request,
+        obj: StoredObject,
+        headers: dict[str, str] | None = None,
+        range_error: Callable[[str, int], web.StreamResponse] | None = None,
+    ) -> web.StreamResponse:
+        """Stream ``obj`` in chunks, honouring one ``Range`` and a truncate fault."""
         total = len(obj.body)
         start = 0
         status = 200
         range_header = request.headers.get("Range")
         if range_header is not None:
             parsed = _parse_range(range_header, total)
+            if parsed is None and range_error is not None:
+                return range_error(range_header, total)
             if parsed is None:
                 return s3_error(
                     416,
@@ -128,6 +155,7 @@ class StorageHost:
         response.content_type = obj.content_type
         response.headers["ETag"] = obj.etag
         response.headers["Accept-Ranges"] = "bytes"
+        response.headers.update(headers or {})
         if status == 206:
             response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
         response.content_length = end - start

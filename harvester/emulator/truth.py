@@ -1,8 +1,9 @@
-"""Ground truth: the labels the emulator serves, derived from nothing but their names.
+"""Ground truth: what the emulator serves, derived from nothing but names.
 
-Every array is a pure function of (seed, reference_id, frame_id), so a harvest can be checked
-byte for byte against a fresh computation, in this process or another, and a result object can
-be dropped from the storage cache and regenerated identically.
+Every label array is a pure function of (seed, reference_id, frame_id), and every other
+provider's output a pure function of the seed and the job's own request, so a harvest can be
+checked byte for byte against a fresh computation, in this process or another, and a result
+object can be dropped from the storage cache and regenerated identically.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from harvester.emulator import numfmt
 
@@ -21,8 +23,29 @@ _COORD_DECIMALS = 3
 
 
 def frame_seed(seed: int, reference_id: str, frame_id: str, purpose: str) -> int:
-    text = "\0".join((str(seed), reference_id, frame_id, purpose)).encode()
+    return derived_seed(seed, reference_id, frame_id, purpose)
+
+
+def derived_seed(seed: int, *parts: str) -> int:
+    """A 128-bit seed named by ``parts``: independent of every other name, and of the order
+    in which things were asked for (concurrent clients create jobs in any order)."""
+    text = "\0".join((str(seed), *parts)).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=16).digest(), "big")
+
+
+def rng_for(seed: int, *parts: str) -> np.random.Generator:
+    return np.random.default_rng(derived_seed(seed, *parts))
+
+
+def unit_draw(seed: int, *parts: str) -> float:
+    """A number in [0, 1) named by ``parts``: "does this job fail?" asked twice answers the same."""
+    return derived_seed(seed, *parts) / 2.0**128
+
+
+def digest(doc: object) -> str:
+    """A short stable name for a JSON-able document (canonical: sorted keys)."""
+    text = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(text, digest_size=12).hexdigest()
 
 
 def points_for_frame(

@@ -1,6 +1,7 @@
-"""Fixtures for the emulator tests: a started emulator and a small raw-HTTP Playment client.
+"""Fixtures for the emulator tests: a started emulator, a small raw-HTTP Playment client and
+helpers for the other providers (tokens, introspection, bounded polling).
 
-The client here is deliberately naive (plain aiohttp calls, no harvester code): these tests
+The clients here are deliberately naive (plain aiohttp calls, no harvester code): these tests
 check the emulator against the API description, not against harvester's own client.
 """
 
@@ -18,8 +19,15 @@ from harvester.emulator.scenario import parse_scenario
 
 API_KEY = "test-key-123"
 PROJECT = "proj-1"
-FAST: dict[str, Any] = {"playment": {"job_duration_s": 0.3, "points_per_frame": [500, 2000]}}
+FAST: dict[str, Any] = {
+    "playment": {"job_duration_s": 0.3, "points_per_frame": [500, 2000]},
+    "cognite": {"job_duration_s": 0.3},
+    "bentley": {"job_duration_s": 0.3, "terminating_s": 0.1, "blob_bytes": 3000},
+    "modzy": {"job_duration_s": 0.3, "results_404_s": 0.15},
+}
 WAIT_S = 5.0  # upper bound for any wait in these tests; jobs take 0.3 s
+CLIENT_ID = "client-1"
+CLIENT_SECRET = "secret-1"
 
 
 @pytest.fixture
@@ -153,3 +161,53 @@ async def make_client(start_emulator: StartEmulator, session: aiohttp.ClientSess
 @pytest.fixture
 async def api(make_client: MakeClient) -> PlaymentClient:
     return await make_client()
+
+
+# -- helpers for the providers behind OAuth2 and the introspection endpoints ---------------
+
+
+def origin(emu: Emulator) -> str:
+    return emu.urls["playment"].removesuffix("/playment")
+
+
+async def introspect(
+    emu: Emulator, session: aiohttp.ClientSession, method: str, path: str, **kw: Any
+) -> Any:
+    async with session.request(method, f"{origin(emu)}/_emulator{path}", **kw) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def token_request(
+    emu: Emulator, session: aiohttp.ClientSession, **form: str
+) -> tuple[int, Any]:
+    async with session.post(emu.urls["token"], data=form) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def get_token(
+    emu: Emulator, session: aiohttp.ClientSession, scope: str = "itwin-platform"
+) -> str:
+    status, doc = await token_request(
+        emu,
+        session,
+        grant_type="client_credentials",
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        scope=scope,
+    )
+    assert status == 200, doc
+    return str(doc["access_token"])
+
+
+async def poll_until(
+    fetch: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], interval: float = 0.02
+) -> list[Any]:
+    """Call ``fetch`` until ``done(answer)``, at most WAIT_S; returns every answer seen."""
+    seen: list[Any] = []
+    with anyio.fail_after(WAIT_S):
+        while True:
+            seen.append(await fetch())
+            if done(seen[-1]):
+                return seen
+            await anyio.sleep(interval)

@@ -2,13 +2,22 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import anyio
 import pytest
-from conftest import PROJECT, WAIT_S, MakeClient, PlaymentClient, point_cloud_body
+from conftest import (
+    PROJECT,
+    WAIT_S,
+    MakeClient,
+    PlaymentClient,
+    StartEmulator,
+    introspect,
+    point_cloud_body,
+)
 
 from harvester.emulator.faults import FaultBook
 from harvester.emulator.ratelimit import TokenBucket
@@ -190,3 +199,31 @@ def test_token_bucket_refills_at_its_rate() -> None:
     now[0] = 0.5
     assert bucket.take() == 0.0
     assert bucket.take() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("provider", "path", "error_of"),
+    [
+        ("cognite", "/api/v1/projects/p/context/vision/segment/1", lambda d: d["error"]["code"]),
+        ("bentley", "/reality-analysis/jobs/x", lambda d: d["error"]["code"]),
+        ("modzy", "/api/jobs/x", lambda d: d["status"]),
+    ],
+)
+async def test_faults_reach_every_provider_in_its_own_envelope(
+    start_emulator: StartEmulator,
+    session: aiohttp.ClientSession,
+    provider: str,
+    path: str,
+    error_of: Callable[[Any], object],
+) -> None:
+    emu = await start_emulator()
+    await introspect(
+        emu, session, "POST", "/faults", json={"kind": "5xx", "provider": provider, "count": 1}
+    )
+    async with session.get(emu.urls[provider] + path) as r:
+        assert r.status == 503
+        assert error_of(await r.json()) in (503, "ServiceUnavailable", "SERVICE_UNAVAILABLE")
+    async with session.get(emu.urls[provider] + path) as r:
+        assert r.status == 401  # the fault is spent; no credentials were sent
+    stats = await introspect(emu, session, "GET", "/stats")
+    assert stats[provider]["faults"] == {"5xx": 1}

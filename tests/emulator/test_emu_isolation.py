@@ -7,7 +7,12 @@ from pathlib import Path
 
 import harvester.emulator
 
-FORBIDDEN = ("harvester.providers", "harvester.transport", "harvester.engine")
+FORBIDDEN = (
+    "harvester.providers",
+    "harvester.transport",
+    "harvester.engine",
+    "harvester.auth",
+)
 
 
 def test_emulator_imports_nothing_from_the_client_side() -> None:

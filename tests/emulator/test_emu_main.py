@@ -46,6 +46,11 @@ def test_main_prints_exactly_one_json_line_and_stops_on_sigterm() -> None:
         stats_url = urls["playment"].removesuffix("/playment") + "/_emulator/stats"
         with urllib.request.urlopen(stats_url, timeout=5) as r:
             assert "playment" in json.loads(r.read())
+        models = urllib.request.Request(
+            urls["modzy"] + "/api/models", headers={"Authorization": "ApiKey k"}
+        )
+        with urllib.request.urlopen(models, timeout=5) as r:  # a real provider, not a stub
+            assert isinstance(json.loads(r.read()), list)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
     finally:

@@ -28,6 +28,30 @@ def test_no_file_means_defaults() -> None:
     assert s.playment.rate_limit.rate_per_s == 0
     assert s.storage.url_ttl_s == 300 and s.storage.expire_first_n == 0
     assert s.faults == ()
+    assert s.cognite.job_duration_s == 2.0 and s.cognite.rate_limit.retry_after == "none"
+    assert s.bentley.required_scope == "itwin-platform" and s.bentley.list_page_size == 5000
+    assert s.bentley.rate_limit.retry_after == "seconds"
+    assert s.modzy.results_404_s == 1.0 and s.modzy.rate_limit.rate_per_s == 0
+    assert s.oauth.token_ttl_s == 3600 and s.oauth.clients == ()
+
+
+def test_new_provider_sections_parse() -> None:
+    s = parse_scenario(
+        {
+            "cognite": {"segments_per_item": 2, "missing_files": [5, "x"], "failure_rate": 0.5},
+            "bentley": {"rate_limit": {"rate_per_s": 8.3, "burst": 50}, "expire_first_n": 2},
+            "modzy": {"valid_api_keys": ["k"], "failure_rate": 0.2, "timeout_rate": 0.3},
+            "oauth": {"clients": {"id-1": "s-1", "id-2": "s-2"}, "token_ttl_s": 0.5},
+        }
+    )
+    assert s.cognite.segments_per_item == (2, 2) and s.cognite.missing_files == (5, "x")
+    assert s.bentley.rate_limit.rate_per_s == 8.3 and s.bentley.expire_first_n == 2
+    assert s.modzy.valid_api_keys == ("k",)
+    assert s.oauth.clients == (("id-1", "s-1"), ("id-2", "s-2"))
+    faults = [{"kind": "5xx", "provider": p} for p in ("cognite", "bentley", "modzy", "token")]
+    assert [f.provider for f in parse_scenario({"faults": faults}).faults] == [
+        "cognite", "bentley", "modzy", "token",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.toml")), ids=lambda p: p.name)
@@ -57,6 +81,15 @@ def test_points_per_frame_takes_an_int_or_a_range() -> None:
         ({"storage": {"ttl": 1}}, "'storage.ttl'"),
         ({"faults": [{"kind": "429", "retry_after_s": 1, "statuss": 1}]}, "faults[0].statuss"),
         ({"faults": [{"kind": "reset", "status": 502}]}, "faults[0].status"),
+        ({"cognite": {"job_time": 1}}, "'cognite.job_time'"),
+        # Cognite never sends Retry-After and Bentley always does: not configurable.
+        (
+            {"cognite": {"rate_limit": {"retry_after": "seconds"}}},
+            "'cognite.rate_limit.retry_after'",
+        ),
+        ({"bentley": {"rate_limit": {"retry_after": "none"}}}, "'bentley.rate_limit.retry_after'"),
+        ({"modzy": {"results_404": 1}}, "'modzy.results_404'"),
+        ({"oauth": {"ttl": 1}}, "'oauth.ttl'"),
     ],
 )
 def test_unknown_keys_are_errors_naming_the_key(doc: dict[str, Any], named: str) -> None:
@@ -81,6 +114,16 @@ def test_unknown_keys_are_errors_naming_the_key(doc: dict[str, Any], named: str)
         {"faults": [{"kind": "5xx", "status": 404}]},
         {"faults": [{"kind": "slow", "probability": 1.5}]},
         {"faults": ["429"]},
+        {"faults": [{"kind": "429", "provider": "azure"}]},
+        {"cognite": {"failure_rate": 1.5}},
+        {"cognite": {"missing_files": [0]}},
+        {"cognite": {"vertices_per_polygon": [2, 5]}},
+        {"bentley": {"list_page_size": 5001}},
+        {"bentley": {"progress_step": 0}},
+        {"modzy": {"failure_rate": 0.6, "timeout_rate": 0.6}},
+        {"modzy": {"valid_api_keys": "k"}},
+        {"oauth": {"clients": {"id": ""}}},
+        {"oauth": {"clients": {"id": 3}}},
     ],
 )
 def test_bad_values_are_errors(doc: dict[str, Any]) -> None:

@@ -1,0 +1,433 @@
+"""Bentley Reality Analysis jobs and their output reality data: validation, states, blobs.
+
+Pure (no HTTP). A job is Queued for the first fifth of ``job_duration_s``, Active until the
+end, then Success. A failing job (probability ``failure_rate``) stops part-way through Active,
+spends ``terminating_s`` in TerminatingOnFailure, then is Failed; a cancelled one spends it in
+TerminatingOnCancel, then is Cancelled. Progress advances in ``progress_step`` percent steps
+and freezes where the job stopped.
+
+Each output of a successful job is one reality data (one blob container) holding
+``<output>/labels.json`` and ``<output>/segmentation/part-NNNN.bin``; every byte is a function
+of the seed and the job's own request, not of arrival order.
+
+Jobs can only be found by id: the API documents no listing or search (by name or
+otherwise), so a client that lost a create answer cannot find that job again here either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from harvester.emulator import truth
+from harvester.emulator.scenario import BentleyScenario
+from harvester.emulator.timefmt import Stamp, iso_z
+
+JOB_TYPES = (
+    "Objects2D", "Segmentation2D", "Segmentation3D", "SegmentationOrthophoto",
+    "ChangeDetection", "EvalO2D", "EvalO3D", "EvalS2D", "EvalS3D", "EvalSOrtho",
+    "TrainingO2D", "TrainingS3D",
+)  # fmt: skip
+State = Literal[
+    "Queued", "Active", "TerminatingOnCancel", "TerminatingOnFailure",
+    "Success", "Failed", "Cancelled",
+]  # fmt: skip
+TERMINAL: frozenset[str] = frozenset({"Success", "Failed", "Cancelled"})
+QUEUED_FRACTION = 0.2
+_CLASSES = ("background", "building", "road", "vegetation", "vehicle", "water", "pole", "sign")
+_FAILURES = (
+    ("InputDataError", "Input data error", "Input reality data %1 could not be read."),
+    ("DetectorError", "Detector error", "The detector failed on %1 of the input photos."),
+    ("InternalError", "Internal error", "An internal error occurred while processing job %1."),
+)
+
+
+class BentleyError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        target: str | None = None,
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.target = target
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.target is not None:
+            error["target"] = self.target
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
+
+
+def _bad_request(code: str, message: str, target: str) -> BentleyError:
+    detail = {"code": code, "message": message, "target": target}
+    return BentleyError(
+        400,
+        "InvalidRealityAnalysisRequest",
+        "Provided request body is not valid.",
+        details=[detail],
+    )
+
+
+def _invalid_change(message: str, target: str) -> BentleyError:
+    return BentleyError(422, "InvalidChange", message, target=target)
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    name: str  # path inside the container
+    size: int
+
+
+@dataclass(slots=True)
+class AnalysisJob:
+    id: str
+    name: str | None
+    type: str
+    itwin_id: str
+    inputs: list[Any]
+    outputs: dict[str, str]  # output name -> reality data id
+    options: dict[str, Any]
+    user_id: str
+    stamp: Stamp
+    key: str  # names the job's ground truth: a digest of its request
+    fails: bool
+    fail_fraction: float  # how far through Active a failing job gets
+    estimated_units: float
+    cancel_at: float | None = None
+
+
+class BentleyModel:
+    def __init__(
+        self,
+        scenario: BentleyScenario,
+        seed: int,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._s = scenario
+        self._seed = seed
+        self._clock = clock
+        self._wall = wall_clock
+        self._ids = truth.rng_for(seed, "bentley", "ids")
+        self.jobs: dict[str, AnalysisJob] = {}
+        self._reality_data: dict[str, tuple[AnalysisJob, str]] = {}
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def create(self, body: Mapping[str, Any], client_id: str) -> AnalysisJob:
+        fields = validate(body)
+        key = truth.digest(fields)
+        now = Stamp(self._clock(), self._wall())
+        job = AnalysisJob(
+            id=self._new_id(),
+            name=fields["name"],
+            type=fields["type"],
+            itwin_id=fields["iTwinId"],
+            inputs=fields["inputs"],
+            outputs={name: self._new_id() for name in fields["outputs"]},
+            options=fields["options"],
+            user_id=str(uuid.UUID(int=truth.derived_seed(0, "bentley-user", client_id), version=4)),
+            stamp=now,
+            key=key,
+            fails=truth.unit_draw(self._seed, "bentley", "fails", key) < self._s.failure_rate,
+            fail_fraction=0.3 + 0.6 * truth.unit_draw(self._seed, "bentley", "fail-at", key),
+            estimated_units=round(1 + 20 * truth.unit_draw(self._seed, "bentley", "units", key), 2),
+        )
+        self.jobs[job.id] = job
+        for name, rd_id in job.outputs.items():
+            self._reality_data[rd_id] = (job, name)
+        return job
+
+    def get(self, job_id: str) -> AnalysisJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise BentleyError(404, "JobNotFound", "Requested job is not available.")
+        return job
+
+    def cancel(self, job: AnalysisJob) -> None:
+        state = self.state(job)[0]
+        if state in ("TerminatingOnCancel", "Cancelled"):
+            return  # a retried cancel changes nothing
+        if state in TERMINAL or state == "TerminatingOnFailure":
+            raise _invalid_change(f"Job cannot be cancelled in state {state}.", "state")
+        job.cancel_at = self._clock()
+
+    def _times(self, job: AnalysisJob) -> tuple[float, float, float]:
+        """(start of Active, natural end, moment a failing job stops)."""
+        d = self._s.job_duration_s
+        start = job.stamp.mono + d * QUEUED_FRACTION
+        end = job.stamp.mono + d
+        return start, end, start + (end - start) * job.fail_fraction
+
+    def state(self, job: AnalysisJob) -> tuple[State, float]:
+        """The job's state now, and the monotonic time it entered it."""
+        now = self._clock()
+        start, end, fail_at = self._times(job)
+        grace = self._s.terminating_s
+        stop = fail_at if job.fails else end
+        if job.cancel_at is not None and job.cancel_at < stop:
+            if now >= job.cancel_at + grace:
+                return "Cancelled", job.cancel_at + grace
+            if now >= job.cancel_at:
+                return "TerminatingOnCancel", job.cancel_at
+        elif job.fails:
+            if now >= fail_at + grace:
+                return "Failed", fail_at + grace
+            if now >= fail_at:
+                return "TerminatingOnFailure", fail_at
+        elif now >= end:
+            return "Success", end
+        if now >= start:
+            return "Active", start
+        return "Queued", job.stamp.mono
+
+    def percentage(self, job: AnalysisJob) -> int:
+        state = self.state(job)[0]
+        if state == "Success":
+            return 100
+        start, end, fail_at = self._times(job)
+        frozen = min(
+            self._clock(),
+            job.cancel_at if job.cancel_at is not None else math.inf,
+            fail_at if job.fails else math.inf,
+        )
+        if frozen <= start or end <= start:
+            return 0
+        step = self._s.progress_step
+        return int(min(1.0, (frozen - start) / (end - start)) * 100) // step * step
+
+    def render(self, job: AnalysisJob) -> dict[str, Any]:
+        state, since = self.state(job)
+        start = self._times(job)[0]
+        wall = job.stamp.wall_at
+        info: dict[str, Any] = {"createdDateTime": iso_z(job.stamp.wall)}
+        started = self._clock() >= start and (job.cancel_at is None or job.cancel_at > start)
+        if started:
+            info["startedDateTime"] = iso_z(wall(start))
+        if state in TERMINAL:
+            info["endedDateTime"] = iso_z(wall(since))
+        info["estimatedUnits"] = job.estimated_units
+        doc: dict[str, Any] = {
+            "id": job.id,
+            "state": state,
+            "userId": job.user_id,
+            "executionInfo": info,
+            "specifications": {
+                "inputs": job.inputs,
+                "outputs": dict(job.outputs),
+                "options": job.options,
+            },
+            "name": job.name,
+            "type": job.type,
+            "iTwinId": job.itwin_id,
+        }
+        if job.name is None:
+            del doc["name"]
+        return doc
+
+    def messages(self, job: AnalysisJob) -> dict[str, list[dict[str, Any]]]:
+        state = self.state(job)[0]
+        errors: list[dict[str, Any]] = []
+        warnings: list[dict[str, Any]] = []
+        if state in ("TerminatingOnFailure", "Failed"):
+            errors.append(self.failure(job))
+        elif state in ("TerminatingOnCancel", "Cancelled"):
+            warnings.append(
+                {
+                    "code": "JobCancelled",
+                    "title": "Job cancelled",
+                    "message": "The job was cancelled by user %1.",
+                    "params": [job.user_id],
+                }
+            )
+        return {"errors": errors, "warnings": warnings}
+
+    def failure(self, job: AnalysisJob) -> dict[str, Any]:
+        pick = truth.unit_draw(self._seed, "bentley", "failure", job.key)
+        code, title, message = _FAILURES[int(pick * len(_FAILURES))]
+        first_input = job.inputs[0].get("realityDataId", "") if job.inputs else ""
+        params = {
+            "InputDataError": [first_input],
+            "DetectorError": [str(1 + int(pick * 97))],
+            "InternalError": [job.id],
+        }[code]
+        return {"code": code, "title": title, "message": message, "params": params}
+
+    def count_by_state(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for job in self.jobs.values():
+            state = self.state(job)[0]
+            out[state] = out.get(state, 0) + 1
+        return out
+
+    # -- outputs ------------------------------------------------------------------------
+
+    def reality_data(self, rd_id: str) -> tuple[AnalysisJob, str] | None:
+        """The (job, output name) behind a reality data id, once that job has succeeded:
+        before, its container holds nothing worth reading."""
+        found = self._reality_data.get(rd_id)
+        if found is None or self.state(found[0])[0] != "Success":
+            return None
+        return found
+
+    def blobs(self, job: AnalysisJob, output: str) -> list[Blob]:
+        parts = [
+            Blob(_part_name(output, i), self._s.blob_bytes)
+            for i in range(1, self._s.parts_per_output + 1)
+        ]
+        labels = Blob(f"{output}/labels.json", len(self._labels_json(job, output)))
+        return sorted([labels, *parts], key=lambda b: b.name)
+
+    def blob_bytes(self, job: AnalysisJob, output: str, name: str) -> bytes | None:
+        if name == f"{output}/labels.json":
+            return self._labels_json(job, output)
+        prefix = f"{output}/segmentation/part-"
+        if not (name.startswith(prefix) and name.endswith(".bin")):
+            return None
+        digits = name[len(prefix) : -len(".bin")]
+        if not digits.isdigit() or not 1 <= int(digits) <= self._s.parts_per_output:
+            return None
+        if name != _part_name(output, int(digits)):
+            return None
+        rng = truth.rng_for(self._seed, "bentley", "blob", job.key, output, digits)
+        return bytes(rng.bytes(self._s.blob_bytes))
+
+    def _labels_json(self, job: AnalysisJob, output: str) -> bytes:
+        doc = {
+            "jobId": job.id,
+            "jobType": job.type,
+            "output": output,
+            "classes": [{"id": i, "name": n} for i, n in enumerate(_CLASSES)],
+            "parts": [
+                {"path": _part_name(output, i), "size": self._s.blob_bytes}
+                for i in range(1, self._s.parts_per_output + 1)
+            ],
+        }
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+
+    def truth(self, job_id: str) -> dict[str, Any]:
+        job = self.jobs[job_id]
+        outputs: dict[str, Any] = {}
+        if not job.fails:
+            for name, rd_id in job.outputs.items():
+                blobs = {}
+                for blob in self.blobs(job, name):
+                    body = self.blob_bytes(job, name, blob.name)
+                    assert body is not None
+                    blobs[blob.name] = {
+                        "size": len(body),
+                        "sha256": hashlib.sha256(body).hexdigest(),
+                    }
+                outputs[name] = {"realityDataId": rd_id, "blobs": blobs}
+        return {
+            "jobId": job.id,
+            "state": self.state(job)[0],
+            "outcome": "Failed" if job.fails else "Success",
+            "outputs": outputs,
+        }
+
+    def _new_id(self) -> str:
+        return str(uuid.UUID(int=int.from_bytes(self._ids.bytes(16), "big"), version=4))
+
+
+def _part_name(output: str, index: int) -> str:
+    return f"{output}/segmentation/part-{index:04d}.bin"
+
+
+def validate(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a create body; returns its normalised fields. Malformed requests are 400
+    ``InvalidRealityAnalysisRequest`` (with details); well-formed ones the service cannot
+    run are 422 ``InvalidChange``."""
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) < 2):
+        raise _bad_request("InvalidValue", "name must be a string of 2 or more characters", "name")
+    job_type = body.get("type")
+    if job_type is None:
+        raise _bad_request("MissingRequiredProperty", "type is required", "type")
+    if not isinstance(job_type, str):
+        raise _bad_request("InvalidValue", "type must be a string", "type")
+    if job_type not in JOB_TYPES:
+        raise _invalid_change(f"Unsupported job type {job_type!r}.", "type")
+    itwin = body.get("iTwinId")
+    if itwin is None:
+        raise _bad_request("MissingRequiredProperty", "iTwinId is required", "iTwinId")
+    if not isinstance(itwin, str) or not itwin:
+        raise _bad_request("InvalidValue", "iTwinId must be a non-empty string", "iTwinId")
+    specs = body.get("specifications")
+    if specs is None:
+        raise _bad_request(
+            "MissingRequiredProperty", "specifications is required", "specifications"
+        )
+    if not isinstance(specs, dict):
+        raise _bad_request("InvalidValue", "specifications must be an object", "specifications")
+    return {
+        "name": name,
+        "type": job_type,
+        "iTwinId": itwin,
+        "inputs": _inputs(specs.get("inputs")),
+        "outputs": _outputs(specs.get("outputs")),
+        "options": _options(specs.get("options")),
+    }
+
+
+def _inputs(inputs: object) -> list[Any]:
+    where = "specifications.inputs"
+    if inputs is None:
+        raise _bad_request("MissingRequiredProperty", "inputs is required", where)
+    if not isinstance(inputs, list):
+        raise _bad_request("InvalidValue", "inputs must be a list", where)
+    if not inputs:
+        raise _invalid_change("A job needs at least one input.", where)
+    for i, item in enumerate(inputs):
+        ok = (
+            isinstance(item, dict)
+            and isinstance(item.get("name"), str)
+            and item["name"]
+            and isinstance(item.get("realityDataId"), str)
+            and item["realityDataId"]
+        )
+        if not ok:
+            raise _bad_request(
+                "InvalidValue", "each input is {name, realityDataId} (strings)", f"{where}[{i}]"
+            )
+    return inputs
+
+
+def _outputs(outputs: object) -> list[str]:
+    where = "specifications.outputs"
+    if outputs is None:
+        raise _bad_request("MissingRequiredProperty", "outputs is required", where)
+    if not isinstance(outputs, list) or not all(isinstance(o, str) and o for o in outputs):
+        raise _bad_request("InvalidValue", "outputs must be a list of output names", where)
+    if not outputs:
+        raise _invalid_change("A job needs at least one output.", where)
+    if len(set(outputs)) != len(outputs):
+        raise _invalid_change("Output names must be unique.", where)
+    if any("/" in o or o in (".", "..") for o in outputs):
+        raise _invalid_change("Output names cannot contain '/'.", where)
+    return list(outputs)
+
+
+def _options(options: object) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise _bad_request("InvalidValue", "options must be an object", "specifications.options")
+    return options
