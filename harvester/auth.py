@@ -35,8 +35,9 @@ class Auth(Protocol):
     async def headers(self) -> Mapping[str, str]:
         """Headers that authenticate one request to the provider's API."""
 
-    async def unauthorized(self) -> bool:
-        """A 401 came back: refresh what can be refreshed. True if retrying may help."""
+    async def unauthorized(self, sent: Mapping[str, str]) -> bool:
+        """A request that carried the headers ``sent`` came back 401: refresh what can be
+        refreshed. True if retrying may help."""
 
 
 class ApiKeyAuth:
@@ -54,7 +55,7 @@ class ApiKeyAuth:
         value = f"{self._scheme} {self._value}" if self._scheme else self._value
         return {self._header: value}
 
-    async def unauthorized(self) -> bool:
+    async def unauthorized(self, sent: Mapping[str, str]) -> bool:
         return False  # a static key does not get better by asking again
 
     def secret_values(self) -> tuple[str, ...]:
@@ -68,7 +69,7 @@ class NoAuth:
     async def headers(self) -> Mapping[str, str]:
         return {}
 
-    async def unauthorized(self) -> bool:
+    async def unauthorized(self, sent: Mapping[str, str]) -> bool:
         return False
 
 
@@ -81,8 +82,6 @@ TokenPoster = Callable[[RequestSpec], Awaitable[Response]]
 DEFAULT_LIFETIME_S = 300.0
 #: a lifetime beyond this is treated as this (a corrupt ``expires_in`` must not pin a token)
 MAX_LIFETIME_S = 24 * 3600.0
-#: a 401 for a token fetched this recently came from a request sent with the previous one
-RECENT_TOKEN_S = 5.0
 #: after a failed refresh, a still-valid token is used this long before trying again
 REFRESH_RETRY_S = 5.0
 
@@ -229,16 +228,13 @@ class OAuth2ClientCredentials:
                 return cached
             return await self._refresh()
 
-    async def unauthorized(self) -> bool:
+    async def unauthorized(self, sent: Mapping[str, str]) -> bool:
         async with self._lock:
-            recent = (
-                self._access is not None
-                and self._clock.monotonic() - self._fetched_at < RECENT_TOKEN_S
-            )
-            # Requests that were in flight with the old token come back 401 after another
-            # request already refreshed it; dropping the new token for each of them would
-            # fetch one token per request.
-            if not recent:
+            # Drop the token only if it is the one that was refused: requests that were in
+            # flight with an older token come back 401 after another one already refreshed,
+            # and must not throw the fresh token away (one refresh, not one per request).
+            # A token revoked a second after it was issued is refused and replaced all the same.
+            if self._access is not None and sent.get("Authorization") == f"Bearer {self._access}":
                 self._access = None
         return True
 

@@ -147,12 +147,20 @@ class Transport:
         return self._session
 
     # -- one exchange -------------------------------------------------------------------
-    async def send(self, spec: RequestSpec, *, job: str | None = None) -> Response:
+    async def credentials(self, spec: RequestSpec) -> dict[str, str]:
+        """The auth headers ``spec`` gets: none off the API's origin or for signed URLs."""
+        if spec.send_credentials and _origin(spec.url) == self.api_origin:
+            return dict(await self.auth.headers())
+        return {}
+
+    async def send(
+        self, spec: RequestSpec, *, job: str | None = None, auth: Mapping[str, str] | None = None
+    ) -> Response:
         """One request through the limiter; raises for 429/5xx/network, returns the rest."""
-        with_credentials = spec.send_credentials and _origin(spec.url) == self.api_origin
         # Credentials first, outside the slot: an OAuth refresh is itself a request that
         # needs a slot, and must not wait behind requests that are waiting for it.
-        auth = dict(await self.auth.headers()) if with_credentials else {}
+        if auth is None:
+            auth = await self.credentials(spec)
         async with self.limiter.slot():
             return await self._exchange(spec, auth, job=job)
 
@@ -257,10 +265,11 @@ class Transport:
         while True:
             attempt += 1
             try:
-                resp = await self.send(spec, job=job)
-                if resp.status == 401 and spec.send_credentials and not refreshed:
+                auth = await self.credentials(spec)
+                resp = await self.send(spec, job=job, auth=auth)
+                if resp.status == 401 and auth and not refreshed:
                     refreshed = True
-                    if await self.auth.unauthorized():
+                    if await self.auth.unauthorized(auth):
                         attempt -= 1
                         continue
                 result = parse(resp)

@@ -222,10 +222,20 @@ async def test_401_drops_the_token_once() -> None:
     auth = oauth(endpoint, clock)
     assert await auth.token() == "tok-1"
     clock.advance(600)
-    assert await auth.unauthorized() is True
+    assert await auth.unauthorized({"Authorization": "Bearer tok-1"}) is True
     assert await auth.token() == "tok-2"
     # Requests still in flight with tok-1 come back 401 now: the fresh token stays.
-    assert await auth.unauthorized() is True
+    assert await auth.unauthorized({"Authorization": "Bearer tok-1"}) is True
+    assert await auth.token() == "tok-2"
+    assert len(endpoint.specs) == 2
+
+
+async def test_a_token_revoked_right_after_issue_is_replaced() -> None:
+    clock, endpoint = FakeClock(start=0.0), TokenEndpoint()
+    auth = oauth(endpoint, clock)
+    assert await auth.token() == "tok-1"
+    clock.advance(0.5)  # revoked half a second after it was issued
+    assert await auth.unauthorized({"Authorization": "Bearer tok-1"}) is True
     assert await auth.token() == "tok-2"
     assert len(endpoint.specs) == 2
 
@@ -238,7 +248,7 @@ async def test_twenty_concurrent_401s_cause_one_refresh() -> None:
     got: list[str] = []
 
     async def retry_after_401() -> None:
-        if await auth.unauthorized():
+        if await auth.unauthorized({"Authorization": "Bearer tok-1"}):
             got.append(await auth.token())
 
     async with anyio.create_task_group() as tg:

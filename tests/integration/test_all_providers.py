@@ -1,0 +1,318 @@
+"""Cognite, Bentley and Modzy (with Playment) over real HTTP against the emulator.
+
+The emulator was written from PROVIDERS.md independently of the adapters, so these tests are
+where a misunderstanding on either side shows.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+
+from harvester.config import Config, parse_config
+from harvester.emulator.scenario import Scenario, parse_fault, parse_scenario
+from harvester.emulator.server import Emulator
+from harvester.engine import Engine
+from harvester.fsutil import sha256_file
+from harvester.jobs import UNSUCCESSFUL, Job, JobState
+from harvester.logs import configure
+from harvester.store.base import NewJob
+from harvester.store.sqlite import SqliteStore
+from harvester.summary import status_json
+
+pytestmark = pytest.mark.anyio
+
+SECRETS = {
+    "IT_PK": "playment-key-MARKER-1",
+    # Modzy keys are "<access key>.<secret>": the access key part is public (Modzy echoes it
+    # as submittedByKey), the secret part must never be seen.
+    "IT_MK": "modzyaccess.modzy-key-MARKER-2",
+    "IT_CS": "cognite-secret-MARKER-3",
+    "IT_BS": "bentley-secret-MARKER-4",
+}
+PAYLOADS: dict[str, dict[str, Any]] = {
+    "playment": {
+        "data": {"sensor_data": {"frames": [{"frame_id": "f-000"}]}},
+        "work_flow_id": "wf",
+    },
+    "cognite": {"items": [{"fileId": 123}], "points": [{"x": 0.5, "y": 0.5, "label": 1}]},
+    "bentley": {
+        "type": "Segmentation2D",
+        "iTwinId": "itwin-1",
+        "specifications": {
+            "inputs": [{"name": "photos", "realityDataId": "rd-1"}],
+            "outputs": ["segmentation2D"],
+            "options": {},
+        },
+    },
+    "modzy": {
+        "model": {"identifier": "ed542963de", "version": "1.0.1"},
+        "input": {"type": "text", "sources": {"item-1": {"input.txt": "hello"}}},
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+
+
+MARKERS = [v.split(".")[-1] for v in SECRETS.values()]
+
+
+def scenario(**sections: Any) -> Scenario:
+    doc: dict[str, Any] = {
+        "seed": 11,
+        "playment": {"job_duration_s": 0.3, "points_per_frame": [500, 800]},
+        "cognite": {"job_duration_s": 0.3},
+        "bentley": {
+            "job_duration_s": 0.4,
+            "list_page_size": 2,
+            "parts_per_output": 3,
+            "blob_bytes": 3000,
+        },
+        "modzy": {"job_duration_s": 0.3, "results_404_s": 0.3},
+    }
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    return parse_scenario(doc)
+
+
+def config(tmp_path: Path, emu: Emulator, **overrides: dict[str, Any]) -> Config:
+    u = emu.urls
+    common = {
+        "rate_per_s": 0,
+        "poll_min_s": 0.1,
+        "poll_max_s": 0.5,
+        "backoff_base_s": 0.1,
+        "backoff_max_s": 1.0,
+        "request_timeout_s": 5,
+    }
+    providers: dict[str, dict[str, Any]] = {
+        "playment": {"base_url": u["playment"], "api_key_env": "IT_PK", "project_id": "p"},
+        "cognite": {
+            "base_url": u["cognite"],
+            "project": "proj",
+            "token_url": u["token"],
+            "client_id": "cog",
+            "client_secret_env": "IT_CS",
+        },
+        "bentley": {
+            "base_url": u["bentley"],
+            "token_url": u["token"],
+            "client_id": "ben",
+            "client_secret_env": "IT_BS",
+        },
+        "modzy": {"base_url": u["modzy"], "api_key_env": "IT_MK"},
+    }
+    for name in providers:
+        providers[name] = {**common, **providers[name], **overrides.get(name, {})}
+    doc = {"store": {"url": "sqlite://state.db"}, "output": {"dir": "out"}, "providers": providers}
+    return parse_config(doc, source=tmp_path / "config.toml")
+
+
+def jobs_for(provider: str, n: int) -> list[NewJob]:
+    return [
+        NewJob(provider, f"{provider}-{i}", f"{provider}-{i}", None, PAYLOADS[provider], "t")
+        for i in range(n)
+    ]
+
+
+async def run(cfg: Config, jobs: list[NewJob], limit_s: float = 60) -> list[Job]:
+    assert cfg.store.path is not None
+    async with SqliteStore(cfg.store.path) as store:
+        await store.add_jobs(jobs, now=0.0)
+        with anyio.fail_after(limit_s):
+            await Engine(cfg, store, providers=sorted({j.provider for j in jobs})).run()
+        return await store.jobs()
+
+
+def folder(cfg: Config, job: Job) -> Path:
+    return cfg.output.dir / job.provider / job.key
+
+
+def manifest_is_true(cfg: Config, job: Job) -> dict[str, Any]:
+    path = folder(cfg, job)
+    manifest: dict[str, Any] = json.loads((path / "MANIFEST.json").read_text())
+    for rel, entry in manifest["files"].items():
+        assert sha256_file(path / rel) == entry["sha256"], rel
+    return manifest
+
+
+async def test_all_four_providers_harvest_to_ground_truth(tmp_path: Path) -> None:
+    log = io.StringIO()
+    configure("debug", "json", stream=log)
+    try:
+        async with Emulator(scenario()) as emu:
+            cfg = config(tmp_path, emu)
+            jobs = [j for p in PAYLOADS for j in jobs_for(p, 3)]
+            done = await run(cfg, jobs)
+            assert [j.state for j in done] == [JobState.HARVESTED] * 12
+            for job in done:
+                manifest_is_true(cfg, job)
+                assert job.remote_id is not None
+                truth = (
+                    emu.state.job_truth(job.provider, job.remote_id)
+                    if job.provider != ("playment")
+                    else None
+                )
+                out = folder(cfg, job)
+                if job.provider == "cognite":
+                    served = json.loads((out / "segments.json").read_text())
+                    assert served["items"] == truth["items"]
+                elif job.provider == "bentley":
+                    blobs = truth["outputs"]["segmentation2D"]["blobs"]
+                    assert len(blobs) == 4
+                    for path, meta in blobs.items():
+                        local = out / "outputs" / "segmentation2D" / path
+                        assert sha256_file(local) == meta["sha256"], path
+                elif job.provider == "modzy":
+                    results = json.loads((out / "results.json").read_text())["results"]
+                    assert {k: v["results.json"] for k, v in results.items()} == truth["results"]
+            stats = emu.state.stats()
+            for provider in PAYLOADS:
+                assert stats[provider]["creates"] == 3, provider
+            assert stats["credential_hits"] == []
+    finally:
+        configure("warning", "json")
+    text = log.getvalue()
+    assert '"job state"' in text
+    for marker in MARKERS:
+        assert marker not in text
+    assert_no_marker_in_files(tmp_path)
+
+
+def assert_no_marker_in_files(root: Path) -> None:
+    """Every file harvester wrote (store, outputs, manifests) is free of every secret."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "MANIFEST.json" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for marker in MARKERS:
+            assert marker.encode() not in data, path
+
+
+async def test_failed_jobs_carry_the_providers_reason(tmp_path: Path) -> None:
+    sc = scenario(
+        cognite={"failure_rate": 1.0}, bentley={"failure_rate": 1.0}, modzy={"failure_rate": 1.0}
+    )
+    async with Emulator(sc) as emu:
+        cfg = config(tmp_path, emu)
+        jobs = jobs_for("cognite", 1) + jobs_for("bentley", 1) + jobs_for("modzy", 1)
+        done = {j.provider: j for j in await run(cfg, jobs)}
+        for provider in ("cognite", "bentley", "modzy"):
+            job = done[provider]
+            assert job.state in UNSUCCESSFUL, (provider, job.state)
+            assert job.reason, provider
+            assert job.remote_id is not None
+            truth = emu.state.job_truth(provider, job.remote_id)
+            assert truth["outcome"] != "success", (provider, truth)
+        cog = done["cognite"]
+        assert cog.state == JobState.FAILED
+        assert cog.reason is not None
+        assert emu.state.job_truth("cognite", cog.remote_id or "")["errorMessage"] in cog.reason
+        assert done["bentley"].state == JobState.FAILED
+        summary = status_json(
+            {(j.provider, j.state): 1 for j in done.values()}, list(done.values())
+        )
+        reasons = {f["provider"]: f["reason"] for f in summary["failed"]}
+        assert set(reasons) == {"cognite", "bentley", "modzy"} and all(reasons.values())
+
+
+async def test_bentley_retry_after_holds_every_request(tmp_path: Path) -> None:
+    async with Emulator(scenario(bentley={"job_duration_s": 1.0})) as emu:
+        emu.state.add_fault(
+            parse_fault(
+                {
+                    "kind": "429",
+                    "provider": "bentley",
+                    "retry_after_s": 1.0,
+                    "start_s": 0.4,
+                    "duration_s": 0.2,
+                }
+            )
+        )
+        cfg = config(tmp_path, emu, bentley={"max_concurrency": 8})
+        done = await run(cfg, jobs_for("bentley", 6))
+        assert [j.state for j in done] == [JobState.HARVESTED] * 6
+        api = [r for r in emu.state.requests() if r["provider"] == "bentley"]
+        limited = [r for r in api if r["status"] == 429]
+        assert limited
+        first = limited[0]["t"]
+        inside = [r for r in api if first + 0.05 < r["t"] < first + 0.95]
+        assert inside == []
+
+
+async def test_cognite_backs_off_without_retry_after(tmp_path: Path) -> None:
+    async with Emulator(scenario()) as emu:
+        emu.state.add_fault(
+            parse_fault({"kind": "429", "provider": "cognite", "count": 4, "match": "/segment"})
+        )
+        # One request at a time, so every gap after a 429 is the gate's doing.
+        cfg = config(
+            tmp_path, emu, cognite={"max_concurrency": 1, "backoff_base_s": 0.5, "max_retries": 6}
+        )
+        done = await run(cfg, jobs_for("cognite", 2))
+        assert [j.state for j in done] == [JobState.HARVESTED] * 2
+        api = [r for r in emu.state.requests() if r["provider"] == "cognite"]
+        assert sum(r["status"] == 429 for r in api) == 4
+        for before, after in itertools.pairwise(api):
+            if before["status"] == 429:
+                # full jitter, but never the Cognite SDK's int()-truncated 0 s: >= base/10
+                assert after["t"] - before["t"] >= 0.05 - 0.005, (before, after)
+        assert len(api) < 40  # no hot loop
+
+
+async def test_revoked_tokens_are_refreshed_without_losing_jobs(tmp_path: Path) -> None:
+    async with Emulator(
+        scenario(cognite={"job_duration_s": 1.5}, bentley={"job_duration_s": 1.5})
+    ) as emu:
+        cfg = config(tmp_path, emu)
+        jobs = jobs_for("cognite", 2) + jobs_for("bentley", 2)
+
+        async def revoke_soon() -> None:
+            await anyio.sleep(0.6)  # mid-run: jobs created, polls under way
+            emu.state.tokens.revoke_all()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(revoke_soon)
+            done = await run(cfg, jobs)
+        assert [j.state for j in done] == [JobState.HARVESTED] * 4
+        stats = emu.state.stats()
+        assert stats["token"]["tokens_issued"] >= 4  # two first tokens, then fresh ones
+        assert stats["cognite"]["auth_refusals"] + stats["bentley"]["auth_refusals"] >= 1
+        assert stats["cognite"]["creates"] == 2 and stats["bentley"]["creates"] == 2
+
+
+async def test_bad_client_secret_is_fatal_and_not_echoed(tmp_path: Path) -> None:
+    sc = parse_scenario({"oauth": {"clients": {"cog": "the-right-secret"}}})
+    async with Emulator(sc) as emu:
+        cfg = config(tmp_path, emu)
+        with pytest.raises(Exception) as info:
+            await run(cfg, jobs_for("cognite", 1))
+        text = str(info.value)
+        assert "cognite" in text and SECRETS["IT_CS"] not in text
+        assert emu.state.stats()["cognite"]["creates"] == 0
+
+
+async def test_json_payload_bodies_are_what_the_emulator_validates(tmp_path: Path) -> None:
+    """A bad payload slips past nothing: the provider's refusal becomes the job's reason."""
+    async with Emulator(scenario()) as emu:
+        cfg = config(tmp_path, emu)
+        bad = dict(PAYLOADS["bentley"], type="NoSuchType")
+        job = NewJob("bentley", "bad", "bad", None, bad, "t")
+        with pytest.raises(Exception, match="type"):
+            from harvester.providers import make_provider
+
+            make_provider(cfg.providers["bentley"]).validate_payload(
+                orjson.loads(orjson.dumps(bad))
+            )
+        assert job.payload is not None
