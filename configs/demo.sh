@@ -20,10 +20,18 @@ done
 [ -s "$urls" ] || { echo "emulator did not report its addresses in 10 s" >&2; exit 1; }
 echo "emulator: $(cat "$urls")"
 
-export HARVESTER_DEMO_PLAYMENT_URL
-HARVESTER_DEMO_PLAYMENT_URL=$("$BIN/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["playment"])' "$urls")
-# The emulator accepts any key; a real deployment reads its key from the environment or a file.
-export PLAYMENT_API_KEY=demo-key
+url() { "$BIN/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$urls" "$1"; }
+export HARVESTER_DEMO_PLAYMENT_URL HARVESTER_DEMO_COGNITE_URL HARVESTER_DEMO_BENTLEY_URL \
+       HARVESTER_DEMO_MODZY_URL HARVESTER_DEMO_TOKEN_URL
+HARVESTER_DEMO_PLAYMENT_URL=$(url playment)
+HARVESTER_DEMO_COGNITE_URL=$(url cognite)
+HARVESTER_DEMO_BENTLEY_URL=$(url bentley)
+HARVESTER_DEMO_MODZY_URL=$(url modzy)
+HARVESTER_DEMO_TOKEN_URL=$(url token)
+# The emulator accepts any key or client secret; a real deployment reads its secrets from the
+# environment or from files (*_env / *_file in the config), never from the config itself.
+export PLAYMENT_API_KEY=demo-playment-key MODZY_API_KEY=demo.modzy-key \
+       COGNITE_CLIENT_SECRET=demo-cognite-secret BENTLEY_CLIENT_SECRET=demo-bentley-secret
 
 status=0
 "$BIN/harvester" harvest -c configs/demo.toml configs/demo-jobs.jsonl || status=$?

@@ -234,14 +234,18 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
             continue
         section = dict(ctx.table(ptable, name, prefix="providers."))
         where = f"providers.{name}"
-        if "base_url_env" in section:
-            env = section.pop("base_url_env")
-            if not isinstance(env, str) or "base_url" in section:
-                ctx.fail(f"{where}.base_url_env must be a string and excludes base_url")
+        # Addresses (not secrets) may come from the environment too, e.g. an emulator's
+        # free port found at start-up: base_url_env / token_url_env.
+        for url_key in _URL_FROM_ENV.get(name, ()):
+            if f"{url_key}_env" not in section:
+                continue
+            env = section.pop(f"{url_key}_env")
+            if not isinstance(env, str) or url_key in section:
+                ctx.fail(f"{where}.{url_key}_env must be a string and excludes {url_key}")
             value = os.environ.get(env)
             if not value:
-                ctx.fail(f"{where}.base_url_env: environment variable {env} is not set")
-            section["base_url"] = value
+                ctx.fail(f"{where}.{url_key}_env: environment variable {env} is not set")
+            section[url_key] = value
         section.setdefault("base_url", _DEFAULT_BASE_URLS[name])
         for key, value in _PROVIDER_DEFAULTS.get(name, {}).items():
             section.setdefault(key, value)
@@ -264,6 +268,12 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
 
 
 _SECRET_FIELDS = {"api_key", "client_secret", "password", "token"}
+_URL_FROM_ENV: dict[str, tuple[str, ...]] = {
+    "playment": ("base_url",),
+    "cognite": ("base_url", "token_url"),
+    "bentley": ("base_url", "token_url"),
+    "modzy": ("base_url",),
+}
 
 
 def _check_provider(cfg: ProviderConfig, ctx: _Ctx, where: str) -> None:

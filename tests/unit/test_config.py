@@ -114,3 +114,22 @@ def test_config_path_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HARVESTER_CONFIG")
     with pytest.raises(ConfigError, match="HARVESTER_CONFIG"):
         config_path(None)
+
+
+def test_token_url_env_for_oauth_providers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = """
+[providers.cognite]
+base_url_env = "EMU_COGNITE"
+token_url_env = "EMU_TOKEN"
+project = "p"
+client_id = "c"
+client_secret_env = "CS"
+"""
+    monkeypatch.setenv("EMU_COGNITE", "http://127.0.0.1:9/cognite")
+    monkeypatch.setenv("EMU_TOKEN", "http://127.0.0.1:9/oauth2/token")
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.providers["cognite"].token_url == "http://127.0.0.1:9/oauth2/token"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="token_url_env must be a string and excludes token_url"):
+        load_config(write(tmp_path, text + 'token_url = "http://x"\n'))
+    with pytest.raises(ConfigError, match=r"unknown key providers\.playment\.token_url_env"):
+        load_config(write(tmp_path, GOOD + 'token_url_env = "EMU_TOKEN"\n'))
