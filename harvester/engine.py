@@ -608,6 +608,7 @@ class Engine:
             out = JobOutput(
                 self.config.output.dir,
                 job,
+                payload=await self.store.load_payload(job),
                 transport=lane.transport,
                 clock=self.clock,
                 label_dtype=self.config.output.label_dtype,

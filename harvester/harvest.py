@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -177,6 +178,21 @@ class FileSink:
             self.file.__exit__(RuntimeError, RuntimeError("abort"), None)
 
 
+def _urls_in(value: Any, depth: int = 0) -> Iterator[str]:
+    """Every http(s) URL string in a JSON value (bounded depth: payloads are ours to parse)."""
+    if depth > 64:
+        return
+    if isinstance(value, str):
+        if value.startswith(("http://", "https://")):
+            yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _urls_in(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _urls_in(v, depth + 1)
+
+
 class JobOutput:
     """One job's output folder; the ``HarvestIO`` an adapter's ``harvest`` writes through."""
 
@@ -189,9 +205,11 @@ class JobOutput:
         clock: Clock,
         label_dtype: str,
         chunk_bytes: int,
+        payload: Mapping[str, Any] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.job = job
+        self.input_urls = frozenset(_urls_in(payload))
         self.relative = Path(job.provider) / job.key
         self.dir = root / self.relative
         self.transport = transport

@@ -2,8 +2,12 @@
 
 Layout under the storage host:
 ``/playment-private/<project>/<job_id>/result.json``, ``.../masks/<frame index>.txt`` (masks
-variant) and ``.../<frame index>_data.pcd`` (PCD variant, single-frame point-cloud jobs). A
-path resolves only while its job exists and is completed, like a real result.
+variant), ``.../<frame index>_data.pcd`` (PCD variant, single-frame point-cloud jobs) and
+``.../image_masks/<frame index>.png`` (image and video jobs: one segmentation mask per image
+or video frame). A path resolves only while its job exists and is completed, like a real
+result. Image/video result documents are not documented by Playment: the shape here (an
+annotation list, a legend, and a private ``mask_url`` per image or frame next to the job's own
+input URL) is this emulator's, and clients should treat it as one plausible variant.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from harvester.emulator.scenario import Scenario
 PREFIX = "/playment-private/"
 _PATH = re.compile(
     r"^/playment-private/(?P<project>[^/]+)/(?P<job>[^/]+)/"
-    r"(?P<name>result\.json|masks/(?P<mask>\d+)\.txt|(?P<pcd>\d+)_data\.pcd)$"
+    r"(?P<name>result\.json|masks/(?P<mask>\d+)\.txt|(?P<pcd>\d+)_data\.pcd"
+    r"|image_masks/(?P<img>\d+)\.png)$"
 )
 _CLASS_NAMES = (
     "unlabelled", "car", "truck", "bus", "pedestrian", "cyclist", "motorcycle", "road",
@@ -68,6 +73,14 @@ class PlaymentResults:
             return None
         if m["name"] == "result.json":
             return ObjectSource(lambda: self._result_json(job), "application/json")
+        if m["img"] is not None:
+            img = int(m["img"])
+            count = 1 if job.kind == "image" else len(job.frame_ids)
+            if job.kind == "point_cloud" or img >= count:
+                return None
+            return ObjectSource(
+                lambda: truth.image_mask_bytes(self._seed, job.reference_id, img), "image/png"
+            )
         index = int(m["mask"] or m["pcd"])
         if job.kind != "point_cloud" or index >= len(job.frame_ids):
             return None
@@ -96,17 +109,45 @@ class PlaymentResults:
         return truth.format_pcd(labels, points)
 
     def _result_json(self, job: Job) -> bytes:
+        legend = [
+            {
+                "id": f"cls-{k}",
+                "text": _CLASS_NAMES[k % len(_CLASS_NAMES)],
+                "color": class_color(k),
+                "label_key": k,
+                "value": k,
+            }
+            for k in range(min(self._p.num_labels, 8))
+        ]
+        mask = self.url  # storage path -> private URL
         if job.kind == "image":
             doc: dict[str, Any] = {
-                "annotation_data": {"annotations": [], "image_url": job.data["image_url"]}
+                "annotation_data": {
+                    "annotations": [
+                        {"label": e["text"], "label_key": e["label_key"]} for e in legend[:3]
+                    ],
+                    "image_url": job.data["image_url"],
+                    "mask_url": mask(f"{self._job_dir(job)}image_masks/0.png"),
+                },
+                "legend": legend,
             }
         elif job.kind == "video":
+            srcs = {f["frame_id"]: f.get("src") for f in job.data["video_data"]["frames"]}
             doc = {
                 "annotation_data": {
-                    "annotations": [],
-                    "frames": [{"_id": f} for f in job.frame_ids],
+                    "annotations": [
+                        {"label": e["text"], "label_key": e["label_key"]} for e in legend[:3]
+                    ],
+                    "frames": [
+                        {
+                            "frame_id": f,
+                            "src": srcs.get(f),
+                            "mask_url": mask(f"{self._job_dir(job)}image_masks/{i}.png"),
+                        }
+                        for i, f in enumerate(job.frame_ids)
+                    ],
                 },
-                "video_data": job.data["video_data"],
+                "legend": legend,
             }
         elif self.uses_pcd(job):
             doc = self._pcd_result(job)

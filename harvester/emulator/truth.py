@@ -145,3 +145,15 @@ def format_pcd(labels: npt.NDArray[np.integer], points: npt.NDArray[np.floating]
         fields.append(space)
     fields += [numfmt.digits(labels), numfmt.constant(n, b"\n")]
     return pcd_header(n) + numfmt.render(fields)
+
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def image_mask_bytes(seed: int, reference_id: str, index: int, size: int = 4096) -> bytes:
+    """The segmentation mask file of an image (or of video frame ``index``): deterministic
+    bytes behind a PNG signature. Clients store it as served; its sha256 is the truth."""
+    body = rng_for(seed, reference_id, f"image-mask-{index}").integers(
+        0, 256, size=size, dtype=np.uint8
+    )
+    return _PNG_MAGIC + body.tobytes()

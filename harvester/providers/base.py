@@ -130,6 +130,9 @@ class Client(Protocol):
 class HarvestIO(Protocol):
     """The outside world as an adapter's ``harvest`` sees it (implemented in harvest.py)."""
 
+    #: the URLs in the job's own create payload: its inputs, which results may echo
+    input_urls: frozenset[str]
+
     async def request(self, spec: RequestSpec) -> Response:
         """Send a spec through the provider's transport (limiter, auth, retries)."""
 

@@ -256,8 +256,9 @@ class PlaymentProvider:
             raise ProtocolError("result.json is not JSON", provider=NAME, job=job.key) from None
         if not isinstance(result, dict):
             raise ProtocolError("result.json is not a JSON object", provider=NAME, job=job.key)
-        if "annotation_data" in result:
-            await self._harvest_masks(job, result["annotation_data"], io)
+        annotation_data = result.get("annotation_data")
+        if isinstance(annotation_data, dict) and "masks" in annotation_data:
+            await self._harvest_masks(job, annotation_data, io)
         elif "legend" in result and "url" in result:
             await self._harvest_pcd(job, result, io)
         else:
@@ -304,6 +305,8 @@ class PlaymentProvider:
             raise ProtocolError(str(exc), provider=NAME, job=job.key) from None
         index: list[dict[str, Any]] = []
         for att in found:
+            if att.url in io.input_urls:
+                continue  # the job's own input echoed back (image_url, src): not a result
             await io.download(att.relpath, self.resolver(io, att.url))
             index.append(
                 {

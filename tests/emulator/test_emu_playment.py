@@ -132,7 +132,7 @@ async def test_invalid_json_is_a_400_with_envelope(api: PlaymentClient) -> None:
     assert status == 400 and doc["success"] is False and doc["error"]["code"] == "GE_0001"
 
 
-async def test_image_and_video_jobs_complete_with_a_simple_result(api: PlaymentClient) -> None:
+async def test_image_and_video_results_link_private_masks(api: PlaymentClient) -> None:
     image = {"reference_id": "img-1", "work_flow_id": "w", "data": {"image_url": "http://i/1.png"}}
     video = {
         "reference_id": "vid-1",
@@ -144,7 +144,17 @@ async def test_image_and_video_jobs_complete_with_a_simple_result(api: PlaymentC
         assert status == 200, doc
         done = await api.wait_completed(doc["data"]["job_id"])
         result = json.loads(await api.download(done["result"]))
-        assert result["annotation_data"]["annotations"] == []
+        ad = result["annotation_data"]
+        assert result["legend"] and ad["annotations"]
+        if body is image:
+            assert ad["image_url"] == "http://i/1.png"  # the input, echoed
+            masks = [ad["mask_url"]]
+        else:
+            assert [f["src"] for f in ad["frames"]] == ["http://v/a.png"]
+            masks = [f["mask_url"] for f in ad["frames"]]
+        for i, url in enumerate(masks):
+            expected = truth.image_mask_bytes(api.emu.scenario.seed, body["reference_id"], i)
+            assert await api.download(url) == expected
 
 
 async def test_missing_and_wrong_keys_get_401_bodies(make_client: MakeClient) -> None:

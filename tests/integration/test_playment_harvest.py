@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import anyio
 import pytest
 
 from harvester.config import Config
+from harvester.emulator import truth
 from harvester.emulator.scenario import parse_fault
 from harvester.emulator.server import Emulator
 from harvester.engine import Engine
+from harvester.fsutil import sha256_file
 from harvester.jobs import JobState
+from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
 
 from .helpers import API_KEY, check_outputs, make_config, new_jobs, scenario
@@ -196,3 +200,33 @@ async def test_provider_down_at_start_is_waited_for_not_fatal(tmp_path: Path) ->
         counts = await harvest(config, jobs)
         assert counts == {JobState.HARVESTED: 2}
         assert emu.state.stats()["playment"]["faults"].get("5xx") == 3
+
+
+async def test_image_and_video_results_download_every_mask_by_frame(tmp_path: Path) -> None:
+    image = {"data": {"image_url": "https://customer.example/in/photo.jpg"}, "work_flow_id": "wf"}
+    frames = [
+        {"frame_id": f"v-{i}", "src": f"https://customer.example/in/{i}.jpg"} for i in range(3)
+    ]
+    video = {"data": {"video_data": {"frames": frames}}, "work_flow_id": "wf"}
+    jobs = [
+        NewJob("playment", "img-1", "img-1", None, image, "t:1"),
+        NewJob("playment", "vid-1", "vid-1", None, video, "t:2"),
+    ]
+    async with Emulator(scenario()) as emu:
+        config = make_config(tmp_path, emu)
+        counts = await harvest(config, jobs)
+        assert counts == {JobState.HARVESTED: 2}
+        seed = emu.scenario.seed
+        out = config.output.dir / "playment"
+        img = out / "img-1" / "outputs" / "0" / "0.png"
+        assert img.read_bytes() == truth.image_mask_bytes(seed, "img-1", 0)
+        for i in range(3):
+            mask = out / "vid-1" / "outputs" / f"v-{i}" / f"{i}.png"
+            assert mask.read_bytes() == truth.image_mask_bytes(seed, "vid-1", i)
+        for key in ("img-1", "vid-1"):
+            manifest = json.loads((out / key / "MANIFEST.json").read_text())
+            assert {"classes.json", "attachments.json", "result.json"} <= set(manifest["files"])
+            for rel, entry in manifest["files"].items():
+                assert sha256_file(out / key / rel) == entry["sha256"]
+        # the customer's own input URLs were never asked of the attachments API
+        assert emu.state.stats()["credential_hits"] == []

@@ -488,6 +488,8 @@ class World:
 class FakeIO:
     """Records what a harvest writes; downloads re-resolve on 403 like ``stream_into``."""
 
+    input_urls: frozenset[str] = frozenset()
+
     def __init__(self, world: World) -> None:
         self.world = world
         self.files: dict[str, bytes] = {}

@@ -347,6 +347,8 @@ def test_invalid_payloads(p: CogniteProvider, payload: Any, words: str) -> None:
 
 # -- harvest -------------------------------------------------------------------------------
 class FakeIO:
+    input_urls: frozenset[str] = frozenset()
+
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
 

@@ -259,6 +259,8 @@ def test_invalid_payloads(p: ModzyProvider, payload: Any, words: str) -> None:
 
 # -- harvest -------------------------------------------------------------------------------
 class FakeIO:
+    input_urls: frozenset[str] = frozenset()
+
     def __init__(self, answer: Response) -> None:
         self.answer = answer
         self.files: dict[str, bytes] = {}

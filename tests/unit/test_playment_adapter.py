@@ -295,7 +295,8 @@ def _sha8(text: str) -> str:
 
 
 class _AttachmentIO:
-    def __init__(self, result: Any) -> None:
+    def __init__(self, result: Any, inputs: frozenset[str] = frozenset()) -> None:
+        self.input_urls = inputs
         self.result = orjson.dumps(result)
         self.files: dict[str, bytes] = {}
         self.downloads: dict[str, str] = {}
@@ -349,3 +350,21 @@ async def test_result_without_attachments_keeps_just_the_result(p: PlaymentProvi
     doc = {"status": "completed", "result": "https://bucket/out/result.json"}
     await p.harvest(job(), Status(RemoteState.SUCCEEDED, "completed", document=doc), io)
     assert set(io.files) == {"job.json", "result.json"} and io.downloads == {}
+
+
+@pytest.mark.anyio
+async def test_inputs_echoed_in_a_result_are_not_downloaded(p: PlaymentProvider) -> None:
+    result = {
+        "annotation_data": {
+            "annotations": [{"label": "car", "label_key": 1}],
+            "image_url": "https://customer.example/in/1.jpg",
+            "mask_url": "https://bucket/out/mask-0.png",
+        },
+        "legend": [{"id": "c1", "text": "car", "color": "#f00", "label_key": 1, "value": 1}],
+    }
+    io = _AttachmentIO(result, inputs=frozenset({"https://customer.example/in/1.jpg"}))
+    doc = {"status": "completed", "result": "https://bucket/out/result.json"}
+    await p.harvest(job(), Status(RemoteState.SUCCEEDED, "completed", document=doc), io)
+    # annotation_data without masks is an image result, not a point cloud
+    assert list(io.downloads) == ["outputs/0/mask-0.png"]
+    assert "classes.json" in io.files
