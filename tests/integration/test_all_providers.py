@@ -316,3 +316,49 @@ async def test_json_payload_bodies_are_what_the_emulator_validates(tmp_path: Pat
                 orjson.loads(orjson.dumps(bad))
             )
         assert job.payload is not None
+
+
+@pytest.mark.parametrize("policy", ["fail", "resubmit"])
+async def test_lost_create_answer_follows_on_lost_create(tmp_path: Path, policy: str) -> None:
+    async with Emulator(scenario()) as emu:
+        # The first Cognite create is processed, then its answer is lost; Cognite offers no
+        # way to find that job again.
+        emu.state.add_fault(
+            parse_fault(
+                {
+                    "kind": "reset",
+                    "provider": "cognite",
+                    "when": "after",
+                    "match": "/segment",
+                    "count": 1,
+                }
+            )
+        )
+        cfg = config(tmp_path, emu, cognite={"on_lost_create": policy, "max_concurrency": 1})
+        done = await run(cfg, jobs_for("cognite", 2))
+        states = sorted(j.state for j in done)
+        stats = emu.state.stats()["cognite"]
+        if policy == "fail":
+            assert states == [JobState.ERROR, JobState.HARVESTED]
+            (lost,) = [j for j in done if j.state == JobState.ERROR]
+            assert lost.reason is not None
+            assert "was lost" in lost.reason and "on_lost_create" in lost.reason
+            assert stats["creates"] == 2  # the lost one exists remotely; nothing was resent
+        else:
+            assert states == [JobState.HARVESTED, JobState.HARVESTED]
+            assert stats["creates"] == 3  # the user chose a resend over a failed job
+
+
+async def test_tokens_expiring_mid_run_are_refreshed_before_they_lapse(tmp_path: Path) -> None:
+    sc = scenario(
+        oauth={"token_ttl_s": 2}, cognite={"job_duration_s": 2.5}, bentley={"job_duration_s": 2.5}
+    )
+    async with Emulator(sc) as emu:
+        cfg = config(tmp_path, emu)
+        done = await run(cfg, jobs_for("cognite", 2) + jobs_for("bentley", 2))
+        assert [j.state for j in done] == [JobState.HARVESTED] * 4
+        stats = emu.state.stats()
+        # 2 s tokens over a run of several seconds: refreshed (the margin is inside the
+        # lifetime), and no request was refused for an expired token.
+        assert stats["token"]["tokens_issued"] >= 4
+        assert stats["cognite"]["auth_refusals"] == 0 and stats["bentley"]["auth_refusals"] == 0
