@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-clean test lint typecheck unit bench clean
+.PHONY: install demo demo-clean test lint typecheck unit bench clean chaos
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "harvester needs Python 3.11+")'
@@ -33,6 +33,16 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+## chaos: the full reliability sweep (76 seeded SIGKILL cases incl. the daemon, fault
+## storms with a 60 s outage, bad input, secrets); figures in .chaos/summary.md
+chaos: $(STAMP)
+	@mkdir -p .chaos && rm -f .chaos/report.jsonl
+	@start=$$(date +%s); \
+	CHAOS_REPORT=.chaos/report.jsonl CHAOS_DOWN_S=60 $(BIN)/pytest -q -m "chaos or not chaos" \
+		tests/chaos tests/badinput; status=$$?; \
+	$(BIN)/python tests/chaos/summary.py .chaos/report.jsonl $$(( $$(date +%s) - start )) \
+		| tee .chaos/summary.md; exit $$status
 
 ## bench: run the benchmarks against the emulator and rewrite BENCHMARKS.md
 bench: $(STAMP)

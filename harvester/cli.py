@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check",
         action="store_true",
-        help="also check the store's integrity (exit 1 if a problem is found)",
+        help=(
+            "also check the store's integrity and every harvested job's files against its"
+            " MANIFEST.json (exit 1 if a problem is found)"
+        ),
     )
 
     p = sub.add_parser("run", help="the long-running daemon")
@@ -131,11 +134,20 @@ async def _submit(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _status(config: Config, args: argparse.Namespace) -> int:
+    from harvester.verify import Report, verify_outputs
+
     store = await _open_store(config)
+    report = Report()
     try:
         counts = await store.counts()
         failures = await store.jobs(states=sorted(UNSUCCESSFUL))
-        problems = await store.check() if args.check else []
+        if args.check:
+            problems = await store.check()
+            everything = await store.jobs()
+            report = await anyio.to_thread.run_sync(verify_outputs, config.output.dir, everything)
+            problems += report.problems
+        else:
+            problems = []
     finally:
         await store.close()
     from harvester.summary import render_status, status_json
@@ -144,15 +156,22 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
         doc = status_json(counts, failures)
         if args.check:
             doc["check"] = problems
+            doc["checked"] = report.as_json()
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         render_status(counts, failures)
         if args.check:
-            if problems:
-                for p in problems:
-                    print(f"problem: {p}")
-            else:
-                print("store check: no problems found")
+            for p in problems:
+                print(f"problem: {p}")
+            checked = (
+                f"the store and {report.jobs} harvested jobs ({report.files} files,"
+                f" {report.bytes} bytes checked against their manifests)"
+            )
+            print(
+                f"check: {len(problems)} problems in {checked}"
+                if problems
+                else f"check: no problems found in {checked}"
+            )
     return EXIT_FAILED_JOBS if problems else EXIT_OK
 
 
@@ -196,6 +215,7 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
         show = not args.no_progress and not args.json and sys.stderr.isatty()
         progress = Progress(counts, selected, enabled=show)
         stop = anyio.Event()
+        fatal: list[FatalError] = []
         started = anyio.current_time()
         engine = Engine(config, store, providers=selected, burst=True, on_change=progress.update)
         with progress:
@@ -203,7 +223,12 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
                 tg.start_soon(_stop_on_signal, stop, tg.cancel_scope, name="signals")
 
                 async def work() -> None:
-                    await engine.run(stop=stop)
+                    try:
+                        await engine.run(stop=stop)
+                    except FatalError as exc:
+                        # Out of the task group it would be an ExceptionGroup (a traceback
+                        # and exit 1); re-raised below, it is one line and exit 2.
+                        fatal.append(exc)
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(work, name="engine")
@@ -211,6 +236,8 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
                     with anyio.move_on_after(args.timeout):
                         await engine.done.wait()
                     stop.set()
+        if fatal:
+            raise fatal[0]
         interrupted = stop.is_set() and bool(engine.remaining)
         run = {"elapsed_s": anyio.current_time() - started, **engine.metrics.totals()}
         counts = await store.counts()

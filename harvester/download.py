@@ -16,6 +16,7 @@ from typing import Protocol
 
 from harvester.clock import Clock
 from harvester.errors import NetworkError, ProtocolError, ProviderUnavailable, RetryableError
+from harvester.failpoints import failpoint
 from harvester.logs import get_logger
 from harvester.providers.base import Resolver
 from harvester.ratelimit import backoff_delay
@@ -141,6 +142,7 @@ async def stream_into(
                 async for chunk in resp.content.iter_chunked(chunk_bytes):
                     sink.feed(chunk)
                     metric.inc(len(chunk))
+                    failpoint("download.chunk")
             return
         except StorageRefused:
             raise

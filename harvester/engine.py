@@ -36,6 +36,7 @@ from harvester.errors import (
     RateLimited,
     RetryableError,
 )
+from harvester.failpoints import failpoint
 from harvester.harvest import JobOutput
 from harvester.jobs import Event, Job, JobState
 from harvester.logs import get_logger
@@ -371,7 +372,9 @@ class Engine:
         lane.schedule(key, due)
 
     async def _transition(self, job: Job, event: Event, **changes: Any) -> Job:
+        failpoint("store.before_commit")
         new = await self.store.transition(job, event, now=self.clock.wall(), **changes)
+        failpoint("store.after_commit")
         self.metrics.transitions.labels(new.provider, new.state.value).inc()
         log.info(
             "job state",
@@ -432,6 +435,7 @@ class Engine:
         # The intent is on disk before the POST leaves: a crash from here on is reconciled.
         job = await self._transition(job, Event.SUBMIT, attempts=job.attempts + 1)
         pinned = job
+        failpoint("submit.before_post")
         try:
             result = await lane.transport.call(
                 spec, lambda r: lane.provider.parse_create(r, pinned), job=job.key
@@ -451,6 +455,7 @@ class Engine:
         except JobError as exc:
             await self._transition(job, Event.GIVE_UP, reason=str(exc))
             return
+        failpoint("submit.after_post")
         if isinstance(result, Accepted):
             job = await self._transition(
                 job, Event.ACCEPTED, remote_id=result.remote_id, reason=None
@@ -536,6 +541,7 @@ class Engine:
         except JobError as exc:
             await self._transition(job, Event.GIVE_UP, reason=str(exc))
             return
+        failpoint("poll.after_answer")
         if isinstance(result, NotReady):
             self._poll_later(lane, job, changed=False)
             return

@@ -15,6 +15,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+from harvester.failpoints import failpoint
+
 TMP_MARK = ".tmp-"
 
 
@@ -71,8 +73,10 @@ class AtomicFile:
             os.fsync(fh.fileno())
         finally:
             fh.close()
+        failpoint("rename.before_replace")
         self.tmp.replace(self.final)
         fsync_dir(self.final.parent)
+        failpoint("rename.after_replace")
 
 
 def write_atomic(final: Path, data: bytes) -> tuple[int, str]:

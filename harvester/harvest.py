@@ -23,6 +23,7 @@ from harvester.clock import Clock
 from harvester.decode import MaskDecoder, PcdLabelDecoder, smallest_uint_dtype
 from harvester.download import BufferSink, stream_into
 from harvester.errors import DecodeError, HarvesterError, ProtocolError
+from harvester.failpoints import failpoint
 from harvester.fsutil import AtomicFile, sweep_temporaries, tmp_name, write_atomic
 from harvester.jobs import Job
 from harvester.providers.base import LabelFormat, RequestSpec, Resolver, Response
@@ -111,6 +112,7 @@ class LabelSink:
             raise DecodeError(
                 f"{self.where}: label {max_label} does not fit {dtype} (output.label_dtype)"
             )
+        failpoint("decode.finish")
         raw = (
             np.memmap(self.staging, dtype=_RAW, mode="r", shape=(self.count,))
             if self.count
@@ -220,6 +222,9 @@ class JobOutput:
         self.entries: dict[str, ManifestEntry] = {}
         self.decode_s = 0.0
         self.dir.mkdir(parents=True, exist_ok=True)
+        # An earlier attempt cut off after its manifest but before the store's commit left a
+        # MANIFEST.json that would vouch for files this attempt is about to replace.
+        (self.dir / MANIFEST).unlink(missing_ok=True)
         sweep_temporaries(self.dir)
 
     def _path(self, relpath: str) -> Path:
@@ -308,5 +313,7 @@ class JobOutput:
             "harvested_at": harvested_at,
             "files": {k: self.entries[k].as_json() for k in sorted(self.entries)},
         }
+        failpoint("harvest.before_manifest")
         write_atomic(self.dir / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        failpoint("harvest.after_manifest")
         return self.relative

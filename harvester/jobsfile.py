@@ -8,6 +8,7 @@ reported as ``file:line: reason``; a file with any bad line adds nothing.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,22 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constants(name: str) -> Any:
     raise _LineError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: json would make it inf, storing it null
+        shown = text if len(text) <= 40 else f"{text[:40]}..."
+        raise _LineError(f"number {shown} is out of range for a JSON number")
+    return value
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**64:  # what the store (orjson) can keep
+        shown = text if len(text) <= 40 else f"{text[:40]}..."
+        raise _LineError(f"integer {shown} is beyond the 64-bit range")
+    return value
 
 
 def parse_jobs_text(
@@ -83,7 +100,13 @@ def _parse_line(line: bytes, where: str, config: Config, validators: dict[str, P
     if len(line) > MAX_LINE_BYTES:
         raise _LineError(f"line is {len(line)} bytes, more than the {MAX_LINE_BYTES} allowed")
     try:
-        obj = json.loads(line, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        obj = json.loads(
+            line,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_float=_finite_float,
+            parse_int=_int64,
+        )
     except _LineError:
         raise
     except (ValueError, RecursionError) as exc:

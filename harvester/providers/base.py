@@ -46,7 +46,7 @@ class Response:
     url: str  #: without query string (safe to log)
     request_id: str | None = None
 
-    def json(self, *, provider: str | None = None) -> Any:
+    def json(self, *, provider: str | None = None, job: str | None = None) -> Any:
         try:
             return orjson.loads(self.body)
         except orjson.JSONDecodeError:
@@ -54,6 +54,7 @@ class Response:
             raise ProtocolError(
                 f"answer to {self.url} is not JSON: {snippet!r}",
                 provider=provider,
+                job=job,
                 status=self.status,
                 request_id=self.request_id,
             ) from None

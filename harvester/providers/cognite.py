@@ -182,7 +182,7 @@ class CogniteProvider:
         """The JSON object of a 2xx answer, or the right typed error."""
         if not 200 <= resp.status < 300:
             raise error_from(resp, job, endpoint)
-        body = resp.json(provider=NAME)
+        body = resp.json(provider=NAME, job=job.key if job else None)
         if not isinstance(body, dict):
             raise _protocol(resp, f"{endpoint} answer is not a JSON object", job)
         return body

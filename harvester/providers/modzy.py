@@ -224,7 +224,7 @@ class ModzyProvider:
     def _ok(self, resp: Response, job: Job | None, endpoint: str) -> dict[str, Any]:
         if not 200 <= resp.status < 300:
             raise error_from(resp, job, endpoint)
-        body = resp.json(provider=NAME)
+        body = resp.json(provider=NAME, job=job.key if job else None)
         if not isinstance(body, dict):
             raise _protocol(resp, f"{endpoint} answer is not a JSON object", job)
         return body

@@ -337,7 +337,7 @@ class PlaymentProvider:
                 status=resp.status,
                 request_id=resp.request_id,
             )
-        body = resp.json(provider=NAME)
+        body = resp.json(provider=NAME, job=key)
         if not isinstance(body, dict) or not isinstance(body.get("success"), bool):
             raise self._protocol(resp, "answer has no boolean 'success'", job)
         if body["success"] and resp.status < 300:

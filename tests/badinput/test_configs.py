@@ -1,0 +1,160 @@
+"""Malformed configs and unreadable secrets: one ``harvester: ...`` line naming the config
+file and the key (exit 2), and the store and output directory unchanged."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .helpers import CONFIG, SECRET_ENV, Workspace, cli
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    edit: Callable[[str], str]  #: turns the good config text into the bad one
+    says: str  #: the error line must contain this
+    command: str = "status"  #: secrets are only read by commands that need them
+
+
+def sub(old: str, new: str) -> Callable[[str], str]:
+    def edit(text: str) -> str:
+        assert old in text, old
+        return text.replace(old, new, 1)
+
+    return edit
+
+
+def add(extra: str) -> Callable[[str], str]:
+    return lambda text: text + "\n" + extra + "\n"
+
+
+PLAY_KEY = 'api_key_env = "BI_PLAYMENT_KEY"'
+CASES = [
+    Case("not-toml", add("[store"), "not valid TOML"),
+    Case("not-utf8", lambda t: t, "not valid TOML"),  # bytes written by the test
+    Case("unknown-section", sub("[store]", "[stroe]"), "unknown key stroe (did you mean store?)"),
+    Case("unknown-provider", sub("[providers.modzy]", "[providers.modzi]"),
+         "unknown key providers.modzi (did you mean providers.modzy?)"),
+    Case("unknown-key", sub(PLAY_KEY, 'api_key_evn = "X"'),
+         "unknown key providers.playment.api_key_evn (did you mean"),
+    Case("unknown-store-key", sub('[store]\n', '[store]\npath = "x.db"\n'),
+         "unknown key store.path"),
+    Case("rate-not-number", sub(PLAY_KEY, PLAY_KEY + '\nrate_per_s = "fast"'),
+         "providers.playment.rate_per_s must be a number, got 'fast'"),
+    Case("burst-float", sub(PLAY_KEY, PLAY_KEY + "\nburst = 1.5"),
+         "providers.playment.burst must be an integer, got 1.5"),
+    Case("concurrency-bool", add("[harvest]\nconcurrency = true"),
+         "harvest.concurrency must be an integer, got True"),
+    Case("concurrency-zero", sub(PLAY_KEY, PLAY_KEY + "\nmax_concurrency = 0"),
+         "providers.playment.max_concurrency must be > 0"),
+    Case("negative-rate", sub(PLAY_KEY, PLAY_KEY + "\nrate_per_s = -1"),
+         "providers.playment.rate_per_s must be >= 0"),
+    Case("poll-bounds", sub(PLAY_KEY, PLAY_KEY + "\npoll_min_s = 10\npoll_max_s = 5"),
+         "providers.playment.poll_max_s must be >= poll_min_s"),
+    Case("base-url-scheme", sub('base_url = "http://127.0.0.1:9/playment"',
+                                'base_url = "ftp://127.0.0.1/playment"'),
+         "providers.playment.base_url must start with http:// or https://"),
+    Case("label-dtype", sub("[output]\n", '[output]\nlabel_dtype = "int8"\n'),
+         "output.label_dtype must be one of"),
+    Case("log-level", sub('level = "warning"', 'level = "verbose"'), "log.level must be one of"),
+    Case("store-url", sub('url = "sqlite://', 'url = "mysql://'),
+         "store.url must start with sqlite:// or postgresql://"),
+    Case("output-dir-type", lambda t: re.sub(r'(?m)^dir = ".*"$', "dir = 5", t),
+         "output.dir must be a path string"),
+    Case("provider-not-table", sub('[providers.modzy]\nbase_url = "http://127.0.0.1:9/modzy"\n'
+                                   'api_key_env = "BI_MODZY_KEY"', '[providers]\nmodzy = 5'),
+         "[providers.modzy] must be a table"),
+    Case("scopes-not-list", sub('client_id = "bi"\nclient_secret_env = "BI_COGNITE_SECRET"',
+                                'client_id = "bi"\nclient_secret_env = "BI_COGNITE_SECRET"\n'
+                                'scopes = "all"'),
+         "providers.cognite.scopes must be a list of strings"),
+    Case("on-lost-create", sub(PLAY_KEY, PLAY_KEY + '\non_lost_create = "retry"'),
+         "providers.playment.on_lost_create must be one of 'fail', 'resubmit'"),
+    Case("listen", add('[server]\nlisten = "8080"'), "server.listen must be HOST:PORT"),
+    Case("secret-env-and-file", sub(PLAY_KEY, PLAY_KEY + '\napi_key_file = "/x"'),
+         "providers.playment: set only one of api_key_env and api_key_file"),
+    Case("secret-empty-name", sub(PLAY_KEY, 'api_key_env = ""'),
+         "providers.playment.api_key_env must be a non-empty string"),
+    Case("required-missing", sub('project_id = "bi"\n', ""),
+         "providers.playment.project_id is required"),
+    Case("secret-missing", sub(PLAY_KEY + "\n", ""),
+         "providers.playment.api_key is required (set api_key_env or api_key_file)"),
+    Case("secret-env-unset", sub(PLAY_KEY, 'api_key_env = "BI_NOT_SET_ANYWHERE"'),
+         "providers.playment.api_key: environment variable BI_NOT_SET_ANYWHERE is not set",
+         "harvest"),
+    Case("secret-file-missing", sub(PLAY_KEY, 'api_key_file = "no-such-secret"'),
+         "providers.playment.api_key: cannot read secret file", "harvest"),
+    Case("secret-file-is-directory", sub(PLAY_KEY, 'api_key_file = "."'),
+         "Is a directory", "harvest"),
+    Case("secret-file-empty", sub(PLAY_KEY, 'api_key_file = "empty-secret"'),
+         "providers.playment.api_key: secret file", "harvest"),
+    Case("base-url-env-unset", sub('base_url = "http://127.0.0.1:9/modzy"',
+                                   'base_url_env = "BI_NO_SUCH_URL"'),
+         "providers.modzy.base_url_env: environment variable BI_NO_SUCH_URL is not set"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_bad_config_is_one_clear_line_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: Case
+) -> None:
+    for name, value in SECRET_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("BI_NOT_SET_ANYWHERE", raising=False)
+    ws = Workspace(tmp_path)
+    ws.write("empty-secret", "  \n")
+    good = ws.config.read_text()
+    bad = ws.write("bad.toml", "")
+    if case.id == "not-utf8":
+        bad.write_bytes(good.encode() + b"\n# \xff\xfe\n")
+    else:
+        bad.write_text(case.edit(good))
+    jobs = ws.write("jobs.jsonl", ws.inputs.joinpath("good.jsonl").read_text())
+    before = ws.snapshot()
+    args = [case.command, "-c", str(bad)] + ([str(jobs)] if case.command == "harvest" else [])
+    done = cli(*args)
+    assert done.code == 2, (done.code, done.out, done.err)
+    assert len(done.lines) == 1, done.lines
+    (message,) = done.lines
+    assert message.startswith("harvester: "), message
+    assert case.says in message, message
+    if not case.id.startswith("secret-file") and not case.id.startswith("secret-env"):
+        assert str(bad) in message, message  # names the file
+    assert ws.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        pytest.param(("status",), "no config file: pass -c CONFIG or set HARVESTER_CONFIG",
+                     id="no-config"),
+        pytest.param(("status", "-c", "{root}/absent.toml"), "cannot read config: No such file",
+                     id="config-missing"),
+        pytest.param(("status", "-c", "{root}"), "cannot read config: Is a directory",
+                     id="config-is-directory"),
+    ],
+)  # fmt: skip
+def test_unreadable_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], says: str
+) -> None:
+    monkeypatch.delenv("HARVESTER_CONFIG", raising=False)
+    ws = Workspace(tmp_path)
+    before = ws.snapshot()
+    done = cli(*(a.format(root=ws.inputs) for a in args))
+    assert done.code == 2 and len(done.lines) == 1, done.lines
+    assert says in done.lines[0], done.lines
+    assert ws.snapshot() == before
+
+
+def test_config_text_is_the_good_one() -> None:
+    """The cases above edit this text; it must itself be valid."""
+    import tomllib
+
+    from harvester.config import parse_config
+
+    parse_config(tomllib.loads(CONFIG), source=Path("/tmp/x.toml"))
