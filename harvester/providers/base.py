@@ -151,6 +151,43 @@ class HarvestIO(Protocol):
     def write_json(self, relpath: str, obj: Any) -> None: ...
 
 
+class NoSetup:
+    """For providers with no one-off setup step (everyone but Playment)."""
+
+    name: str
+
+    @property
+    def setup_key(self) -> str:
+        return f"{self.name}.setup"
+
+    def setup_spec(self) -> RequestSpec | None:
+        return None
+
+    def parse_setup(self, resp: Response) -> str:
+        raise ProtocolError(f"{self.name} has no setup step", provider=self.name)
+
+    def restore_setup(self, value: str) -> None:
+        return None
+
+
+def protocol_error(
+    provider: str, resp: Response, message: str, job: Job | None = None
+) -> ProtocolError:
+    """An answer we cannot understand, with the status and request id that identify it."""
+    return ProtocolError(
+        message,
+        provider=provider,
+        job=job.key if job else None,
+        status=resp.status,
+        request_id=resp.request_id,
+    )
+
+
+def snippet(body: bytes, limit: int = 200) -> str:
+    """The start of a body, for error messages (bodies can be huge or binary)."""
+    return body[:limit].decode("utf-8", "replace").strip()
+
+
 class Provider(Protocol):
     """One provider's API, as the engine drives it."""
 

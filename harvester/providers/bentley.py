@@ -53,6 +53,7 @@ from harvester.providers.base import (
     CreateResult,
     FindResult,
     HarvestIO,
+    NoSetup,
     NotFound,
     PollResult,
     RemoteState,
@@ -60,6 +61,7 @@ from harvester.providers.base import (
     Resolver,
     Response,
     Status,
+    protocol_error,
 )
 from harvester.schedule import BENTLEY_LADDER
 
@@ -100,7 +102,7 @@ _MAX_REASON = 1000
 _PLACEHOLDER = re.compile(r"%(\d+)")
 
 
-class BentleyProvider:
+class BentleyProvider(NoSetup):
     name = NAME
 
     def __init__(self, cfg: BentleyConfig) -> None:
@@ -150,20 +152,6 @@ class BentleyProvider:
             )
         if "options" in spec and not isinstance(spec["options"], dict):
             raise InvalidPayload("payload.specifications.options must be an object")
-
-    # -- setup: nothing to set up --------------------------------------------------------
-    @property
-    def setup_key(self) -> str:
-        return "bentley.setup"
-
-    def setup_spec(self) -> RequestSpec | None:
-        return None
-
-    def parse_setup(self, resp: Response) -> str:
-        raise ProtocolError("Bentley has no setup step", provider=NAME)
-
-    def restore_setup(self, value: str) -> None:
-        return None
 
     # -- create -------------------------------------------------------------------------
     def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:
@@ -500,10 +488,4 @@ def _seconds(value: str | None) -> float | None:
 
 
 def _protocol(resp: Response, message: str, job: Job | None = None) -> ProtocolError:
-    return ProtocolError(
-        message,
-        provider=NAME,
-        job=job.key if job else None,
-        status=resp.status,
-        request_id=resp.request_id,
-    )
+    return protocol_error(NAME, resp, message, job)

@@ -40,12 +40,15 @@ from harvester.providers.base import (
     CreateResult,
     FindResult,
     HarvestIO,
+    NoSetup,
     NotFound,
     PollResult,
     RemoteState,
     RequestSpec,
     Response,
     Status,
+    protocol_error,
+    snippet,
 )
 
 NAME = "cognite"
@@ -60,7 +63,7 @@ _STATES = {
 _MAX_REASON = 1000
 
 
-class CogniteProvider:
+class CogniteProvider(NoSetup):
     name = NAME
 
     def __init__(self, cfg: CogniteConfig) -> None:
@@ -95,20 +98,6 @@ class CogniteProvider:
         box = payload.get("boundingBox")
         if box is not None:
             _check_box(box)
-
-    # -- setup: nothing to set up --------------------------------------------------------
-    @property
-    def setup_key(self) -> str:
-        return f"cognite.setup.{self.cfg.project}"
-
-    def setup_spec(self) -> RequestSpec | None:
-        return None
-
-    def parse_setup(self, resp: Response) -> str:
-        raise ProtocolError("Cognite has no setup step", provider=NAME)
-
-    def restore_setup(self, value: str) -> None:
-        return None
 
     # -- create -------------------------------------------------------------------------
     def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:
@@ -302,14 +291,8 @@ def _ids(entries: list[Any]) -> str:
 
 
 def _protocol(resp: Response, message: str, job: Job | None = None) -> ProtocolError:
-    return ProtocolError(
-        message,
-        provider=NAME,
-        job=job.key if job else None,
-        status=resp.status,
-        request_id=resp.request_id,
-    )
+    return protocol_error(NAME, resp, message, job)
 
 
 def _snippet(body: bytes) -> str:
-    return body[:200].decode("utf-8", "replace").strip()
+    return snippet(body)

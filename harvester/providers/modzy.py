@@ -38,12 +38,14 @@ from harvester.providers.base import (
     CreateResult,
     FindResult,
     HarvestIO,
+    NoSetup,
     NotFound,
     PollResult,
     RemoteState,
     RequestSpec,
     Response,
     Status,
+    protocol_error,
 )
 
 NAME = "modzy"
@@ -64,7 +66,7 @@ class ResultsNotReady(NotYetAvailable):
     """Modzy has not published a finished job's results yet (404 or ``finished: false``)."""
 
 
-class ModzyProvider:
+class ModzyProvider(NoSetup):
     name = NAME
 
     def __init__(self, cfg: ModzyConfig) -> None:
@@ -99,20 +101,6 @@ class ModzyProvider:
                 )
         if "explain" in payload and not isinstance(payload["explain"], bool):
             raise InvalidPayload("payload.explain must be true or false")
-
-    # -- setup: nothing to set up --------------------------------------------------------
-    @property
-    def setup_key(self) -> str:
-        return "modzy.setup"
-
-    def setup_spec(self) -> RequestSpec | None:
-        return None
-
-    def parse_setup(self, resp: Response) -> str:
-        raise ProtocolError("Modzy has no setup step", provider=NAME)
-
-    def restore_setup(self, value: str) -> None:
-        return None
 
     # -- create -------------------------------------------------------------------------
     def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:
@@ -305,10 +293,4 @@ def _progress(body: Mapping[str, Any]) -> float | None:
 
 
 def _protocol(resp: Response, message: str, job: Job | None = None) -> ProtocolError:
-    return ProtocolError(
-        message,
-        provider=NAME,
-        job=job.key if job else None,
-        status=resp.status,
-        request_id=resp.request_id,
-    )
+    return protocol_error(NAME, resp, message, job)

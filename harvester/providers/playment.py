@@ -48,6 +48,8 @@ from harvester.providers.base import (
     Resolver,
     Response,
     Status,
+    protocol_error,
+    snippet,
 )
 
 NAME = "playment"
@@ -369,13 +371,7 @@ class PlaymentProvider:
         raise err
 
     def _protocol(self, resp: Response, message: str, job: Job | None = None) -> ProtocolError:
-        return ProtocolError(
-            message,
-            provider=NAME,
-            job=job.key if job else None,
-            status=resp.status,
-            request_id=resp.request_id,
-        )
+        return protocol_error(NAME, resp, message, job)
 
 
 def classes_from_annotations(annotation_data: dict[str, Any], job: Job) -> dict[str, Any]:
@@ -512,4 +508,4 @@ def _path_of(url: str) -> str:
 
 
 def _snippet(body: bytes) -> str:
-    return body[:200].decode("utf-8", "replace").strip()
+    return snippet(body)
