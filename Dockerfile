@@ -17,7 +17,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY harvester ./harvester
-RUN pip wheel --wheel-dir /wheels .
+# The postgres extra (asyncpg) too: the same image serves sqlite and Postgres stores.
+RUN pip wheel --wheel-dir /wheels ".[postgres]"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -29,7 +30,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # uid/gid 10001: numeric, so Kubernetes' runAsNonRoot can verify it, and above the range a
 # host's own users get, so files on a shared volume never belong to someone real.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels harvester \
+    pip install --no-index --find-links=/wheels "harvester[postgres]" \
     && groupadd --gid 10001 harvester \
     && useradd --uid 10001 --gid 10001 --home-dir /var/lib/harvester \
         --no-create-home --shell /usr/sbin/nologin harvester \

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 from harvester.errors import ConfigError
 
@@ -143,6 +144,11 @@ class StoreConfig:
     password: SecretRef | None = None
     #: the sqlite file when ``url`` is ``sqlite://...`` (resolved against the config folder)
     path: Path | None = None
+    #: PostgreSQL only: a replica that has not renewed its lease for this long is presumed
+    #: dead and its jobs are taken over; it renews every lease_s / 3 (at most 2 s apart)
+    lease_s: float = 30.0
+    #: PostgreSQL only: connections this process keeps to the database at most
+    pool_size: int = 8
 
 
 @dataclass(frozen=True)
@@ -218,8 +224,10 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
     sections = {"store", "output", "server", "harvest", "log", "providers"}
     ctx.unknown(data, sections, "")
 
-    store = ctx.build(StoreConfig, ctx.table(data, "store"), "store", skip=frozenset({"path"}))
+    store_table = _url_from_env(dict(ctx.table(data, "store")), "url", "store", ctx)
+    store = ctx.build(StoreConfig, store_table, "store", skip=frozenset({"path"}))
     store = dataclasses.replace(store, path=_sqlite_path(store.url, base, ctx))
+    _check_store(store, ctx)
     output = ctx.build(OutputConfig, ctx.table(data, "output"), "output")
     server = ctx.build(ServerConfig, ctx.table(data, "server"), "server")
     _check_listen(server.listen, ctx)
@@ -297,11 +305,47 @@ def _check_listen(listen: str, ctx: _Ctx) -> None:
         ctx.fail(f"server.listen must be HOST:PORT, got {listen!r}")
 
 
+def _url_from_env(section: dict[str, Any], key: str, where: str, ctx: _Ctx) -> dict[str, Any]:
+    """``<key>_env = "VAR"`` stands for ``<key> = $VAR`` (an address, not a secret)."""
+    if f"{key}_env" not in section:
+        return section
+    env = section.pop(f"{key}_env")
+    if not isinstance(env, str) or key in section:
+        ctx.fail(f"{where}.{key}_env must be a string and excludes {key}")
+    value = os.environ.get(env)
+    if not value:
+        ctx.fail(f"{where}.{key}_env: environment variable {env} is not set")
+    section[key] = value
+    return section
+
+
+def _check_store(store: StoreConfig, ctx: _Ctx) -> None:
+    if store.path is None:
+        # A password inside the URL would sit in a ConfigMap and in every error message.
+        try:
+            has_password = urlsplit(store.url).password is not None
+        except ValueError:
+            ctx.fail("store.url is not a valid postgresql:// URL")
+        if has_password:
+            ctx.fail(
+                "store.url must not contain a password; give it by reference with"
+                " store.password_env or store.password_file"
+            )
+    elif store.password is not None:
+        ctx.fail("store.password is for postgresql:// URLs; a sqlite store has none")
+    # Renewals come every lease_s / 3; below a few seconds, one slow query would cost a lease.
+    if store.lease_s < 3:
+        ctx.fail(f"store.lease_s must be >= 3 seconds, got {store.lease_s:g}")
+    if store.pool_size < 2:
+        ctx.fail("store.pool_size must be >= 2 (job writes and lease renewals each need one)")
+
+
 def _sqlite_path(url: str, base: Path, ctx: _Ctx) -> Path | None:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return None
     if not url.startswith("sqlite://"):
-        ctx.fail(f"store.url must start with sqlite:// or postgresql://, got {url!r}")
+        shown = url.split("@", 1)[-1]  # whatever precedes an "@" may hold a password
+        ctx.fail(f"store.url must start with sqlite:// or postgresql://, got {shown!r}")
     rest = url.removeprefix("sqlite://")
     if not rest or rest == "/":
         ctx.fail("store.url names no sqlite file")

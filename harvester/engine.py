@@ -12,6 +12,12 @@ blindly.
 
 ``burst=True`` (``harvester harvest``) stops when every job it works on is terminal; the
 daemon runs the same engine with ``burst=False`` until told to stop.
+
+With a store several processes share (``SharedStore``: PostgreSQL) the engine is one
+replica among several: instead of loading every active job, each lane claims jobs by lease
+as it has room, steps and harvests only jobs it holds, and treats a refused write as "this
+job is somebody else's now" (it drops the job) rather than as a fatal store error. The
+sqlite path is unchanged. See ``harvester.replica``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from harvester.errors import (
     NotYetAvailable,
     RateLimited,
     RetryableError,
+    StoreError,
 )
 from harvester.failpoints import failpoint
 from harvester.harvest import JobOutput
@@ -55,8 +62,9 @@ from harvester.providers.base import (
     Status,
 )
 from harvester.ratelimit import ProviderLimiter, backoff_delay
+from harvester.replica import Replica
 from harvester.schedule import DueQueue, PollPolicy
-from harvester.store.base import Store
+from harvester.store.base import SharedStore, Store
 from harvester.transport import Transport
 
 log = get_logger("harvester.engine")
@@ -127,6 +135,12 @@ class Engine:
         self._load_lock = anyio.Lock()
         self._harvest_send: MemoryObjectSendStream[tuple[str, str]] | None = None
         self._queued_for_harvest: set[tuple[str, str]] = set()
+        #: with a store several processes share, jobs are claimed by lease (harvester.replica)
+        self.replica: Replica | None = (
+            Replica(self, store, lease_s=config.store.lease_s)
+            if isinstance(store, SharedStore)
+            else None
+        )
 
     # -- public -------------------------------------------------------------------------
     async def run(self, *, stop: anyio.Event | None = None) -> None:
@@ -140,24 +154,44 @@ class Engine:
                 self.config.harvest.concurrency * 2
             )
             self._harvest_send = harvest_send
-            for lane in lanes.values():
-                if not await self._setup_until_done(lane, stop):
-                    return  # stopped while a provider was unreachable: nothing started
+            try:
+                await self._work(lanes, harvest_recv, stop)
+            finally:
+                if self.replica is not None:
+                    await self.replica.leave()
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _work(
+        self,
+        lanes: dict[str, Lane],
+        harvest_recv: MemoryObjectReceiveStream[tuple[str, str]],
+        stop: anyio.Event | None,
+    ) -> None:
+        replica = self.replica
+        if replica is not None and not await replica.start(stop):
+            return  # stopped before the first request
+        for lane in lanes.values():
+            if not await self._setup_until_done(lane, stop):
+                return  # stopped while a provider was unreachable: nothing started
+        if replica is None:
             await self._load(initial=True)
             if self.burst and not self.remaining:
                 self.done.set()
-            self.ready.set()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_stop, tg, stop, name="stop-watcher")
-                for lane in lanes.values():
-                    tg.start_soon(self._lane, lane, name=f"lane:{lane.name}")
-                async with harvest_recv:
-                    for i in range(self.config.harvest.concurrency):
-                        tg.start_soon(self._harvester, harvest_recv.clone(), name=f"harvest:{i}")
-                if not self.burst:
-                    tg.start_soon(self._feeder, name="feeder")
-        if self.fatal is not None:
-            raise self.fatal
+        self.ready.set()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_stop, tg, stop, name="stop-watcher")
+            for lane in lanes.values():
+                tg.start_soon(self._lane, lane, name=f"lane:{lane.name}")
+                if replica is not None:
+                    tg.start_soon(replica.claimer, lane, name=f"claim:{lane.name}")
+            async with harvest_recv:
+                for i in range(self.config.harvest.concurrency):
+                    tg.start_soon(self._harvester, harvest_recv.clone(), name=f"harvest:{i}")
+            if replica is not None:
+                tg.start_soon(replica.renewer, name="lease")
+            elif not self.burst:
+                tg.start_soon(self._feeder, name="feeder")
 
     async def _watch_stop(self, tg: TaskGroup, stop: anyio.Event | None) -> None:
         stopped = False
@@ -254,7 +288,17 @@ class Engine:
         if spec is None:
             return
         value = await lane.transport.call(spec, lane.provider.parse_setup)
-        await self.store.set_meta(lane.provider.setup_key, value)
+        if self.replica is None:
+            await self.store.set_meta(lane.provider.setup_key, value)
+        else:
+            # Replicas starting together may each have set up: the first value recorded
+            # wins, so every replica reconciles against the same batch. The losers' setups
+            # (an empty Playment batch) stay unused.
+            kept = await self.replica.store.add_meta(lane.provider.setup_key, value)
+            if kept != value:
+                lane.provider = make_provider(lane.transport.cfg)
+                lane.provider.restore_setup(kept)
+                value = kept
         log.info("provider set up", provider=lane.name, setup=lane.provider.setup_key)
 
     async def _load(self, *, initial: bool) -> None:
@@ -284,7 +328,9 @@ class Engine:
 
     async def refresh(self) -> None:
         """Pick up jobs other processes (or the HTTP API) added to the store, now."""
-        if self.lanes and not self.draining:
+        if self.replica is not None:
+            self.replica.wake()  # claimers look at once rather than at their next tick
+        elif self.lanes and not self.draining:
             await self._load(initial=False)
 
     async def _feeder(self) -> None:
@@ -327,13 +373,26 @@ class Engine:
                     continue
                 try:
                     await self._step(lane, key)
+                except StoreError as exc:
+                    self._store_failed(lane, key, exc)
                 except FatalError as exc:
                     self._fail_fatal(exc)
                 finally:
                     lane.in_flight.discard(key)
                     self._leave()
 
+    def _store_failed(self, lane: Lane, key: str, exc: StoreError) -> None:
+        if self.replica is None:
+            self._fail_fatal(exc)  # one process, one store: it cannot be somebody else's job
+        else:
+            # Someone else owns the job now, or the database did not answer: either way
+            # it is not ours to go on with. If it is still ours, the next renewal says so.
+            self.replica.drop(lane, key, str(exc))
+
     async def _step(self, lane: Lane, key: str) -> None:
+        if self.replica is not None and not self.replica.holds(lane, key):
+            lane.forget(key)  # dropped while it waited in the queue
+            return
         job = await self.store.get(lane.name, key)
         if job is None or job.terminal:
             lane.forget(key)
@@ -396,7 +455,9 @@ class Engine:
 
     def _finished(self, provider: str, key: str) -> None:
         self.remaining.discard((provider, key))
-        if self.burst and not self.remaining:
+        if self.replica is not None:
+            self.replica.finished(provider, key)  # a replica's burst ends by the store's count
+        elif self.burst and not self.remaining:
             self.done.set()
 
     def _poll_later(self, lane: Lane, job: Job, *, changed: bool) -> None:
@@ -594,7 +655,13 @@ class Engine:
                     self._queued_for_harvest.discard((provider, key))
                     continue
                 try:
-                    await self._harvest_one(self.lanes[provider], key)
+                    if self.replica is None:
+                        await self._harvest_one(self.lanes[provider], key)
+                    else:
+                        with self.replica.harvesting(provider, key):
+                            await self._harvest_one(self.lanes[provider], key)
+                except StoreError as exc:
+                    self._store_failed(self.lanes[provider], key, exc)
                 except FatalError as exc:
                     self._fail_fatal(exc)
                 finally:
@@ -602,6 +669,8 @@ class Engine:
                     self._leave()
 
     async def _harvest_one(self, lane: Lane, key: str) -> None:
+        if self.replica is not None and not self.replica.holds(lane, key):
+            return  # dropped while it waited for a harvester
         job = await self.store.get(lane.name, key)
         if job is None or job.state not in (JobState.SUCCEEDED, JobState.HARVESTING):
             return
@@ -623,6 +692,9 @@ class Engine:
             )
             await lane.provider.harvest(job, status, out)
             self.metrics.decode_seconds.labels(lane.name).inc(out.decode_s)
+            if self.replica is not None:
+                # Only the lease holder completes an output: proven just before the rename.
+                job = await self.replica.confirm(job)
             relative = out.write_manifest(harvested_at=self.clock.wall())
         except RetryableError as exc:
             # "Not published yet" is no failure; everything else spends an attempt.

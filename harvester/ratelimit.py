@@ -308,6 +308,39 @@ class ProviderLimiter:
     def _admissible(self, now: float) -> bool:
         return self._in_use < self._max_concurrency and self._ready_at(now) <= now
 
+    def set_rate(
+        self, rate_per_s: float, burst: float, *, max_concurrency: int | None = None
+    ) -> None:
+        """Change the bucket (and the concurrency cap) in place, keeping queue and gate.
+
+        Replicas sharing one provider limit each take a share of it, and the share changes as
+        replicas come and go. Tokens saved above the new burst are dropped, so a smaller share
+        holds from now on rather than after the old burst is spent; a sleeping head waiter
+        wakes at its old time and then waits by the new rate.
+        """
+        if math.isnan(rate_per_s) or math.isnan(burst):
+            raise ValueError(f"{self.name}: rate_per_s and burst must be numbers")
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"{self.name}: max_concurrency must be >= 1, got {max_concurrency}")
+        now = self._clock.monotonic()
+        level = self._bucket.level(now)
+        bucket = TokenBucket(rate_per_s, burst)
+        if not bucket.unlimited and math.isfinite(level):
+            bucket.tokens = min(level, bucket.burst)
+            bucket.updated_at = now
+        self._bucket = bucket
+        if max_concurrency is not None:
+            self._max_concurrency = max_concurrency
+        self._nudge_head()
+
+    @property
+    def rate_per_s(self) -> float:
+        return self._bucket.rate_per_s
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._max_concurrency
+
     def has_capacity(self) -> bool:
         """Would a request be admitted right now without waiting (and without queue-jumping)?"""
         return not self._waiters and self._admissible(self._clock.monotonic())

@@ -1,12 +1,12 @@
-"""The durable job table: ``open_store(config)`` picks the implementation from ``store.url``."""
+"""The durable job table: ``make_store(config)`` picks the implementation from ``store.url``."""
 
 from __future__ import annotations
 
 from harvester.config import StoreConfig
 from harvester.errors import ConfigError
-from harvester.store.base import AddResult, NewJob, Store
+from harvester.store.base import AddResult, NewJob, Renewal, SharedStore, Store
 
-__all__ = ["AddResult", "NewJob", "Store", "make_store"]
+__all__ = ["AddResult", "NewJob", "Renewal", "SharedStore", "Store", "make_store"]
 
 
 def make_store(cfg: StoreConfig) -> Store:
@@ -16,7 +16,12 @@ def make_store(cfg: StoreConfig) -> Store:
 
         # FULL: a power loss must not lose a recorded "submitting" intent whose POST left.
         return SqliteStore(cfg.path, synchronous="FULL")
-    raise ConfigError(
-        f"store.url {cfg.url.split('@')[-1]!r}: the PostgreSQL store is not available yet;"
-        " use sqlite://"
-    )
+    try:
+        from harvester.store.postgres import PostgresStore
+    except ImportError as exc:  # asyncpg is the optional "postgres" extra
+        raise ConfigError(
+            f"store.url is a PostgreSQL URL but its driver is missing ({exc.name});"
+            " install harvester[postgres]"
+        ) from None
+    password = cfg.password.reveal() if cfg.password is not None else None
+    return PostgresStore(cfg.url, password=password, pool_size=cfg.pool_size)

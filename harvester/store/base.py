@@ -6,13 +6,16 @@ only once the change is committed. A restart resumes from the store alone.
 Jobs are keyed by ``(provider, key)``; ``key`` is derived from the reference id (or the
 remote job id for tracked jobs). Adding the same job twice is a no-op; adding a different
 job under an existing key is refused with the line that tried.
+
+``SharedStore`` adds what several processes working one table need (leases); the engine
+uses it when the store offers it (PostgreSQL) and is unchanged otherwise (sqlite).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from harvester.jobs import Event, Job, JobState
 
@@ -33,6 +36,19 @@ class NewJob:
 class AddResult:
     added: tuple[str, ...]  #: "provider/key" of the jobs inserted
     duplicates: tuple[str, ...]  #: identical jobs the store already had (no-op)
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What a replica learns each time it renews its lease (``SharedStore.renew``)."""
+
+    #: replicas whose lease is current, this one included: the divisor of every rate limit
+    live_replicas: int
+    #: (provider, key) of every active job this replica owns now, as the store sees it
+    held: frozenset[tuple[str, str]]
+    #: this replica's lease had run out before this renewal (or its row was gone): other
+    #: replicas may have claimed some of its jobs meanwhile, so ``held`` is the truth
+    lapsed: bool
 
 
 class Store(Protocol):
@@ -82,7 +98,9 @@ class Store(Protocol):
         """Active jobs added after ``cursor`` (0: all), and the cursor to pass next time.
 
         Lets a long-running engine notice jobs other processes add without re-reading the
-        whole table; a cursor is opaque to callers and only ever grows.
+        whole table; a cursor is opaque to callers and only ever grows. No job added is ever
+        missed; a backend whose writers commit out of order (PostgreSQL) may report a job
+        again, so callers ignore jobs they already know.
         """
 
     async def get_meta(self, name: str) -> str | None:
@@ -92,3 +110,44 @@ class Store(Protocol):
 
     async def check(self) -> list[str]:
         """Integrity problems found (empty list: healthy). Read-only."""
+
+
+@runtime_checkable
+class SharedStore(Store, Protocol):
+    """A job table several harvester processes (replicas) work on at once.
+
+    Work is shared by leases. A replica ``join``s under a unique owner id and from then on
+    ``claim``s jobs: each claimed job records the owner, and only that owner may write it
+    (``transition``/``update`` raise ``StoreError`` for anybody else's job, just as for a
+    stale version). The lease is one per replica, not one per job: ``renew`` moves the
+    replica's own deadline forward, which keeps every job it owns. When a replica stops
+    renewing (it died, hung or lost the database) its deadline passes and its jobs become
+    claimable by the others; a job whose owner is gone keeps its state, so the next owner
+    resumes it from the store like a restart would.
+    """
+
+    async def join(self, owner: str, *, lease_s: float, now: float) -> None:
+        """Become replica ``owner`` (unique per process) with a lease of ``lease_s``.
+
+        From here on every job write by this store object requires that ``owner`` owns the
+        job. The replica counts as live once this returns.
+        """
+
+    async def renew(self, *, now: float) -> Renewal:
+        """Extend this replica's lease to ``now + lease_s`` in one write, and report."""
+
+    async def claim(self, provider: str, *, limit: int, now: float) -> list[Job]:
+        """Take up to ``limit`` active jobs of ``provider`` that nobody holds a live lease
+        on, oldest first, and make them this replica's. Concurrent claimers never get the
+        same job."""
+
+    async def release(self, provider: str, keys: Sequence[str]) -> int:
+        """Give up this replica's ownership of those jobs (others may claim them at once);
+        jobs owned by another replica are left alone. Returns how many were released."""
+
+    async def leave(self) -> None:
+        """Release every job this replica owns and stop counting as live (a clean exit)."""
+
+    async def add_meta(self, name: str, value: str) -> str:
+        """Store ``value`` under ``name`` unless a value is there already; return the one
+        stored. Replicas that race to record the same one-off setup agree on one answer."""

@@ -1,19 +1,25 @@
 """The backends the shared store suite runs on, and what the tests may do behind a store's back.
 
-To add a backend (e.g. Postgres), write a class like ``SqliteBackend``, add its name to
-``BACKENDS`` and construct it in ``conftest.backend``.
+To add a backend, write a class like ``SqliteBackend``, add its name to ``BACKENDS`` and
+construct it in ``conftest.backend``. Backends in ``SHARED_BACKENDS`` also implement
+``SharedStore`` (leases for several replicas) and run ``test_leases.py``.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any, Protocol
 
-from harvester.store.base import Store
+from harvester.store.base import SharedStore, Store
+from harvester.store.postgres import PostgresStore
 from harvester.store.sqlite import SqliteStore
 
-BACKENDS = ["sqlite"]
+from .pgserver import PgServer, run_sync
+
+BACKENDS = ["sqlite", "postgres"]
+SHARED_BACKENDS = ["postgres"]
 
 
 class Backend(Protocol):
@@ -43,3 +49,34 @@ class SqliteBackend:
                 return conn.execute(statement, params).fetchall()
         finally:
             conn.close()
+
+
+class PostgresBackend:
+    """A schema of its own in the session's test database."""
+
+    name = "postgres"
+
+    def __init__(self, server: PgServer, database: str) -> None:
+        self.server = server
+        self.url = server.schema_url(database)
+
+    def make(self) -> Store:
+        return self.make_shared()
+
+    def make_shared(self) -> SharedStore:
+        return PostgresStore(self.url, password=self.server.password)
+
+    def raw(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        numbers = iter(range(1, len(params) + 1))
+        sql = re.sub(r"\?", lambda _: f"${next(numbers)}", statement)
+
+        async def run() -> list[tuple[Any, ...]]:
+            import asyncpg
+
+            conn = await asyncpg.connect(self.url, password=self.server.password)
+            try:
+                return [tuple(r) for r in await conn.fetch(sql, *params)]
+            finally:
+                await conn.close()
+
+        return run_sync(run())

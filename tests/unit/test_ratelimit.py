@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import email.utils
+import itertools
 import math
 import random
 import statistics
@@ -601,3 +602,48 @@ def test_constructor_validates() -> None:
     with pytest.raises(ValueError, match="backoff_cap"):
         _limiter(clock, backoff_base=2.0, backoff_cap=1.0)
     assert "tokens=1.00/1" in repr(_limiter(clock, rate_per_s=1.0, burst=0))
+
+
+# -- set_rate: a replica's share of a provider limit ----------------------------------------
+
+
+@pytest.mark.anyio
+async def test_set_rate_changes_the_pace_of_queued_requests() -> None:
+    clock = FakeClock()
+    lim = _limiter(clock, rate_per_s=4.0, burst=4, max_concurrency=8)
+    entered: list[float] = []
+    done = anyio.Event()
+
+    async def request() -> None:
+        async with lim.slot():
+            entered.append(clock.monotonic())
+        if len(entered) == 8:
+            done.set()
+
+    # Three replicas now share the limit: a third of the rate, a third of the burst (its
+    # saved tokens cut to the new burst at once), a third of the concurrency.
+    lim.set_rate(4.0 / 3, 4 / 3, max_concurrency=2)
+    assert (lim.rate_per_s, lim.max_concurrency) == (pytest.approx(4 / 3), 2)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(request)
+            await _drive(clock, done)
+    gaps = [b - a for a, b in itertools.pairwise(entered)]
+    # 4/3 tokens kept: one now, the rest of a second token after (2/3) / (4/3) = 0.5 s
+    assert entered[0] == 1000.0 and entered[1] == pytest.approx(1000.5)
+    assert gaps[1:] == pytest.approx([0.75] * 6)
+
+
+@pytest.mark.anyio
+async def test_set_rate_back_to_unlimited_and_to_a_limit_again() -> None:
+    clock = FakeClock()
+    lim = _limiter(clock, rate_per_s=1.0, burst=1)
+    lim.set_rate(0.0, 1)
+    async with lim.slot(), lim.slot():
+        pass  # unlimited: neither waits
+    lim.set_rate(2.0, 2)
+    assert lim.has_capacity()
+    with pytest.raises(ValueError, match="max_concurrency"):
+        lim.set_rate(1.0, 1, max_concurrency=0)
+    assert "rate=2/s" in repr(lim)

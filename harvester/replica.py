@@ -1,0 +1,383 @@
+"""The engine as one of several replicas sharing a job table (``SharedStore``, PostgreSQL).
+
+With a shared store the engine does not load every active job: each lane's *claimer* takes
+jobs from the store as the lane has room for them, and only jobs this replica holds are ever
+stepped or harvested. A replica's hold on its jobs is one lease, renewed by the *renewer*
+every ``lease_s / 3`` or 2 s, whichever is sooner (a renewal also brings the replica count
+that rate limits are divided by); a replica that stops renewing (killed, hung, cut off from
+the database) loses every job at once when its lease runs out, and the others claim them.
+
+Why this is safe whatever replica dies when:
+- Every job write by a replica requires that it still owns the job (the store checks owner
+  and version in the same UPDATE). A replica whose job was taken over is refused, drops the
+  job and never retries it blindly; the new owner resumes from the stored state, so a job
+  found in ``submitting`` is reconciled, never re-POSTed (the engine's normal path).
+- The renewer knows, on its own clock, until when its lease surely holds: ``deadline`` is the
+  moment it *sent* its last successful renewal plus ``lease_s``. If renewals fail until
+  ``deadline - margin``, it drops every job and stops every harvest itself, before anybody
+  else may claim them (clocks of replicas must agree to better than ``margin`` = lease_s / 6;
+  NTP does).
+- A harvest checks both, ownership in the store and the local deadline, just before its
+  manifest is renamed into place (``confirm``), so two replicas never complete the same
+  output at the same time. (A process frozen for longer than the lease between that check and
+  the rename defeats any lease without fencing; that window is one local file rename.)
+
+Rate limits are shared the same way: each replica's limiter for a provider gets
+``1 / live_replicas`` of its rate, burst and concurrency (at least 1), where live replicas
+are the lease rows not yet expired, re-read at every renewal. A new replica waits one renewal
+period after joining before its first request, so the others have shrunk their shares by
+then; a dead replica's share is unused until its lease expires (the safe direction).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.lowlevel
+
+from harvester.errors import StoreError
+from harvester.jobs import ACTIVE, Job
+from harvester.logs import get_logger
+from harvester.ratelimit import backoff_delay
+from harvester.store.base import SharedStore
+
+if TYPE_CHECKING:
+    from harvester.engine import Engine, Lane
+
+log = get_logger("harvester.replica")
+
+#: how often a lane with room asks the store for more jobs (sooner when woken) ...
+CLAIM_INTERVAL_S = 0.5
+#: ... growing to this while the store has none: what ``harvester submit`` adds is seen
+#: within this long (jobs posted to a replica's HTTP API wake its claimers at once)
+IDLE_CLAIM_INTERVAL_S = 2.0
+#: renewals come every lease_s / 3, or this often if that is sooner: a renewal also re-reads
+#: the live replica count, so rate shares follow a replica joining within this long
+RENEW_MAX_S = 2.0
+#: a new replica waits this many renewal periods before its first request
+SETTLE_PERIODS = 1.25
+
+
+def replica_id() -> str:
+    """Unique per process run: a restarted pod must not inherit its predecessor's jobs
+    before they are reconciled like anybody else's."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Replica:
+    """This process's membership: its lease, the jobs it holds per lane, its rate shares."""
+
+    def __init__(self, engine: Engine, store: SharedStore, *, lease_s: float) -> None:
+        self.engine = engine
+        self.store = store
+        self.lease_s = lease_s
+        self.owner = replica_id()
+        #: monotonic time until which no other replica can have claimed our jobs
+        self.deadline = -math.inf
+        #: live replicas at the last renewal, this one included (0: not known yet)
+        self.live = 0
+        #: lane -> key -> monotonic time it was claimed (or adopted)
+        self.held: dict[str, dict[str, float]] = {}
+        self._wake: dict[str, anyio.Event] = {}
+        self._harvests: dict[tuple[str, str], anyio.CancelScope] = {}
+        #: held here, missing from the last renewal's answer, but a task was busy with them
+        self._suspects: set[tuple[str, str]] = set()
+
+    def __repr__(self) -> str:
+        held = sum(len(keys) for keys in self.held.values())
+        left = self.deadline - self.engine.clock.monotonic()
+        return f"<Replica {self.owner} held={held} live={self.live} lease_left={left:.1f}s>"
+
+    @property
+    def renew_every(self) -> float:
+        return min(self.lease_s / 3, RENEW_MAX_S)
+
+    @property
+    def margin(self) -> float:
+        return self.lease_s / 6
+
+    def valid(self) -> bool:
+        """Is our lease surely ours right now (with the safety margin)?"""
+        return self.engine.clock.monotonic() < self.deadline - self.margin
+
+    def holds(self, lane: Lane, key: str) -> bool:
+        return key in self.held.get(lane.name, {})
+
+    # -- membership -------------------------------------------------------------------------
+
+    async def start(self, stop: anyio.Event | None) -> bool:
+        """Join, let the others count us, then learn our shares. False if stopped meanwhile."""
+        for name in self.engine.lanes:
+            self.held.setdefault(name, {})
+        clock = self.engine.clock
+        sent = clock.monotonic()
+        await self.store.join(self.owner, lease_s=self.lease_s, now=clock.wall())
+        self.deadline = sent + self.lease_s
+        log.info("replica joined", replica=self.owner, lease_s=self.lease_s)
+        with anyio.move_on_after(self.renew_every * SETTLE_PERIODS):
+            await (stop or anyio.Event()).wait()
+        if stop is not None and stop.is_set():
+            return False
+        await self.renew_once()
+        return True
+
+    @property
+    def joined(self) -> bool:
+        return self.deadline > -math.inf
+
+    async def leave(self) -> None:
+        """Hand every job we still hold back at once, rather than after our lease expires."""
+        if not self.joined:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            try:
+                await self.store.leave()
+                log.info("replica left: its jobs are free for the others", replica=self.owner)
+            except StoreError as exc:
+                log.warning(
+                    "could not hand jobs back; the others take them over when the lease expires",
+                    replica=self.owner,
+                    error=str(exc),
+                    lease_s=self.lease_s,
+                )
+
+    async def renewer(self) -> None:
+        ok = True
+        while True:
+            await anyio.sleep(self.renew_every if ok else min(1.0, self.renew_every))
+            holding = any(self.held.values()) or bool(self._harvests)
+            # While we hold jobs, a renewal that cannot finish before the deadline is as
+            # good as failed: it must not keep us acting past the point others may claim.
+            bound = self.deadline - self.margin - self.engine.clock.monotonic()
+            with anyio.move_on_after(max(bound, 0.0) if holding else self.lease_s) as scope:
+                try:
+                    await self.renew_once()
+                    ok = True
+                except StoreError as exc:
+                    ok = False
+                    log.warning(
+                        "lease renewal failed",
+                        replica=self.owner,
+                        error=str(exc),
+                        lease_left_s=round(self.deadline - self.engine.clock.monotonic(), 1),
+                    )
+            if scope.cancelled_caught:
+                ok = False
+            if not self.valid() and any(self.held.values()):
+                self.drop_all("the lease could not be renewed in time")
+            if self.engine.burst:
+                await self._check_done()
+
+    async def renew_once(self) -> None:
+        clock = self.engine.clock
+        sent = clock.monotonic()
+        renewal = await self.store.renew(now=clock.wall())
+        self.deadline = sent + self.lease_s
+        if renewal.lapsed:
+            log.warning(
+                "this replica's lease had run out; it keeps only the jobs nobody took",
+                replica=self.owner,
+                held=len(renewal.held),
+            )
+        by_lane: dict[str, set[str]] = {}
+        for provider, key in renewal.held:
+            by_lane.setdefault(provider, set()).add(key)
+        suspects, self._suspects = self._suspects, set()
+        busy = set(self._harvests) | self.engine._queued_for_harvest
+        for name, lane in self.engine.lanes.items():
+            stored = by_lane.get(name, set())
+            mine = self.held.setdefault(name, {})
+            for key, since in list(mine.items()):
+                # Claimed after this renewal was sent: not in its answer, yet ours.
+                if since >= sent or key in stored:
+                    continue
+                # A task busy with the job may have just finished it (a finished job's
+                # lease goes with its last write) and not yet said so: drop it only if it
+                # is still missing next time.
+                job = (name, key)
+                if (key in lane.in_flight or job in busy) and job not in suspects:
+                    self._suspects.add(job)
+                    continue
+                self.drop(lane, key, "another replica holds it now")
+            for key in stored - mine.keys():
+                # Ours in the store, unknown here: dropped after a write failed, or an
+                # answer lost. Taken back unless a task still works on it; the next step
+                # reads it afresh, so nothing is redone blindly.
+                if key not in lane.in_flight and (name, key) not in busy:
+                    self._take(lane, key)
+        self._share(renewal.live_replicas)
+
+    # -- claiming ---------------------------------------------------------------------------
+
+    async def claimer(self, lane: Lane) -> None:
+        clock = self.engine.clock
+        failures = 0
+        interval = CLAIM_INTERVAL_S
+        while not self.engine.draining:
+            room = self._room(lane)
+            if room > 0 and self.valid():
+                try:
+                    jobs = await self.store.claim(lane.name, limit=room, now=clock.wall())
+                except StoreError as exc:
+                    failures += 1
+                    delay = backoff_delay(
+                        failures - 1, base=CLAIM_INTERVAL_S, cap=self.lease_s, rng=self.engine.rng
+                    )
+                    log.warning(
+                        "claiming jobs failed", provider=lane.name, error=str(exc), retry_s=delay
+                    )
+                    await anyio.sleep(delay)
+                    continue
+                failures = 0
+                if self._draining():
+                    return  # claimed as the drain began: leave() hands them back
+                for job in jobs:
+                    self._take(lane, job.key)
+                interval = CLAIM_INTERVAL_S if jobs else min(interval * 2, IDLE_CLAIM_INTERVAL_S)
+                if jobs:
+                    log.info(
+                        "jobs claimed",
+                        provider=lane.name,
+                        jobs=len(jobs),
+                        held=len(self.held[lane.name]),
+                    )
+                    if len(jobs) == room:
+                        # Maybe more waiting: once the dispatcher has taken these, look again.
+                        await anyio.sleep(0.05)
+                        continue
+                elif self.engine.burst:
+                    await self._check_done()
+            wake = self._wake[lane.name] = anyio.Event()
+            with anyio.move_on_after(interval):
+                await wake.wait()
+            if wake.is_set():
+                interval = CLAIM_INTERVAL_S
+
+    def _draining(self) -> bool:
+        return self.engine.draining
+
+    def _room(self, lane: Lane) -> int:
+        """How many more jobs this lane could start on right now.
+
+        Only jobs that have something to do *now* count: a held job waiting for its next
+        poll costs a heap entry, not a worker. Due jobs not yet handed to a worker mean the
+        lane is behind already, so it claims nothing. A lane slowed by its share of the rate
+        limit keeps its workers busy waiting for tokens, and stops claiming: replicas end up
+        holding work in proportion to what they can do.
+        """
+        nxt = lane.queue.next_due()
+        if nxt is not None and nxt <= self.engine.clock.monotonic():
+            return 0
+        return lane.transport.cfg.max_concurrency - len(lane.in_flight)
+
+    def wake(self, provider: str | None = None) -> None:
+        for name, event in self._wake.items():
+            if provider is None or name == provider:
+                event.set()
+
+    def _take(self, lane: Lane, key: str) -> None:
+        now = self.engine.clock.monotonic()
+        self.held.setdefault(lane.name, {})[key] = now
+        self.engine.remaining.add((lane.name, key))
+        lane.schedule(key, now)
+
+    def finished(self, provider: str, key: str) -> None:
+        """The job reached a terminal state: the store gave its lease up with that write."""
+        if self.held.get(provider, {}).pop(key, None) is not None:
+            self.wake(provider)
+
+    def drop(self, lane: Lane, key: str, why: str) -> None:
+        """Stop everything this process does with ``key``; its owner (maybe us again, after
+        the next renewal) resumes it from the store."""
+        self.held.get(lane.name, {}).pop(key, None)
+        lane.forget(key)
+        self.engine.remaining.discard((lane.name, key))
+        scope = self._harvests.get((lane.name, key))
+        if scope is not None:
+            scope.cancel()
+        log.warning("job dropped", provider=lane.name, job=key, why=why, replica=self.owner)
+        self.wake(lane.name)
+
+    def drop_all(self, why: str) -> None:
+        for name, lane in self.engine.lanes.items():
+            keys = list(self.held.get(name, {}))
+            for key in keys:
+                self.held[name].pop(key, None)
+                lane.forget(key)
+                self.engine.remaining.discard((name, key))
+            if keys:
+                log.warning("jobs dropped", provider=name, jobs=len(keys), why=why)
+        for scope in self._harvests.values():
+            scope.cancel()
+
+    # -- harvesting -------------------------------------------------------------------------
+
+    @contextmanager
+    def harvesting(self, provider: str, key: str) -> Iterator[None]:
+        """A harvest that ``drop`` can stop: its temporary files are removed on the way out,
+        and the next owner sweeps whatever is left."""
+        with anyio.CancelScope() as scope:
+            self._harvests[provider, key] = scope
+            try:
+                yield
+            finally:
+                self._harvests.pop((provider, key), None)
+        if scope.cancelled_caught:
+            log.warning("harvest stopped: job dropped", provider=provider, job=key)
+
+    async def confirm(self, job: Job) -> Job:
+        """Just before a harvest's manifest: prove the job is still ours, or raise.
+
+        The write is owner- and version-checked like any other, so it fails if anybody
+        took the job over; the local deadline covers a store that could not tell us yet.
+        """
+        if not self.valid():
+            raise StoreError(
+                "this replica's lease may have run out; the manifest is not written",
+                job=job.label,
+            )
+        return await self.store.update(job, now=self.engine.clock.wall())
+
+    # -- shares and burst mode --------------------------------------------------------------
+
+    def _share(self, live: int) -> None:
+        if live == self.live:
+            return
+        self.live = live
+        for lane in self.engine.lanes.values():
+            cfg = lane.transport.cfg
+            rate = cfg.rate_per_s / live if cfg.rate_per_s > 0 else cfg.rate_per_s
+            burst = max(1.0, cfg.burst / live)
+            concurrency = max(1, cfg.max_concurrency // live)
+            lane.transport.limiter.set_rate(rate, burst, max_concurrency=concurrency)
+            log.info(
+                "rate limit shared",
+                provider=lane.name,
+                replicas=live,
+                rate_per_s=round(rate, 3),
+                burst=round(burst, 3),
+                max_concurrency=concurrency,
+            )
+
+    async def _check_done(self) -> None:
+        """Burst mode (``harvester harvest``): done once no job of ours is active anywhere,
+        whoever holds it."""
+        if any(self.held.values()) or self.engine.done.is_set():
+            return
+        try:
+            counts = await self.store.counts()
+        except StoreError as exc:
+            log.warning("could not count jobs", error=str(exc))
+            return
+        active = sum(
+            n for (p, s), n in counts.items() if p in self.engine.lanes and s in ACTIVE and n
+        )
+        if not active and not any(self.held.values()):
+            self.engine.done.set()

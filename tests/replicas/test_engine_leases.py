@@ -1,0 +1,208 @@
+"""The engine's lease mode in this process, against the emulator and a real PostgreSQL: a burst
+run (``harvester harvest`` on a shared store) ends when the table has no active job, two
+engines split the work, and an engine whose jobs are taken from it drops them instead of
+crashing or writing them, then finishes what it is given back."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from integration.helpers import API_KEY, check_outputs, make_config, new_jobs, scenario
+from store.pgserver import PgServer
+from structlog.testing import capture_logs
+
+from harvester.config import Config
+from harvester.emulator.server import Emulator
+from harvester.engine import Engine
+from harvester.jobs import JobState
+from harvester.store.postgres import PostgresStore
+
+pytestmark = pytest.mark.anyio
+
+LEASE_S = 3.0  # the smallest the config allows: renewals every second
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    emu = Emulator(scenario(job_duration_s=0.3, points_per_frame=300))
+    await emu.start()
+    try:
+        yield emu
+    finally:
+        await emu.stop()
+
+
+@pytest.fixture
+def url(postgres_server: PgServer) -> str:
+    return postgres_server.url(postgres_server.create_database("engine"))
+
+
+def shared_config(tmp_path: Path, emu: Emulator, url: str) -> Config:
+    config = make_config(tmp_path, emu)
+    store = dataclasses.replace(config.store, url=url, path=None, lease_s=LEASE_S)
+    return dataclasses.replace(config, store=store)
+
+
+def opened(url: str, server: PgServer) -> PostgresStore:
+    return PostgresStore(url, password=server.password)
+
+
+async def test_a_burst_run_on_a_shared_store_ends_when_nothing_is_active(
+    tmp_path: Path,
+    emulator: Emulator,
+    url: str,
+    postgres_server: PgServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IT_PLAYMENT_KEY", API_KEY)
+    config = shared_config(tmp_path, emulator, url)
+    jobs = new_jobs(12, frames=1)
+    async with opened(url, postgres_server) as store:
+        await store.add_jobs(jobs, now=1.0)
+        engine = Engine(config, store, burst=True)
+        assert engine.replica is not None
+        with anyio.fail_after(30):
+            await engine.run()
+        assert await store.counts() == {("playment", JobState.HARVESTED): 12}
+        assert engine.remaining == set()
+        async with store._connection() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM jobs WHERE owner IS NOT NULL") == 0
+            assert await conn.fetchval("SELECT count(*) FROM replicas") == 0, "left cleanly"
+    check_outputs(config, emulator, jobs, frames=1)
+    assert emulator.state.stats()["playment"]["creates"] == 12
+
+
+async def test_two_engines_share_the_work_and_each_job_is_done_once(
+    tmp_path: Path,
+    emulator: Emulator,
+    url: str,
+    postgres_server: PgServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IT_PLAYMENT_KEY", API_KEY)
+    config = shared_config(tmp_path, emulator, url)
+    jobs = new_jobs(60, frames=1)
+    done: dict[str, set[str]] = {}
+    async with opened(url, postgres_server) as a, opened(url, postgres_server) as b:
+        await a.add_jobs(jobs, now=1.0)
+        engines = {
+            name: Engine(
+                config,
+                store,
+                burst=True,
+                on_change=lambda j, name=name: (
+                    done.setdefault(name, set()).add(j.key)
+                    if j.state == JobState.HARVESTED
+                    else None
+                ),
+            )
+            for name, store in (("a", a), ("b", b))
+        }
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for engine in engines.values():
+                    tg.start_soon(engine.run)
+        assert await a.counts() == {("playment", JobState.HARVESTED): 60}
+    assert done.keys() == {"a", "b"}, "both engines did some of the work"
+    assert not (done["a"] & done["b"]) and len(done["a"] | done["b"]) == 60
+    stats = emulator.state.stats()["playment"]
+    assert (stats["creates"], stats["duplicate_creates"]) == (60, 0)
+    check_outputs(config, emulator, jobs, frames=1)
+
+
+@pytest.fixture
+async def slow_emulator() -> AsyncIterator[Emulator]:
+    """Remote jobs that take a while: the engine holds them, polling."""
+    emu = Emulator(scenario(job_duration_s=4.0, points_per_frame=300))
+    await emu.start()
+    try:
+        yield emu
+    finally:
+        await emu.stop()
+
+
+async def test_jobs_taken_from_an_engine_are_dropped_not_written_then_finished(
+    tmp_path: Path,
+    slow_emulator: Emulator,
+    url: str,
+    postgres_server: PgServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IT_PLAYMENT_KEY", API_KEY)
+    emulator = slow_emulator
+    config = shared_config(tmp_path, emulator, url)
+    jobs = new_jobs(20, frames=1)
+    stop = anyio.Event()
+    async with opened(url, postgres_server) as store, opened(url, postgres_server) as thief:
+        await store.add_jobs(jobs, now=1.0)
+        engine = Engine(config, store, burst=False)
+        assert engine.replica is not None
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: engine.run(stop=stop))
+                with anyio.fail_after(20):
+                    while len(engine.replica.held.get("playment", {})) < 20:  # noqa: ASYNC110
+                        await anyio.sleep(0.1)
+                # Another replica takes half of them, as if this one's lease had expired.
+                await thief.join("thief", lease_s=60.0, now=engine.clock.wall())
+                stolen = sorted(engine.replica.held["playment"])[:10]
+                async with thief._connection() as conn:
+                    await conn.execute(
+                        "UPDATE jobs SET owner = 'thief' WHERE key = ANY($1::text[])", stolen
+                    )
+                with anyio.fail_after(20):
+                    while set(stolen) & set(engine.replica.held["playment"]):  # noqa: ASYNC110
+                        await anyio.sleep(0.1)
+                before = {j.key: j for j in await store.jobs() if j.key in stolen}
+                # The thief dies without finishing anything: its jobs come back.
+                await thief.leave()
+                with anyio.fail_after(40):
+                    while await store.counts() != {  # noqa: ASYNC110
+                        ("playment", JobState.HARVESTED): 20
+                    }:
+                        await anyio.sleep(0.2)
+                stop.set()
+        assert engine.fatal is None
+    dropped = {e["job"] for e in logs if e["event"] == "job dropped"}
+    assert dropped == set(stolen), dropped
+    assert all(j.state in (JobState.RUNNING, JobState.SUBMITTING) for j in before.values())
+    stats = emulator.state.stats()["playment"]
+    assert (stats["creates"], stats["duplicate_creates"]) == (20, 0)
+    check_outputs(config, emulator, jobs, frames=1)
+
+
+async def test_a_replica_that_stops_hands_its_jobs_to_the_others_at_once(
+    tmp_path: Path,
+    slow_emulator: Emulator,
+    url: str,
+    postgres_server: PgServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IT_PLAYMENT_KEY", API_KEY)
+    config = shared_config(tmp_path, slow_emulator, url)
+    jobs = new_jobs(10, frames=1)
+    async with opened(url, postgres_server) as a, opened(url, postgres_server) as b:
+        await a.add_jobs(jobs, now=1.0)
+        first = Engine(config, a, burst=False, drain_grace_s=0.5)
+        assert first.replica is not None
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: first.run(stop=stop))
+            with anyio.fail_after(20):
+                while len(first.replica.held.get("playment", {})) < 10:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+            stop.set()  # SIGTERM: drain, then hand back what is unfinished
+        async with a._connection() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM jobs WHERE owner IS NOT NULL") == 0
+            assert await conn.fetchval("SELECT count(*) FROM replicas") == 0
+        # Well within one lease: the second replica need not wait for an expiry.
+        second = Engine(config, b, burst=True)
+        with anyio.fail_after(LEASE_S + 15):
+            await second.run()
+        assert await b.counts() == {("playment", JobState.HARVESTED): 10}
+    stats = slow_emulator.state.stats()["playment"]
+    assert (stats["creates"], stats["duplicate_creates"]) == (10, 0)
