@@ -356,7 +356,11 @@ class Engine:
                     self.metrics.queue_depth.labels(lane.name, "due").set(len(lane.queue))
                     for key in due:
                         lane.in_flight.add(key)
-                        await send.send(key)
+                        try:
+                            # no loop turn per key while workers are free to take them
+                            send.send_nowait(key)
+                        except anyio.WouldBlock:
+                            await send.send(key)
                     if due:
                         continue
                     lane.wake = anyio.Event()
@@ -501,12 +505,12 @@ class Engine:
             result = await lane.transport.call(
                 spec, lambda r: lane.provider.parse_create(r, pinned), job=job.key
             )
-        except RateLimited as exc:
-            # A 429 is a refusal before processing: nothing was created.
-            await self._transition(job, Event.NOT_FOUND_REMOTE, reason=str(exc))
-            self._retry_later(lane, job.key, exc)
-            return
         except RetryableError as exc:
+            if _refused_before_processing(exc):
+                # A 429 or 503 is a refusal before processing: nothing was created.
+                await self._transition(job, Event.NOT_FOUND_REMOTE, reason=str(exc))
+                self._retry_later(lane, job.key, exc)
+                return
             log.warning(
                 "create answer lost; reconciling", provider=lane.name, job=job.key, error=str(exc)
             )
@@ -789,6 +793,12 @@ class _Transports:
             for transport in self.opened:
                 await transport.__aexit__(None, None, None)
         self.opened.clear()
+
+
+def _refused_before_processing(exc: RetryableError) -> bool:
+    """429 and 503 say "not now" before the request is handled (throttling, overload), so a
+    create that got one was not made. Other 5xx, resets and timeouts are ambiguous."""
+    return isinstance(exc, RateLimited) or exc.status == 503
 
 
 def _identity(resp: Response) -> Response:

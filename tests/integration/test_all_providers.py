@@ -362,3 +362,24 @@ async def test_tokens_expiring_mid_run_are_refreshed_before_they_lapse(tmp_path:
         # lifetime), and no request was refused for an expired token.
         assert stats["token"]["tokens_issued"] >= 4
         assert stats["cognite"]["auth_refusals"] == 0 and stats["bentley"]["auth_refusals"] == 0
+
+
+async def test_a_503_on_create_is_a_refusal_and_the_job_is_sent_again(tmp_path: Path) -> None:
+    async with Emulator(scenario()) as emu:
+        emu.state.add_fault(
+            parse_fault(
+                {
+                    "kind": "5xx",
+                    "provider": "cognite",
+                    "status": 503,
+                    "match": "/segment",
+                    "count": 2,
+                }
+            )
+        )
+        cfg = config(tmp_path, emu, cognite={"max_concurrency": 1})
+        done = await run(cfg, jobs_for("cognite", 2))
+        assert [j.state for j in done] == [JobState.HARVESTED] * 2
+        stats = emu.state.stats()["cognite"]
+        assert stats["faults"].get("5xx") == 2
+        assert stats["creates"] == 2  # refused twice, made once each: no duplicate
