@@ -253,12 +253,13 @@ class ProviderLimiter:
             self._release()
 
     async def _acquire(self) -> None:
-        await anyio.lowlevel.checkpoint_if_cancelled()
         now = self._clock.monotonic()
         closed_at_entry = self._closed_total(now)
         if not self._waiters and self._admissible(now):
+            # Uncontended: no checkpoint here, the request that follows is one anyway.
             self._admit(now, closed_at_entry)
             return
+        await anyio.lowlevel.checkpoint_if_cancelled()
         me = _Waiter()
         self._waiters[me] = None
         try:
