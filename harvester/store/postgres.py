@@ -28,7 +28,6 @@ import math
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -41,6 +40,7 @@ import orjson
 from harvester.errors import JobsFileError, StoreError
 from harvester.jobs import ACTIVE, TERMINAL, Event, Job, JobState, apply, update
 from harvester.store.base import AddResult, NewJob, Renewal
+from harvester.store.groupcommit import GroupCommit
 
 # The row format, key rules and conflict wording are sqlite's, shared so the two backends
 # cannot drift apart on what a conflict or a corrupt row is.
@@ -170,17 +170,6 @@ def display_url(url: str) -> str:
         return "postgresql://(unparseable URL)"
 
 
-@dataclass(slots=True, eq=False)
-class _Write:
-    """One caller's job write waiting for (or riding in) a group commit."""
-
-    job: Job
-    base_version: int
-    done: bool = False
-    problem: str | None = None  #: why this row was refused (stale version, owner, taken id)
-    error: BaseException | None = None  #: why the whole transaction failed
-
-
 class PostgresStore:
     """The ``Store`` and ``SharedStore`` protocols on one PostgreSQL database."""
 
@@ -203,21 +192,27 @@ class PostgresStore:
         self._closed = False
         self._owner: str | None = None
         self._lease_s = 0.0
-        self._flushed: anyio.Event | None = None
-        self._pending: list[_Write] = []
-        self._flushing = False
-        self.commits = 0  #: group commits done (each holds one or more job writes)
-        self.writes = 0  #: job writes those commits carried
+        self._group: GroupCommit | None = None  #: set by open()
 
     #: several processes work this table at once: the engine claims work by lease
     shared = True
+
+    @property
+    def commits(self) -> int:
+        """Group commits done (each holds one or more job writes)."""
+        return self._group.commits if self._group else 0
+
+    @property
+    def writes(self) -> int:
+        """Job writes those commits carried."""
+        return self._group.writes if self._group else 0
 
     def __repr__(self) -> str:
         status = "open" if self._pool else ("closed" if self._closed else "unopened")
         owner = f" owner={self._owner}" if self._owner else ""
         return (
             f"<PostgresStore {self._where!r} {status}{owner} commits={self.commits}"
-            f" writes={self.writes} pending={len(self._pending)}>"
+            f" writes={self.writes} pending={self._group.pending if self._group else 0}>"
         )
 
     @property
@@ -232,7 +227,7 @@ class PostgresStore:
             raise StoreError(f"{self._where}: job store is already open")
         if self._closed:
             raise StoreError(f"{self._where}: a closed job store cannot be reopened")
-        self._flushed = anyio.Event()
+        self._group = GroupCommit(self._write_batch)
         try:
             pool = await asyncpg.create_pool(
                 dsn=self._url,
@@ -264,12 +259,8 @@ class PostgresStore:
         # Shielded: a cancelled shutdown must still not leave callers waiting on a commit
         # that will never happen, nor connections open on the server.
         with anyio.CancelScope(shield=True):
-            while self._pending or self._flushing:
-                if self._flushing:
-                    assert self._flushed is not None
-                    await self._flushed.wait()
-                else:
-                    await self._flush()
+            if self._group is not None:
+                await self._group.drain()
             pool, self._pool = self._pool, None
             self._closed = True
             with anyio.move_on_after(10) as scope:
@@ -460,10 +451,10 @@ class PostgresStore:
 
     async def transition(self, job: Job, event: Event, *, now: float, **changes: Any) -> Job:
         # apply() first: an illegal move raises before anything reaches the database.
-        return await self._write(apply(job, event, now=now, **changes), job)
+        return await self._writer().write(apply(job, event, now=now, **changes), job)
 
     async def update(self, job: Job, *, now: float, **changes: Any) -> Job:
-        return await self._write(update(job, now=now, **changes), job)
+        return await self._writer().write(update(job, now=now, **changes), job)
 
     async def active(self, provider: str | None = None) -> list[Job]:
         return await self._select(provider, sorted(ACTIVE))
@@ -707,59 +698,10 @@ class PostgresStore:
 
     # --- group commit ---------------------------------------------------------------------
 
-    async def _write(self, new: Job, base: Job) -> Job:
+    def _writer(self) -> GroupCommit:
         self._require_open()
-        item = _Write(new, base.version)
-        self._pending.append(item)
-        try:
-            # Whoever finds no commit running becomes the committer and takes every pending
-            # write, its own included; the others wait for that commit and look again.
-            while not item.done:
-                if self._flushing:
-                    assert self._flushed is not None
-                    await self._flushed.wait()
-                else:
-                    await self._flush()
-        finally:
-            if not item.done and item in self._pending:
-                # Cancelled before any transaction took it: it is never written.
-                self._pending.remove(item)
-        if item.error is not None:
-            raise StoreError(f"not committed: {item.error}", job=new.label) from item.error
-        if item.problem is not None:
-            raise StoreError(item.problem, job=new.label)
-        return new
-
-    async def _flush(self) -> None:
-        self._flushing = True
-        batch: list[_Write] = []
-        try:
-            # Shielded: the batch carries other callers' writes, and they are told the
-            # outcome only if this commit runs to its end.
-            with anyio.CancelScope(shield=True):
-                # One turn of the loop first: the writers the last commit woke up queue their
-                # next writes now, rather than all waiting for a commit that carries only ours.
-                await anyio.lowlevel.checkpoint()
-                batch, self._pending = self._pending, []
-                problems = await self._write_batch([(w.job, w.base_version) for w in batch])
-        except BaseException as exc:
-            # Every writer of the batch hears that it failed; none may think it committed.
-            for w in batch:
-                w.error = exc
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            self.commits += 1
-            self.writes += len(batch)
-            for w, problem in zip(batch, problems, strict=True):
-                w.problem = problem
-        finally:
-            for w in batch:
-                w.done = True
-            self._flushing = False
-            assert self._flushed is not None
-            flushed, self._flushed = self._flushed, anyio.Event()
-            flushed.set()
+        assert self._group is not None
+        return self._group
 
     async def _write_batch(self, writes: Sequence[tuple[Job, int]]) -> list[str | None]:
         """Write each job whose row is still at its base version (and ours, once joined)."""

@@ -23,7 +23,6 @@ import re
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -36,6 +35,7 @@ import orjson
 from harvester.errors import JobsFileError, StoreError
 from harvester.jobs import ACTIVE, Event, Job, JobState, apply, update
 from harvester.store.base import AddResult, NewJob
+from harvester.store.groupcommit import GroupCommit
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -529,17 +529,6 @@ class _Db:
         return problems
 
 
-@dataclass(slots=True, eq=False)
-class _Write:
-    """One caller's job write waiting for (or riding in) a group commit."""
-
-    job: Job
-    base_version: int
-    done: bool = False
-    problem: str | None = None  #: why this row was refused (stale version, taken id)
-    error: BaseException | None = None  #: why the whole transaction failed
-
-
 class SqliteStore:
     """The ``Store`` protocol on one SQLite file (see the module docstring)."""
 
@@ -560,17 +549,23 @@ class SqliteStore:
         self._closed = False
         # Made in open(): anyio primitives belong to the event loop that runs them.
         self._limiter: anyio.CapacityLimiter | None = None
-        self._flushed: anyio.Event | None = None
-        self._pending: list[_Write] = []
-        self._flushing = False
-        self.commits = 0  #: group commits done (each holds one or more job writes)
-        self.writes = 0  #: job writes those commits carried
+        self._group: GroupCommit | None = None  #: set by open()
+
+    @property
+    def commits(self) -> int:
+        """Group commits done (each holds one or more job writes)."""
+        return self._group.commits if self._group else 0
+
+    @property
+    def writes(self) -> int:
+        """Job writes those commits carried."""
+        return self._group.writes if self._group else 0
 
     def __repr__(self) -> str:
         status = "open" if self._db else ("closed" if self._closed else "unopened")
         return (
             f"<SqliteStore {str(self._path)!r} {status} commits={self.commits}"
-            f" writes={self.writes} pending={len(self._pending)}>"
+            f" writes={self.writes} pending={self._group.pending if self._group else 0}>"
         )
 
     @property
@@ -585,7 +580,7 @@ class SqliteStore:
         if self._closed:
             raise StoreError(f"{self._path}: a closed job store cannot be reopened")
         self._limiter = anyio.CapacityLimiter(1)
-        self._flushed = anyio.Event()
+        self._group = GroupCommit(self._write_batch)
         try:
             self._db = await anyio.to_thread.run_sync(
                 _Db.connect,
@@ -606,12 +601,8 @@ class SqliteStore:
         # Shielded: a cancelled shutdown must still not leave callers waiting on a commit
         # that will never happen, nor the connection open.
         with anyio.CancelScope(shield=True):
-            while self._pending or self._flushing:
-                if self._flushing:
-                    assert self._flushed is not None
-                    await self._flushed.wait()
-                else:
-                    await self._flush()
+            if self._group is not None:
+                await self._group.drain()
             db, self._db = self._db, None
             self._closed = True
             reader, self._reader = self._reader, None
@@ -672,10 +663,10 @@ class SqliteStore:
 
     async def transition(self, job: Job, event: Event, *, now: float, **changes: Any) -> Job:
         # apply() first: an illegal move raises before anything reaches the database.
-        return await self._write(apply(job, event, now=now, **changes), job)
+        return await self._writer().write(apply(job, event, now=now, **changes), job)
 
     async def update(self, job: Job, *, now: float, **changes: Any) -> Job:
-        return await self._write(update(job, now=now, **changes), job)
+        return await self._writer().write(update(job, now=now, **changes), job)
 
     async def active(self, provider: str | None = None) -> list[Job]:
         states = sorted(ACTIVE)
@@ -704,59 +695,10 @@ class SqliteStore:
 
     # --- group commit ---------------------------------------------------------------------
 
-    async def _write(self, new: Job, base: Job) -> Job:
+    def _writer(self) -> GroupCommit:
         self._require_open()
-        item = _Write(new, base.version)
-        self._pending.append(item)
-        try:
-            # Whoever finds no commit running becomes the committer and takes every pending
-            # write, its own included; the others wait for that commit and look again.
-            while not item.done:
-                if self._flushing:
-                    assert self._flushed is not None
-                    await self._flushed.wait()
-                else:
-                    await self._flush()
-        finally:
-            if not item.done and item in self._pending:
-                # Cancelled before any transaction took it: it is never written.
-                self._pending.remove(item)
-        if item.error is not None:
-            raise StoreError(f"not committed: {item.error}", job=new.label) from item.error
-        if item.problem is not None:
-            raise StoreError(item.problem, job=new.label)
-        return new
+        assert self._group is not None
+        return self._group
 
-    async def _flush(self) -> None:
-        self._flushing = True
-        batch: list[_Write] = []
-        try:
-            # Shielded: the batch carries other callers' writes, and they are told the
-            # outcome only if this commit runs to its end.
-            with anyio.CancelScope(shield=True):
-                # One turn of the loop first: the writers the last commit woke up queue their
-                # next writes now, rather than all waiting for a commit that carries only ours.
-                await anyio.lowlevel.checkpoint()
-                batch, self._pending = self._pending, []
-                writes = [(w.job, w.base_version) for w in batch]
-                problems = await self._call(lambda db: db.write_jobs(writes))
-        except BaseException as exc:
-            # Every writer of the batch hears that it failed, even when this task's own
-            # exception (KeyboardInterrupt, say) is not theirs to see; none may think it
-            # committed.
-            for w in batch:
-                w.error = exc
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            self.commits += 1
-            self.writes += len(batch)
-            for w, problem in zip(batch, problems, strict=True):
-                w.problem = problem
-        finally:
-            for w in batch:
-                w.done = True
-            self._flushing = False
-            assert self._flushed is not None
-            flushed, self._flushed = self._flushed, anyio.Event()
-            flushed.set()
+    async def _write_batch(self, writes: Sequence[tuple[Job, int]]) -> list[str | None]:
+        return await self._call(lambda db: db.write_jobs(writes))

@@ -203,7 +203,7 @@ async def test_a_writer_cancelled_before_its_commit_writes_nothing(
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: store.transition(first, Event.SUBMIT, now=NOW))
             # Wait until the first commit has taken its batch and is waiting for the lock.
-            while not store._flushing or store._pending:
+            while not (store._group and store._group._flushing and not store._group._pending):
                 await anyio.lowlevel.checkpoint()
             with anyio.move_on_after(0.2) as scope:
                 await store.transition(second, Event.SUBMIT, now=NOW)
