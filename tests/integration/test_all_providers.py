@@ -278,8 +278,19 @@ async def test_revoked_tokens_are_refreshed_without_losing_jobs(tmp_path: Path) 
         cfg = config(tmp_path, emu)
         jobs = jobs_for("cognite", 2) + jobs_for("bentley", 2)
 
+        def polled(provider: str) -> bool:
+            return any(
+                r["provider"] == provider and r["method"] == "GET" and r["status"] == 200
+                for r in emu.state.requests()
+            )
+
         async def revoke_soon() -> None:
-            await anyio.sleep(0.6)  # mid-run: jobs created, polls under way
+            # Mid-run by condition, not by clock: both providers have tokens and are polling
+            # (jobs last 1.5 s, so work remains after the revocation).
+            with anyio.fail_after(20):
+                # the emulator has no event to wait on: a bounded condition poll
+                while not (polled("cognite") and polled("bentley")):  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
             emu.state.tokens.revoke_all()
 
         async with anyio.create_task_group() as tg:
