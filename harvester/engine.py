@@ -371,7 +371,16 @@ class Engine:
 
     async def _worker(self, lane: Lane, recv: MemoryObjectReceiveStream[str]) -> None:
         async with recv:
-            async for key in recv:
+            while True:
+                try:
+                    # A key already waiting is taken without the checkpoint `receive()` makes:
+                    # the step that follows awaits a request anyway.
+                    try:
+                        key = recv.receive_nowait()
+                    except anyio.WouldBlock:
+                        key = await recv.receive()
+                except anyio.EndOfStream:
+                    return
                 if not self._enter():
                     lane.in_flight.discard(key)
                     continue
