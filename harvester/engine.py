@@ -64,7 +64,8 @@ from harvester.providers.base import (
 from harvester.ratelimit import ProviderLimiter, backoff_delay
 from harvester.replica import Replica
 from harvester.schedule import DueQueue, PollPolicy
-from harvester.store.base import SharedStore, Store
+from harvester.store.base import JobRef, SharedStore, Store
+from harvester.tracking import Remaining
 from harvester.transport import Transport
 
 log = get_logger("harvester.engine")
@@ -122,7 +123,7 @@ class Engine:
         self.on_change = on_change
         self.rng = rng or random.Random()
         self.lanes: dict[str, Lane] = {}
-        self.remaining: set[tuple[str, str]] = set()
+        self.remaining = Remaining()
         self.fatal: HarvesterError | None = None
         self.done = anyio.Event()
         #: set once transports are open, providers set up and the store's jobs loaded
@@ -308,9 +309,9 @@ class Engine:
     async def _load_new(self, *, initial: bool) -> None:
         now = self.clock.monotonic()
         added, self._cursor = await self.store.added_since(self._cursor)
-        by_lane: dict[str, list[Job]] = {}
-        for job in added:
-            by_lane.setdefault(job.provider, []).append(job)
+        by_lane: dict[str, list[JobRef]] = {}
+        for ref in added:
+            by_lane.setdefault(ref.provider, []).append(ref)
         for name, lane in self.lanes.items():
             fresh = [j for j in by_lane.get(name, []) if (name, j.key) not in self.remaining]
             for i, job in enumerate(fresh):
@@ -812,10 +813,3 @@ def _refused_before_processing(exc: RetryableError) -> bool:
 
 def _identity(resp: Response) -> Response:
     return resp
-
-
-def describe_remaining(remaining: set[tuple[str, str]]) -> str:
-    by_provider: dict[str, int] = {}
-    for provider, _ in remaining:
-        by_provider[provider] = by_provider.get(provider, 0) + 1
-    return ", ".join(f"{p}: {n}" for p, n in sorted(by_provider.items())) or "none"

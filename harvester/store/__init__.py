@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from harvester.config import StoreConfig
 from harvester.errors import ConfigError
-from harvester.store.base import AddResult, NewJob, Renewal, SharedStore, Store
+from harvester.store.base import AddResult, JobRef, NewJob, Renewal, SharedStore, Store
 
-__all__ = ["AddResult", "NewJob", "Renewal", "SharedStore", "Store", "make_store"]
+__all__ = ["AddResult", "JobRef", "NewJob", "Renewal", "SharedStore", "Store", "make_store"]
 
 
 def make_store(cfg: StoreConfig) -> Store:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from harvester.jobs import Event, Job, JobState
 
@@ -30,6 +30,15 @@ class NewJob:
     remote_id: str | None
     payload: Mapping[str, Any] | None
     source: str  #: where it came from, for errors: "jobs.jsonl:12" or "http"
+
+
+class JobRef(NamedTuple):
+    """Just enough of a job to schedule it: what ``added_since`` reports. Whole ``Job``
+    objects for 100,000 jobs at start-up were tens of MB the process never gave back."""
+
+    provider: str
+    key: str
+    state: JobState
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +103,7 @@ class Store(Protocol):
     async def counts(self) -> dict[tuple[str, JobState], int]:
         """Number of jobs per (provider, state)."""
 
-    async def added_since(self, cursor: int) -> tuple[list[Job], int]:
+    async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         """Active jobs added after ``cursor`` (0: all), and the cursor to pass next time.
 
         Lets a long-running engine notice jobs other processes add without re-reading the

@@ -39,7 +39,7 @@ import orjson
 
 from harvester.errors import JobsFileError, StoreError
 from harvester.jobs import ACTIVE, TERMINAL, Event, Job, JobState, apply, update
-from harvester.store.base import AddResult, NewJob, Renewal
+from harvester.store.base import AddResult, JobRef, NewJob, Renewal
 from harvester.store.groupcommit import GroupCommit
 
 # The row format, key rules and conflict wording are sqlite's, shared so the two backends
@@ -53,6 +53,7 @@ from harvester.store.sqlite import (
     _describe,
     _encode_payload,
     _job_from_row,
+    _state,
 )
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "display_url"]
@@ -496,7 +497,7 @@ class PostgresStore:
                 ) from None
         return result
 
-    async def added_since(self, cursor: int) -> tuple[list[Job], int]:
+    async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         """Active jobs added after ``cursor``; see the protocol.
 
         A sequence cursor is not safe here: ``seq`` values are handed out when rows are
@@ -516,11 +517,12 @@ class PostgresStore:
             # Both statements see one snapshot: the one whose xmin becomes the cursor.
             xmin = int(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text"))
             rows = await conn.fetch(
-                f"{_SELECT_JOBS} WHERE added_xid >= $1::text::xid8"
+                "SELECT provider, key, state FROM jobs WHERE added_xid >= $1::text::xid8"
                 f" AND state IN ({_ACTIVE_SQL}) ORDER BY seq",
                 str(max(cursor, 0)),
             )
-        return [_job_from_row(tuple(r)) for r in rows], max(cursor, xmin)
+        refs = [JobRef(p, k, _state(p, k, s)) for p, k, s in rows]
+        return refs, max(cursor, xmin)
 
     # --- meta and integrity ---------------------------------------------------------------
 

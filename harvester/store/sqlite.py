@@ -34,7 +34,7 @@ import orjson
 
 from harvester.errors import JobsFileError, StoreError
 from harvester.jobs import ACTIVE, Event, Job, JobState, apply, update
-from harvester.store.base import AddResult, NewJob
+from harvester.store.base import AddResult, JobRef, NewJob
 from harvester.store.groupcommit import GroupCommit
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
@@ -100,13 +100,16 @@ _NEED_REASON = ("failed", "cancelled", "error")
 
 def _job_from_row(row: tuple[Any, ...]) -> Job:
     provider, key, reference_id, remote_id, state, *rest = row
+    return Job(provider, key, reference_id, remote_id, _state(provider, key, state), *rest)
+
+
+def _state(provider: str, key: str, state: str) -> JobState:
     try:
-        job_state = JobState(state)
+        return JobState(state)
     except ValueError:
         raise StoreError(
             f"stored state {state!r} is not a job state", job=f"{provider}/{key}"
         ) from None
-    return Job(provider, key, reference_id, remote_id, job_state, *rest)
 
 
 def _describe(provider: str, key: str, state: str, sources: Mapping[tuple[str, str], str]) -> str:
@@ -428,16 +431,24 @@ class _Db:
         sql = _SELECT_JOBS + (f" WHERE {' AND '.join(where)}" if where else "") + _ORDER
         return [_job_from_row(row) for row in self.conn.execute(sql, params)]
 
-    def added_since(self, cursor: int) -> tuple[list[Job], int]:
+    def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         # Rows enter the table only through add_jobs and are never deleted, so rowids only
         # grow and a rowid cursor sees every new row. One statement: one snapshot, so a row
         # committed meanwhile is either in this answer or after its cursor.
+        # Rows are read one by one, and only the columns a JobRef needs: a list of every
+        # row of a 100,000-job table would be tens of MB the process keeps as fragmentation.
         rows = self.conn.execute(
-            f"SELECT rowid, {_JOB_COLUMNS} FROM jobs WHERE rowid > ? ORDER BY rowid", (cursor,)
-        ).fetchall()
-        jobs = [_job_from_row(row[1:]) for row in rows]
-        top = int(rows[-1][0]) if rows else cursor
-        return [j for j in jobs if j.state in ACTIVE], top
+            "SELECT rowid, provider, key, state FROM jobs WHERE rowid > ? ORDER BY rowid",
+            (cursor,),
+        )
+        top = cursor
+        refs: list[JobRef] = []
+        for rowid, provider, key, state in rows:
+            top = rowid
+            job_state = _state(provider, key, state)
+            if job_state in ACTIVE:
+                refs.append(JobRef(provider, key, job_state))
+        return refs, int(top)
 
     def counts(self) -> dict[tuple[str, JobState], int]:
         result: dict[tuple[str, JobState], int] = {}
@@ -681,7 +692,7 @@ class SqliteStore:
     async def counts(self) -> dict[tuple[str, JobState], int]:
         return await self._call(_Db.counts)
 
-    async def added_since(self, cursor: int) -> tuple[list[Job], int]:
+    async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         return await self._call(lambda db: db.added_since(cursor))
 
     async def get_meta(self, name: str) -> str | None:

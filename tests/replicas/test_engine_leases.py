@@ -68,7 +68,7 @@ async def test_a_burst_run_on_a_shared_store_ends_when_nothing_is_active(
         with anyio.fail_after(30):
             await engine.run()
         assert await store.counts() == {("playment", JobState.HARVESTED): 12}
-        assert engine.remaining == set()
+        assert set(engine.remaining) == set()
         async with store._connection() as conn:
             assert await conn.fetchval("SELECT count(*) FROM jobs WHERE owner IS NOT NULL") == 0
             assert await conn.fetchval("SELECT count(*) FROM replicas") == 0, "left cleanly"
