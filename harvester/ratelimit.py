@@ -5,7 +5,9 @@ A request starts only when all three agree at the same instant:
 
 - the **gate** is open: a 429/503 closes it for every later request of that provider until the
   server's ``Retry-After`` deadline, or, when the server gives none (Cognite), until a delay from
-  truncated exponential backoff with full jitter;
+  truncated exponential backoff with full jitter. It reopens half-way: one probe at a time
+  until a request admitted since the last closure is answered without a 429/503 (anything
+  that did not raise), then fully;
 - the **bucket** holds a token (``rate_per_s``, up to ``burst`` saved up);
 - fewer than ``max_concurrency`` requests are in flight.
 
@@ -25,6 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC
 from types import TracebackType
+from typing import Final
 
 import anyio
 import anyio.lowlevel
@@ -173,18 +176,22 @@ class _Waiter:
         self.event = anyio.Event()
 
 
+#: what ``_acquire`` returns for a request that is not a half-open probe
+_NOT_A_PROBE: Final = -1
+
+
 class _Slot:
     """``async with`` for one admission. A plain class, not an ``asynccontextmanager``: at
-    thousands of requests per second the generator machinery was measurable CPU. It holds no
-    per-use state, so one instance serves every request of its limiter."""
+    thousands of requests per second the generator machinery was measurable CPU."""
 
-    __slots__ = ("_limiter",)
+    __slots__ = ("_limiter", "_probe")
 
     def __init__(self, limiter: ProviderLimiter) -> None:
         self._limiter = limiter
+        self._probe = _NOT_A_PROBE
 
     async def __aenter__(self) -> None:
-        await self._limiter._acquire()
+        self._probe = await self._limiter._acquire()
 
     async def __aexit__(
         self,
@@ -192,7 +199,8 @@ class _Slot:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._limiter._release()
+        # An answer that raised nothing is not a 429/503: the provider takes requests again.
+        self._limiter._release(self._probe, answered=exc is None)
 
 
 class ProviderLimiter:
@@ -209,15 +217,17 @@ class ProviderLimiter:
         "_bucket",
         "_clock",
         "_closed_before",
+        "_closures",
         "_failures",
         "_gate_since",
         "_gate_until",
         "_gate_wait_s",
         "_in_use",
         "_max_concurrency",
+        "_probe_out",
+        "_probing",
         "_rate_limited",
         "_rng",
-        "_slot",
         "_waiters",
         "name",
     )
@@ -262,21 +272,25 @@ class ProviderLimiter:
         self._admitted = 0
         self._rate_limited = 0
         self._gate_wait_s = 0.0
-        self._slot = _Slot(self)
+        # After a 429/503 the gate reopens half-way: one probe request at a time until one is
+        # answered without throttling, so the queue behind the gate does not all go at once.
+        self._probing = False
+        self._probe_out = False
+        self._closures = 0  #: gate closures so far: a probe counts only if none came after it
 
     # -- admission -------------------------------------------------------------------------
 
     def slot(self) -> _Slot:
         """Hold one admission for the duration of one request (``async with``)."""
-        return self._slot
+        return _Slot(self)
 
-    async def _acquire(self) -> None:
+    async def _acquire(self) -> int:
+        """Wait for admission; returns the gate closure count if admitted as a probe."""
         now = self._clock.monotonic()
         closed_at_entry = self._closed_total(now)
         if not self._waiters and self._admissible(now):
             # Uncontended: no checkpoint here, the request that follows is one anyway.
-            self._admit(now, closed_at_entry)
-            return
+            return self._admit(now, closed_at_entry)
         await anyio.lowlevel.checkpoint_if_cancelled()
         me = _Waiter()
         self._waiters[me] = None
@@ -290,7 +304,7 @@ class ProviderLimiter:
                     await me.event.wait()
                     continue
                 now = self._clock.monotonic()
-                if self._in_use >= self._max_concurrency:
+                if self._in_use >= self._max_concurrency or (self._probing and self._probe_out):
                     await me.event.wait()
                     continue
                 ready_at = self._ready_at(now)
@@ -299,33 +313,44 @@ class ProviderLimiter:
                     continue
                 # No await between this check and the caller's request: nothing starts inside
                 # a window that closed while we slept.
-                self._admit(now, closed_at_entry)
-                return
+                return self._admit(now, closed_at_entry)
         finally:
             was_head = next(iter(self._waiters)) is me
             del self._waiters[me]
             if was_head:
                 self._nudge_head()
 
-    def _release(self) -> None:
+    def _release(self, probe: int, *, answered: bool) -> None:
         self._in_use -= 1
+        if probe != _NOT_A_PROBE:
+            self._probe_out = False
+            if answered and probe == self._closures:
+                self._probing = False  # the provider answers again: open fully
         self._nudge_head()
 
     def _nudge_head(self) -> None:
         if self._waiters:
             next(iter(self._waiters)).event.set()
 
-    def _admit(self, now: float, closed_at_entry: float) -> None:
+    def _admit(self, now: float, closed_at_entry: float) -> int:
         self._bucket.take(1, now)
         self._in_use += 1
         self._admitted += 1
         self._gate_wait_s += self._closed_total(now) - closed_at_entry
+        if not self._probing:
+            return _NOT_A_PROBE
+        self._probe_out = True
+        return self._closures
 
     def _ready_at(self, now: float) -> float:
         return max(self._gate_until, now + self._bucket.time_until(1, now))
 
     def _admissible(self, now: float) -> bool:
-        return self._in_use < self._max_concurrency and self._ready_at(now) <= now
+        return (
+            self._in_use < self._max_concurrency
+            and not (self._probing and self._probe_out)
+            and self._ready_at(now) <= now
+        )
 
     def set_rate(
         self, rate_per_s: float, burst: float, *, max_concurrency: int | None = None
@@ -379,6 +404,8 @@ class ProviderLimiter:
         """
         now = self._clock.monotonic()
         self._rate_limited += 1
+        self._closures += 1
+        self._probing = True
         gate_open = now >= self._gate_until
         if retry_after is not None and not math.isnan(retry_after):
             delay = min(max(retry_after, 0.0), MAX_RETRY_AFTER_S)

@@ -647,3 +647,93 @@ async def test_set_rate_back_to_unlimited_and_to_a_limit_again() -> None:
     with pytest.raises(ValueError, match="max_concurrency"):
         lim.set_rate(1.0, 1, max_concurrency=0)
     assert "rate=2/s" in repr(lim)
+
+
+# -- half-open gate --------------------------------------------------------------------------
+
+
+class _Throttled(Exception):
+    """Stands for the RateLimited a 429 raises inside the slot."""
+
+
+@pytest.mark.anyio
+async def test_reopened_gate_sends_one_probe_before_the_queue() -> None:
+    clock = FakeClock()
+    lim = _limiter(clock, max_concurrency=8)
+    started: list[tuple[str, float]] = []
+    probe_answered = anyio.Event()
+    done = anyio.Event()
+
+    async def request(name: str, answer_at: float | None) -> None:
+        async with lim.slot():
+            started.append((name, clock.monotonic()))
+            if answer_at is not None:
+                await clock.sleep_until(answer_at)
+                probe_answered.set()
+        if len(started) == 5:
+            done.set()
+
+    with anyio.fail_after(5):
+        lim.close_gate(2.0)  # a 429 with Retry-After: 2 at t=1000
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request, "probe", 1003.0)
+            await clock.settle()
+            for name in "abcd":
+                tg.start_soon(request, name, None)
+            await clock.settle()
+            await _drive(clock, done, max_sleepers=2)
+    # The first waiter goes when the gate opens; the rest only once it was answered.
+    assert started == [
+        ("probe", 1002.0),
+        ("a", 1003.0),
+        ("b", 1003.0),
+        ("c", 1003.0),
+        ("d", 1003.0),
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_throttled_probe_keeps_the_gate_half_open() -> None:
+    clock = FakeClock()
+    lim = _limiter(clock, max_concurrency=8)
+    lim.close_gate(1.0)
+    clock.advance(1.0)
+    assert lim.has_capacity()
+    with pytest.raises(_Throttled):
+        async with lim.slot():
+            assert not lim.has_capacity()  # the probe is out: nobody else goes
+            lim.close_gate(1.0)  # what the transport does on a second 429
+            raise _Throttled
+    clock.advance(1.0)
+    # Still half-open: one probe at a time until one is answered without throttling.
+    async with lim.slot():
+        assert not lim.has_capacity()
+    assert lim.has_capacity()
+    async with lim.slot():
+        assert lim.has_capacity()  # open fully: concurrency is back to 8
+
+
+@pytest.mark.anyio
+async def test_an_answer_to_a_request_sent_before_the_429_does_not_end_probing() -> None:
+    clock = FakeClock()
+    lim = _limiter(clock, max_concurrency=8)
+    async with lim.slot():  # in flight when the gate closes ...
+        lim.close_gate(1.0)
+    # ... and answered: that says nothing about the provider after the 429.
+    clock.advance(1.0)
+    async with lim.slot():
+        assert not lim.has_capacity()
+
+
+@pytest.mark.anyio
+async def test_a_probe_answered_after_a_newer_429_does_not_open_the_gate_fully() -> None:
+    clock = FakeClock()
+    lim = _limiter(clock, max_concurrency=8)
+    lim.close_gate(1.0)
+    clock.advance(1.0)
+    async with lim.slot():
+        lim.close_gate(1.0)  # another request's 429 arrives while the probe is out
+    clock.advance(1.0)
+    async with lim.slot():
+        assert not lim.has_capacity()  # a new probe was needed
+    assert lim.has_capacity()
