@@ -170,6 +170,9 @@ class HarvestConfig:
     concurrency: int = 8  #: jobs downloaded/decoded at once
     max_attempts: int = 5  #: transient harvest failures before the job ends in error
     chunk_bytes: int = 1 << 20  #: download chunk size fed to the decoder
+    #: how long a finished job's results may stay unpublished (Modzy's 404 / ``finished:
+    #: false``) before the job ends in error; counted from the first "not yet" of this process
+    results_wait_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,9 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
     server = ctx.build(ServerConfig, ctx.table(data, "server"), "server")
     _check_listen(server.listen, ctx)
     harvest = ctx.build(HarvestConfig, ctx.table(data, "harvest"), "harvest")
+    _check_harvest(harvest, ctx)
+    if server.drain_grace_s < 0:
+        ctx.fail(f"server.drain_grace_s must be >= 0, got {server.drain_grace_s:g}")
     log = ctx.build(LogConfig, ctx.table(data, "log"), "log")
 
     providers: dict[str, ProviderConfig] = {}
@@ -297,6 +303,16 @@ def _check_provider(cfg: ProviderConfig, ctx: _Ctx, where: str) -> None:
         ctx.fail(f"{where}.max_retries must be >= 0")
     if cfg.poll_max_s < cfg.poll_min_s:
         ctx.fail(f"{where}.poll_max_s must be >= poll_min_s")
+    if not cfg.backoff_base_s > 0:
+        ctx.fail(f"{where}.backoff_base_s must be > 0")
+    if cfg.backoff_max_s < cfg.backoff_base_s:
+        ctx.fail(f"{where}.backoff_max_s must be >= backoff_base_s")
+
+
+def _check_harvest(harvest: HarvestConfig, ctx: _Ctx) -> None:
+    for name in ("concurrency", "max_attempts", "chunk_bytes", "results_wait_s"):
+        if not getattr(harvest, name) > 0:
+            ctx.fail(f"harvest.{name} must be > 0, got {getattr(harvest, name)!r}")
 
 
 def _check_listen(listen: str, ctx: _Ctx) -> None:

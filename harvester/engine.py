@@ -88,6 +88,8 @@ class Lane:
     interval: dict[str, float] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     in_flight: set[str] = field(default_factory=set)
+    #: monotonic time of each finished job's first "results not published yet"
+    unpublished_since: dict[str, float] = field(default_factory=dict)
 
     def schedule(self, key: str, due: float) -> None:
         self.queue.schedule(key, due)
@@ -97,6 +99,7 @@ class Lane:
         self.queue.discard(key)
         self.interval.pop(key, None)
         self.failures.pop(key, None)
+        self.unpublished_since.pop(key, None)
 
 
 class Engine:
@@ -711,14 +714,27 @@ class Engine:
                 job = await self.replica.confirm(job)
             relative = out.write_manifest(harvested_at=self.clock.wall())
         except RetryableError as exc:
-            # "Not published yet" is no failure; everything else spends an attempt.
-            n = lane.failures.get(key, 0) + (0 if isinstance(exc, NotYetAvailable) else 1)
+            # "Not published yet" is no failure, up to results_wait_s; everything else spends
+            # an attempt.
+            not_yet = isinstance(exc, NotYetAvailable)
+            n = lane.failures.get(key, 0) + (0 if not_yet else 1)
             lane.failures[key] = n
             if n >= self.config.harvest.max_attempts:
                 await self._transition(
                     job, Event.GIVE_UP, reason=f"harvest failed {n} times; last: {exc}"
                 )
                 return
+            if not_yet:
+                now = self.clock.monotonic()
+                waited = now - lane.unpublished_since.setdefault(key, now)
+                if waited >= self.config.harvest.results_wait_s:
+                    await self._transition(
+                        job,
+                        Event.GIVE_UP,
+                        reason=f"results still not published {waited:.0f} s after the job"
+                        f" finished (harvest.results_wait_s); last: {exc}",
+                    )
+                    return
             job = await self._transition(job, Event.HARVEST_RETRY, reason=str(exc))
             delay = exc.retry_after or backoff_delay(
                 n - 1,

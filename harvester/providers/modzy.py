@@ -57,7 +57,8 @@ _STATES = {
     "TIMEDOUT": RemoteState.FAILED,
     "FAILED": RemoteState.FAILED,
 }
-#: how soon to ask again for results that are not there yet
+#: how soon, at most, to ask again for results that are not there yet (sooner when the
+#: provider's poll_min_s is shorter: results are polled like a status)
 RESULTS_RETRY_S = 10.0
 _MAX_REASON = 1000
 
@@ -74,6 +75,7 @@ class ModzyProvider(NoSetup):
         self.base = cfg.base_url.rstrip("/")
         self.jobs = f"{self.base}/api/jobs"
         self.results = f"{self.base}/api/results"
+        self.results_retry_s = min(RESULTS_RETRY_S, cfg.poll_min_s)
 
     # -- payload -----------------------------------------------------------------------
     def validate_payload(self, payload: Any) -> None:
@@ -165,7 +167,7 @@ class ModzyProvider(NoSetup):
             # a finished job certainly exists.
             raise ResultsNotReady(
                 "results are not published yet (404)",
-                retry_after=RESULTS_RETRY_S,
+                retry_after=self.results_retry_s,
                 provider=NAME,
                 job=job.key,
                 status=404,
@@ -178,7 +180,7 @@ class ModzyProvider(NoSetup):
         if not finished:
             raise ResultsNotReady(
                 "results are not finished yet",
-                retry_after=RESULTS_RETRY_S,
+                retry_after=self.results_retry_s,
                 provider=NAME,
                 job=job.key,
                 status=resp.status,

@@ -6,6 +6,7 @@ where a misunderstanding on either side shows.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -394,3 +395,24 @@ async def test_a_503_on_create_is_a_refusal_and_the_job_is_sent_again(tmp_path: 
         stats = emu.state.stats()["cognite"]
         assert stats["faults"].get("5xx") == 2
         assert stats["creates"] == 2  # refused twice, made once each: no duplicate
+
+
+async def test_results_never_published_end_in_error_after_results_wait(tmp_path: Path) -> None:
+    # Modzy answers 404 for the results of a finished job for a while; here for ever.
+    async with Emulator(scenario(modzy={"results_404_s": 1e6})) as emu:
+        cfg = config(tmp_path, emu)
+        cfg = dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, results_wait_s=0.6))
+        jobs = await run(cfg, jobs_for("modzy", 2), limit_s=30)
+        asked = [
+            r
+            for r in emu.state.requests()
+            if r["provider"] == "modzy" and "/api/results/" in r["path"]
+        ]
+    assert [j.state for j in jobs] == [JobState.ERROR, JobState.ERROR]
+    for job in jobs:
+        assert job.reason is not None
+        assert "results still not published" in job.reason, job.reason
+        assert "harvest.results_wait_s" in job.reason
+    # Asked again at the poll cadence (poll_min_s 0.1), not once per 10 s.
+    assert len(asked) >= 2 * 3
+    assert {r["status"] for r in asked} == {404}

@@ -161,7 +161,7 @@ def test_404_depends_on_the_request(p: ModzyProvider) -> None:
         p.parse_poll(resp(404, body), job())
     with pytest.raises(ResultsNotReady) as info:
         p.parse_results(resp(404, body), job())
-    assert isinstance(info.value, RetryableError) and info.value.retry_after == RESULTS_RETRY_S
+    assert isinstance(info.value, RetryableError) and info.value.retry_after == p.results_retry_s
 
 
 @pytest.mark.parametrize("body", [b"", b"<html>", {"error": "x"}, [1], {"statusCode": 401}])
@@ -341,7 +341,8 @@ async def test_results_not_there_yet_are_retried_later(p: ModzyProvider, answer:
     io = FakeIO(answer)
     with pytest.raises(ResultsNotReady) as info:
         await p.harvest(job(), completed(), io)
-    assert info.value.retry_after == RESULTS_RETRY_S
+    # asked again at the poll cadence, at most RESULTS_RETRY_S apart
+    assert info.value.retry_after == min(RESULTS_RETRY_S, p.cfg.poll_min_s)
     assert io.files == {}
 
 
