@@ -68,6 +68,48 @@ class Metrics:
             registry=r,
         )
 
+        # Replicas sharing a PostgreSQL store (harvester.replica); absent on sqlite.
+        self.replicas_live = Gauge(
+            "harvester_replicas_live",
+            "replicas with a current lease at this replica's last renewal, itself included",
+            registry=r,
+        )
+        self.lease_left = Gauge(
+            "harvester_replica_lease_seconds_left",
+            "seconds until this replica's lease runs out unless renewed (its own clock)",
+            registry=r,
+        )
+        self.renewals = Counter(
+            "harvester_replica_renewals",
+            "lease renewals by result (ok, failed)",
+            ["result"],
+            registry=r,
+        )
+        self.held_jobs = Gauge(
+            "harvester_replica_held_jobs",
+            "active jobs this replica holds",
+            ["provider"],
+            registry=r,
+        )
+        self.fair_share = Gauge(
+            "harvester_replica_fair_share_jobs",
+            "active jobs of the provider in the store divided by the live replicas",
+            ["provider"],
+            registry=r,
+        )
+        self.handed_back = Counter(
+            "harvester_replica_handed_back_jobs",
+            "jobs handed back to the store to balance work across replicas",
+            ["provider"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "harvester_replica_dropped_jobs",
+            "jobs dropped because another replica holds them or the lease could not be renewed",
+            ["provider"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -22,6 +22,11 @@ Why this is safe whatever replica dies when:
   output at the same time. (A process frozen for longer than the lease between that check and
   the rename defeats any lease without fencing; that window is one local file rename.)
 
+Work is rebalanced when replicas come and go: after each renewal a replica holding more than
+its fair share of a provider's active jobs (active jobs / live replicas, plus some slack)
+hands the excess back to the store and leaves it to the others for a few renewal periods
+(``rebalance``).
+
 Rate limits are shared the same way: each replica's limiter for a provider gets
 ``1 / live_replicas`` of its rate, burst and concurrency (at least 1), where live replicas
 are the lease rows not yet expired, re-read at every renewal. A new replica waits one renewal
@@ -63,6 +68,12 @@ IDLE_CLAIM_INTERVAL_S = 2.0
 RENEW_MAX_S = 2.0
 #: a new replica waits this many renewal periods before its first request
 SETTLE_PERIODS = 1.25
+#: a replica holding more than its fair share of a provider's active jobs by more than this
+#: many (or a tenth of the share, whichever is more) hands the excess back ...
+REBALANCE_SLACK = 4
+#: ... and claims nothing for that provider for this many renewal periods, so the others
+#: get first pick of what it handed back
+REBALANCE_HOLD_PERIODS = 3
 
 
 def replica_id() -> str:
@@ -89,6 +100,10 @@ class Replica:
         self._harvests: dict[tuple[str, str], anyio.CancelScope] = {}
         #: held here, missing from the last renewal's answer, but a task was busy with them
         self._suspects: set[tuple[str, str]] = set()
+        #: active jobs per provider in the whole table, at the last renewal
+        self._active: dict[str, int] = {}
+        #: lane -> monotonic time before which its claimer leaves jobs to the others
+        self._hold_back: dict[str, float] = {}
 
     def __repr__(self) -> str:
         held = sum(len(keys) for keys in self.held.values())
@@ -120,12 +135,17 @@ class Replica:
         sent = clock.monotonic()
         await self.store.join(self.owner, lease_s=self.lease_s, now=clock.wall())
         self.deadline = sent + self.lease_s
+        # Read at scrape time: a value set at each renewal would be stale in between.
+        self.engine.metrics.lease_left.set_function(
+            lambda: max(0.0, self.deadline - self.engine.clock.monotonic())
+        )
         log.info("replica joined", replica=self.owner, lease_s=self.lease_s)
         with anyio.move_on_after(self.renew_every * SETTLE_PERIODS):
             await (stop or anyio.Event()).wait()
         if stop is not None and stop.is_set():
             return False
         await self.renew_once()
+        self._report()
         return True
 
     @property
@@ -170,6 +190,10 @@ class Replica:
                     )
             if scope.cancelled_caught:
                 ok = False
+            self.engine.metrics.renewals.labels("ok" if ok else "failed").inc()
+            if ok and self.valid():
+                await self.rebalance()
+            self._report()
             if not self.valid() and any(self.held.values()):
                 self.drop_all("the lease could not be renewed in time")
             if self.engine.burst:
@@ -213,6 +237,68 @@ class Replica:
                 if key not in lane.in_flight and (name, key) not in busy:
                     self._take(lane, key)
         self._share(renewal.live_replicas)
+        self._active = dict(renewal.active)
+
+    def _report(self) -> None:
+        metrics = self.engine.metrics
+        metrics.replicas_live.set(self.live)
+        for name in self.engine.lanes:
+            metrics.held_jobs.labels(name).set(len(self.held.get(name, {})))
+            metrics.fair_share.labels(name).set(self.fair_share(name))
+
+    # -- balance ----------------------------------------------------------------------------
+
+    def fair_share(self, provider: str) -> int:
+        """How many of ``provider``'s active jobs are ours to hold, by the last renewal."""
+        return math.ceil(self._active.get(provider, 0) / max(self.live, 1))
+
+    async def rebalance(self) -> None:
+        """Hand back what we hold beyond our fair share, so a replica that joins later gets
+        work that is already running, not only new jobs.
+
+        Claimers take jobs while they have room, so the first replica up ends up holding
+        everything; the others would idle with their share of the rate limit while it works
+        through every job with only its own. Handed back are jobs no task is busy with,
+        those whose next poll is furthest away first (they lose least by moving); whoever
+        claims one polls it at once and carries on from the stored state.
+        """
+        if self.live < 2:
+            return
+        now = self.engine.clock.monotonic()
+        busy = set(self._harvests) | self.engine._queued_for_harvest
+        for name, lane in self.engine.lanes.items():
+            mine = self.held.get(name, {})
+            share = self.fair_share(name)
+            excess = len(mine) - share
+            if excess <= max(REBALANCE_SLACK, share // 10):
+                continue
+            idle = [k for k in mine if k not in lane.in_flight and (name, k) not in busy]
+            idle.sort(key=lambda k: lane.queue.due_at(k) or now, reverse=True)
+            keys = idle[:excess]
+            if not keys:
+                continue
+            # Forgotten here before the store hears of it: once released, another replica
+            # may claim a job at any moment, and we must not step it after that.
+            for key in keys:
+                mine.pop(key, None)
+                lane.forget(key)
+                self.engine.remaining.discard((name, key))
+            self._hold_back[name] = now + REBALANCE_HOLD_PERIODS * self.renew_every
+            try:
+                released = await self.store.release(name, keys)
+            except StoreError as exc:
+                # Still ours in the store: the next renewal hands them back to us.
+                log.warning("could not hand jobs back", provider=name, error=str(exc))
+                continue
+            self.engine.metrics.handed_back.labels(name).inc(released)
+            log.info(
+                "jobs handed back for balance",
+                provider=name,
+                jobs=released,
+                held=len(mine),
+                fair_share=share,
+                replicas=self.live,
+            )
 
     # -- claiming ---------------------------------------------------------------------------
 
@@ -222,7 +308,11 @@ class Replica:
         interval = CLAIM_INTERVAL_S
         while not self.engine.draining:
             room = self._room(lane)
-            if room > 0 and self.valid():
+            if (
+                room > 0
+                and self.valid()
+                and clock.monotonic() >= self._hold_back.get(lane.name, 0.0)
+            ):
                 try:
                     jobs = await self.store.claim(lane.name, limit=room, now=clock.wall())
                 except StoreError as exc:
@@ -302,6 +392,7 @@ class Replica:
         scope = self._harvests.get((lane.name, key))
         if scope is not None:
             scope.cancel()
+        self.engine.metrics.dropped.labels(lane.name).inc()
         log.warning("job dropped", provider=lane.name, job=key, why=why, replica=self.owner)
         self.wake(lane.name)
 
@@ -313,6 +404,7 @@ class Replica:
                 lane.forget(key)
                 self.engine.remaining.discard((name, key))
             if keys:
+                self.engine.metrics.dropped.labels(name).inc(len(keys))
                 log.warning("jobs dropped", provider=name, jobs=len(keys), why=why)
         for scope in self._harvests.values():
             scope.cancel()

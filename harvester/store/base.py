@@ -14,7 +14,7 @@ uses it when the store offers it (PostgreSQL) and is unchanged otherwise (sqlite
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from harvester.jobs import Event, Job, JobState
@@ -58,6 +58,9 @@ class Renewal:
     #: this replica's lease had run out before this renewal (or its row was gone): other
     #: replicas may have claimed some of its jobs meanwhile, so ``held`` is the truth
     lapsed: bool
+    #: active jobs per provider in the whole table, whoever holds them: with
+    #: ``live_replicas``, each replica's fair share (``harvester.replica`` rebalances on it)
+    active: Mapping[str, int] = field(default_factory=dict)
 
 
 class Store(Protocol):

@@ -655,6 +655,10 @@ class PostgresStore:
                 owner,
             )
             live = await conn.fetchval("SELECT count(*) FROM replicas WHERE lease_until >= $1", now)
+            active = await conn.fetch(
+                f"SELECT provider, count(*) FROM jobs WHERE state IN ({_ACTIVE_SQL})"
+                " GROUP BY provider"
+            )
             # Rows of replicas dead for ten leases only make the table longer; their jobs
             # were claimable since their first lease ran out, row or no row.
             await conn.execute(
@@ -664,6 +668,7 @@ class PostgresStore:
             live_replicas=max(1, int(live)),
             held=frozenset((str(p), str(k)) for p, k in held),
             lapsed=previous is None or previous < now,
+            active={str(p): int(n) for p, n in active},
         )
 
     async def claim(self, provider: str, *, limit: int, now: float) -> list[Job]:

@@ -15,10 +15,11 @@ from integration.helpers import API_KEY, check_outputs, make_config, new_jobs, s
 from store.pgserver import PgServer
 from structlog.testing import capture_logs
 
+import harvester.replica as replica_module
 from harvester.config import Config
 from harvester.emulator.server import Emulator
 from harvester.engine import Engine
-from harvester.jobs import JobState
+from harvester.jobs import Job, JobState
 from harvester.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.anyio
@@ -26,14 +27,19 @@ pytestmark = pytest.mark.anyio
 LEASE_S = 3.0  # the smallest the config allows: renewals every second
 
 
-@pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    emu = Emulator(scenario(job_duration_s=0.3, points_per_frame=300))
+async def _running(job_duration_s: float) -> AsyncIterator[Emulator]:
+    emu = Emulator(scenario(job_duration_s=job_duration_s, points_per_frame=300))
     await emu.start()
     try:
         yield emu
     finally:
         await emu.stop()
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    async for emu in _running(0.3):
+        yield emu
 
 
 @pytest.fixture
@@ -117,12 +123,8 @@ async def test_two_engines_share_the_work_and_each_job_is_done_once(
 @pytest.fixture
 async def slow_emulator() -> AsyncIterator[Emulator]:
     """Remote jobs that take a while: the engine holds them, polling."""
-    emu = Emulator(scenario(job_duration_s=4.0, points_per_frame=300))
-    await emu.start()
-    try:
+    async for emu in _running(4.0):
         yield emu
-    finally:
-        await emu.stop()
 
 
 async def test_jobs_taken_from_an_engine_are_dropped_not_written_then_finished(
@@ -133,6 +135,8 @@ async def test_jobs_taken_from_an_engine_are_dropped_not_written_then_finished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("IT_PLAYMENT_KEY", API_KEY)
+    # This is about theft: the thief joining must not also make the engine hand jobs back.
+    monkeypatch.setattr(replica_module, "REBALANCE_SLACK", 10**9)
     emulator = slow_emulator
     config = shared_config(tmp_path, emulator, url)
     jobs = new_jobs(20, frames=1)
@@ -206,3 +210,60 @@ async def test_a_replica_that_stops_hands_its_jobs_to_the_others_at_once(
         assert await b.counts() == {("playment", JobState.HARVESTED): 10}
     stats = slow_emulator.state.stats()["playment"]
     assert (stats["creates"], stats["duplicate_creates"]) == (10, 0)
+
+
+@pytest.fixture
+async def long_emulator() -> AsyncIterator[Emulator]:
+    """Remote jobs that run long enough for a second replica to join meanwhile."""
+    async for emu in _running(8.0):
+        yield emu
+
+
+async def test_a_replica_that_joins_later_gets_a_fair_share_of_running_jobs(
+    tmp_path: Path,
+    long_emulator: Emulator,
+    url: str,
+    postgres_server: PgServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IT_PLAYMENT_KEY", API_KEY)
+    config = shared_config(tmp_path, long_emulator, url)
+    jobs = new_jobs(40, frames=1)
+    harvested_by: dict[str, set[str]] = {"first": set(), "late": set()}
+
+    def engine(store: PostgresStore, name: str) -> Engine:
+        def note(job: Job) -> None:
+            if job.state == JobState.HARVESTED:
+                harvested_by[name].add(job.key)
+
+        return Engine(config, store, burst=True, on_change=note)
+
+    async with opened(url, postgres_server) as a, opened(url, postgres_server) as b:
+        await a.add_jobs(jobs, now=1.0)
+        first, late = engine(a, "first"), engine(b, "late")
+        assert first.replica is not None and late.replica is not None
+        with capture_logs() as logs, anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first.run)
+                while len(first.replica.held.get("playment", {})) < 40:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+                # Every job is running and held by the first replica when the second joins.
+                tg.start_soon(late.run)
+                while len(late.replica.held.get("playment", {})) < 15:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+                assert len(first.replica.held["playment"]) <= 25
+                sample = first.metrics.registry.get_sample_value
+                assert sample("harvester_replicas_live") == 2
+                assert 0 < (sample("harvester_replica_lease_seconds_left") or 0) <= LEASE_S
+                assert sample("harvester_replica_fair_share_jobs", {"provider": "playment"}) == 20
+        handed_back = sample("harvester_replica_handed_back_jobs_total", {"provider": "playment"})
+        assert handed_back is not None and handed_back >= 15
+        assert (sample("harvester_replica_renewals_total", {"result": "ok"}) or 0) >= 2
+        assert await a.counts() == {("playment", JobState.HARVESTED): 40}
+    handed = [e for e in logs if e["event"] == "jobs handed back for balance"]
+    assert handed and handed[0]["fair_share"] == 20, handed
+    assert not (harvested_by["first"] & harvested_by["late"])
+    assert len(harvested_by["late"]) >= 15, harvested_by
+    stats = long_emulator.state.stats()["playment"]
+    assert (stats["creates"], stats["duplicate_creates"]) == (40, 0)
+    check_outputs(config, long_emulator, jobs, frames=1)
