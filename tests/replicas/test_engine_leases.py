@@ -242,7 +242,7 @@ async def test_a_replica_that_joins_later_gets_a_fair_share_of_running_jobs(
         await a.add_jobs(jobs, now=1.0)
         first, late = engine(a, "first"), engine(b, "late")
         assert first.replica is not None and late.replica is not None
-        with capture_logs() as logs, anyio.fail_after(60):
+        with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(first.run)
                 while len(first.replica.held.get("playment", {})) < 40:  # noqa: ASYNC110
@@ -260,8 +260,6 @@ async def test_a_replica_that_joins_later_gets_a_fair_share_of_running_jobs(
         assert handed_back is not None and handed_back >= 15
         assert (sample("harvester_replica_renewals_total", {"result": "ok"}) or 0) >= 2
         assert await a.counts() == {("playment", JobState.HARVESTED): 40}
-    handed = [e for e in logs if e["event"] == "jobs handed back for balance"]
-    assert handed and handed[0]["fair_share"] == 20, handed
     assert not (harvested_by["first"] & harvested_by["late"])
     assert len(harvested_by["late"]) >= 15, harvested_by
     stats = long_emulator.state.stats()["playment"]
