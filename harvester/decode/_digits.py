@@ -65,7 +65,11 @@ def max_digits(max_value: int) -> int:
 
 def accumulator_dtype(k: int) -> np.dtype[Any]:
     """The smallest dtype holding any number of ``k + 1`` digits (``k`` < 19)."""
-    return smallest_uint_dtype(10 ** (k + 1) - 1)
+    return _ACCUMULATORS[k]
+
+
+#: looked up, not computed: the decoders ask once or twice per block and ``np.iinfo`` is slow
+_ACCUMULATORS: Final = tuple(smallest_uint_dtype(10 ** (k + 1) - 1) for k in range(19))
 
 
 def run_values(buf: U8, ends: Idx, lengths: Idx) -> tuple[U64, npt.NDArray[np.bool_]]:

@@ -8,10 +8,13 @@ anywhere, and holds millions of labels, so decoding is vectorised per block of b
    front of the block see a harmless non-digit.
 2. Commas are found with one comparison and one ``nonzero``, run over 2-byte pairs rather than
    bytes: ``nonzero`` costs per element scanned, and valid commas are at least two bytes apart.
+   The pairs are offset by one byte from the buffer's 2-byte words, so pair p is bytes 2p - 1
+   and 2p, and the word just before it (bytes 2p - 2 and 2p - 1) ends with the comma or with
+   the units digit.
 3. A number's digits end right before its comma: the units digit is one byte before it, the
-   tens digit two bytes, and so on. So the 2-byte words at, and before, every comma's pair are
-   gathered for all numbers at once (one ``take`` per two digit positions), and each digit is
-   picked from them by whether the comma is its pair's first or second byte.
+   tens digit two bytes, and so on. So the 2-byte words before every comma's pair are gathered
+   for all numbers at once (one ``take`` per two digit positions, five digits need three), and
+   each digit is picked from them by whether the comma is byte 2p - 1 or 2p.
 4. Validation is a count, not a classification: the block is well formed when its gathered
    digits, commas and whitespace add up to its length. The gather loop stops as soon as they do.
 5. Anything unusual (whitespace before a comma, a stray byte, a long number, the closing ``]``)
@@ -141,9 +144,13 @@ class MaskDecoder:
         self._more_ws = False  # tabs or CRs seen once: count them in every later block
         self._step = BLOCK
         size = _PAD + 2 + _CARRY_MAX + BLOCK
-        self._work = np.full(size + (size & 1), SPACE, dtype=np.uint8)  # whole 2-byte words
+        # Whole 2-byte words. Each block is copied in behind the padding, and nothing past a
+        # block's end is ever read, so only the padding needs a value: no 2 MiB of memset for
+        # each decoder (one per label file).
+        self._work = np.empty(size + (size & 1), dtype=np.uint8)
+        self._work[:_PAD] = SPACE
         self._words = self._work.view(np.uint16)
-        self._flags = np.zeros(len(self._work), dtype=np.bool_)
+        self._flags = np.empty(len(self._work), dtype=np.bool_)
 
     @property
     def count(self) -> int:
@@ -296,18 +303,24 @@ class MaskDecoder:
             region = buf[:close]
         n = len(region)
         flags = self._flags
-        np.equal(region, COMMA, out=flags[:n])
-        flags[n] = False
         # Valid commas are at least two bytes apart, so each 2-byte pair holds at most one:
-        # scanning pairs halves the bytes `nonzero` walks (two commas in a pair make the
-        # counts below disagree, and the exact path reports them).
-        pairs = np.flatnonzero(flags[: n + (n & 1)].view(np.uint16) != 0)[1:]
+        # scanning pairs halves the elements `nonzero` walks (two commas in a pair make the
+        # counts below disagree, and the exact path reports them). The marks go one byte late,
+        # flags[i + 1] for region[i], so pair p covers bytes 2p - 1 and 2p and the word before
+        # it already holds the comma or the units digit: one fewer `take` (see _gather).
+        np.equal(region, COMMA, out=flags[1 : n + 1])  # flags[0] pairs with the sentinel
+        flags[n + 1] = False
+        size = n + 1 + ((n + 1) & 1)
+        pairs = np.flatnonzero(flags[:size].view(np.uint16) != 0)[1:]
         if len(pairs) == 0:
             return _Result(np.empty(0, dtype=self._dtype), -1, 0, close)
-        last = 2 * int(pairs[-1])
-        last += int(region[last] != COMMA)
+        end = 2 * int(pairs[-1])
+        last = end if flags[end + 1] else end - 1
         body = region[: last + 1]
-        ws = int(np.count_nonzero(body == SPACE)) + int(np.count_nonzero(body == NEWLINE))
+        # The marks are no longer needed: count whitespace into them (no new 1 MiB arrays)
+        marks = flags[: len(body)]
+        ws = int(np.count_nonzero(np.equal(body, SPACE, out=marks)))
+        ws += int(np.count_nonzero(np.equal(body, NEWLINE, out=marks)))
         if self._more_ws:
             ws += _tabs_and_crs(body)
         # Every byte up to the last comma is a comma, whitespace or a digit of some number,
@@ -331,29 +344,34 @@ class MaskDecoder:
     def _gather(self, pairs: Idx, digits: int) -> tuple[Labels, int] | None:
         """Values of the numbers before the commas in ``pairs``, and how many digits they span.
 
-        Takes whole 2-byte words at the pair index from views of the work buffer shifted by
-        whole words, so no index array is ever computed. Going back from the comma, byte i
-        is ``seq[i]`` when the comma is the pair's high byte and ``seq[i + 1]`` otherwise,
-        with ``seq`` = low byte of word 0, high of word 1, low of word 1, high of word 2, ...
-        The loop stops once ``digits`` digits are found, or no number has a digit left.
+        Pair p's comma is byte 2p - 1 or 2p. Going back from byte 2p - 1, the bytes are
+        ``seq`` = high byte of word p - 1, low byte of word p - 1, high of word p - 2, ...,
+        taken as whole 2-byte words from views of the work buffer shifted by whole words, so
+        no index array is ever computed. Digit k (units first) is ``seq[k]`` when the comma is
+        byte 2p, ``seq[k + 1]`` when it is ``seq[0]``. The loop stops once ``digits`` digits
+        are found, or no number has a digit left.
         """
         words = self._words
-        base = _PAD // 2
-        lo = words[base:].take(pairs).astype(np.uint8)
-        high = (lo != COMMA).view(np.uint8)
-        seq = [lo]
+        base = _PAD // 2 - 1
+        seq: list[U8] = []
 
         def back(i: int) -> U8:
             while len(seq) <= i:
-                word = words[base - (len(seq) + 1) // 2 :].take(pairs)
-                seq.append((word >> 8).astype(np.uint8))
+                # mode="wrap" skips the bounds check (the views hold every index): a cheaper loop
+                word = words[base - len(seq) // 2 :].take(pairs, mode="wrap")
+                seq.append((word // np.uint16(256)).astype(np.uint8))  # faster than >> 8
                 seq.append(word.astype(np.uint8))
             return seq[i]
 
+        # 0xFF where seq[0] is the comma, else 0: picks a digit with three bitwise operations
+        pick = (back(0) != COMMA).view(np.uint8)
+        pick -= 1
+
         def digit(k: int) -> U8:
-            d = back(k) - back(k + 1)
-            d *= high
-            d += back(k + 1)
+            here = back(k)
+            d = np.bitwise_xor(here, back(k + 1))
+            d &= pick
+            d ^= here
             d -= ZERO
             return d
 
@@ -376,7 +394,7 @@ class MaskDecoder:
             if k >= self._kmax:
                 return None  # longer than any allowed label
             total += live
-            d *= more
+            d *= more.view(np.uint8)  # same dtypes: a bool operand takes a slower loop
             alive = more
             if k >= 18:
                 # Past 18 digits, one position at a time: only the 20th can overflow 64 bits
@@ -490,7 +508,7 @@ def _scaled_add(values: Labels, part: U8, scale: int, top: int) -> Labels:
     dtype = accumulator_dtype(min(top, 18))
     out: Labels = part.astype(dtype)
     out *= dtype.type(10**scale)
-    out += values
+    out += values.astype(dtype, copy=False)  # same dtypes, as above
     return out
 
 
@@ -499,8 +517,19 @@ def _tabs_and_crs(body: U8) -> int:
 
 
 def _first_non_ws(data: U8) -> int:
-    ws = (data == SPACE) | (data == NEWLINE) | (data == CR) | (data == TAB)
-    return -1 if ws.all() else int(np.argmin(ws))
+    """Index of the first byte of ``data`` that is not whitespace, or -1 when there is none.
+
+    Looks at growing windows, so finding the '[' at the start of a whole block stays cheap.
+    """
+    start, size = 0, 64
+    while start < len(data):
+        part = data[start : start + size]
+        ws = (part == SPACE) | (part == NEWLINE) | (part == CR) | (part == TAB)
+        if not ws.all():
+            return start + int(np.argmin(ws))
+        start += size
+        size *= 8
+    return -1
 
 
 def _bad_byte(seg: U8, i: int) -> str:

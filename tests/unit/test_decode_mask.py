@@ -3,7 +3,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pytest
@@ -171,6 +171,28 @@ def test_long_whitespace_runs_are_not_held_in_memory() -> None:
     # Offsets stay exact after squeezing.
     broken = b"[1," + b" " * 5000 + b"23" + b"\n" * 5000 + b"5]"
     assert error_offset(broken, range(0, len(broken), 100)) == len(broken) - 2
+
+
+def test_long_whitespace_before_and_after_the_array() -> None:
+    lead = b" \t" * 300 + b"\r\n" * 200  # past the first windows searched for '['
+    labels, _ = feed_all(lead + b"[1, 2]" + lead)
+    assert labels.tolist() == [1, 2]
+    assert error_offset(lead + b"x[1]") == len(lead)
+    assert error_offset(lead + b"[1]" + lead + b"x") == 2 * len(lead) + 3
+
+
+@pytest.mark.parametrize("block", [None, 4, 7])
+def test_work_buffers_are_read_only_where_written(block: int | None) -> None:
+    # The buffers are allocated uninitialised past the padding: fill them with digits and
+    # comma marks, which change the labels if anything past a block's end is ever read.
+    data = b"[12345, 6, 78,\n 9,10 , 2]"
+    with small_blocks(block) if block else nullcontext():
+        decoder = MaskDecoder()
+        decoder._work[mask_module._PAD :] = ord("9")
+        decoder._flags[:] = True
+        parts = [decoder.feed(data[i : i + 3]) for i in range(0, len(data), 3)]
+    parts.append(decoder.finish())
+    assert np.concatenate(parts).tolist() == [12345, 6, 78, 9, 10, 2]
 
 
 def test_decoder_refuses_input_after_an_error_or_finish() -> None:
