@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the long-running daemon")
     add_config(p)
 
+    p = sub.add_parser(
+        "copy-store",
+        help="copy every job of another config's store into this config's (empty) store",
+        description=(
+            "Copy the job store of --from-config (e.g. the sqlite store of a single process)"
+            " into the store of -c (e.g. PostgreSQL for several replicas), exactly: states,"
+            " remote ids, attempts and payloads. Stop every harvester using the old store"
+            " first; afterwards the old store refuses to be opened again."
+        ),
+    )
+    add_config(p)
+    p.add_argument(
+        "--from-config", required=True, type=Path, help="the config whose store is copied"
+    )
+
     p = sub.add_parser("emulator", help="serve the built-in emulator of the provider APIs")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -94,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_submit, config, args)
         if args.command == "status":
             return anyio.run(_status, config, args)
+        if args.command == "copy-store":
+            return anyio.run(_copy_store, config, args)
         if args.command == "run":
             from harvester.daemon import serve
 
@@ -130,6 +147,40 @@ async def _add(config: Config, paths: list[Path]) -> tuple[int, int]:
 async def _submit(config: Config, args: argparse.Namespace) -> int:
     added, duplicates = await _add(config, args.jobs)
     print(f"added {added} jobs ({duplicates} already in the store)")
+    return EXIT_OK
+
+
+async def _copy_store(config: Config, args: argparse.Namespace) -> int:
+    from harvester.store.copy import copy_store
+
+    old = load_config(args.from_config)
+    same = (
+        old.store.path == config.store.path
+        if old.store.path is not None
+        else old.store.url == config.store.url
+    )
+    if same:
+        print(
+            f"harvester: {args.from_config} and {config.source} name the same store",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    source = await _open_store(old)
+    try:
+        target = await _open_store(config)
+        try:
+            result = await copy_store(source, target, target_name=config.store.url)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+    states = ", ".join(
+        f"{provider} {state.value}: {n}" for (provider, state), n in sorted(result.by_state.items())
+    )
+    print(
+        f"copied {result.jobs} jobs ({states or 'none'}) and {result.meta} meta values"
+        f" from {old.store.url} to {config.store.url}; the old store is marked as moved"
+    )
     return EXIT_OK
 
 

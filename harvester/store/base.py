@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from harvester.errors import StoreError
 from harvester.jobs import Event, Job, JobState
 
 
@@ -61,6 +62,20 @@ class Renewal:
     #: active jobs per provider in the whole table, whoever holds them: with
     #: ``live_replicas``, each replica's fair share (``harvester.replica`` rebalances on it)
     active: Mapping[str, int] = field(default_factory=dict)
+
+
+#: the meta entry ``copy_store`` leaves in a store it copied from: opening it again is refused
+MOVED_META = "moved_to"
+
+#: one job as ``dump`` reports it and ``restore`` takes it: the row and its stored payload
+DumpedJob = tuple[Job, bytes | None]
+
+
+def moved_error(where: str, target: str) -> StoreError:
+    return StoreError(
+        f"{where}: this job store was copied to {target} (harvester copy-store) and is not"
+        " used any more; point store.url at the new store"
+    )
 
 
 class Store(Protocol):
@@ -122,6 +137,15 @@ class Store(Protocol):
 
     async def check(self) -> list[str]:
         """Integrity problems found (empty list: healthy). Read-only."""
+
+    async def dump(self) -> tuple[list[DumpedJob], dict[str, str]]:
+        """Every job (oldest first, with its stored payload bytes) and every meta value, read
+        in one snapshot."""
+
+    async def restore(self, jobs: Sequence[DumpedJob], meta: Mapping[str, str]) -> None:
+        """Insert ``jobs`` exactly as given (state, versions, attempts...) and ``meta`` into
+        this store, in one transaction. Refused with ``StoreError`` unless the store holds no
+        job and no meta value yet: a copy never merges into live data."""
 
 
 @runtime_checkable

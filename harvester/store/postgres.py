@@ -39,7 +39,15 @@ import orjson
 
 from harvester.errors import JobsFileError, StoreError
 from harvester.jobs import ACTIVE, TERMINAL, Event, Job, JobState, apply, update
-from harvester.store.base import AddResult, JobRef, NewJob, Renewal
+from harvester.store.base import (
+    MOVED_META,
+    AddResult,
+    DumpedJob,
+    JobRef,
+    NewJob,
+    Renewal,
+    moved_error,
+)
 from harvester.store.groupcommit import GroupCommit
 
 # The row format, key rules and conflict wording are sqlite's, shared so the two backends
@@ -53,6 +61,7 @@ from harvester.store.sqlite import (
     _describe,
     _encode_payload,
     _job_from_row,
+    _job_row,
     _state,
 )
 
@@ -246,6 +255,9 @@ class PostgresStore:
         try:
             async with self._connection() as conn:
                 await self._migrate(conn)
+                moved = await conn.fetchval("SELECT value FROM meta WHERE name = $1", MOVED_META)
+            if moved is not None:
+                raise moved_error(self._where, str(moved))
         except BaseException:
             self._pool = None
             with anyio.CancelScope(shield=True):
@@ -523,6 +535,37 @@ class PostgresStore:
             )
         refs = [JobRef(p, k, _state(p, k, s)) for p, k, s in rows]
         return refs, max(cursor, xmin)
+
+    async def dump(self) -> tuple[list[DumpedJob], dict[str, str]]:
+        async with (
+            self._connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            rows = await conn.fetch(f"SELECT {_JOB_COLUMNS}, payload FROM jobs{_ORDER}")
+            meta = await conn.fetch("SELECT name, value FROM meta")
+        jobs = [(_job_from_row(tuple(r)[:-1]), r["payload"]) for r in rows]
+        return jobs, {str(name): str(value) for name, value in meta}
+
+    async def restore(self, jobs: Sequence[DumpedJob], meta: Mapping[str, str]) -> None:
+        columns = [c.strip() for c in _JOB_COLUMNS.split(",")] + ["payload"]
+        async with self._connection() as conn, conn.transaction():
+            # Nobody adds a job or a meta value between the check and the copy.
+            await conn.execute("LOCK TABLE jobs, meta IN EXCLUSIVE MODE")
+            n_jobs = await conn.fetchval("SELECT count(*) FROM jobs")
+            n_meta = await conn.fetchval("SELECT count(*) FROM meta")
+            if n_jobs or n_meta:
+                raise StoreError(
+                    f"{self._where}: holds {n_jobs} job(s) and {n_meta} meta value(s) already;"
+                    " a store is copied only into an empty one"
+                )
+            await conn.copy_records_to_table(
+                "jobs",
+                records=[(*_job_row(job), payload) for job, payload in jobs],
+                columns=columns,
+            )
+            await conn.executemany(
+                "INSERT INTO meta (name, value) VALUES ($1, $2)", list(meta.items())
+            )
 
     # --- meta and integrity ---------------------------------------------------------------
 

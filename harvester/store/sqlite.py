@@ -34,7 +34,7 @@ import orjson
 
 from harvester.errors import JobsFileError, StoreError
 from harvester.jobs import ACTIVE, Event, Job, JobState, apply, update
-from harvester.store.base import AddResult, JobRef, NewJob
+from harvester.store.base import MOVED_META, AddResult, DumpedJob, JobRef, NewJob, moved_error
 from harvester.store.groupcommit import GroupCommit
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
@@ -101,6 +101,29 @@ _NEED_REASON = ("failed", "cancelled", "error")
 def _job_from_row(row: tuple[Any, ...]) -> Job:
     provider, key, reference_id, remote_id, state, *rest = row
     return Job(provider, key, reference_id, remote_id, _state(provider, key, state), *rest)
+
+
+_N_JOB_COLUMNS = len(_JOB_COLUMNS.split(","))
+
+
+def _job_row(job: Job) -> tuple[Any, ...]:
+    """``job`` in the order of ``_JOB_COLUMNS``, the inverse of ``_job_from_row``."""
+    return (
+        job.provider,
+        job.key,
+        job.reference_id,
+        job.remote_id,
+        job.state.value,
+        job.created_at,
+        job.updated_at,
+        job.remote_status,
+        job.progress,
+        job.reason,
+        job.attempts,
+        job.due_at,
+        job.output,
+        job.version,
+    )
 
 
 def _state(provider: str, key: str, state: str) -> JobState:
@@ -478,6 +501,30 @@ class _Db:
                 (name, value),
             )
 
+    def dump(self) -> tuple[list[DumpedJob], dict[str, str]]:
+        with self.transaction("DEFERRED"):  # one snapshot for both tables
+            rows = self.conn.execute(
+                f"SELECT {_JOB_COLUMNS}, payload FROM jobs ORDER BY created_at, rowid"
+            ).fetchall()
+            meta = dict(self.conn.execute("SELECT name, value FROM meta").fetchall())
+        return [(_job_from_row(row[:-1]), row[-1]) for row in rows], meta
+
+    def restore(self, jobs: Sequence[DumpedJob], meta: Mapping[str, str]) -> None:
+        with self.transaction():
+            (n_jobs,) = self.conn.execute("SELECT count(*) FROM jobs").fetchone()
+            (n_meta,) = self.conn.execute("SELECT count(*) FROM meta").fetchone()
+            if n_jobs or n_meta:
+                raise StoreError(
+                    f"holds {n_jobs} job(s) and {n_meta} meta value(s) already;"
+                    " a store is copied only into an empty one"
+                )
+            self.conn.executemany(
+                f"INSERT INTO jobs ({_JOB_COLUMNS}, payload)"
+                f" VALUES ({_placeholders(_N_JOB_COLUMNS + 1)})",
+                ((*_job_row(job), payload) for job, payload in jobs),
+            )
+            self.conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", meta.items())
+
     def check(self) -> list[str]:
         problems: list[str] = []
         # DEFERRED: a read-only snapshot, so every query below sees the same rows.
@@ -601,8 +648,12 @@ class SqliteStore:
                 limiter=self._limiter,
             )
             self._reader = _Db.connect_reader(self._path, self._busy_timeout_s)
+            moved = self._reader.get_meta(MOVED_META)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"{self._path}: cannot open the job store: {exc}") from exc
+        if moved is not None:
+            await self.close()
+            raise moved_error(str(self._path), moved)
 
     async def close(self) -> None:
         """Commit the writes already asked for, then close. Safe to call twice."""
@@ -703,6 +754,17 @@ class SqliteStore:
 
     async def check(self) -> list[str]:
         return await self._call(_Db.check)
+
+    async def dump(self) -> tuple[list[DumpedJob], dict[str, str]]:
+        return await self._call(_Db.dump)
+
+    async def restore(self, jobs: Sequence[DumpedJob], meta: Mapping[str, str]) -> None:
+        try:
+            await self._call(lambda db: db.restore(jobs, meta))
+        except StoreError as exc:
+            if str(self._path) in str(exc):
+                raise
+            raise StoreError(f"{self._path}: {exc}") from None
 
     # --- group commit ---------------------------------------------------------------------
 

@@ -20,7 +20,9 @@ from harvester.config import Config
 from harvester.emulator.server import Emulator
 from harvester.engine import Engine
 from harvester.jobs import Job, JobState
+from harvester.store.copy import copy_store
 from harvester.store.postgres import PostgresStore
+from harvester.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.anyio
 
@@ -265,3 +267,37 @@ async def test_a_replica_that_joins_later_gets_a_fair_share_of_running_jobs(
     stats = long_emulator.state.stats()["playment"]
     assert (stats["creates"], stats["duplicate_creates"]) == (40, 0)
     check_outputs(config, long_emulator, jobs, frames=1)
+
+
+async def test_jobs_copied_from_sqlite_mid_run_finish_on_postgres_without_duplicates(
+    tmp_path: Path,
+    slow_emulator: Emulator,
+    url: str,
+    postgres_server: PgServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IT_PLAYMENT_KEY", API_KEY)
+    single = make_config(tmp_path, slow_emulator)  # sqlite: one process
+    shared = shared_config(tmp_path, slow_emulator, url)
+    jobs = new_jobs(10, frames=1)
+    assert single.store.path is not None
+    async with SqliteStore(single.store.path) as old:
+        await old.add_jobs(jobs, now=1.0)
+        stop = anyio.Event()
+        engine = Engine(single, old, burst=False, drain_grace_s=0.5)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: engine.run(stop=stop))
+            with anyio.fail_after(20):
+                # Created at the provider, not finished: the copy must carry remote ids.
+                while await old.counts() != {("playment", JobState.RUNNING): 10}:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+            stop.set()
+        async with opened(url, postgres_server) as new:
+            result = await copy_store(old, new, target_name=url)
+            assert result.by_state == {("playment", JobState.RUNNING): 10}
+            with anyio.fail_after(30):
+                await Engine(shared, new, burst=True).run()
+            assert await new.counts() == {("playment", JobState.HARVESTED): 10}
+    stats = slow_emulator.state.stats()["playment"]
+    assert (stats["creates"], stats["duplicate_creates"]) == (10, 0)
+    check_outputs(shared, slow_emulator, jobs, frames=1)
