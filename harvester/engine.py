@@ -75,6 +75,9 @@ T = TypeVar("T")
 MAX_CREATE_ATTEMPTS = 8
 #: how often the daemon looks for jobs added by other processes
 FEED_INTERVAL_S = 2.0
+#: running jobs whose stored row is kept in memory between polls (about 400 bytes each), so
+#: polling them needs no store read; beyond this many the row is read before each poll
+CACHED_JOBS_MAX = 10_000
 
 
 @dataclass
@@ -90,6 +93,8 @@ class Lane:
     in_flight: set[str] = field(default_factory=set)
     #: monotonic time of each finished job's first "results not published yet"
     unpublished_since: dict[str, float] = field(default_factory=dict)
+    #: the stored row of running jobs waiting for their next poll (``Engine._remember``)
+    cache: dict[str, Job] = field(default_factory=dict)
 
     def schedule(self, key: str, due: float) -> None:
         self.queue.schedule(key, due)
@@ -100,6 +105,7 @@ class Lane:
         self.interval.pop(key, None)
         self.failures.pop(key, None)
         self.unpublished_since.pop(key, None)
+        self.cache.pop(key, None)
 
 
 class Engine:
@@ -410,7 +416,7 @@ class Engine:
         if self.replica is not None and not self.replica.holds(lane, key):
             lane.forget(key)  # dropped while it waited in the queue
             return
-        job = await self.store.get(lane.name, key)
+        job = lane.cache.pop(key, None) or await self.store.get(lane.name, key)
         if job is None or job.terminal:
             lane.forget(key)
             self._finished(lane.name, key)
@@ -487,6 +493,22 @@ class Engine:
         lane.interval[job.key] = interval
         lane.failures.pop(job.key, None)
         lane.schedule(job.key, self.clock.monotonic() + interval)
+        self._remember(lane, job)
+
+    def _remember(self, lane: Lane, job: Job) -> None:
+        """Keep ``job`` (just written or read, so it is the stored row) for its next poll.
+
+        Only one process writes a job: nothing else changes the row while it waits here, and
+        a step takes it out before acting. With a shared store another replica may take the
+        job over, so every step reads it afresh there.
+        """
+        if self.replica is not None or job.state != JobState.RUNNING:
+            return
+        if (
+            job.key in lane.cache
+            or sum(len(ln.cache) for ln in self.lanes.values()) < CACHED_JOBS_MAX
+        ):
+            lane.cache[job.key] = job
 
     # -- submit -------------------------------------------------------------------------
     async def _start(self, lane: Lane, job: Job) -> None:

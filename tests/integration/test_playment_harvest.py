@@ -8,13 +8,14 @@ from pathlib import Path
 import anyio
 import pytest
 
+import harvester.engine as engine_module
 from harvester.config import Config
 from harvester.emulator import truth
 from harvester.emulator.scenario import parse_fault
 from harvester.emulator.server import Emulator
 from harvester.engine import Engine
 from harvester.fsutil import sha256_file
-from harvester.jobs import JobState
+from harvester.jobs import Job, JobState
 from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
 
@@ -230,3 +231,39 @@ async def test_image_and_video_results_download_every_mask_by_frame(tmp_path: Pa
                 assert sha256_file(out / key / rel) == entry["sha256"]
         # the customer's own input URLs were never asked of the attachments API
         assert emu.state.stats()["credential_hits"] == []
+
+
+class _CountingStore(SqliteStore):
+    """Counts point reads: polling a running job should not need one each time."""
+
+    reads = 0
+
+    async def get(self, provider: str, key: str) -> Job | None:
+        type(self).reads += 1
+        return await super().get(provider, key)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_running_jobs_are_polled_from_memory_without_store_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    if not cached:
+        monkeypatch.setattr(engine_module, "CACHED_JOBS_MAX", 0)
+    async with Emulator(scenario(job_duration_s=1.0)) as emu:
+        config = make_config(tmp_path, emu, poll_min_s=0.05, poll_max_s=0.05)
+        jobs = new_jobs(4, frames=1)
+        assert config.store.path is not None
+        monkeypatch.setattr(_CountingStore, "reads", 0)
+        async with _CountingStore(config.store.path) as store:
+            await store.add_jobs(jobs, now=0.0)
+            with anyio.fail_after(30):
+                await Engine(config, store, burst=True).run()
+            assert await store.counts() == {("playment", JobState.HARVESTED): 4}
+        polls = [r for r in emu.state.requests() if r["method"] == "GET" and "/jobs/" in r["path"]]
+        check_outputs(config, emu, jobs, frames=1)
+    assert len(polls) >= 4 * 10  # 1 s of running, polled every 50 ms
+    if cached:
+        # One read to start each job, a few around harvesting; none per poll.
+        assert _CountingStore.reads <= 4 * 5, (_CountingStore.reads, len(polls))
+    else:
+        assert _CountingStore.reads >= len(polls) * 0.8, (_CountingStore.reads, len(polls))
