@@ -55,6 +55,7 @@ from harvester.decode._digits import (
     run_values,
     smallest_uint_dtype,
 )
+from harvester.decode._stream import StreamDecoder
 from harvester.errors import DecodeError
 
 __all__ = ["MaskDecoder", "decode_mask"]
@@ -72,8 +73,6 @@ class _Phase(enum.Enum):
     START = "before '['"
     BODY = "inside the array"
     DONE = "after ']'"
-    FINISHED = "finished"
-    FAILED = "failed"
 
 
 @dataclass(slots=True)
@@ -99,7 +98,7 @@ class _Result(NamedTuple):
     close: int  #: index of the closing ']', or -1
 
 
-class MaskDecoder:
+class MaskDecoder(StreamDecoder):
     """Sans-I/O decoder: ``feed`` chunks as they arrive, then ``finish``.
 
     Every returned array has the same dtype, the smallest unsigned type that holds
@@ -111,15 +110,10 @@ class MaskDecoder:
     __slots__ = (
         "_carry",
         "_carry_pos",
-        "_count",
-        "_dtype",
-        "_error",
         "_flags",
         "_kmax",
-        "_max_label",
         "_max_value",
         "_more_ws",
-        "_offset",
         "_open",
         "_phase",
         "_sep",
@@ -128,15 +122,13 @@ class MaskDecoder:
         "_work",
     )
 
+    WHAT = "mask"
+
     def __init__(self, *, max_value: int = 2**32 - 1) -> None:
+        super().__init__(smallest_uint_dtype(max_value))
         self._kmax = max_digits(max_value)
         self._max_value = max_value
-        self._dtype = smallest_uint_dtype(max_value)
         self._phase = _Phase.START
-        self._error: DecodeError | None = None
-        self._offset = 0
-        self._count = 0
-        self._max_label = -1
         self._carry: U8 = np.empty(0, dtype=np.uint8)
         self._carry_pos: Idx = np.empty(0, dtype=np.intp)
         self._sep = -1
@@ -152,70 +144,24 @@ class MaskDecoder:
         self._words = self._work.view(np.uint16)
         self._flags = np.empty(len(self._work), dtype=np.bool_)
 
-    @property
-    def count(self) -> int:
-        """Labels emitted so far."""
-        return self._count
-
-    @property
-    def max_label(self) -> int:
-        """Largest label emitted so far, -1 when none."""
-        return self._max_label
-
-    @property
-    def offset(self) -> int:
-        """Bytes fed so far (a number split across chunks is held until its end arrives)."""
-        return self._offset
-
     def __repr__(self) -> str:
         return (
-            f"<MaskDecoder {self._phase.value} count={self._count} "
+            f"<MaskDecoder {self._state(self._phase.value)} count={self._count} "
             f"max_label={self._max_label} offset={self._offset}>"
         )
 
-    def feed(self, chunk: bytes | bytearray | memoryview) -> Labels:
-        """Decode ``chunk``; returns the labels it completes (possibly none)."""
-        self._check_usable()
-        data = np.frombuffer(chunk, dtype=np.uint8)
-        base = self._offset
-        self._offset += len(data)
-        try:
-            return self._feed(data, base)
-        except DecodeError as exc:
-            self._fail(exc)
-            raise
+    def _finish(self) -> Labels:
+        """The array must have been closed; nothing is pending after ']'."""
+        if self._phase is _Phase.START:
+            raise DecodeError("mask: no '[' found, this is not a label array", offset=self._offset)
+        if self._phase is _Phase.BODY:
+            if len(self._carry):
+                # An error inside the carried bytes comes before the missing ']'.
+                self._check_carry()
+            raise DecodeError("mask: the array is not closed by ']'", offset=self._offset)
+        return self._empty()
 
-    def finish(self) -> Labels:
-        """Check that the array was closed; returns the labels still pending (none after ']')."""
-        self._check_usable()
-        try:
-            if self._phase is _Phase.START:
-                raise DecodeError(
-                    "mask: no '[' found, this is not a label array", offset=self._offset
-                )
-            if self._phase is _Phase.BODY:
-                if len(self._carry):
-                    # An error inside the carried bytes comes before the missing ']'.
-                    self._check_carry()
-                raise DecodeError("mask: the array is not closed by ']'", offset=self._offset)
-        except DecodeError as exc:
-            self._fail(exc)
-            raise
-        self._phase = _Phase.FINISHED
-        return np.empty(0, dtype=self._dtype)
-
-    def _check_usable(self) -> None:
-        if self._phase is _Phase.FAILED:
-            assert self._error is not None
-            raise DecodeError(
-                f"mask: decoder already failed ({self._error.message})", offset=self._error.offset
-            )
-        if self._phase is _Phase.FINISHED:
-            raise RuntimeError("MaskDecoder used after finish()")
-
-    def _fail(self, exc: DecodeError) -> None:
-        self._phase = _Phase.FAILED
-        self._error = exc
+    def _release(self) -> None:
         self._carry = np.empty(0, dtype=np.uint8)
 
     def _feed(self, data: U8, base: int) -> Labels:
@@ -244,7 +190,7 @@ class MaskDecoder:
                     )
                 break
         if not out:
-            return np.empty(0, dtype=self._dtype)
+            return self._empty()
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _block(self, piece: U8, piece_at: int, out: list[Labels]) -> int:
@@ -270,8 +216,7 @@ class MaskDecoder:
             )
         if len(res.labels):
             out.append(res.labels)
-            self._count += len(res.labels)
-            self._max_label = max(self._max_label, res.top)
+            self._emitted(res.labels, res.top)
 
         if res.close >= 0:
             self._phase = _Phase.DONE

@@ -32,6 +32,7 @@ from harvester.decode._digits import (
     run_values,
     smallest_uint_dtype,
 )
+from harvester.decode._stream import StreamDecoder
 from harvester.errors import DecodeError
 
 __all__ = ["PcdHeader", "PcdLabelDecoder", "decode_pcd_labels"]
@@ -86,11 +87,9 @@ class PcdHeader:
 class _Phase(enum.Enum):
     HEADER = "in the header"
     BODY = "in the body"
-    FINISHED = "finished"
-    FAILED = "failed"
 
 
-class PcdLabelDecoder:
+class PcdLabelDecoder(StreamDecoder):
     """Sans-I/O decoder of one integer field of an ASCII PCD: ``feed`` chunks, then ``finish``.
 
     Returned arrays all have the smallest unsigned dtype holding ``max_value``. ``DATA
@@ -102,33 +101,26 @@ class PcdLabelDecoder:
         "_carry",
         "_column",
         "_columns",
-        "_count",
-        "_dtype",
-        "_error",
         "_field",
         "_head",
         "_header",
         "_kmax",
         "_lines",
-        "_max_label",
         "_max_value",
-        "_offset",
         "_phase",
         "_rows",
         "_scan",
         "_work",
     )
 
+    WHAT = "PCD"
+
     def __init__(self, *, field: str = "label_key", max_value: int = 2**32 - 1) -> None:
+        super().__init__(smallest_uint_dtype(max_value))
         self._field = field
         self._kmax = max_digits(max_value)
         self._max_value = max_value
-        self._dtype = smallest_uint_dtype(max_value)
         self._phase = _Phase.HEADER
-        self._error: DecodeError | None = None
-        self._offset = 0
-        self._count = 0
-        self._max_label = -1
         self._rows = 0
         self._head = bytearray()
         self._scan = 0  # header bytes already split into lines
@@ -140,92 +132,52 @@ class PcdLabelDecoder:
         self._work = np.empty(0, dtype=np.uint8)
 
     @property
-    def count(self) -> int:
-        """Labels emitted so far."""
-        return self._count
-
-    @property
-    def max_label(self) -> int:
-        """Largest label emitted so far, -1 when none."""
-        return self._max_label
-
-    @property
-    def offset(self) -> int:
-        """Bytes fed so far (a row split across chunks is held until its newline arrives)."""
-        return self._offset
-
-    @property
     def header(self) -> PcdHeader | None:
         """The header, once its ``DATA`` line has been read."""
         return self._header
 
     def __repr__(self) -> str:
         return (
-            f"<PcdLabelDecoder {self._field!r} {self._phase.value} rows={self._rows} "
-            f"max_label={self._max_label} offset={self._offset}>"
+            f"<PcdLabelDecoder {self._field!r} {self._state(self._phase.value)} "
+            f"rows={self._rows} max_label={self._max_label} offset={self._offset}>"
         )
 
-    def feed(self, chunk: bytes | bytearray | memoryview) -> Labels:
-        """Decode ``chunk``; returns the labels of the rows it completes (possibly none)."""
-        self._check_usable()
-        data = np.frombuffer(chunk, dtype=np.uint8)
-        base = self._offset
-        self._offset += len(data)
-        try:
-            if self._phase is _Phase.HEADER:
-                used = self._feed_header(data)
-                if used < 0:
-                    return np.empty(0, dtype=self._dtype)
-                data, base = data[used:], base + used
-            out: list[Labels] = []
-            for start in range(0, len(data), BLOCK):
-                labels = self._block(data[start : start + BLOCK], base + start)
-                if len(labels):
-                    out.append(labels)
-        except DecodeError as exc:
-            self._fail(exc)
-            raise
+    def _feed(self, data: U8, base: int) -> Labels:
+        """The labels of the rows ``data`` completes."""
+        if self._phase is _Phase.HEADER:
+            used = self._feed_header(data)
+            if used < 0:
+                return self._empty()
+            data, base = data[used:], base + used
+        out: list[Labels] = []
+        for start in range(0, len(data), BLOCK):
+            labels = self._block(data[start : start + BLOCK], base + start)
+            if len(labels):
+                out.append(labels)
         if not out:
-            return np.empty(0, dtype=self._dtype)
+            return self._empty()
         return out[0] if len(out) == 1 else np.concatenate(out)
 
-    def finish(self) -> Labels:
+    def _finish(self) -> Labels:
         """Decode a last row without a newline, and check the row count against ``POINTS``."""
-        self._check_usable()
-        try:
-            # An empty cloud may end right after "DATA ascii", without a newline.
-            if self._phase is _Phase.HEADER and not (
-                self._scan < len(self._head) and self._head_line(self._scan, len(self._head))
-            ):
-                raise DecodeError("PCD: the header has no DATA line", offset=self._offset)
-            labels = np.empty(0, dtype=self._dtype)
-            if len(self._carry):
-                # The last row may lack its newline: supply one.
-                labels = self._block(np.array([NEWLINE], dtype=np.uint8), self._offset)
-            assert self._header is not None
-            if self._rows != self._header.points:
-                raise DecodeError(
-                    f"PCD: POINTS says {self._header.points} points, the body has {self._rows}",
-                    offset=self._offset,
-                )
-        except DecodeError as exc:
-            self._fail(exc)
-            raise
-        self._phase = _Phase.FINISHED
+        # An empty cloud may end right after "DATA ascii", without a newline.
+        if self._phase is _Phase.HEADER and not (
+            self._scan < len(self._head) and self._head_line(self._scan, len(self._head))
+        ):
+            raise DecodeError("PCD: the header has no DATA line", offset=self._offset)
+        labels = self._empty()
+        if len(self._carry):
+            # The last row may lack its newline: supply one.
+            labels = self._block(np.array([NEWLINE], dtype=np.uint8), self._offset)
+        assert self._header is not None
+        if self._rows != self._header.points:
+            raise DecodeError(
+                f"PCD: POINTS says {self._header.points} points, the body has {self._rows}",
+                offset=self._offset,
+            )
         return labels
 
-    def _check_usable(self) -> None:
-        if self._phase is _Phase.FAILED:
-            assert self._error is not None
-            raise DecodeError(
-                f"PCD: decoder already failed ({self._error.message})", offset=self._error.offset
-            )
-        if self._phase is _Phase.FINISHED:
-            raise RuntimeError("PcdLabelDecoder used after finish()")
-
-    def _fail(self, exc: DecodeError) -> None:
-        self._phase = _Phase.FAILED
-        self._error = exc
+    def _release(self) -> None:
         self._carry = np.empty(0, dtype=np.uint8)
 
     # -- header -----------------------------------------------------------------------------
@@ -371,7 +323,7 @@ class PcdLabelDecoder:
 
         newlines = np.flatnonzero(buf == NEWLINE)
         last = int(newlines[-1])
-        labels = np.empty(0, dtype=self._dtype)
+        labels = self._empty()
         if last > 0:
             labels = self._rows_of(buf[: last + 1], newlines, origin)
         if n - 1 - last > _ROW_MAX:
@@ -408,7 +360,7 @@ class PcdLabelDecoder:
     def _labels(self, body: U8, at: Idx, origin: int) -> Labels:
         """Values of the label tokens starting at ``at``."""
         if len(at) == 0:
-            return np.empty(0, dtype=self._dtype)
+            return self._empty()
         lengths = np.zeros(len(at), dtype=np.intp)
         alive = np.ones(len(at), dtype=np.bool_)
         work = self._work
@@ -432,8 +384,7 @@ class PcdLabelDecoder:
                 f"PCD: label{shown} is larger than {self._max_value}", offset=origin + int(at[i])
             )
         labels = values.astype(self._dtype)
-        self._count += len(labels)
-        self._max_label = max(self._max_label, int(values.max()))
+        self._emitted(labels, int(values.max()))
         return labels
 
     def _reject(self, body: U8, at: int, origin: int) -> None:
