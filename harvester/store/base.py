@@ -78,6 +78,13 @@ def moved_error(where: str, target: str) -> StoreError:
     )
 
 
+def not_empty_error(where: str, n_jobs: int, n_meta: int) -> StoreError:
+    return StoreError(
+        f"{where}: holds {n_jobs} job(s) and {n_meta} meta value(s) already;"
+        " a store is copied only into an empty one"
+    )
+
+
 class Store(Protocol):
     """What the engine, the CLI and the daemon need from the job table."""
 

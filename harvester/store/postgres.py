@@ -47,6 +47,7 @@ from harvester.store.base import (
     NewJob,
     Renewal,
     moved_error,
+    not_empty_error,
 )
 from harvester.store.groupcommit import GroupCommit
 
@@ -554,10 +555,7 @@ class PostgresStore:
             n_jobs = await conn.fetchval("SELECT count(*) FROM jobs")
             n_meta = await conn.fetchval("SELECT count(*) FROM meta")
             if n_jobs or n_meta:
-                raise StoreError(
-                    f"{self._where}: holds {n_jobs} job(s) and {n_meta} meta value(s) already;"
-                    " a store is copied only into an empty one"
-                )
+                raise not_empty_error(self._where, n_jobs, n_meta)
             await conn.copy_records_to_table(
                 "jobs",
                 records=[(*_job_row(job), payload) for job, payload in jobs],

@@ -34,7 +34,15 @@ import orjson
 
 from harvester.errors import JobsFileError, StoreError
 from harvester.jobs import ACTIVE, Event, Job, JobState, apply, update
-from harvester.store.base import MOVED_META, AddResult, DumpedJob, JobRef, NewJob, moved_error
+from harvester.store.base import (
+    MOVED_META,
+    AddResult,
+    DumpedJob,
+    JobRef,
+    NewJob,
+    moved_error,
+    not_empty_error,
+)
 from harvester.store.groupcommit import GroupCommit
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
@@ -509,15 +517,12 @@ class _Db:
             meta = dict(self.conn.execute("SELECT name, value FROM meta").fetchall())
         return [(_job_from_row(row[:-1]), row[-1]) for row in rows], meta
 
-    def restore(self, jobs: Sequence[DumpedJob], meta: Mapping[str, str]) -> None:
+    def restore(self, jobs: Sequence[DumpedJob], meta: Mapping[str, str], where: str) -> None:
         with self.transaction():
             (n_jobs,) = self.conn.execute("SELECT count(*) FROM jobs").fetchone()
             (n_meta,) = self.conn.execute("SELECT count(*) FROM meta").fetchone()
             if n_jobs or n_meta:
-                raise StoreError(
-                    f"holds {n_jobs} job(s) and {n_meta} meta value(s) already;"
-                    " a store is copied only into an empty one"
-                )
+                raise not_empty_error(where, n_jobs, n_meta)
             self.conn.executemany(
                 f"INSERT INTO jobs ({_JOB_COLUMNS}, payload)"
                 f" VALUES ({_placeholders(_N_JOB_COLUMNS + 1)})",
@@ -759,12 +764,7 @@ class SqliteStore:
         return await self._call(_Db.dump)
 
     async def restore(self, jobs: Sequence[DumpedJob], meta: Mapping[str, str]) -> None:
-        try:
-            await self._call(lambda db: db.restore(jobs, meta))
-        except StoreError as exc:
-            if str(self._path) in str(exc):
-                raise
-            raise StoreError(f"{self._path}: {exc}") from None
+        await self._call(lambda db: db.restore(jobs, meta, str(self._path)))
 
     # --- group commit ---------------------------------------------------------------------
 
