@@ -101,6 +101,9 @@ class Status:
     progress: float | None = None
     reason: str | None = None
     document: Any = None
+    #: False when ``raw`` is not in the provider's documented status set: the job is kept
+    #: polling as running, and the engine tells the user (log once per job, metric, status)
+    known: bool = True
 
 
 @dataclass(frozen=True, slots=True)
