@@ -1,17 +1,26 @@
-"""The container and the Kubernetes manifests agree with the daemon: probe paths are its
-routes, ports are its listen port, secrets named by the config are provided, and the pod runs
-as the image's non-root user with a read-only root filesystem. Static: nothing is built or
-deployed (no Docker engine or cluster is needed)."""
+"""The container and the Kubernetes manifests agree with the daemon and with Kubernetes.
+
+Each variant (``configs/k8s``: one replica on sqlite; ``configs/k8s/replicas``: three on
+PostgreSQL) is built with ``kubectl kustomize`` exactly as ``kubectl apply -k`` would, every
+resource is validated strictly against the Kubernetes API schemas of a current release
+(``kubernetes-validate``, offline), and then checked against the daemon itself: probe paths
+are its routes, ports its listen port, every secret the config names is a file mounted from a
+Secret, and the pod runs as the image's non-root user on a read-only root filesystem.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
-from pathlib import Path
+from ipaddress import ip_address, ip_network
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -24,47 +33,82 @@ from harvester.store import make_store
 from .helpers import REPO
 
 K8S = REPO / "configs" / "k8s"
+VARIANTS = {"single": K8S, "replicas": K8S / "replicas"}
+#: the Kubernetes release the manifests are validated against (strict: unknown fields fail)
+KUBERNETES_VERSION = "1.33.0"
+NAMESPACE = "harvester"
 CONFIG_PATH = "/etc/harvester/config.toml"
 DATA_DIR = "/var/lib/harvester"
 UID = 10001
+#: cloud metadata services: a pod that follows a redirect there could leak node credentials
+METADATA = ("169.254.169.254", "fd00:ec2::254")
+
+Manifests = dict[str, list[dict[str, Any]]]
 
 
-def load_manifests() -> dict[str, list[dict[str, Any]]]:
-    by_kind: dict[str, list[dict[str, Any]]] = {}
-    files = sorted(K8S.glob("*.yaml"))
-    assert files, f"no manifests under {K8S}"
-    for path in files:
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc is None:
-                continue
-            assert doc.get("apiVersion") and doc.get("kind"), path
-            if doc["kind"] != "Kustomization":
-                assert doc["metadata"]["name"], path
-            by_kind.setdefault(doc["kind"], []).append(doc | {"_file": path.name})
-    return by_kind
+def kustomize(folder: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to build the kustomizations (kubectl kustomize)"
+    out = subprocess.run(
+        [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc is not None]
 
 
-def only(by_kind: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any]:
-    (doc,) = by_kind[kind]
+def by_kind(docs: list[dict[str, Any]]) -> Manifests:
+    kinds: Manifests = {}
+    for doc in docs:
+        kinds.setdefault(doc["kind"], []).append(doc)
+    return kinds
+
+
+def only(manifests: Manifests, kind: str) -> dict[str, Any]:
+    (doc,) = manifests[kind]
     return doc
 
 
-@pytest.fixture(scope="module")
-def manifests() -> dict[str, list[dict[str, Any]]]:
-    return load_manifests()
+def example_secrets(folder: Path) -> dict[str, dict[str, Any]]:
+    """The Secrets the variant expects to exist (examples, deliberately not applied)."""
+    paths = sorted({K8S / "secret.example.yaml", folder / "secret.example.yaml"})
+    docs = [yaml.safe_load(p.read_text()) for p in paths if p.exists()]
+    return {d["metadata"]["name"]: d for d in docs}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def container(manifests: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def manifests(variant: str) -> Manifests:
+    return by_kind(kustomize(VARIANTS[variant]))
+
+
+@pytest.fixture(scope="module")
+def container(manifests: Manifests) -> dict[str, Any]:
     (c,) = only(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
     return dict(c)
 
 
 @pytest.fixture(scope="module")
-def config(manifests: dict[str, list[dict[str, Any]]]) -> Config:
+def config(manifests: Manifests, variant: str) -> Config:
     text = only(manifests, "ConfigMap")["data"]["config.toml"]
-    # Parsing reads no secret, so the config loads here exactly as it will in the pod.
-    return parse_config(tomllib.loads(text), source=Path(CONFIG_PATH))
+    # Parsing reads no secret, so the config loads here exactly as it will in the pod, with
+    # the environment the Deployment gives it (the example Secrets' placeholder values).
+    secrets = example_secrets(VARIANTS[variant])
+    env = {
+        e["name"]: secrets[e["valueFrom"]["secretKeyRef"]["name"]]["stringData"][
+            e["valueFrom"]["secretKeyRef"]["key"]
+        ]
+        for e in only(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0].get(
+            "env", []
+        )
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return parse_config(tomllib.loads(text), source=Path(CONFIG_PATH))
 
 
 def port_number(container: dict[str, Any], port: int | str) -> int:
@@ -74,22 +118,42 @@ def port_number(container: dict[str, Any], port: int | str) -> int:
     return int(match["containerPort"])
 
 
-def test_kustomization_lists_every_manifest_but_the_secret_example(
-    manifests: dict[str, list[dict[str, Any]]],
-) -> None:
-    resources = only(manifests, "Kustomization")["resources"]
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(resources) == on_disk - {"secret.example.yaml"}
-    secret = only(manifests, "Secret")
-    assert secret["_file"] == "secret.example.yaml"
-    assert all("REPLACE-ME" in v for v in secret["stringData"].values())
+def test_every_resource_is_valid_for_a_current_kubernetes(manifests: Manifests) -> None:
+    for docs in manifests.values():
+        for doc in docs:
+            # raises ValidationError naming the field; strict: unknown fields are errors too
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def test_the_configmap_is_a_valid_container_config(config: Config) -> None:
+def test_the_kustomization_applies_every_manifest_but_the_examples(variant: str) -> None:
+    folder = VARIANTS[variant]
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    on_disk = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
+    # servicemonitor.yaml needs the Prometheus Operator's CRD: applied by hand where present
+    optional = {"secret.example.yaml", "servicemonitor.yaml"}
+    assert set(kustomization["resources"]) == on_disk - optional
+    for name, secret in example_secrets(folder).items():
+        assert all("REPLACE-ME" in v for v in secret["stringData"].values()), name
+
+
+def test_nothing_lands_in_the_default_namespace(manifests: Manifests) -> None:
+    namespace = only(manifests, "Namespace")
+    assert namespace["metadata"]["name"] == NAMESPACE
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    for kind, docs in manifests.items():
+        if kind != "Namespace":
+            assert all(d["metadata"]["namespace"] == NAMESPACE for d in docs), kind
+
+
+def test_the_configmap_is_a_valid_container_config(config: Config, variant: str) -> None:
     host, port = parse_listen(config.server.listen)
     assert host == "0.0.0.0", "inside a pod the daemon must listen on every interface"
     assert port == 8080
-    assert config.store.path is not None and config.store.path.is_relative_to(DATA_DIR)
+    if variant == "single":
+        assert config.store.path is not None and config.store.path.is_relative_to(DATA_DIR)
+    else:
+        assert config.store.path is None and config.store.password is not None
     assert config.output.dir.is_relative_to(DATA_DIR)
     assert config.server.token is not None
     assert config.providers
@@ -97,10 +161,16 @@ def test_the_configmap_is_a_valid_container_config(config: Config) -> None:
 
 @pytest.mark.anyio
 async def test_probes_and_ports_match_the_daemons_routes(
-    manifests: dict[str, list[dict[str, Any]]], container: dict[str, Any], config: Config
+    manifests: Manifests, container: dict[str, Any], config: Config
 ) -> None:
-    # The routes as the daemon registers them, from the ConfigMap's own config.
-    engine = Engine(config, make_store(config.store), burst=False)
+    # The routes as the daemon registers them, from the ConfigMap's own config (a sqlite
+    # store stands in for PostgreSQL: the routes do not depend on the store).
+    store = (
+        config.store
+        if config.store.path is not None
+        else parse_config({"store": {"url": "sqlite://unused.db"}}, source=Path(CONFIG_PATH)).store
+    )
+    engine = Engine(config, make_store(store), burst=False)
     api = Api(
         config=config,
         store=engine.store,
@@ -139,16 +209,24 @@ async def test_probes_and_ports_match_the_daemons_routes(
 
 
 def test_the_pod_runs_non_root_read_only_and_outlives_its_drain(
-    manifests: dict[str, list[dict[str, Any]]], container: dict[str, Any], config: Config
+    manifests: Manifests, container: dict[str, Any], config: Config, variant: str
 ) -> None:
     deployment = only(manifests, "Deployment")
-    assert deployment["spec"]["replicas"] == 1  # the sqlite store has one writer
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    if variant == "single":
+        assert deployment["spec"]["replicas"] == 1  # the sqlite store has one writer
+        assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    else:
+        assert deployment["spec"]["replicas"] > 1
+        assert only(manifests, "PersistentVolumeClaim")["spec"]["accessModes"] == [
+            "ReadWriteMany"  # any replica may finish any job
+        ]
     pod = deployment["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > config.server.drain_grace_s
+    assert pod["automountServiceAccountToken"] is False
 
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == UID
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     sc = container["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["runAsUser"] == UID
     assert sc["readOnlyRootFilesystem"] is True
@@ -171,19 +249,86 @@ def test_the_pod_runs_non_root_read_only_and_outlives_its_drain(
     assert container.get("args", dockerfile_cmd()) == dockerfile_cmd()
 
 
-def test_every_secret_the_config_names_comes_from_the_secret(
-    manifests: dict[str, list[dict[str, Any]]], container: dict[str, Any], config: Config
+def test_every_secret_the_config_names_is_a_file_mounted_from_a_secret(
+    manifests: Manifests, container: dict[str, Any], config: Config, variant: str
 ) -> None:
     refs = [ref for p in config.providers.values() for ref in p.secrets()]
     refs += [r for r in (config.server.token, config.store.password) if r is not None]
-    wanted = {ref.env for ref in refs}
-    assert None not in wanted, "in the pod, secrets come from env vars (secretKeyRef)"
-    env = {e["name"]: e for e in container["env"]}
-    secret = only(manifests, "Secret")
-    for name in wanted:
-        ref = env[name]["valueFrom"]["secretKeyRef"]  # never a literal value
-        assert ref["name"] == secret["metadata"]["name"]
-        assert ref["key"] in secret["stringData"], name
+    assert refs
+    pod = only(manifests, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secrets = example_secrets(VARIANTS[variant])
+    for ref in refs:
+        # Files, not environment variables: they stay out of `kubectl describe`, of crash
+        # reports and of every child process's environment (scanners flag env secrets).
+        assert ref.env is None and ref.file is not None, ref.key
+        path = PurePosixPath(ref.file)
+        (mount,) = [
+            m for m in container["volumeMounts"] if path.parent == PurePosixPath(m["mountPath"])
+        ]
+        assert mount["readOnly"] is True, ref.key
+        secret = volumes[mount["name"]]["secret"]
+        # owner root, group fsGroup: readable by the pod's user, by nobody else
+        assert secret["defaultMode"] == 0o440, ref.key
+        keys = {i["path"]: i["key"] for i in secret.get("items", [])} or {
+            k: k for k in secrets[secret["secretName"]]["stringData"]
+        }
+        assert keys[path.name] in secrets[secret["secretName"]]["stringData"], ref.key
+    for env in container.get("env", []):
+        assert "value" not in env or not env["name"].endswith(("KEY", "TOKEN", "PASSWORD"))
+
+
+def test_the_network_policy_admits_the_api_and_keeps_metadata_out(
+    manifests: Manifests, container: dict[str, Any], variant: str
+) -> None:
+    policy = only(manifests, "NetworkPolicy")["spec"]
+    labels = only(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    (ingress,) = policy["ingress"]
+    assert [port_number(container, p["port"]) for p in ingress["ports"]] == [8080]
+
+    def allowed(address: str, port: int) -> bool:
+        for rule in policy["egress"]:
+            if port not in [p["port"] for p in rule.get("ports", [])]:
+                continue
+            if "to" not in rule:
+                return True
+            for peer in rule["to"]:
+                block = peer["ipBlock"]
+                net = ip_network(block["cidr"])
+                ip = ip_address(address)
+                if (
+                    ip.version == net.version
+                    and ip in net
+                    and not any(ip in ip_network(e) for e in block["except"])
+                ):
+                    return True
+        return False
+
+    assert allowed("203.0.113.7", 443) and allowed("2001:db8::7", 443)  # providers
+    assert allowed("10.96.0.10", 53)  # DNS
+    for address in METADATA:
+        assert not allowed(address, 443) and not allowed(address, 80), address
+    assert not allowed("203.0.113.7", 22)
+    assert allowed("10.0.0.5", 5432) == (variant == "replicas")
+
+
+def test_the_service_monitor_scrapes_the_daemons_metrics(
+    manifests: Manifests, variant: str
+) -> None:
+    monitor = yaml.safe_load((VARIANTS[variant] / "servicemonitor.yaml").read_text())
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["kind"] == "ServiceMonitor"
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    service = only(manifests, "Service")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
+    assert endpoint["path"] == METRICS_PATH
 
 
 # -- Dockerfile ---------------------------------------------------------------------------

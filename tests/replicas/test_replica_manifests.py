@@ -1,7 +1,8 @@
 """configs/k8s/replicas: three replicas on PostgreSQL. Static checks (no cluster needed): the
-config is a valid PostgreSQL config whose every secret comes from a Secret, the volume is
-shared, and the manifests differ from the single-replica ones (../) only where scaling out
-needs it, so the two cannot drift apart unnoticed."""
+config is a valid PostgreSQL config, the volume is shared, and the manifests differ from the
+single-replica ones (../) only where scaling out needs it, so the two cannot drift apart
+unnoticed. Schema validation, secrets as files and the NetworkPolicy are checked for both
+variants in tests/daemon/test_daemon_manifests.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from harvester.config import Config, parse_config
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "configs" / "k8s"
 REPLICAS = BASE / "replicas"
-DB_ENV = {"HARVESTER_DB_URL", "HARVESTER_DB_PASSWORD"}
+DB_ENV = {"HARVESTER_DB_URL"}
+#: only the replicas mount the database password
+DB_SECRET_VOLUME = "db-secrets"
 
 
 def load(folder: Path) -> dict[str, list[dict[str, Any]]]:
@@ -57,21 +60,9 @@ def container(by_kind: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return dict(c)
 
 
-def test_kustomization_lists_every_manifest_but_the_secret_example(
-    replicas: dict[str, list[dict[str, Any]]],
-) -> None:
-    resources = only(replicas, "Kustomization")["resources"]
-    on_disk = {p.name for p in REPLICAS.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(resources) == on_disk - {"secret.example.yaml"}
-    secret = only(replicas, "Secret")
-    assert secret["_file"] == "secret.example.yaml"
-    assert all("REPLACE-ME" in v for v in secret["stringData"].values())
-    assert ":" not in secret["stringData"]["url"].split("//")[1].split("@")[0], "no password"
-
-
 def test_the_config_uses_postgres_and_a_shared_output(config: Config) -> None:
     assert config.store.path is None and config.store.url.startswith("postgresql://")
-    assert config.store.password is not None and config.store.password.env in DB_ENV
+    assert config.store.password is not None and config.store.password.file is not None
     assert config.output.dir.is_relative_to("/var/lib/harvester")
 
 
@@ -90,22 +81,6 @@ def test_three_replicas_roll_and_share_one_volume(
     )
 
 
-def test_every_secret_the_config_names_comes_from_a_secret(
-    replicas: dict[str, list[dict[str, Any]]], base: dict[str, list[dict[str, Any]]], config: Config
-) -> None:
-    refs = [ref for p in config.providers.values() for ref in p.secrets()]
-    refs += [r for r in (config.server.token, config.store.password) if r is not None]
-    wanted = {ref.env for ref in refs} | {"HARVESTER_DB_URL"}
-    env = {e["name"]: e for e in container(replicas)["env"]}
-    secrets = {
-        s["metadata"]["name"]: s["stringData"]
-        for s in (only(replicas, "Secret"), only(base, "Secret"))
-    }
-    for name in wanted:
-        ref = env[name]["valueFrom"]["secretKeyRef"]  # never a literal value
-        assert ref["key"] in secrets[ref["name"]], name
-
-
 def test_only_what_scaling_out_needs_differs_from_the_single_replica_manifests(
     replicas: dict[str, list[dict[str, Any]]], base: dict[str, list[dict[str, Any]]]
 ) -> None:
@@ -115,8 +90,11 @@ def test_only_what_scaling_out_needs_differs_from_the_single_replica_manifests(
         for key in ("replicas", "strategy"):
             spec.pop(key)
         spec["template"]["spec"].pop("topologySpreadConstraints", None)
-        (c,) = spec["template"]["spec"]["containers"]
-        c["env"] = [e for e in c["env"] if e["name"] not in DB_ENV]
+        pod = spec["template"]["spec"]
+        (c,) = pod["containers"]
+        c["env"] = [e for e in c.get("env", []) if e["name"] not in DB_ENV]
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != DB_SECRET_VOLUME]
+        pod["volumes"] = [v for v in pod["volumes"] if v["name"] != DB_SECRET_VOLUME]
         d.pop("_file")
         return d
 
@@ -127,6 +105,10 @@ def test_only_what_scaling_out_needs_differs_from_the_single_replica_manifests(
         return {k: v for k, v in doc.items() if k not in {"_file", *keys}}
 
     assert without(only(replicas, "Service")) == without(only(base, "Service"))
+    assert without(only(replicas, "Namespace")) == without(only(base, "Namespace"))
+    policy, single = only(replicas, "NetworkPolicy"), only(base, "NetworkPolicy")
+    extra = [r for r in policy["spec"]["egress"] if r not in single["spec"]["egress"]]
+    assert [p["port"] for r in extra for p in r["ports"]] == [5432], "only the database"
     assert without(only(replicas, "Kustomization"), "resources") == without(
         only(base, "Kustomization"), "resources"
     ), "the same image settings"
