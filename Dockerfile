@@ -1,13 +1,16 @@
 # syntax=docker/dockerfile:1
 # harvester's image: the daemon (`harvester run`) as a non-root user.
 #
-#   docker build -t harvester .
+#   make image                      (Docker or buildah; see configs/image.sh)
+#   docker build -t harvester .     (with a Docker engine and the registry's base image)
 #   docker run --rm -p 8080:8080 -v harvester-data:/var/lib/harvester \
 #       -v "$PWD/config.toml:/etc/harvester/config.toml:ro" -e PLAYMENT_API_KEY harvester
 #
 # Two stages: the builder turns the source into wheels (harvester's and its dependencies'),
 # the runtime installs them from that folder alone. The runtime stage never sees the source,
 # a compiler or the dev extras (pytest, mypy, ruff), and installs nothing from the network.
+# Every dependency is pinned by constraints.txt (`make lock`), so a rebuild gets the same
+# versions.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -15,12 +18,23 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY harvester ./harvester
 # The postgres extra (asyncpg) too: the same image serves sqlite and Postgres stores.
-RUN pip wheel --wheel-dir /wheels ".[postgres]"
+RUN pip wheel --wheel-dir /wheels --constraint constraints.txt ".[postgres]"
 
 FROM ${PYTHON_IMAGE} AS runtime
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/harvester-dev/harvester
+ARG CREATED=1970-01-01T00:00:00Z
+LABEL org.opencontainers.image.title="harvester" \
+      org.opencontainers.image.description="Submit, track and harvest jobs from remote annotation/ML providers" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

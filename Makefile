@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-clean test lint typecheck unit bench clean chaos
+.PHONY: install demo demo-clean test lint typecheck unit bench clean chaos image lock
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "harvester needs Python 3.11+")'
@@ -19,7 +19,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	@bash configs/demo.sh
 
-demo-clean:
+demo-## image: build the container image (Docker or buildah; registry or Debian base): IMAGE=harvester:dev
+image:
+	@bash configs/image.sh
+
+## lock: re-pin the image's dependencies (constraints.txt) to what pip resolves today
+lock: $(STAMP)
+	@bash configs/lock.sh
+
+clean:
 	rm -rf .demo
 
 lint: $(STAMP)
@@ -47,6 +55,14 @@ chaos: $(STAMP)
 ## bench: run the benchmarks against the emulator and rewrite BENCHMARKS.md
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+## image: build the container image (Docker or buildah; registry or Debian base): IMAGE=harvester:dev
+image:
+	@bash configs/image.sh
+
+## lock: re-pin the image's dependencies (constraints.txt) to what pip resolves today
+lock: $(STAMP)
+	@bash configs/lock.sh
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache

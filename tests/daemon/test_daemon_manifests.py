@@ -390,8 +390,43 @@ def test_the_dockerfile_builds_a_small_non_root_image() -> None:
     assert not any(word in ("COPY", "ADD") for word, _ in final), "no source in the runtime"
 
 
+def test_the_image_installs_only_pinned_versions_of_every_runtime_dependency() -> None:
+    """constraints.txt (`make lock`) pins harvester[postgres]'s whole runtime closure, each pin
+    within pyproject's bounds, and the builder stage builds with it (hadolint DL3013)."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+
+    def name(text: str) -> str:
+        return re.sub(r"[-_.]+", "-", text).lower()
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pkg, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[name(pkg)] = version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    wanted += [Requirement(r) for r in project["optional-dependencies"]["postgres"]]
+    seen: set[str] = set()
+    while wanted:
+        req = wanted.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        if name(req.name) in seen:
+            continue
+        seen.add(name(req.name))
+        assert name(req.name) in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name(req.name)], prereleases=True), (req, pins)
+        wanted += [Requirement(r) for r in distribution(req.name).requires or []]
+    builder_runs = " ".join(rest for word, rest in dockerfile_stages()[1] if word == "RUN")
+    assert "--constraint constraints.txt" in builder_runs
+
+
 def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
     lines = (REPO / ".dockerignore").read_text().splitlines()
     rules = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     assert rules[0] == "*"  # an allow-list: stores, outputs and .env files stay out
-    assert {"!pyproject.toml", "!harvester/"} <= set(rules)
+    assert {"!pyproject.toml", "!harvester/", "!constraints.txt"} <= set(rules)
