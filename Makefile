@@ -19,15 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	@bash configs/demo.sh
 
-demo-## image: build the container image (Docker or buildah; registry or Debian base): IMAGE=harvester:dev
-image:
-	@bash configs/image.sh
-
-## lock: re-pin the image's dependencies (constraints.txt) to what pip resolves today
-lock: $(STAMP)
-	@bash configs/lock.sh
-
-clean:
+demo-clean:
 	rm -rf .demo
 
 lint: $(STAMP)
