@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -246,7 +247,8 @@ class Api:
 
     def build_app(self) -> web.Application:
         app = web.Application(
-            client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors, self._auth]
+            client_max_size=MAX_BODY_BYTES,
+            middlewares=[self._timed, _json_errors, self._auth],
         )
         r = app.router
         r.add_post(JOBS_PATH, self.post_jobs)
@@ -255,6 +257,25 @@ class Api:
         r.add_get(READYZ_PATH, self.readyz)
         r.add_get(METRICS_PATH, self.metrics)
         return app
+
+    # -- metrics of the API itself -------------------------------------------------------
+    @web.middleware
+    async def _timed(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            # By route template, not path: a job key in a label would grow without bound.
+            info = request.match_info.route.resource
+            route = info.canonical if info is not None else "unmatched"
+            self.engine.metrics.http_duration.labels(route, request.method, str(status)).observe(
+                time.perf_counter() - start
+            )
 
     # -- auth ---------------------------------------------------------------------------
     @web.middleware

@@ -2,13 +2,61 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+import platform
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from harvester import __version__
+
+#: request latencies, from a loopback emulator's milliseconds to a slow provider's half minute
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: the image sets it from its build (Dockerfile ARG REVISION); elsewhere "unknown"
+REVISION_ENV = "HARVESTER_REVISION"
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # What operators expect of any Prometheus target: process_* (CPU, memory, open
+        # files), python_info and python_gc_*; each engine gets its own collectors because the
+        # default ones are bound to the global registry.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge(
+            "harvester_build_info",
+            "always 1; the labels say which harvester is running",
+            ["version", "revision", "python"],
+            registry=r,
+        )
+        self.build_info.labels(
+            __version__, os.environ.get(REVISION_ENV, "unknown"), platform.python_version()
+        ).set(1)
+        self.request_duration = Histogram(
+            "harvester_request_duration_seconds",
+            "duration of requests to providers and storage hosts, by endpoint",
+            ["provider", "endpoint"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.http_duration = Histogram(
+            "harvester_http_request_duration_seconds",
+            "duration of requests to the daemon's own HTTP API, by route and status",
+            ["route", "method", "status"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.requests = Counter(
             "harvester_requests",
             "HTTP requests sent to providers, by endpoint and HTTP status (or 'error')",
@@ -35,7 +83,7 @@ class Metrics:
             "latency of job status requests",
             ["provider"],
             registry=r,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            buckets=LATENCY_BUCKETS,
         )
         self.bytes_downloaded = Counter(
             "harvester_downloaded_bytes",

@@ -131,6 +131,7 @@ class Transport:
         self._request_timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
         self._poll_latency = metrics.poll_latency.labels(cfg.name)
         self._request_counters: dict[tuple[str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
         self.api_origin = _origin(cfg.base_url)
         # URLs the adapters build start with exactly this; anything else is parsed.
         self._api_prefix = "{}://{}/".format(*self.api_origin)
@@ -228,8 +229,7 @@ class Transport:
                 rheaders = resp.headers
             # params travel separately, so ``url`` is what was asked for, without its query
             real_url = url
-            if spec.endpoint == "poll":
-                self._poll_latency.observe(self.clock.monotonic() - start)
+            self._observe(spec.endpoint, self.clock.monotonic() - start)
             self._count(spec.endpoint, status)
             request_id = next((rheaders[h] for h in _REQUEST_ID_HEADERS if h in rheaders), None)
             shown = real_url if "?" not in real_url else safe_url(real_url)
@@ -274,6 +274,15 @@ class Transport:
                 status=status,
                 request_id=resp.request_id,
             )
+
+    def _observe(self, endpoint: str, seconds: float) -> None:
+        histogram = self._durations.get(endpoint)
+        if histogram is None:
+            histogram = self.metrics.request_duration.labels(self.name, endpoint)
+            self._durations[endpoint] = histogram
+        histogram.observe(seconds)
+        if endpoint == "poll":
+            self._poll_latency.observe(seconds)
 
     def _count(self, endpoint: str, status: int) -> None:
         counter = self._request_counters.get((endpoint, status))
@@ -360,6 +369,7 @@ class Transport:
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """GET a signed URL with no credentials, for streaming (caller checks status)."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        start = self.clock.monotonic()
         async with (
             map_exceptions(self.name, url, job=job),
             self.session.get(
@@ -376,6 +386,7 @@ class Transport:
         ):
             self.metrics.requests.labels(self.name, "download", str(resp.status)).inc()
             yield resp
+        self._observe("download", self.clock.monotonic() - start)  # the whole body streamed
 
 
 def _origin(url: str) -> tuple[str, str]:

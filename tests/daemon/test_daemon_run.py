@@ -4,6 +4,7 @@ submit`` next to it, the token, Prometheus metrics, and the exit codes of bad st
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -13,8 +14,11 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harvester import __version__
+
 from .helpers import (
     API_KEY,
+    REPO,
     StartDaemon,
     StartEmulator,
     child_env,
@@ -35,6 +39,28 @@ def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
         for s in family.samples
         if s.name == name
     ]
+
+
+def exported_names(text: str) -> set[str]:
+    """Every series name a query can use, including families with no samples yet."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def assert_dashboard_queries_name_exported_metrics(text: str) -> None:
+    dashboard = json.loads((REPO / "configs" / "grafana" / "harvester-dashboard.json").read_text())
+    exported = exported_names(text)
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    assert queries
+    for query in queries:
+        used = set(re.findall(r"\b(?:harvester|process|python)_[a-z0-9_]+", query))
+        assert used, f"query names no metric: {query}"
+        assert used <= exported, f"{query}: not exported: {used - exported}"
 
 
 async def test_jobs_from_http_and_from_submit_are_harvested_and_counted(
@@ -112,6 +138,25 @@ async def test_jobs_from_http_and_from_submit_are_harvested_and_counted(
     assert {"provider": "playment", "state": "harvested"} in [labels for labels, _ in harvested]
     assert sum(v for _, v in metric_samples(text, "harvester_downloaded_bytes_total")) > 0
     assert metric_samples(text, "harvester_poll_latency_seconds_count")
+    # Every provider endpoint that was called has its duration histogram, downloads included.
+    timed = {
+        labels["endpoint"]: value
+        for labels, value in metric_samples(text, "harvester_request_duration_seconds_count")
+    }
+    assert timed.keys() == by_endpoint.keys()
+    assert all(timed[e] == by_endpoint[e] for e in by_endpoint), (timed, by_endpoint)
+    # ...and so does every route of the daemon's own API that was answered.
+    routes = {
+        (labels["route"], labels["method"], labels["status"])
+        for labels, _ in metric_samples(text, "harvester_http_request_duration_seconds_count")
+    }
+    assert {("/jobs", "POST", "201"), ("/readyz", "GET", "200")} <= routes
+    assert ("/jobs/{provider}/{key}", "GET", "200") in routes  # the template, not the key
+    (build,) = metric_samples(text, "harvester_build_info")
+    assert build[1] == 1 and build[0]["version"] == __version__
+    assert metric_samples(text, "process_resident_memory_bytes")
+    assert metric_samples(text, "python_info")
+    assert_dashboard_queries_name_exported_metrics(text)
     # Nothing in the metrics names a job or a secret.
     assert "http-1" not in text and "cli-1" not in text and "daemon-test-key" not in text
 
