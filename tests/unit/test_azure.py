@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,30 @@ def test_escaped_encoded_and_namespaced_names() -> None:
         b"</r:Blobs><r:NextMarker>m</r:NextMarker></r:EnumerationResults>"
     )
     assert parse_blob_list(namespaced) == BlobPage((BlobItem("n"),), "m")
+
+
+def test_content_md5_is_decoded_and_an_empty_one_is_none() -> None:
+    # MD5 of b"Hello World", as Azure writes it: sQqNsWTgdUEFt6mb5y4/5Q==
+    body = (
+        b"<EnumerationResults><Blobs>"
+        b"<Blob><Name>h.txt</Name><Properties><Content-Length>11</Content-Length>"
+        b"<Content-MD5>sQqNsWTgdUEFt6mb5y4/5Q==</Content-MD5></Properties></Blob>"
+        b"<Blob><Name>none</Name><Properties><Content-MD5 /></Properties></Blob>"
+        b"</Blobs></EnumerationResults>"
+    )
+    hello, none = parse_blob_list(body).blobs
+    assert hello == BlobItem("h.txt", 11, hashlib.md5(b"Hello World").digest())
+    assert none == BlobItem("none", None, None)
+
+
+@pytest.mark.parametrize("value", ["not base64!", "AAAA", "sQqNsWTgdUEFt6mb5y4/5Q"])
+def test_a_content_md5_that_is_no_md5_is_refused(value: str) -> None:
+    body = (
+        "<EnumerationResults><Blobs><Blob><Name>x</Name><Properties>"
+        f"<Content-MD5>{value}</Content-MD5></Properties></Blob></Blobs></EnumerationResults>"
+    ).encode()
+    with pytest.raises(ProtocolError, match="'x' has a Content-MD5 that is not a base64 MD5"):
+        parse_blob_list(body)
 
 
 @pytest.mark.parametrize(
