@@ -55,14 +55,17 @@ class BlobPage:
     next_marker: str | None  #: pass as ``marker`` for the next page; None on the last
 
 
-def list_url(container_url: str, marker: str | None = None) -> str:
+def list_url(container_url: str, marker: str | None = None, max_results: int | None = None) -> str:
     """The listing URL of a container URL, keeping its SAS query exactly as issued.
 
     The query is appended to, never re-encoded: a SAS signature covers the values, and a
-    storage host is entitled to be strict about their spelling.
+    storage host is entitled to be strict about their spelling. ``max_results`` asks for
+    smaller pages than the service's default (5000).
     """
     parts = urlsplit(container_url)
     extra = {"restype": "container", "comp": "list"}
+    if max_results is not None:
+        extra["maxresults"] = str(max_results)
     if marker:
         extra["marker"] = marker
     query = "&".join(q for q in (parts.query, urlencode(extra)) if q)

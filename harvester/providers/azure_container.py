@@ -34,14 +34,17 @@ class ContainerSource(Protocol):
         call, a freshly issued one after storage refused it."""
 
 
-async def list_container(io: HarvestIO, source: ContainerSource, folder: str) -> list[BlobItem]:
-    """Every blob of the container, following ``NextMarker`` page after page."""
+async def list_container(
+    io: HarvestIO, source: ContainerSource, folder: str, *, page_size: int | None = None
+) -> list[BlobItem]:
+    """Every blob of the container, following ``NextMarker`` page after page (of
+    ``page_size`` blobs, or the service's default)."""
     blobs: list[BlobItem] = []
     marker: str | None = None
     seen: set[str] = set()
     for page_no in range(1, MAX_LIST_PAGES + 1):
         body = await io.fetch(
-            source.resolver(functools.partial(list_url, marker=marker)),
+            source.resolver(functools.partial(list_url, marker=marker, max_results=page_size)),
             what=f"{folder} listing page {page_no}",
         )
         page = parse_blob_list(body)
@@ -55,9 +58,11 @@ async def list_container(io: HarvestIO, source: ContainerSource, folder: str) ->
     raise ProtocolError(f"{folder}: the container listing did not end in {MAX_LIST_PAGES} pages")
 
 
-async def harvest_container(io: HarvestIO, source: ContainerSource, folder: str) -> None:
+async def harvest_container(
+    io: HarvestIO, source: ContainerSource, folder: str, *, page_size: int | None = None
+) -> None:
     """Download every blob to ``<folder>/<its sanitised path>``, checked against its listing."""
-    blobs = await list_container(io, source, folder)
+    blobs = await list_container(io, source, folder, page_size=page_size)
     paths: dict[str, BlobItem] = {}
     for blob in blobs:
         rel = safe_blob_path(blob.name)

@@ -135,6 +135,8 @@ def test_list_url_keeps_the_sas_verbatim() -> None:
     assert url.startswith(f"https://acct.blob.core.windows.net/rd-123?{sas}&")
     assert url.endswith("&restype=container&comp=list&marker=2%2172%21MDAw%2Fx")
     assert list_url("http://h/c") == "http://h/c?restype=container&comp=list"
+    paged = list_url("http://h/c", "m", max_results=2)
+    assert paged == "http://h/c?restype=container&comp=list&maxresults=2&marker=m"
 
 
 def test_blob_url_encodes_the_name_and_keeps_the_sas() -> None:
