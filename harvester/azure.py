@@ -2,8 +2,10 @@
 
 Bentley hands out reality data as an Azure blob container URL carrying a SAS token in its
 query. Listing it (``?restype=container&comp=list``) answers XML, 5000 blobs a page, with a
-``NextMarker`` to continue from. Everything here is a pure function on strings and bytes, so
-it is tested without storage; the requests go through the caller's ``HarvestIO``.
+``NextMarker`` to continue from; each blob's ``Content-Length`` and (when the blob has one)
+``Content-MD5``, base64, are what its download is checked against. Everything here is a
+pure function on strings and bytes, so it is tested without storage; the requests go through
+the caller's ``HarvestIO`` (``providers.azure_container``).
 
 Blob names come from the provider and become file paths under a job's folder, so they are
 treated as hostile: ``safe_blob_path`` turns a name into a relative path that cannot leave
@@ -12,6 +14,8 @@ that folder, or refuses it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ MAX_PATH_CHARS = 1024
 class BlobItem:
     name: str  #: the blob's name as the container knows it (decoded)
     size: int | None = None  #: Content-Length from the listing, when given
+    md5: bytes | None = None  #: the 16-byte digest behind the listing's Content-MD5, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +55,17 @@ class BlobPage:
     next_marker: str | None  #: pass as ``marker`` for the next page; None on the last
 
 
-def list_url(container_url: str, marker: str | None = None) -> str:
+def list_url(container_url: str, marker: str | None = None, max_results: int | None = None) -> str:
     """The listing URL of a container URL, keeping its SAS query exactly as issued.
 
     The query is appended to, never re-encoded: a SAS signature covers the values, and a
-    storage host is entitled to be strict about their spelling.
+    storage host is entitled to be strict about their spelling. ``max_results`` asks for
+    smaller pages than the service's default (5000).
     """
     parts = urlsplit(container_url)
     extra = {"restype": "container", "comp": "list"}
+    if max_results is not None:
+        extra["maxresults"] = str(max_results)
     if marker:
         extra["marker"] = marker
     query = "&".join(q for q in (parts.query, urlencode(extra)) if q)
@@ -151,12 +159,29 @@ def _blob(element: ET.Element) -> BlobItem:
         # Names with characters XML cannot carry are sent percent-encoded and flagged.
         name = unquote(name)
     size: int | None = None
+    md5: bytes | None = None
     props = _child(element, "Properties")
     if props is not None:
         length = _text(props, "Content-Length")
         if length is not None and length.strip().isdigit():
             size = int(length.strip())
-    return BlobItem(name, size)
+        md5 = _md5(name, (_text(props, "Content-MD5") or "").strip())
+    return BlobItem(name, size, md5)
+
+
+def _md5(name: str, text: str) -> bytes | None:
+    """The digest of a listing's ``Content-MD5`` (empty when the blob has none)."""
+    if not text:
+        return None
+    try:
+        digest = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if len(digest) != 16:
+        raise ProtocolError(
+            f"blob {name[:200]!r} has a Content-MD5 that is not a base64 MD5: {text[:60]!r}"
+        )
+    return digest
 
 
 def _local(tag: str) -> str:

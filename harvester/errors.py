@@ -18,7 +18,8 @@ line a user sees (where it came from: file:line, provider, job, request id).
     │   ├── NetworkError        connection reset, timeout, truncated body
     │   ├── RateLimited         429 (or a provider's equivalent)
     │   ├── ProviderUnavailable 5xx and provider-side transient error codes
-    │   └── NotYetAvailable     a finished job's results are not published yet
+    │   ├── NotYetAvailable     a finished job's results are not published yet
+    │   └── CorruptDownload     a body's size or MD5 is not what its listing announced
     └── IllegalTransition       a state change the job state machine forbids (a bug)
 
 Foreign exceptions (aiohttp, OS) are mapped to this tree in exactly one place,
@@ -136,6 +137,11 @@ class ProviderUnavailable(RetryableError):
 class NotYetAvailable(RetryableError):
     """Asked too early (e.g. Modzy's results 404 right after a job finishes): not a fault,
     so it spends neither request retries nor the job's harvest attempts."""
+
+
+class CorruptDownload(RetryableError):
+    """A downloaded body differs from what storage listed for it (Content-Length, Content-MD5):
+    damaged on the way, or replaced meanwhile. Fetched again on the job's next attempt."""
 
 
 class IllegalTransition(HarvesterError):

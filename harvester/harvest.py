@@ -9,6 +9,8 @@ manifest is written only when everything else is in place, so its presence means
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import random
 import time
 from collections.abc import Iterator, Mapping
@@ -22,7 +24,7 @@ import orjson
 from harvester.clock import Clock
 from harvester.decode import MaskDecoder, PcdLabelDecoder, smallest_uint_dtype
 from harvester.download import BufferSink, stream_into
-from harvester.errors import DecodeError, HarvesterError, ProtocolError
+from harvester.errors import CorruptDownload, DecodeError, HarvesterError, ProtocolError
 from harvester.failpoints import failpoint
 from harvester.fsutil import AtomicFile, sweep_temporaries, tmp_name, write_atomic
 from harvester.jobs import Job
@@ -154,22 +156,67 @@ class _HashingWriter:
 
 
 class FileSink:
-    def __init__(self, final: Path) -> None:
+    """A body streamed to a file under a temporary name, optionally held to the ``size`` and
+    ``md5`` its listing announced. The MD5 is computed as the bytes stream (restarting when the
+    body does), so the file is never read back; a body running past ``size`` stops at once."""
+
+    def __init__(
+        self,
+        final: Path,
+        *,
+        size: int | None = None,
+        md5: bytes | None = None,
+        where: str = "",
+        job: Job | None = None,
+    ) -> None:
         self.final = final
-        self.file = AtomicFile(final)
+        self.size = size
+        self.md5 = md5
+        self.where = where or final.name
+        self.job = job
+        self._open()
+
+    def _open(self) -> None:
+        self.file = AtomicFile(self.final)
         self.file.__enter__()
+        self._hash = hashlib.md5(usedforsecurity=False) if self.md5 is not None else None
 
     @property
     def offset(self) -> int:
         return self.file.size
 
     def feed(self, chunk: bytes) -> None:
+        if self.size is not None and self.file.size + len(chunk) > self.size:
+            raise self._corrupt(f"storage sent more than the {self.size} bytes listed")
         self.file.write(chunk)
+        if self._hash is not None:
+            self._hash.update(chunk)
 
     def reset(self) -> None:
         self.file.__exit__(RuntimeError, RuntimeError("reset"), None)
-        self.file = AtomicFile(self.final)
-        self.file.__enter__()
+        self._open()
+
+    def check(self) -> None:
+        """``CorruptDownload`` unless the body is the one the listing announced."""
+        got = self.file.size
+        if self.size is not None and got != self.size:
+            raise self._corrupt(
+                f"{got} bytes arrived, the listing says {self.size} (Content-Length)"
+            )
+        if self._hash is not None and self.md5 is not None:
+            digest = self._hash.digest()
+            if digest != self.md5:
+                raise self._corrupt(
+                    f"the bytes' MD5 is {_b64(digest)}, the listing says {_b64(self.md5)}"
+                    " (Content-MD5)"
+                )
+
+    def _corrupt(self, detail: str) -> CorruptDownload:
+        return CorruptDownload(
+            f"{self.where}: {detail}",
+            provider=self.job.provider if self.job else None,
+            job=self.job.key if self.job else None,
+        )
 
     def commit(self) -> ManifestEntry:
         self.file.__exit__(None, None, None)
@@ -178,6 +225,10 @@ class FileSink:
     def abort(self) -> None:
         if self.file.tmp.exists():
             self.file.__exit__(RuntimeError, RuntimeError("abort"), None)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
 
 
 def _urls_in(value: Any, depth: int = 0) -> Iterator[str]:
@@ -279,9 +330,11 @@ class JobOutput:
             self.decode_s += sink.decode_s
             sink.close()
 
-    async def download(self, relpath: str, resolve: Resolver) -> None:
+    async def download(
+        self, relpath: str, resolve: Resolver, *, size: int | None = None, md5: bytes | None = None
+    ) -> None:
         final = self._path(relpath)
-        sink = FileSink(final)
+        sink = FileSink(final, size=size, md5=md5, where=relpath, job=self.job)
         try:
             await stream_into(
                 self.transport,
@@ -293,6 +346,7 @@ class JobOutput:
                 chunk_bytes=self.chunk_bytes,
                 rng=self.rng,
             )
+            sink.check()
             self.entries[relpath] = sink.commit()
         finally:
             sink.abort()

@@ -7,6 +7,15 @@ XML, paginated by ``NextMarker``) and read each blob (``<container>/<blob path>?
 Only the shape of Azure's SAS is imitated: the signature is an HMAC over the container and the
 signed fields under a per-process secret, which is all a client can observe.
 
+Get Blob follows Azure's rules as Microsoft's ``azure-storage-blob`` client relies on them:
+``x-ms-range`` wins over ``Range``; a ranged read answers 206 with ``Content-Range`` and the
+whole blob's MD5 in ``x-ms-blob-content-md5`` (plus the range's own ``Content-MD5`` when
+``x-ms-range-get-content-md5: true`` asks for it, up to 4 MiB); a whole read carries
+``Content-MD5``; a range past the end (and any range of an empty blob) is 416 ``InvalidRange``
+with ``Content-Range: bytes */<size>``. Every answer names the service version in
+``x-ms-version``: the request's own, else the SAS's ``sv``. Listings carry each blob's
+``Etag`` and ``Content-MD5`` (base64), as Azure's do.
+
 Errors are Azure's XML (``<Error><Code>..</Code><Message>..</Message></Error>`` plus an
 ``x-ms-error-code`` header): 403 ``AuthenticationFailed`` for a forged or expired SAS, 404
 ``ResourceNotFound`` without one (a private container does not admit it exists), 404
@@ -22,6 +31,7 @@ import calendar
 import enum
 import hashlib
 import hmac
+import re
 import secrets
 import time
 import uuid
@@ -32,13 +42,16 @@ from xml.sax.saxutils import escape, quoteattr
 
 from aiohttp import web
 
-from harvester.emulator.storage import StorageHost
+from harvester.emulator.storage import StorageHost, parse_range
 from harvester.emulator.timefmt import http_date
 
 SAS_VERSION = "2021-08-06"
 _SE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _EXPIRED_MARGIN_S = 60  # a pre-expired SAS ran out this long ago: no clock skew revives it
 MAX_RESULTS = 5000
+#: Azure computes a range's own Content-MD5 only up to this size
+MAX_RANGE_MD5 = 4 << 20
+_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 class SasVerdict(enum.Enum):
@@ -100,10 +113,16 @@ class BlobEntry:
 
 # container -> its blobs (sorted by name), or None when no such container exists now.
 Lister = Callable[[str], list[BlobEntry] | None]
+#: blob path on the storage host -> the bytes served for one read (a fault may alter them)
+Corrupter = Callable[[str, bytes], bytes]
 
 
 def azure_error(
-    status: int, code: str, message: str, extra: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    extra: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
     request_id = str(uuid.uuid4())
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.0000000Z", time.gmtime())
@@ -113,8 +132,9 @@ def azure_error(
         f"<Error><Code>{code}</Code><Message>{escape(message)}\n"
         f"RequestId:{request_id}\nTime:{stamp}</Message>{fields}</Error>"
     )
-    headers = {"x-ms-error-code": code, "x-ms-request-id": request_id, "x-ms-version": SAS_VERSION}
-    return web.Response(text=body, status=status, content_type="application/xml", headers=headers)
+    sent = {"x-ms-request-id": request_id, "x-ms-version": SAS_VERSION, **(headers or {})}
+    sent["x-ms-error-code"] = code
+    return web.Response(text=body, status=status, content_type="application/xml", headers=sent)
 
 
 def _auth_failed(detail: str) -> web.Response:
@@ -140,12 +160,19 @@ class AzureContainers:
     """Serves ``<prefix><container>[/<blob>]`` on the storage host."""
 
     def __init__(
-        self, storage: StorageHost, prefix: str, signer: SasSigner, lister: Lister
+        self,
+        storage: StorageHost,
+        prefix: str,
+        signer: SasSigner,
+        lister: Lister,
+        corrupter: Corrupter | None = None,
     ) -> None:
         self._storage = storage
         self._prefix = prefix
         self._signer = signer
         self._lister = lister
+        self._corrupter = corrupter
+        self._md5s: dict[str, bytes] = {}
         self.page_size = MAX_RESULTS
         self.rejected_expired = 0
         self.listings = 0
@@ -155,6 +182,29 @@ class AzureContainers:
         return f"{self._storage.private_url(self._prefix + container)}?{query}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        common = {
+            "x-ms-request-id": str(uuid.uuid4()),
+            "x-ms-version": request.query.get("sv") or SAS_VERSION,
+        }
+        if "x-ms-client-request-id" in request.headers:
+            common["x-ms-client-request-id"] = request.headers["x-ms-client-request-id"][:1024]
+        version = request.headers.get("x-ms-version")
+        if version is not None and not _VERSION.match(version):
+            return azure_error(
+                400,
+                "InvalidHeaderValue",
+                "The value for one of the HTTP headers is not in the correct format.",
+                {"HeaderName": "x-ms-version", "HeaderValue": version[:100]},
+                common,
+            )
+        if version is not None:
+            common["x-ms-version"] = version
+        response = await self._handle(request, common)
+        if not response.prepared:
+            response.headers.update(common)
+        return response
+
+    async def _handle(self, request: web.Request, common: dict[str, str]) -> web.StreamResponse:
         if self._storage.leaked_credential(request) is not None:
             return azure_error(
                 400,
@@ -182,30 +232,81 @@ class AzureContainers:
         if blob:
             if "r" not in check.permissions:
                 return _permission_mismatch()
-            return await self._read(request, blobs)
+            return await self._read(request, blobs, common)
         if request.query.get("restype") != "container" or request.query.get("comp") != "list":
             return _bad_query(
                 "comp", request.query.get("comp", ""), "only restype=container&comp=list"
             )
         if "l" not in check.permissions:
             return _permission_mismatch()
-        return self._list(request, container, blobs)
+        return await self._list(request, container, blobs)
 
-    async def _read(self, request: web.Request, blobs: list[BlobEntry]) -> web.StreamResponse:
+    async def _read(
+        self, request: web.Request, blobs: list[BlobEntry], common: dict[str, str]
+    ) -> web.StreamResponse:
         obj = await self._storage.objects.get(request.path)
         if obj is None:
             return azure_error(404, "BlobNotFound", "The specified blob does not exist.")
+        self._md5s[request.path] = obj.md5
         name = request.path[len(self._prefix) :].partition("/")[2]
         entry = next((b for b in blobs if b.name == name), None)
+        total = len(obj.body)
+        # Azure: x-ms-range exists for clients that cannot send Range, and wins over it.
+        asked = request.headers.get("x-ms-range") or request.headers.get("Range")
+        want_range_md5 = request.headers.get("x-ms-range-get-content-md5", "").lower() == "true"
+        span = None
+        if asked is not None:
+            span = parse_range(asked, total)
+            if span is None:
+                return _invalid_range(asked, total)
+        if want_range_md5 and (span is None or span[1] - span[0] > MAX_RANGE_MD5):
+            return azure_error(
+                400,
+                "InvalidHeaderValue" if span is None else "OutOfRangeInput",
+                "x-ms-range-get-content-md5 needs a range of at most 4 MiB.",
+                {"HeaderName": "x-ms-range-get-content-md5"},
+            )
+        etag = f'"{_etag(obj.md5)}"'
+        if_match = request.headers.get("If-Match")
+        if if_match is not None and if_match.strip() not in ("*", etag):
+            return azure_error(
+                412,
+                "ConditionNotMet",
+                "The condition specified using HTTP conditional header(s) is not met.",
+            )
         headers = {
+            **common,
+            "ETag": etag,
             "x-ms-blob-type": "BlockBlob",
-            "x-ms-version": SAS_VERSION,
-            "x-ms-request-id": str(uuid.uuid4()),
+            "x-ms-lease-state": "available",
+            "x-ms-lease-status": "unlocked",
+            "x-ms-server-encrypted": "true",
             "Last-Modified": http_date(entry.modified if entry else time.time()),
         }
-        return await self._storage.send_object(request, obj, headers, _invalid_range)
+        digest = base64.b64encode(obj.md5).decode()
+        if span is None:
+            headers["Content-MD5"] = digest
+        else:
+            headers["x-ms-blob-content-md5"] = digest
+            if want_range_md5:
+                part = obj.body[span[0] : span[1]]
+                md5 = hashlib.md5(part, usedforsecurity=False).digest()
+                headers["Content-MD5"] = base64.b64encode(md5).decode()
+        body = self._corrupter(request.path, obj.body) if self._corrupter else None
+        return await self._storage.send_object(request, obj, headers, span=span, body=body)
 
-    def _list(
+    async def _md5(self, container: str, name: str) -> bytes:
+        """A blob's MD5 for its listing: remembered, else produced (and cached) like a read."""
+        path = f"{self._prefix}{container}/{name}"
+        known = self._md5s.get(path)
+        if known is None:
+            obj = await self._storage.objects.get(path)
+            if obj is None:
+                return b""
+            known = self._md5s[path] = obj.md5
+        return known
+
+    async def _list(
         self, request: web.Request, container: str, blobs: list[BlobEntry]
     ) -> web.StreamResponse:
         q = request.query
@@ -226,17 +327,16 @@ class AzureContainers:
         page = entries[start : start + limit]
         more = start + limit < len(entries)
         self.listings += 1
+        md5s = {name: await self._md5(container, name) for name, blob in page if blob}
         body = _enumeration_xml(
             self._storage.private_url(self._prefix),
             container,
             q,
             page,
+            md5s,
             _encode_marker(entries[start + limit][0]) if more else "",
         )
-        headers = {"x-ms-version": SAS_VERSION, "x-ms-request-id": str(uuid.uuid4())}
-        return web.Response(
-            text=body, content_type="application/xml", charset="utf-8", headers=headers
-        )
+        return web.Response(text=body, content_type="application/xml", charset="utf-8")
 
 
 def _entries(
@@ -262,6 +362,7 @@ def _enumeration_xml(
     container: str,
     q: Mapping[str, str],
     page: list[tuple[str, BlobEntry | None]],
+    md5s: Mapping[str, bytes],
     next_marker: str,
 ) -> str:
     parts = [
@@ -283,11 +384,14 @@ def _enumeration_xml(
             parts.append(f"<BlobPrefix><Name>{escape(name)}</Name></BlobPrefix>")
             continue
         modified = http_date(blob.modified)
+        md5 = md5s.get(name, b"")
+        etag = _etag(md5) if md5 else ""
         parts.append(
             f"<Blob><Name>{escape(name)}</Name><Properties>"
             f"<Creation-Time>{modified}</Creation-Time><Last-Modified>{modified}</Last-Modified>"
-            f"<Content-Length>{blob.size}</Content-Length>"
+            f"<Etag>{etag}</Etag><Content-Length>{blob.size}</Content-Length>"
             f"<Content-Type>{content_type(name)}</Content-Type>"
+            f"<Content-MD5>{base64.b64encode(md5).decode()}</Content-MD5>"
             "<BlobType>BlockBlob</BlobType><LeaseStatus>unlocked</LeaseStatus>"
             "<LeaseState>available</LeaseState><ServerEncrypted>true</ServerEncrypted>"
             "</Properties><OrMetadata /></Blob>"
@@ -317,6 +421,11 @@ def _decode_marker(marker: str) -> str | None:
         return None
 
 
+def _etag(md5: bytes) -> str:
+    # Azure's ETags are opaque "0x" + hex; the content's digest makes one that changes with it.
+    return f"0x{md5[:8].hex().upper()}"
+
+
 def _permission_mismatch() -> web.Response:
     return azure_error(
         403,
@@ -330,5 +439,6 @@ def _invalid_range(header: str, total: int) -> web.StreamResponse:
         416,
         "InvalidRange",
         "The range specified is invalid for the current size of the resource.",
-        {"RangeRequested": header, "ActualObjectSize": str(total)},
+        {"RangeRequested": header[:100], "ActualObjectSize": str(total)},
+        {"Content-Range": f"bytes */{total}"},
     )

@@ -61,12 +61,15 @@ class BentleyApi:
         self.scenario = state.scenario.bentley
         self.model = BentleyModel(self.scenario, state.scenario.seed, state.clock)
         signer = SasSigner(ttl_s=self.scenario.sas_ttl_s)
-        self.containers = AzureContainers(storage, STORAGE_PREFIX, signer, self._list_container)
+        self.containers = AzureContainers(
+            storage, STORAGE_PREFIX, signer, self._list_container, self._corrupt
+        )
         self.containers.page_size = self.scenario.list_page_size
         storage.mount_handler(STORAGE_PREFIX, self.containers.handle)
         storage.objects.mount(STORAGE_PREFIX, self._resolve_blob)
         self._read_access_issued = 0
         self._expired_issued = 0
+        self._corrupted = 0
         state.add_stats_source(PROVIDER, self._stats)
         state.add_truth_source(PROVIDER, self.model.truth)
 
@@ -99,6 +102,7 @@ class BentleyApi:
             "expired_sas_issued": self._expired_issued,
             "expired_sas_rejected": self.containers.rejected_expired,
             "container_listings": self.containers.listings,
+            "corrupted_reads": self._corrupted,
         }
 
     @web.middleware
@@ -187,6 +191,12 @@ class BentleyApi:
         job, output = found
         modified = job.stamp.wall_at(job.stamp.mono + self.scenario.job_duration_s)
         return [BlobEntry(b.name, b.size, modified) for b in self.model.blobs(job, output)]
+
+    def _corrupt(self, path: str, body: bytes) -> bytes:
+        if not body or self._corrupted >= self.scenario.corrupt_first_n:
+            return body
+        self._corrupted += 1
+        return bytes([body[0] ^ 0xFF]) + body[1:]
 
     def _resolve_blob(self, path: str) -> ObjectSource | None:
         m = _BLOB_PATH.match(path)

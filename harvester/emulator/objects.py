@@ -26,6 +26,7 @@ class StoredObject:
     body: bytes
     content_type: str
     etag: str
+    md5: bytes  # digest of body: Azure's Content-MD5, S3's ETag
 
 
 Resolver = Callable[[str], ObjectSource | None]
@@ -87,4 +88,5 @@ class ObjectStore:
 
 def _build(source: ObjectSource) -> StoredObject:
     body = source.produce()
-    return StoredObject(body, source.content_type, f'"{hashlib.md5(body).hexdigest()}"')
+    digest = hashlib.md5(body, usedforsecurity=False).digest()
+    return StoredObject(body, source.content_type, f'"{digest.hex()}"', digest)

@@ -99,6 +99,7 @@ class BentleyScenario:
     list_page_size: int = 5000
     sas_ttl_s: float = 3600.0
     expire_first_n: int = 0
+    corrupt_first_n: int = 0
     rate_limit: RateLimit = field(default_factory=RateLimit)
 
 
@@ -287,6 +288,7 @@ def _parse_bentley(t: _Table) -> BentleyScenario:
         list_page_size=t.get_int("list_page_size", 5000, minimum=1, maximum=5000),
         sas_ttl_s=t.get_float("sas_ttl_s", 3600.0, minimum=1.0),
         expire_first_n=t.get_int("expire_first_n", 0, minimum=0),
+        corrupt_first_n=t.get_int("corrupt_first_n", 0, minimum=0),
         # Bentley documents Retry-After in seconds on its 429s: not configurable.
         rate_limit=_rate_limit(t, retry_after="seconds"),
     )

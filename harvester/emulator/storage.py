@@ -122,41 +122,40 @@ class StorageHost:
         obj = await self.objects.get(request.path)
         if obj is None:
             return s3_error(404, "NoSuchKey", "The specified key does not exist.")
-        return await self.send_object(request, obj)
+        range_header = request.headers.get("Range")
+        span = None
+        if range_header is not None:
+            span = parse_range(range_header, len(obj.body))
+            if span is None:
+                return s3_error(
+                    416,
+                    "InvalidRange",
+                    "The requested range is not satisfiable",
+                    {"RangeRequested": range_header, "ActualObjectSize": str(len(obj.body))},
+                )
+        return await self.send_object(request, obj, span=span)
 
     async def send_object(
         self,
         request: web.Request,
         obj: StoredObject,
         headers: dict[str, str] | None = None,
-        range_error: Callable[[str, int], web.StreamResponse] | None = None,
+        *,
+        span: tuple[int, int] | None = None,
+        body: bytes | None = None,
     ) -> web.StreamResponse:
-        """Stream ``obj`` in chunks, honouring one ``Range`` and a truncate fault."""
-        total = len(obj.body)
-        start = 0
-        status = 200
-        range_header = request.headers.get("Range")
-        if range_header is not None:
-            parsed = _parse_range(range_header, total)
-            if parsed is None and range_error is not None:
-                return range_error(range_header, total)
-            if parsed is None:
-                return s3_error(
-                    416,
-                    "InvalidRange",
-                    "The requested range is not satisfiable",
-                    {"RangeRequested": range_header, "ActualObjectSize": str(total)},
-                )
-            start, end = parsed
-            status = 206
-        else:
-            end = total
-        response = web.StreamResponse(status=status)
+        """Stream ``obj`` in chunks: whole (200) or the half-open ``span`` (206, with
+        ``Content-Range``), honouring a truncate fault. ``body`` replaces the stored bytes
+        (same length) for a fault that corrupts what is sent but not what is stored."""
+        data = obj.body if body is None else body
+        total = len(data)
+        start, end = span if span is not None else (0, total)
+        response = web.StreamResponse(status=200 if span is None else 206)
         response.content_type = obj.content_type
         response.headers["ETag"] = obj.etag
         response.headers["Accept-Ranges"] = "bytes"
         response.headers.update(headers or {})
-        if status == 206:
+        if span is not None:
             response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
         response.content_length = end - start
         await response.prepare(request)
@@ -164,7 +163,7 @@ class StorageHost:
             return response
         fraction = request.get(TRUNCATE_KEY)
         stop = end if fraction is None else start + int((end - start) * fraction)
-        view = memoryview(obj.body)
+        view = memoryview(data)
         for pos in range(start, stop, self._chunk):
             await response.write(view[pos : min(pos + self._chunk, stop)])
         if fraction is not None:
@@ -172,8 +171,9 @@ class StorageHost:
         return response
 
 
-def _parse_range(header: str, total: int) -> tuple[int, int] | None:
-    """``bytes=N-`` or ``bytes=N-M`` (one range) as a half-open [start, end)."""
+def parse_range(header: str, total: int) -> tuple[int, int] | None:
+    """``bytes=N-``, ``bytes=N-M`` or ``bytes=-N`` (one range) as a half-open [start, end);
+    None when malformed or unsatisfiable (416)."""
     unit, _, spec = header.partition("=")
     first, sep, last = spec.strip().partition("-")
     if unit.strip() != "bytes" or not sep or "," in spec:

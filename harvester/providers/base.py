@@ -146,8 +146,11 @@ class HarvestIO(Protocol):
     async def labels(self, frame: str, resolve: Resolver, fmt: LabelFormat) -> None:
         """Stream a label file through the decoder into ``labels/<frame>.npy``."""
 
-    async def download(self, relpath: str, resolve: Resolver) -> None:
-        """Stream a signed-URL body to ``relpath`` under the job's output folder."""
+    async def download(
+        self, relpath: str, resolve: Resolver, *, size: int | None = None, md5: bytes | None = None
+    ) -> None:
+        """Stream a signed-URL body to ``relpath`` under the job's output folder; when the
+        listing gave its ``size`` or ``md5`` (digest), anything else is ``CorruptDownload``."""
 
     def write_bytes(self, relpath: str, data: bytes) -> None: ...
 

@@ -9,7 +9,8 @@ Quirks handled here, each tested on recorded bodies:
   moves: ``ladder()`` hands that table to the engine, which clamps it into
   ``poll_min_s``/``poll_max_s``;
 - outputs are reality-data ids; each resolves (``readaccess``) to an Azure blob container URL
-  with a SAS query, which is listed and downloaded without our bearer token. An expired SAS
+  with a SAS query, which is listed and downloaded without our bearer token
+  (``azure_container``), each blob checked against its listed size and MD5. An expired SAS
   is re-resolved through ``readaccess``. Blob names are provider data and are sanitised
   before they touch the file system (``harvester.azure.safe_blob_path``);
 - Bentley documents no job listing, so a lost create answer cannot be looked up: the job is
@@ -27,14 +28,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from harvester.azure import (
-    BlobItem,
-    blob_url,
-    check_no_clashes,
-    list_url,
-    parse_blob_list,
-    safe_blob_path,
-)
 from harvester.config import BentleyConfig
 from harvester.errors import (
     CredentialsError,
@@ -47,6 +40,7 @@ from harvester.errors import (
     RateLimited,
 )
 from harvester.jobs import Job, job_key
+from harvester.providers.azure_container import harvest_container
 from harvester.providers.base import (
     Accepted,
     Client,
@@ -96,8 +90,6 @@ _STATES = {
 }
 #: a queued job has no progress to report: asking would spend rate budget for nothing
 _NO_PROGRESS = {"Queued"}
-#: a listing that has not ended after this many pages (5000 blobs each) is looping
-MAX_LIST_PAGES = 10_000
 _MAX_REASON = 1000
 _PLACEHOLDER = re.compile(r"%(\d+)")
 
@@ -312,44 +304,8 @@ class BentleyProvider(NoSetup):
     async def _harvest_output(
         self, job: Job, name: str, reality_data_id: str, io: HarvestIO
     ) -> None:
-        folder = f"outputs/{job_key(name)}"
         container = _Container(self, io, job, reality_data_id)
-        blobs = await self._list(container, folder, io)
-        paths: dict[str, str] = {}
-        for blob in blobs:
-            rel = safe_blob_path(blob.name)
-            if rel is None:
-                continue
-            if rel in paths:
-                raise ProtocolError(f"blobs {paths[rel]!r} and {blob.name!r} map to one file")
-            paths[rel] = blob.name
-        check_no_clashes(paths)
-        for rel, blob_name in sorted(paths.items()):
-            await io.download(
-                f"{folder}/{rel}",
-                container.resolver(functools.partial(_blob_url, name=blob_name)),
-            )
-
-    async def _list(self, container: _Container, folder: str, io: HarvestIO) -> list[BlobItem]:
-        blobs: list[BlobItem] = []
-        marker: str | None = None
-        seen: set[str] = set()
-        for page_no in range(1, MAX_LIST_PAGES + 1):
-            body = await io.fetch(
-                container.resolver(functools.partial(list_url, marker=marker)),
-                what=f"{folder} listing page {page_no}",
-            )
-            page = parse_blob_list(body)
-            blobs.extend(page.blobs)
-            if page.next_marker is None:
-                return blobs
-            if page.next_marker in seen:
-                raise ProtocolError(f"{folder}: the container listing repeats a page marker")
-            seen.add(page.next_marker)
-            marker = page.next_marker
-        raise ProtocolError(
-            f"{folder}: the container listing did not end in {MAX_LIST_PAGES} pages"
-        )
+        await harvest_container(io, container, f"outputs/{job_key(name)}")
 
     # -- helpers ------------------------------------------------------------------------
     def _ok(self, resp: Response, job: Job | None, endpoint: str) -> dict[str, Any]:
@@ -394,10 +350,6 @@ class _Container:
             return build(await self.refresh())
 
         return resolve
-
-
-def _blob_url(container_url: str, *, name: str) -> str:
-    return blob_url(container_url, name)
 
 
 def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,30 @@ def test_escaped_encoded_and_namespaced_names() -> None:
     assert parse_blob_list(namespaced) == BlobPage((BlobItem("n"),), "m")
 
 
+def test_content_md5_is_decoded_and_an_empty_one_is_none() -> None:
+    # MD5 of b"Hello World", as Azure writes it: sQqNsWTgdUEFt6mb5y4/5Q==
+    body = (
+        b"<EnumerationResults><Blobs>"
+        b"<Blob><Name>h.txt</Name><Properties><Content-Length>11</Content-Length>"
+        b"<Content-MD5>sQqNsWTgdUEFt6mb5y4/5Q==</Content-MD5></Properties></Blob>"
+        b"<Blob><Name>none</Name><Properties><Content-MD5 /></Properties></Blob>"
+        b"</Blobs></EnumerationResults>"
+    )
+    hello, none = parse_blob_list(body).blobs
+    assert hello == BlobItem("h.txt", 11, hashlib.md5(b"Hello World").digest())
+    assert none == BlobItem("none", None, None)
+
+
+@pytest.mark.parametrize("value", ["not base64!", "AAAA", "sQqNsWTgdUEFt6mb5y4/5Q"])
+def test_a_content_md5_that_is_no_md5_is_refused(value: str) -> None:
+    body = (
+        "<EnumerationResults><Blobs><Blob><Name>x</Name><Properties>"
+        f"<Content-MD5>{value}</Content-MD5></Properties></Blob></Blobs></EnumerationResults>"
+    ).encode()
+    with pytest.raises(ProtocolError, match="'x' has a Content-MD5 that is not a base64 MD5"):
+        parse_blob_list(body)
+
+
 @pytest.mark.parametrize(
     ("body", "words"),
     [
@@ -110,6 +135,8 @@ def test_list_url_keeps_the_sas_verbatim() -> None:
     assert url.startswith(f"https://acct.blob.core.windows.net/rd-123?{sas}&")
     assert url.endswith("&restype=container&comp=list&marker=2%2172%21MDAw%2Fx")
     assert list_url("http://h/c") == "http://h/c?restype=container&comp=list"
+    paged = list_url("http://h/c", "m", max_results=2)
+    assert paged == "http://h/c?restype=container&comp=list&maxresults=2&marker=m"
 
 
 def test_blob_url_encodes_the_name_and_keeps_the_sas() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -434,8 +436,23 @@ def test_itwin_id_is_required_without_config() -> None:
 STORAGE = "https://acct.blob.core.windows.net"
 
 
-def listing(names: list[str], marker: str | None = None) -> bytes:
-    blobs = "".join(f"<Blob><Name>{n}</Name><Properties/></Blob>" for n in names)
+def listing(
+    names: list[str], marker: str | None = None, bodies: dict[str, Any] | None = None
+) -> bytes:
+    """A List Blobs page; a blob whose body is known gets its Content-Length and -MD5."""
+    bodies = bodies or {}
+
+    def props(name: str) -> str:
+        body = bodies.get(name)
+        if not isinstance(body, bytes):
+            return "<Properties/>"
+        md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+        return (
+            f"<Properties><Content-Length>{len(body)}</Content-Length>"
+            f"<Content-MD5>{md5}</Content-MD5></Properties>"
+        )
+
+    blobs = "".join(f"<Blob><Name>{n}</Name>{props(n)}</Blob>" for n in names)
     nxt = f"<NextMarker>{marker}</NextMarker>" if marker else "<NextMarker/>"
     return (
         f'<?xml version="1.0" encoding="utf-8"?><EnumerationResults ContainerName="c">'
@@ -480,7 +497,7 @@ class World:
         if query.get("comp") == ["list"]:
             marker = query.get("marker", [""])[0]
             names, nxt = container["pages"][marker]
-            return listing(names, nxt)
+            return listing(names, nxt, container)
         body: bytes = container[unquote(blob)]
         return body
 
@@ -493,6 +510,7 @@ class FakeIO:
     def __init__(self, world: World) -> None:
         self.world = world
         self.files: dict[str, bytes] = {}
+        self.listed: dict[str, tuple[int | None, bytes | None]] = {}
 
     async def request(self, spec: RequestSpec) -> Response:
         assert spec.send_credentials
@@ -511,9 +529,12 @@ class FakeIO:
     async def labels(self, frame: str, resolve: Resolver, fmt: Any) -> None:
         raise AssertionError("Bentley has no label arrays")
 
-    async def download(self, relpath: str, resolve: Resolver) -> None:
+    async def download(
+        self, relpath: str, resolve: Resolver, *, size: int | None = None, md5: bytes | None = None
+    ) -> None:
         assert not relpath.startswith("/") and ".." not in relpath.split("/")
         self.files[relpath] = await self._get(resolve)
+        self.listed[relpath] = (size, md5)
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
         self.files[relpath] = data
@@ -550,6 +571,8 @@ async def test_harvest_lists_pages_and_downloads_every_blob(p: BentleyProvider) 
         "outputs/objects2D/tiles/0/t.b3dm": b"B3DM",
         f"outputs/objects2D/{_key('z dir')}/b.txt": b"text",
     }
+    # Each download is held to what the listing said of its blob.
+    assert io.listed == {k: (len(v), hashlib.md5(v).digest()) for k, v in io.files.items()}
     # One readaccess per output: the SAS is reused until storage refuses it.
     assert world.readaccess == ["rd-out-1", "rd-out-2"]
     lists = [u for u in world.storage_gets if "comp=list" in u]
@@ -667,9 +690,10 @@ def _key(name: str) -> str:
 
 def test_module_has_no_network_imports() -> None:
     import harvester.azure as azure
+    import harvester.providers.azure_container as container
     import harvester.providers.bentley as mod
 
-    for module in (mod, azure):
+    for module in (mod, azure, container):
         source = Path(module.__file__).read_text()  # type: ignore[arg-type]
         for forbidden in ("aiohttp", "harvester.transport", "harvester.engine", "anyio"):
             assert forbidden not in source

@@ -1,0 +1,139 @@
+"""Azurite, Microsoft's Azure Storage emulator (npm package ``azurite``), for the tests.
+
+It is an implementation of Azure Blob written by Microsoft independently of ours: SAS
+validation with the storage account key, List Blobs paging, Get Blob ranges and MD5s. The
+blob service is started once per test session on a free loopback port (``--blobPort 0``;
+the port it took is read from its start-up line), keeping blobs in memory, in a temporary
+folder that is removed afterwards. Telemetry is switched off: the tests reach nothing but
+loopback.
+
+The binary comes from ``npm install -g azurite`` (``.ci/run`` does it). Where it cannot be
+found the tests that need it are skipped with a message saying so, unless
+``HARVESTER_REQUIRE_AZURITE`` is set (CI sets it): there, a missing Azurite is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REQUIRE_ENV = "HARVESTER_REQUIRE_AZURITE"
+#: Azurite's well-known development account (public: it is printed in Microsoft's docs)
+ACCOUNT = "devstoreaccount1"
+ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+START_TIMEOUT_S = 60.0
+_LISTENING = re.compile(r"Blob service successfully listens on (http://127\.0\.0\.1:\d+)")
+
+
+class Azurite:
+    """One ``azurite-blob`` process, running until ``stop()``."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.root = Path(tempfile.mkdtemp(prefix="harvester-azurite-"))
+        self.out = self.root / "azurite.out"
+        self.endpoint = ""  #: http://127.0.0.1:PORT; the account's URL is endpoint/ACCOUNT
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def account_url(self) -> str:
+        return f"{self.endpoint}/{ACCOUNT}"
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint={self.account_url};"
+        )
+
+    def start(self) -> None:
+        args = [
+            self.binary,
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            "0",
+            "--inMemoryPersistence",
+            "--extentMemoryLimit",
+            "512",
+            "--disableTelemetry",
+            # azure-storage-blob may speak a newer service version than this Azurite knows.
+            "--skipApiVersionCheck",
+            "--silent",
+        ]
+        with open(self.out, "wb") as out:
+            # A session of its own: stop() ends Azurite's whole process group, nothing else.
+            self._proc = subprocess.Popen(
+                args, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            found = _LISTENING.search(self.log())
+            if found:
+                self.endpoint = found.group(1)
+                return
+            if self._proc.poll() is not None:
+                break
+            time.sleep(0.05)  # waiting for a child's start-up line; bounded by the deadline
+        raise RuntimeError(f"Azurite did not start in {START_TIMEOUT_S:.0f} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.out.read_text(errors="replace") if self.out.exists() else ""
+
+    def stop(self) -> None:
+        try:
+            if self._proc is not None and self._proc.poll() is None:
+                os.killpg(self._proc.pid, signal.SIGTERM)
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                    self._proc.wait(timeout=10)
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+_SERVER: Azurite | None = None
+
+
+def shared_azurite(config: pytest.Config) -> Azurite:
+    """The session's Azurite, started on first use and stopped when the session ends."""
+    global _SERVER
+    if _SERVER is not None:
+        return _SERVER
+    binary = shutil.which("azurite-blob")
+    if binary is None:
+        _missing(
+            "no azurite-blob on PATH; install it with `npm install -g azurite`"
+            " (Node.js and npm: apt-get install nodejs npm)"
+        )
+    try:
+        import azure.storage.blob  # noqa: F401
+    except ImportError:
+        _missing("azure-storage-blob is not installed (pip install -e '.[dev]')")
+    assert binary is not None
+    server = Azurite(binary)
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    config.add_cleanup(server.stop)
+    _SERVER = server
+    return server
+
+
+def _missing(why: str) -> None:
+    if os.environ.get(REQUIRE_ENV):
+        pytest.fail(f"Azurite is required here ({REQUIRE_ENV} is set) but {why}")
+    pytest.skip(f"needs Azurite: {why}")
