@@ -303,11 +303,22 @@ class JobOutput:
         )
         return sink.value()
 
-    async def labels(self, frame: str, resolve: Resolver, fmt: LabelFormat) -> None:
-        relpath = f"labels/{frame}.npy"
+    async def labels(
+        self,
+        name: str,
+        resolve: Resolver,
+        fmt: LabelFormat,
+        *,
+        frame: str | None = None,
+        sensor_id: str | None = None,
+    ) -> None:
+        relpath = f"labels/{name}.npy"
         final = self._path(relpath)
         final.parent.mkdir(parents=True, exist_ok=True)
-        sink = LabelSink(fmt, tmp_name(final), f"{self.job.label} frame {frame}")
+        where = f"{self.job.label} frame {frame if frame is not None else name}"
+        if sensor_id is not None:
+            where += f" sensor {sensor_id}"
+        sink = LabelSink(fmt, tmp_name(final), where)
         try:
             await stream_into(
                 self.transport,
@@ -319,7 +330,13 @@ class JobOutput:
                 chunk_bytes=self.chunk_bytes,
                 rng=self.rng,
             )
-            self.entries[relpath] = sink.finish(final, self.label_dtype)
+            entry = sink.finish(final, self.label_dtype)
+            # Which frame and sensor an array holds, so nobody has to parse file names.
+            if frame is not None:
+                entry.extra["frame"] = frame
+            if sensor_id is not None:
+                entry.extra["sensor_id"] = sensor_id
+            self.entries[relpath] = entry
         except HarvesterError as exc:
             if exc.provider is None:
                 exc.provider = self.job.provider

@@ -55,7 +55,9 @@ async def _requests(request: web.Request) -> web.StreamResponse:
 async def _truth(request: web.Request) -> web.StreamResponse:
     m = request.match_info
     try:
-        labels = _state(request).truth_labels(m["provider"], m["reference_id"], m["frame_id"])
+        labels = _state(request).truth_labels(
+            m["provider"], m["reference_id"], m["frame_id"], request.query.get("sensor_id")
+        )
     except KeyError:
         return json_response({"error": f"no ground truth for provider {m['provider']!r}"}, 404)
     return web.Response(

@@ -2,7 +2,8 @@
 
 Layout under the storage host:
 ``/playment-private/<project>/<job_id>/result.json``, ``.../masks/<frame index>.txt`` (masks
-variant), ``.../<frame index>_data.pcd`` (PCD variant, single-frame point-cloud jobs) and
+variant; ``.../masks/<frame index>-<sensor index>.txt`` when a frame has a mask per lidar
+sensor), ``.../<frame index>_data.pcd`` (PCD variant, single-frame point-cloud jobs) and
 ``.../image_masks/<frame index>.png`` (image and video jobs: one segmentation mask per image
 or video frame). A path resolves only while its job exists and is completed, like a real
 result. Image/video result documents are not documented by Playment: the shape here (an
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,7 @@ from harvester.emulator.scenario import Scenario
 PREFIX = "/playment-private/"
 _PATH = re.compile(
     r"^/playment-private/(?P<project>[^/]+)/(?P<job>[^/]+)/"
-    r"(?P<name>result\.json|masks/(?P<mask>\d+)\.txt|(?P<pcd>\d+)_data\.pcd"
+    r"(?P<name>result\.json|masks/(?P<mask>\d+)(?:-(?P<sensor>\d+))?\.txt|(?P<pcd>\d+)_data\.pcd"
     r"|image_masks/(?P<img>\d+)\.png)$"
 )
 _CLASS_NAMES = (
@@ -36,6 +38,55 @@ _CLASS_NAMES = (
     "sidewalk", "parking", "building", "fence", "vegetation", "trunk", "terrain", "pole",
     "traffic_sign", "traffic_light", "other_vehicle", "other_ground",
 )  # fmt: skip
+
+
+DEFAULT_SENSOR = "lidar"
+
+
+@dataclass(frozen=True, slots=True)
+class MaskSpec:
+    """One mask of a point-cloud job: a frame, a lidar sensor, and where its file lives."""
+
+    index: int  #: the frame's position in the job
+    frame_id: str
+    sensor_id: str
+    name: str  #: ``<frame index>`` or ``<frame index>-<sensor index>``
+    #: the frame's sensor when it has several masks (ground truth per sensor), else None
+    truth_sensor: str | None
+
+
+def lidar_masks(job: Job) -> list[MaskSpec]:
+    """The masks a point-cloud job's result lists, in frame order then sensor order."""
+    sensor_data = job.data.get("sensor_data")
+    sensor_data = sensor_data if isinstance(sensor_data, dict) else {}
+    meta = sensor_data.get("sensor_meta")
+    lidars = [
+        m["id"]
+        for m in (meta if isinstance(meta, list) else [])
+        if isinstance(m, dict) and m.get("modality") == "lidar" and isinstance(m.get("id"), str)
+    ]
+    frames = sensor_data.get("frames")
+    frames = frames if isinstance(frames, list) else []
+    out: list[MaskSpec] = []
+    for i, frame_id in enumerate(job.frame_ids):
+        frame = frames[i] if i < len(frames) and isinstance(frames[i], dict) else {}
+        listed = frame.get("sensors")
+        present = list(
+            dict.fromkeys(
+                s["sensor_id"]
+                for s in (listed if isinstance(listed, list) else [])
+                if isinstance(s, dict) and s.get("sensor_id") in lidars
+            )
+        )
+        if len(present) <= 1:
+            sensor = present[0] if present else (lidars[0] if lidars else DEFAULT_SENSOR)
+            out.append(MaskSpec(i, frame_id, sensor, str(i), None))
+        else:
+            out.extend(
+                MaskSpec(i, frame_id, sensor, f"{i}-{j}", sensor)
+                for j, sensor in enumerate(present)
+            )
+    return out
 
 
 class PlaymentResults:
@@ -81,26 +132,31 @@ class PlaymentResults:
             return ObjectSource(
                 lambda: truth.image_mask_bytes(self._seed, job.reference_id, img), "image/png"
             )
-        index = int(m["mask"] or m["pcd"])
-        if job.kind != "point_cloud" or index >= len(job.frame_ids):
+        if job.kind != "point_cloud":
             return None
         if m["pcd"] is not None:
-            if not self.uses_pcd(job):
+            index = int(m["pcd"])
+            if not self.uses_pcd(job) or index >= len(job.frame_ids):
                 return None
             return ObjectSource(lambda: self._pcd(job, index), "application/octet-stream")
         if self.uses_pcd(job):
             return None
-        return ObjectSource(lambda: self._mask(job, index), "text/plain")
+        name = m["mask"] if m["sensor"] is None else f"{m['mask']}-{m['sensor']}"
+        spec = next((ms for ms in lidar_masks(job) if ms.name == name), None)
+        if spec is None:
+            return None
+        return ObjectSource(lambda: self._mask(job, spec), "text/plain")
 
     # -- contents -----------------------------------------------------------------------
 
-    def labels(self, job: Job, index: int) -> truth.LabelArray:
-        frame = job.frame_ids[index]
+    def labels(self, job: Job, index: int, sensor: str | None = None) -> truth.LabelArray:
+        frame = truth.sensor_frame(job.frame_ids[index], sensor)
         n = truth.points_for_frame(self._seed, job.reference_id, frame, self._p.points_per_frame)
         return truth.frame_labels(self._seed, job.reference_id, frame, n, self._p.num_labels)
 
-    def _mask(self, job: Job, index: int) -> bytes:
-        return truth.format_mask(self.labels(job, index), self._p.mask_line_width)
+    def _mask(self, job: Job, spec: MaskSpec) -> bytes:
+        labels = self.labels(job, spec.index, spec.truth_sensor)
+        return truth.format_mask(labels, self._p.mask_line_width)
 
     def _pcd(self, job: Job, index: int) -> bytes:
         labels = self.labels(job, index)
@@ -162,43 +218,83 @@ class PlaymentResults:
         return [int(k) for k in np.flatnonzero(seen)]
 
     def _masks_result(self, job: Job) -> dict[str, Any]:
-        keys = self._present_keys(job)
-        annotations = [
-            {
-                "label": class_name(k),
-                "label_key": k,
-                "class_id": self._class_id(k),
-                "track_id": self._track_id(job, k),
-                "color": class_color(k),
-            }
-            for k in keys
-        ]
+        """The seed's "Point Cloud Segmentation" result object, key for key."""
+        specs = lidar_masks(job)
+        annotations: list[dict[str, Any]] = []
+        used: set[int] = set()
+        for spec in specs:
+            for k in np.unique(self.labels(job, spec.index, spec.truth_sensor)).tolist():
+                used.add(k)
+                annotations.append(
+                    {
+                        "_id": _uuid(f"{self._seed}\0ann\0{job.job_id}\0{spec.name}\0{k}"),
+                        "_isStationary": False,
+                        "attributes": {},
+                        "class_id": self._class_id(k),
+                        "color": class_color(k),
+                        "frame_id": spec.frame_id,
+                        "grouping_config": None,
+                        "label": class_name(k),
+                        "label_key": k,
+                        "sensor_id": spec.sensor_id,
+                        "text": class_name(k),
+                        "track_id": self._track_id(job, k),
+                        "type": "segmentation3d",
+                    }
+                )
         masks = [
             {
-                "frame_id": frame,
-                "label_url": self.url(f"{self._job_dir(job)}masks/{i}.txt"),
-                "sensor_id": "lidar",
-                "type": "point_cloud_segmentation",
+                "_id": _uuid(f"{self._seed}\0mask\0{job.job_id}\0{spec.name}"),
+                "frame_id": spec.frame_id,
+                "label_url": self.url(f"{self._job_dir(job)}masks/{spec.name}.txt"),
+                "sensor_id": spec.sensor_id,
+                "type": "segmentation3d",
+                "url": "",
             }
-            for i, frame in enumerate(job.frame_ids)
+            for spec in specs
+        ]
+        sensors = self._sensors(job, specs)
+        tracks = [
+            {
+                "_id": self._track_id(job, k),
+                "attributes": None,
+                "color": class_color(k),
+                "grouping_config": None,
+                "label": class_name(k),
+                "label_id": None,
+                "state": "",
+                "type": "segmentation3d",
+            }
+            for k in sorted(used)
         ]
         sensor_data = job.data.get("sensor_data", {})
         return {
             "annotation_data": {
                 "annotations": annotations,
                 "frames": [{"_id": f} for f in job.frame_ids],
+                "groups": None,
                 "masks": masks,
-                "sensors": [{"_id": "lidar", "name": "lidar", "modality": "lidar"}],
-                "tracks": [
-                    {"_id": a["track_id"], "label": a["label"], "label_key": a["label_key"]}
-                    for a in annotations
-                ],
+                "sensors": sensors,
+                "tracks": tracks,
             },
             "sensor_data": {
                 "frames": sensor_data.get("frames", []),
                 "sensor_meta": sensor_data.get("sensor_meta", []),
             },
         }
+
+    @staticmethod
+    def _sensors(job: Job, specs: list[MaskSpec]) -> list[dict[str, Any]]:
+        """Every declared sensor with its type (the seed's ``sensors``), or the mask sensors."""
+        meta = job.data.get("sensor_data", {}).get("sensor_meta")
+        out: dict[str, str] = {}
+        for m in meta if isinstance(meta, list) else []:
+            if isinstance(m, dict) and isinstance(m.get("id"), str):
+                modality = m.get("modality")
+                out.setdefault(m["id"], str(modality).upper() if modality else "UNKNOWN")
+        for spec in specs:
+            out.setdefault(spec.sensor_id, "LIDAR")
+        return [{"sensor_id": k, "sensor_type": v} for k, v in out.items()]
 
     def _pcd_result(self, job: Job) -> dict[str, Any]:
         legend = [
@@ -228,6 +324,11 @@ def class_name(key: int) -> str:
 def class_color(key: int) -> str:
     digest = hashlib.blake2b(f"color\0{key}".encode(), digest_size=3).hexdigest()
     return f"#{digest}"
+
+
+def _uuid(text: str) -> str:
+    h = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _hex_id(text: str, nbytes: int) -> str:

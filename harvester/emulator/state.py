@@ -200,9 +200,13 @@ class EmulatorState:
         """The ground truth of one job; ``KeyError`` for an unknown provider or job."""
         return self._truth[provider](key)
 
-    def truth_labels(self, provider: str, reference_id: str, frame_id: str) -> truth.LabelArray:
+    def truth_labels(
+        self, provider: str, reference_id: str, frame_id: str, sensor_id: str | None = None
+    ) -> truth.LabelArray:
+        """The labels of a frame's mask; ``sensor_id`` for a frame with a mask per sensor."""
         if provider != "playment":
             raise KeyError(provider)
         p = self.scenario.playment
-        n = truth.points_for_frame(self.scenario.seed, reference_id, frame_id, p.points_per_frame)
-        return truth.frame_labels(self.scenario.seed, reference_id, frame_id, n, p.num_labels)
+        frame = truth.sensor_frame(frame_id, sensor_id)
+        n = truth.points_for_frame(self.scenario.seed, reference_id, frame, p.points_per_frame)
+        return truth.frame_labels(self.scenario.seed, reference_id, frame, n, p.num_labels)

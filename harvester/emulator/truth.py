@@ -48,6 +48,12 @@ def digest(doc: object) -> str:
     return hashlib.blake2b(text, digest_size=12).hexdigest()
 
 
+def sensor_frame(frame_id: str, sensor_id: str | None) -> str:
+    """What truth is drawn under for a frame's mask: the frame itself when it has one mask
+    (so single-sensor results never change), the frame and the sensor when it has several."""
+    return frame_id if sensor_id is None else f"{frame_id}\0{sensor_id}"
+
+
 def points_for_frame(
     seed: int, reference_id: str, frame_id: str, points_per_frame: int | tuple[int, int]
 ) -> int:

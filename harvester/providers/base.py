@@ -143,8 +143,17 @@ class HarvestIO(Protocol):
     async def fetch(self, resolve: Resolver, *, what: str) -> bytes:
         """A whole (small) signed-URL body; re-resolves on expiry; size-capped."""
 
-    async def labels(self, frame: str, resolve: Resolver, fmt: LabelFormat) -> None:
-        """Stream a label file through the decoder into ``labels/<frame>.npy``."""
+    async def labels(
+        self,
+        name: str,
+        resolve: Resolver,
+        fmt: LabelFormat,
+        *,
+        frame: str | None = None,
+        sensor_id: str | None = None,
+    ) -> None:
+        """Stream a label file through the decoder into ``labels/<name>.npy``; ``frame`` and
+        ``sensor_id`` (the provider's ids) go into its manifest entry when given."""
 
     async def download(
         self, relpath: str, resolve: Resolver, *, size: int | None = None, md5: bytes | None = None

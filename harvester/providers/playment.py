@@ -3,7 +3,10 @@
 Quirks handled here, each tested on recorded bodies:
 - a 200 answer with ``success: false`` is an error; every error carries a code;
 - ``FS_0001`` on create means the reference id exists: the job is there, find it;
-- ``completed`` is the only documented status, anything else is "still going", kept verbatim;
+- ``completed`` is the only documented status, anything else is "still going", kept verbatim
+  and marked unknown (``Status.known``) so the user is told;
+- a point-cloud frame can carry one mask per sensor (``sensor_id``): a frame with one mask
+  lands in ``labels/<frame>.npy``, a frame with several in ``labels/<frame>@<sensor>.npy``;
 - results and masks are private: they are fetched through ``/v1/attachments?url=``, which
   redirects to a short-lived signed URL on another host (no API key may follow it).
 """
@@ -56,6 +59,11 @@ NAME = "playment"
 _BAD_PAYLOAD = {"FS_0002", "FS_0003", "FS_0004", "FS_0005", "FS_0007", "GE_0001"}
 _SERVER_SIDE = {"FS_0000", "FS_0008", "api_error"}
 _AUTH = {"auth-failure", "unauthorized"}
+#: the job statuses Playment documents (seed "Get job results"); any other is still running
+DOCUMENTED_STATUSES = frozenset({"completed"})
+#: joins a frame and a sensor in a label file name; never in a ``job_key`` output, so
+#: ``<frame>@<sensor>`` cannot be spelled like a single-sensor ``<frame>`` or another pair
+SENSOR_SEPARATOR = "@"
 #: result documents are JSON of modest size; a bigger one is a provider fault, not data
 MAX_RESULT_BYTES = 512 << 20
 #: image/video results: a walk deeper or a list of files longer than this is not a result
@@ -209,7 +217,7 @@ class PlaymentProvider:
             return Status(RemoteState.SUCCEEDED, raw, progress=100.0, document=data)
         # Only "completed" is documented; anything else (or "completed" before its result URL
         # is filled in) is still in progress, and the raw value is kept for `status`.
-        return Status(RemoteState.RUNNING, raw, document=data)
+        return Status(RemoteState.RUNNING, raw, document=data, known=raw in DOCUMENTED_STATUSES)
 
     async def poll(self, job: Job, client: Client) -> PollResult:
         return await client.call(self.build_poll(job), functools.partial(self.parse_poll, job=job))
@@ -273,20 +281,8 @@ class PlaymentProvider:
         if not isinstance(masks, list):
             raise ProtocolError("annotation_data.masks is not a list", provider=NAME, job=job.key)
         io.write_json("classes.json", classes_from_annotations(annotation_data, job))
-        seen: set[str] = set()
-        for mask in masks:
-            if not isinstance(mask, dict):
-                raise ProtocolError("a mask entry is not an object", provider=NAME, job=job.key)
-            frame, url = mask.get("frame_id"), mask.get("label_url")
-            if not isinstance(frame, str) or not frame or not isinstance(url, str) or not url:
-                raise ProtocolError(
-                    "a mask entry lacks frame_id or label_url", provider=NAME, job=job.key
-                )
-            name = frame_file_name(frame)
-            if name in seen:
-                raise ProtocolError(f"two masks for frame {frame!r}", provider=NAME, job=job.key)
-            seen.add(name)
-            await io.labels(name, self.resolver(io, url), "mask")
+        for name, frame, sensor, url in mask_files(masks, job):
+            await io.labels(name, self.resolver(io, url), "mask", frame=frame, sensor_id=sensor)
 
     async def _harvest_pcd(self, job: Job, result: dict[str, Any], io: HarvestIO) -> None:
         url = result["url"]
@@ -372,6 +368,48 @@ class PlaymentProvider:
 
     def _protocol(self, resp: Response, message: str, job: Job | None = None) -> ProtocolError:
         return protocol_error(NAME, resp, message, job)
+
+
+def mask_files(masks: list[Any], job: Job) -> list[tuple[str, str, str | None, str]]:
+    """(file name, frame_id, sensor_id, label_url) for every mask, in document order.
+
+    A frame with one mask is named after the frame alone (the layout single-sensor results
+    always had); a frame with several, one per sensor, gets ``<frame>@<sensor>`` for each
+    (``<frame>@`` for the one without a sensor id). Both parts are made safe like job keys,
+    which never contain ``@``, so no two masks share a name. Two masks of one frame and one
+    sensor are ambiguous: a ``ProtocolError``.
+    """
+    entries: list[tuple[str, str | None, str]] = []
+    per_frame: dict[str, set[str | None]] = {}
+    for mask in masks:
+        if not isinstance(mask, dict):
+            raise ProtocolError("a mask entry is not an object", provider=NAME, job=job.key)
+        frame, url, sensor = mask.get("frame_id"), mask.get("label_url"), mask.get("sensor_id")
+        if not isinstance(frame, str) or not frame or not isinstance(url, str) or not url:
+            raise ProtocolError(
+                "a mask entry lacks frame_id or label_url", provider=NAME, job=job.key
+            )
+        if sensor is not None and not isinstance(sensor, str):
+            raise ProtocolError(
+                f"mask of frame {frame!r} has a sensor_id that is not a string",
+                provider=NAME,
+                job=job.key,
+            )
+        sensor = sensor or None  # "" (as in the seed's annotations) is no sensor, like null
+        sensors = per_frame.setdefault(frame, set())
+        if sensor in sensors:
+            raise ProtocolError(
+                f"two masks for frame {frame!r} and sensor {sensor!r}", provider=NAME, job=job.key
+            )
+        sensors.add(sensor)
+        entries.append((frame, sensor, url))
+    out: list[tuple[str, str, str | None, str]] = []
+    for frame, sensor, url in entries:
+        name = frame_file_name(frame)
+        if len(per_frame[frame]) > 1:
+            name += SENSOR_SEPARATOR + (frame_file_name(sensor) if sensor else "")
+        out.append((name, frame, sensor, url))
+    return out
 
 
 def classes_from_annotations(annotation_data: dict[str, Any], job: Job) -> dict[str, Any]:

@@ -41,7 +41,7 @@ async def test_job_runs_to_completed_and_masks_match_ground_truth(api: PlaymentC
     seed, p = api.emu.scenario.seed, api.emu.scenario.playment
     present: set[int] = set()
     for mask in ann["masks"]:
-        assert mask["sensor_id"] == "lidar" and mask["type"] == "point_cloud_segmentation"
+        assert mask["sensor_id"] == "lidar" and mask["type"] == "segmentation3d"
         labels = np.array(json.loads(await api.download(mask["label_url"])), dtype=np.uint16)
         n = truth.points_for_frame(seed, "scan-1", mask["frame_id"], p.points_per_frame)
         expected = truth.frame_labels(seed, "scan-1", mask["frame_id"], n, p.num_labels)
@@ -49,7 +49,7 @@ async def test_job_runs_to_completed_and_masks_match_ground_truth(api: PlaymentC
         served = await api.introspect("GET", f"/truth/playment/scan-1/{mask['frame_id']}")
         assert served == expected.tolist()
         present |= set(expected.tolist())
-    assert sorted(a["label_key"] for a in ann["annotations"]) == sorted(present)
+    assert {a["label_key"] for a in ann["annotations"]} == present
     for a in ann["annotations"]:
         assert {"label", "label_key", "class_id", "track_id", "color"} <= a.keys()
         assert a["color"].startswith("#") and len(a["color"]) == 7
@@ -262,3 +262,44 @@ async def test_large_create_bodies_are_accepted(api: PlaymentClient) -> None:
     assert len(json.dumps(body)) > 1024 * 1024
     status, doc = await api.create(body)
     assert status == 200, doc
+
+
+async def test_a_frame_with_two_lidars_gets_a_mask_per_sensor(api: PlaymentClient) -> None:
+    body = point_cloud_body("two-lidars", ("f0", "f1"))
+    sensor_data = body["data"]["sensor_data"]
+    sensor_data["sensor_meta"] = [
+        {"id": "top", "modality": "lidar"},
+        {"id": "cam", "modality": "camera"},
+        {"id": "rear", "modality": "lidar"},
+    ]
+    # f0 carries both lidars (and a camera); f1 only the top one
+    sensor_data["frames"][0]["sensors"] = [
+        {"sensor_id": s, "data_url": f"https://in.example/{s}.pcd"} for s in ("top", "cam", "rear")
+    ]
+    sensor_data["frames"][1]["sensors"] = [
+        {"sensor_id": "top", "data_url": "https://in.example/top1.pcd"}
+    ]
+    status, doc = await api.create(body)
+    assert status == 200, doc
+    done = await api.wait_completed(doc["data"]["job_id"])
+    ann = json.loads(await api.download(done["result"]))["annotation_data"]
+    pairs = [(m["frame_id"], m["sensor_id"]) for m in ann["masks"]]
+    assert pairs == [("f0", "top"), ("f0", "rear"), ("f1", "top")]
+    assert {(s["sensor_id"], s["sensor_type"]) for s in ann["sensors"]} == {
+        ("top", "LIDAR"),
+        ("cam", "CAMERA"),
+        ("rear", "LIDAR"),
+    }
+    served = []
+    for mask, sensor in zip(ann["masks"], ("top", "rear", None), strict=True):
+        labels = json.loads(await api.download(mask["label_url"]))
+        query = f"?sensor_id={sensor}" if sensor else ""
+        expected = await api.introspect(
+            "GET", f"/truth/playment/two-lidars/{mask['frame_id']}{query}"
+        )
+        assert labels == expected
+        served.append(labels)
+    assert served[0] != served[1]  # each sensor has its own point cloud
+    # a frame with one mask keeps the truth it always had
+    single = api.emu.state.truth_labels("playment", "two-lidars", "f1")
+    assert served[2] == single.tolist()

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import anyio
+import numpy as np
 import pytest
 
 import harvester.engine as engine_module
@@ -19,7 +20,7 @@ from harvester.jobs import Job, JobState
 from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
 
-from .helpers import API_KEY, check_outputs, make_config, new_jobs, scenario
+from .helpers import API_KEY, check_outputs, make_config, new_jobs, payload, scenario
 
 pytestmark = pytest.mark.anyio
 
@@ -267,3 +268,34 @@ async def test_running_jobs_are_polled_from_memory_without_store_reads(
         assert _CountingStore.reads <= 4 * 5, (_CountingStore.reads, len(polls))
     else:
         assert _CountingStore.reads >= len(polls) * 0.8, (_CountingStore.reads, len(polls))
+
+
+async def test_a_mask_per_sensor_lands_in_one_array_per_frame_and_sensor(tmp_path: Path) -> None:
+    """The seed's result object carries a sensor_id per mask: a frame scanned by two lidars
+    has two masks. Each becomes its own array; a frame with one mask keeps labels/<frame>.npy."""
+    data = payload(2)
+    sensor_data = data["data"]["sensor_data"]
+    sensor_data["sensor_meta"] = [
+        {"id": "top", "modality": "lidar"},
+        {"id": "rear", "modality": "lidar"},
+    ]
+    sensor_data["frames"][0]["sensors"] = [{"sensor_id": "top"}, {"sensor_id": "rear"}]
+    sensor_data["frames"][1]["sensors"] = [{"sensor_id": "top"}]
+    jobs = [NewJob("playment", "multi-1", "multi-1", None, data, "t:1")]
+    async with Emulator(scenario()) as emu:
+        config = make_config(tmp_path, emu)
+        counts = await harvest(config, jobs)
+        assert counts == {JobState.HARVESTED: 1}
+        folder = config.output.dir / "playment" / "multi-1"
+        files = json.loads((folder / "MANIFEST.json").read_text())["files"]
+        expected = {
+            "labels/f-000@top.npy": ("f-000", "top", "top"),
+            "labels/f-000@rear.npy": ("f-000", "rear", "rear"),
+            "labels/f-001.npy": ("f-001", "top", None),
+        }
+        assert {k for k in files if k.startswith("labels/")} == set(expected)
+        for rel, (frame, sensor, truth_sensor) in expected.items():
+            want = emu.state.truth_labels("playment", "multi-1", frame, truth_sensor)
+            assert np.array_equal(np.load(folder / rel), want), rel
+            assert (files[rel]["frame"], files[rel]["sensor_id"]) == (frame, sensor)
+            assert sha256_file(folder / rel) == files[rel]["sha256"]

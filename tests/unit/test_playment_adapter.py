@@ -368,3 +368,48 @@ async def test_inputs_echoed_in_a_result_are_not_downloaded(p: PlaymentProvider)
     # annotation_data without masks is an image result, not a point cloud
     assert list(io.downloads) == ["outputs/0/mask-0.png"]
     assert "classes.json" in io.files
+
+
+def test_mask_files_one_per_frame_and_sensor() -> None:
+    from harvester.providers.playment import mask_files
+
+    def m(frame: str, sensor: Any, n: int) -> dict[str, Any]:
+        return {"frame_id": frame, "sensor_id": sensor, "label_url": f"https://b/{n}.txt"}
+
+    masks = [m("0", "lidar", 1), m("1", "top", 2), m("1", "rear", 3), m("2", "", 4)]
+    masks += [m("a/b", "x y", 5), m("a/b", None, 6)]
+    names = [(name, frame, sensor) for name, frame, sensor, _url in mask_files(masks, job())]
+    assert names[:4] == [
+        ("0", "0", "lidar"),  # one mask: the single-sensor layout, unchanged
+        ("1@top", "1", "top"),
+        ("1@rear", "1", "rear"),
+        ("2", "2", None),
+    ]
+    # ids are made safe like job keys (never an '@'), the sensorless one ends in '@'
+    assert names[4][0].startswith("a_b+") and names[4][0].split("@")[1].startswith("x_y+")
+    assert names[5][0] == names[4][0].split("@")[0] + "@"
+    for dup in ([m("1", "top", 1), m("1", "top", 2)], [m("1", "", 1), m("1", None, 2)]):
+        with pytest.raises(ProtocolError, match="two masks for frame '1'"):
+            mask_files(dup, job())
+    with pytest.raises(ProtocolError, match="sensor_id that is not a string"):
+        mask_files([m("1", 7, 1)], job())
+
+
+def test_only_documented_statuses_are_known(p: PlaymentProvider) -> None:
+    """The documented statuses are the ones Playment's own pages show ("Get job results")."""
+    from tests.contract.seeds import example, section, seed
+
+    documented = {example(section(seed("Get job results"), "JOB RESULT"))["data"]["status"]}
+    assert documented == {"completed"}
+
+    def poll(status: str, result: str = "") -> Status:
+        body = {"data": {"status": status, "result": result, "job_id": "j-1"}, "success": True}
+        out = p.parse_poll(resp(200, body), job())
+        assert isinstance(out, Status)
+        return out
+
+    for raw in documented:
+        assert poll(raw).known and poll(raw, "https://s/r.json").known
+    for raw in ("created", "in_progress", "Completed", "queued", ""):
+        odd = poll(raw)
+        assert (odd.state, odd.raw, odd.known) == (RemoteState.RUNNING, raw, False)
