@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
+	@# Playment's official SDK, for the contract tests, kept out of the venv's site-packages:
+	@# its wheel also installs top-level `tests` and `examples` packages that shadow ours.
+	$(BIN)/python -m pip install --quiet --target $(VENV)/sdk/playment 'playment>=1.0.5' 'requests>=2.31'
 	@touch $(STAMP)
 
 install: $(STAMP)

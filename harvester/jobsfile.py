@@ -132,6 +132,16 @@ def _parse_line(line: bytes, where: str, config: Config, validators: dict[str, P
     if job_id is not None:
         job_id = _identifier({"job_id": job_id}, "job_id")
     payload = obj.get("payload")
+    if isinstance(payload, dict) and "reference_id" in payload and job_id is None:
+        # A create body copied whole from the provider's docs carries its reference_id.
+        inner = _identifier(payload, "reference_id", where="payload.reference_id")
+        if reference_id is None:
+            reference_id = inner
+        elif inner != reference_id:
+            raise _LineError(
+                f"payload.reference_id {inner!r} differs from the line's reference_id"
+                f" {reference_id!r}; give one, or the same in both"
+            )
     if job_id is not None:
         if payload is not None:
             raise _LineError("a line with job_id tracks an existing job and takes no payload")
@@ -158,18 +168,19 @@ def _parse_line(line: bytes, where: str, config: Config, validators: dict[str, P
     )
 
 
-def _identifier(obj: Mapping[str, Any], name: str) -> str | None:
+def _identifier(obj: Mapping[str, Any], name: str, *, where: str | None = None) -> str | None:
     value = obj.get(name)
     if value is None:
         return None
+    what = repr(name) if where is None else where
     if not isinstance(value, str) or not value.strip():
-        raise _LineError(f"{name!r} must be a non-empty string")
+        raise _LineError(f"{what} must be a non-empty string")
     if value != value.strip():
-        raise _LineError(f"{name!r} has leading or trailing whitespace")
+        raise _LineError(f"{what} has leading or trailing whitespace")
     if len(value) > MAX_ID_CHARS:
-        raise _LineError(f"{name!r} is longer than {MAX_ID_CHARS} characters")
+        raise _LineError(f"{what} is longer than {MAX_ID_CHARS} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise _LineError(f"{name!r} contains control characters")
+        raise _LineError(f"{what} contains control characters")
     return value
 
 

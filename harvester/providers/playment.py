@@ -82,34 +82,39 @@ class PlaymentProvider:
 
     # -- payload -----------------------------------------------------------------------
     def validate_payload(self, payload: Any) -> None:
+        """The create body as Playment documents it, minus what the config supplies.
+
+        A body copied whole from the docs may keep its ``reference_id`` (the jobs file makes
+        sure it is the line's); ``project_id`` is the config's. The documented ``data``
+        shapes (point cloud ``sensor_data``, video ``video_data`` with its optional
+        ``reference_data``, image ``image_url``) are checked; other keys pass untouched.
+        """
         if not isinstance(payload, dict):
             raise InvalidPayload("payload must be a JSON object with a 'data' object")
         data = payload.get("data")
         if not isinstance(data, dict) or not data:
             raise InvalidPayload("payload.data must be a non-empty JSON object")
-        for key in ("reference_id", "project_id"):
-            if key in payload:
-                raise InvalidPayload(
-                    f"payload.{key} is not allowed: it comes from the line / the config"
-                )
-        sensor = data.get("sensor_data")
-        if sensor is not None:
-            frames = sensor.get("frames") if isinstance(sensor, dict) else None
-            if frames is not None and (
-                not isinstance(frames, list)
-                or not frames
-                or not all(
-                    isinstance(f, dict) and isinstance(f.get("frame_id"), str) and f["frame_id"]
-                    for f in frames
-                )
-            ):
-                raise InvalidPayload(
-                    "payload.data.sensor_data.frames must be a non-empty list of objects"
-                    " with a string frame_id"
-                )
-        for key in ("work_flow_id", "batch_id"):
+        if "project_id" in payload:
+            raise InvalidPayload("payload.project_id is not allowed: it comes from the config")
+        if "reference_id" in payload and not isinstance(payload["reference_id"], str):
+            raise InvalidPayload("payload.reference_id must be a string")
+        for key in ("work_flow_id", "batch_id", "tag"):
             if key in payload and payload[key] is not None and not isinstance(payload[key], str):
                 raise InvalidPayload(f"payload.{key} must be a string")
+        if "sensor_data" in data:
+            _check_sensor_data(data["sensor_data"])
+        if "video_data" in data:
+            _check_frames(data["video_data"], "data.video_data", url_key="src")
+        if "reference_data" in data:
+            _check_reference_data(data["reference_data"])
+        if "image_url" in data and not _is_url(data["image_url"]):
+            raise InvalidPayload("payload.data.image_url must be a URL string")
+        if not (payload.get("work_flow_id") or payload.get("tag") or self.cfg.work_flow_id):
+            # Required by the docs; the official SDK sends it as "tag".
+            raise InvalidPayload(
+                "payload.work_flow_id is missing (Playment requires one; or set"
+                " providers.playment.work_flow_id in the config)"
+            )
 
     # -- setup: a batch of our own, so a lost create answer can be found by listing it ------
     @property
@@ -368,6 +373,74 @@ class PlaymentProvider:
 
     def _protocol(self, resp: Response, message: str, job: Job | None = None) -> ProtocolError:
         return protocol_error(NAME, resp, message, job)
+
+
+def _is_url(value: Any) -> bool:
+    # Not stricter than Playment's SDK: buckets and signed links come in many schemes.
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _object_list(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise InvalidPayload(f"payload.{where} must be a non-empty list of objects")
+    return value
+
+
+def _check_frames(section: Any, where: str, *, url_key: str | None) -> list[dict[str, Any]]:
+    """``<where>.frames``: objects with a unique non-empty string ``frame_id``."""
+    if not isinstance(section, dict):
+        raise InvalidPayload(f"payload.{where} must be an object")
+    frames = _object_list(section.get("frames"), f"{where}.frames")
+    seen: set[str] = set()
+    for i, frame in enumerate(frames):
+        fid = frame.get("frame_id")
+        if not isinstance(fid, str) or not fid:
+            raise InvalidPayload(f"payload.{where}.frames[{i}].frame_id must be a string")
+        if fid in seen:
+            raise InvalidPayload(f"payload.{where}.frames[{i}].frame_id {fid!r} is repeated")
+        seen.add(fid)
+        if url_key is not None and not _is_url(frame.get(url_key)):
+            raise InvalidPayload(f"payload.{where}.frames[{i}].{url_key} must be a URL string")
+    return frames
+
+
+def _check_sensor_data(section: Any) -> None:
+    """Point clouds: frames (each ``sensors[]`` naming a ``sensor_id``) and ``sensor_meta``."""
+    if not isinstance(section, dict):
+        raise InvalidPayload("payload.data.sensor_data must be an object")
+    if "frames" in section:
+        frames = _check_frames(section, "data.sensor_data", url_key=None)
+        for i, frame in enumerate(frames):
+            sensors = frame.get("sensors", [])
+            if not isinstance(sensors, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("sensor_id"), str) for s in sensors
+            ):
+                raise InvalidPayload(
+                    f"payload.data.sensor_data.frames[{i}].sensors must be a list of objects"
+                    " with a string sensor_id"
+                )
+    meta = section.get("sensor_meta", [])
+    if not isinstance(meta, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"] for m in meta
+    ):
+        raise InvalidPayload(
+            "payload.data.sensor_data.sensor_meta must be a list of objects with a string id"
+        )
+
+
+def _check_reference_data(section: Any) -> None:
+    """Video: optional reference images per frame, ``raster.images[{frame_id, data[]}]``."""
+    raster = section.get("raster") if isinstance(section, dict) else None
+    if not isinstance(raster, dict):
+        raise InvalidPayload("payload.data.reference_data must be an object with 'raster'")
+    images = _object_list(raster.get("images"), "data.reference_data.raster.images")
+    for i, image in enumerate(images):
+        where = f"data.reference_data.raster.images[{i}]"
+        if not isinstance(image.get("frame_id"), str) or not image["frame_id"]:
+            raise InvalidPayload(f"payload.{where}.frame_id must be a string")
+        for j, item in enumerate(_object_list(image.get("data"), f"{where}.data")):
+            if not _is_url(item.get("image_url")):
+                raise InvalidPayload(f"payload.{where}.data[{j}].image_url must be a URL string")
 
 
 def mask_files(masks: list[Any], job: Job) -> list[tuple[str, str, str | None, str]]:

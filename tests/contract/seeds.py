@@ -77,7 +77,7 @@ def example(text: str) -> Any:
 def shape_problems(model: Any, actual: Any, path: str = "$") -> list[str]:
     """Where ``actual`` does not have ``model``'s shape: the same keys in every object and
     the same JSON type at every place (a placeholder or a null in the model matches any
-    value; lists are compared item by item against the model's first item)."""
+    value; the n-th item of a list is compared with the model's n-th, or its last)."""
     if model is None or model == PLACEHOLDER:
         return []
     if isinstance(model, dict):
@@ -97,8 +97,11 @@ def shape_problems(model: Any, actual: Any, path: str = "$") -> list[str]:
             return [f"{path}: a list in the docs, {type(actual).__name__} here"]
         if not model:
             return []
-        item = model[0]
-        return [p for i, a in enumerate(actual) for p in shape_problems(item, a, f"{path}[{i}]")]
+        return [
+            p
+            for i, a in enumerate(actual)
+            for p in shape_problems(model[min(i, len(model) - 1)], a, f"{path}[{i}]")
+        ]
     numbers = (int, float)
     if isinstance(model, bool) or isinstance(actual, bool):
         same = isinstance(model, bool) and isinstance(actual, bool)

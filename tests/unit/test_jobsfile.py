@@ -16,7 +16,8 @@ CONFIG = """
 api_key_env = "K"
 project_id = "p"
 """
-PAYLOAD = {"data": {"sensor_data": {"frames": [{"frame_id": "f1"}]}}}
+PAYLOAD = {"data": {"sensor_data": {"frames": [{"frame_id": "f1"}]}}, "work_flow_id": "wf"}
+IMAGE = {"data": {"image_url": "u"}, "work_flow_id": "wf"}
 
 
 @pytest.fixture
@@ -79,7 +80,11 @@ def test_bad_line_is_named(config, bad: str, needle: str) -> None:  # type: igno
 
 def test_conflicting_lines(config) -> None:  # type: ignore[no-untyped-def]
     a = line(provider="playment", reference_id="a", payload=PAYLOAD)
-    b = line(provider="playment", reference_id="a", payload={"data": {"image_url": "u"}})
+    b = line(
+        provider="playment",
+        reference_id="a",
+        payload={"data": {"image_url": "u"}, "work_flow_id": "wf"},
+    )
     with pytest.raises(
         JobsFileError, match=r"j\.jsonl:2: job key playment/a was already used by j\.jsonl:1"
     ):
@@ -97,7 +102,11 @@ def test_files_are_all_or_nothing(config, tmp_path: Path) -> None:  # type: igno
     one.write_text(line(provider="playment", reference_id="a", payload=PAYLOAD) + "\n")
     two = tmp_path / "two.jsonl"
     two.write_text(
-        line(provider="playment", reference_id="a", payload={"data": {"image_url": "u"}})
+        line(
+            provider="playment",
+            reference_id="a",
+            payload={"data": {"image_url": "u"}, "work_flow_id": "wf"},
+        )
     )
     with pytest.raises(JobsFileError, match=r"two\.jsonl:1"):
         read_jobs_files([one, two], config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -187,13 +188,31 @@ def test_attachment_redirect_resolves_relative_and_absolute(p: PlaymentProvider)
         {"data": "x"},
         {"data": {"sensor_data": {"frames": []}}},
         {"data": {"sensor_data": {"frames": [{"frame_id": 3}]}}},
-        {"data": {"image_url": "u"}, "reference_id": "x"},
+        {"data": {"image_url": "https://x/1.jpg"}, "reference_id": 5},
+        {"data": {"image_url": ""}},
+        {"data": {"video_data": {"frames": []}}},
+        {
+            "data": {
+                "video_data": {"frames": [{"frame_id": "a", "src": "https://x/1.jpg"}]},
+                "reference_data": {"raster": {"images": [{"frame_id": "a", "data": [{}]}]}},
+            }
+        },
+        {"data": {"sensor_data": {"frames": [{"frame_id": "a", "sensors": [{"data_url": "u"}]}]}}},
         {"data": {"image_url": "u"}, "work_flow_id": 5},
     ],
 )
 def test_payload_validation(p: PlaymentProvider, payload: Any) -> None:
     with pytest.raises(InvalidPayload):
         p.validate_payload(payload)
+
+
+def test_work_flow_id_is_required_from_the_payload_or_the_config(p: PlaymentProvider) -> None:
+    data = {"image_url": "https://x/1.jpg"}
+    with pytest.raises(InvalidPayload, match=r"payload\.work_flow_id is missing"):
+        p.validate_payload({"data": data})
+    p.validate_payload({"data": data, "work_flow_id": "wf"})
+    p.validate_payload({"data": data, "tag": "wf"})  # what the official SDK sends
+    PlaymentProvider(dataclasses.replace(CFG, work_flow_id="wf")).validate_payload({"data": data})
 
 
 def test_classes_from_annotations_one_per_label_key() -> None:
@@ -393,23 +412,3 @@ def test_mask_files_one_per_frame_and_sensor() -> None:
             mask_files(dup, job())
     with pytest.raises(ProtocolError, match="sensor_id that is not a string"):
         mask_files([m("1", 7, 1)], job())
-
-
-def test_only_documented_statuses_are_known(p: PlaymentProvider) -> None:
-    """The documented statuses are the ones Playment's own pages show ("Get job results")."""
-    from tests.contract.seeds import example, section, seed
-
-    documented = {example(section(seed("Get job results"), "JOB RESULT"))["data"]["status"]}
-    assert documented == {"completed"}
-
-    def poll(status: str, result: str = "") -> Status:
-        body = {"data": {"status": status, "result": result, "job_id": "j-1"}, "success": True}
-        out = p.parse_poll(resp(200, body), job())
-        assert isinstance(out, Status)
-        return out
-
-    for raw in documented:
-        assert poll(raw).known and poll(raw, "https://s/r.json").known
-    for raw in ("created", "in_progress", "Completed", "queued", ""):
-        odd = poll(raw)
-        assert (odd.state, odd.raw, odd.known) == (RemoteState.RUNNING, raw, False)
