@@ -192,6 +192,7 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
     try:
         counts = await store.counts()
         failures = await store.jobs(states=sorted(UNSUCCESSFUL))
+        unknown = await store.unknown_statuses()
         if args.check:
             problems = await store.check()
             everything = await store.jobs()
@@ -204,13 +205,13 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
     from harvester.summary import render_status, status_json
 
     if args.json:
-        doc = status_json(counts, failures)
+        doc = status_json(counts, failures, unknown=unknown)
         if args.check:
             doc["check"] = problems
             doc["checked"] = report.as_json()
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        render_status(counts, failures)
+        render_status(counts, failures, unknown=unknown)
         if args.check:
             for p in problems:
                 print(f"problem: {p}")

@@ -668,14 +668,37 @@ class Engine:
                 reason=status.reason or f"provider status {status.raw}",
             )
         else:
-            changed = status.raw != job.remote_status or status.progress != job.progress
+            unknown = not status.known
+            changed = (
+                status.raw != job.remote_status
+                or status.progress != job.progress
+                or unknown != job.status_unknown
+            )
             if changed:
+                if unknown and not job.status_unknown:
+                    self._unknown_status(lane, job, status.raw)
                 job = await self.store.update(
-                    job, now=self.clock.wall(), remote_status=status.raw, progress=status.progress
+                    job,
+                    now=self.clock.wall(),
+                    remote_status=status.raw,
+                    progress=status.progress,
+                    status_unknown=unknown,
                 )
                 if self.on_change is not None:
                     self.on_change(job)
             self._poll_later(lane, job, changed=changed)
+
+    def _unknown_status(self, lane: Lane, job: Job, raw: str) -> None:
+        """Once per job (the store remembers it was told): the provider answered a status it
+        does not document, so harvester keeps polling and cannot tell if it ever ends."""
+        log.warning(
+            "status not documented by the provider; still polling as running",
+            provider=lane.name,
+            job=job.key,
+            remote_id=job.remote_id,
+            remote_status=raw,
+        )
+        self.metrics.count_unknown_status(lane.name, raw)
 
     # -- harvest ------------------------------------------------------------------------
     async def _queue_harvest(self, provider: str, key: str) -> None:

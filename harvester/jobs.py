@@ -110,6 +110,8 @@ class Job:
     due_at: float | None = None  #: wall time of the next action, when scheduled
     output: str | None = None  #: output directory, relative to output.dir, once harvested
     version: int = 0  #: bumped on every write; the store refuses a stale version
+    #: ``remote_status`` is outside the provider's documented set (still polled as running)
+    status_unknown: bool = False
 
     @property
     def terminal(self) -> bool:

@@ -23,6 +23,11 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 #: the image sets it from its build (Dockerfile ARG REVISION); elsewhere "unknown"
 REVISION_ENV = "HARVESTER_REVISION"
 
+#: distinct raw statuses labelled per provider, and their length; the rest count as "(other)"
+MAX_STATUS_LABELS = 20
+MAX_STATUS_LABEL = 64
+OTHER_STATUS = "(other)"
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -116,6 +121,14 @@ class Metrics:
             registry=r,
         )
 
+        self.unknown_status = Counter(
+            "harvester_unknown_status_jobs",
+            "jobs that answered a status their provider does not document (once per job)",
+            ["provider", "status"],
+            registry=r,
+        )
+        self._unknown_seen: dict[str, set[str]] = {}
+
         # Replicas sharing a PostgreSQL store (harvester.replica); absent on sqlite.
         self.replicas_live = Gauge(
             "harvester_replicas_live",
@@ -157,6 +170,18 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+
+    def count_unknown_status(self, provider: str, raw: str) -> None:
+        """One more job seen in ``raw``, a status ``provider`` does not document. The label
+        is bounded: a provider answering a new string per job cannot grow the series."""
+        seen = self._unknown_seen.setdefault(provider, set())
+        label = raw[:MAX_STATUS_LABEL]
+        if label not in seen:
+            if len(seen) >= MAX_STATUS_LABELS:
+                label = OTHER_STATUS
+            else:
+                seen.add(label)
+        self.unknown_status.labels(provider, label).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -23,6 +24,7 @@ def status_json(
     failures: Sequence[Job],
     *,
     providers: Sequence[str] | None = None,
+    unknown: Mapping[tuple[str, str], int] | None = None,
 ) -> dict[str, Any]:
     by_provider: dict[str, dict[str, int]] = {}
     for (provider, state), n in sorted(counts.items()):
@@ -45,7 +47,24 @@ def status_json(
             for j in failures
             if providers is None or j.provider in providers
         ],
+        # Jobs kept polling because their provider answered a status it does not document.
+        "unknown_statuses": [
+            {"provider": p, "status": raw, "jobs": n}
+            for (p, raw), n in sorted((unknown or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+            if providers is None or p in providers
+        ],
     }
+
+
+def unknown_line(doc: Mapping[str, Any]) -> str | None:
+    """``N jobs in a status harvester does not know: playment "in_review" x2, ...``."""
+    rows = doc["unknown_statuses"]
+    if not rows:
+        return None
+    total = sum(r["jobs"] for r in rows)
+    each = ", ".join(f"{r['provider']} {json.dumps(r['status'])} x{r['jobs']}" for r in rows)
+    noun = "job" if total == 1 else "jobs"
+    return f"{total} {noun} in a status harvester does not know (polled as running): {each}"
 
 
 def render_run(run: dict[str, float], console: Console | None = None) -> None:
@@ -64,9 +83,10 @@ def render_status(
     *,
     providers: Sequence[str] | None = None,
     console: Console | None = None,
+    unknown: Mapping[tuple[str, str], int] | None = None,
 ) -> None:
     console = console or Console(file=sys.stdout)
-    doc = status_json(counts, failures, providers=providers)
+    doc = status_json(counts, failures, providers=providers, unknown=unknown)
     states = [s for s in _ORDER if any(s.value in row for row in doc["providers"].values())]
     table = Table(title="harvester jobs", show_footer=False)
     table.add_column("provider")
@@ -79,6 +99,9 @@ def render_status(
         console.print("no jobs in the store")
         return
     console.print(table)
+    line = unknown_line(doc)
+    if line:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     failed = doc["failed"]
     if failed:
         ftable = Table(title=f"jobs that did not harvest ({len(failed)})")

@@ -128,6 +128,9 @@ class Store(Protocol):
     async def counts(self) -> dict[tuple[str, JobState], int]:
         """Number of jobs per (provider, state)."""
 
+    async def unknown_statuses(self) -> dict[tuple[str, str], int]:
+        """Active jobs whose provider status is not a documented one, per (provider, raw)."""
+
     async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         """Active jobs added after ``cursor`` (0: all), and the cursor to pass next time.
 

@@ -119,6 +119,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             lease_until   double precision NOT NULL
         )""",
     ),
+    # 2: a status the provider does not document, so `harvester status` can name it
+    ("ALTER TABLE jobs ADD COLUMN status_unknown boolean NOT NULL DEFAULT false",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _OUR_TABLES = ("jobs", "meta", "replicas")
@@ -134,15 +136,15 @@ UPDATE jobs AS j SET
     reference_id = v.reference_id, remote_id = v.remote_id, state = v.state,
     remote_status = v.remote_status, progress = v.progress, reason = v.reason,
     attempts = v.attempts, due_at = v.due_at, output = v.output,
-    updated_at = v.updated_at, version = v.version,
+    updated_at = v.updated_at, version = v.version, status_unknown = v.status_unknown,
     owner = CASE WHEN v.state = ANY($16::text[]) THEN NULL ELSE j.owner END,
     claimed_at = CASE WHEN v.state = ANY($16::text[]) THEN NULL ELSE j.claimed_at END
 FROM unnest(
     $1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::float8[], $9::text[], $10::int[], $11::float8[], $12::text[], $13::float8[],
-    $14::int[], $15::int[]
+    $14::int[], $15::int[], $18::bool[]
 ) AS v(i, provider, key, reference_id, remote_id, state, remote_status, progress, reason,
-       attempts, due_at, output, updated_at, version, base_version)
+       attempts, due_at, output, updated_at, version, base_version, status_unknown)
 WHERE j.provider = v.provider AND j.key = v.key AND j.version = v.base_version
     AND ($17::text IS NULL OR j.owner = $17::text)
 RETURNING v.i
@@ -510,6 +512,14 @@ class PostgresStore:
                 ) from None
         return result
 
+    async def unknown_statuses(self) -> dict[tuple[str, str], int]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT provider, remote_status, count(*) FROM jobs WHERE status_unknown"
+                f" AND state IN ({_ACTIVE_SQL}) GROUP BY provider, remote_status"
+            )
+        return {(provider, raw or ""): int(n) for provider, raw, n in rows}
+
     async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         """Active jobs added after ``cursor``; see the protocol.
 
@@ -801,6 +811,7 @@ class PostgresStore:
             [w[1] for w in writes],
             _TERMINAL,
             self._owner,
+            [j.status_unknown for j in jobs],
         )
         return {int(r[0]) for r in rows}
 

@@ -81,13 +81,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX jobs_state ON jobs (state)",
         "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    # 2: a status the provider does not document, so `harvester status` can name it
+    ("ALTER TABLE jobs ADD COLUMN status_unknown INTEGER NOT NULL DEFAULT 0",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 # The order of ``Job``'s constructor, so a row becomes a Job without a dict in between.
 _JOB_COLUMNS = (
     "provider, key, reference_id, remote_id, state, created_at, updated_at, remote_status,"
-    " progress, reason, attempts, due_at, output, version"
+    " progress, reason, attempts, due_at, output, version, status_unknown"
 )
 _SELECT_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs"
 _ORDER = " ORDER BY created_at, rowid"
@@ -98,7 +100,7 @@ _INSERT_JOB = (
 _UPDATE_JOB = (
     "UPDATE jobs SET reference_id = ?, remote_id = ?, state = ?, remote_status = ?,"
     " progress = ?, reason = ?, attempts = ?, due_at = ?, output = ?, updated_at = ?,"
-    " version = ? WHERE provider = ? AND key = ? AND version = ?"
+    " version = ?, status_unknown = ? WHERE provider = ? AND key = ? AND version = ?"
 )
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9._+-]{1,120}")
@@ -107,8 +109,25 @@ _NEED_REASON = ("failed", "cancelled", "error")
 
 
 def _job_from_row(row: tuple[Any, ...]) -> Job:
-    provider, key, reference_id, remote_id, state, *rest = row
-    return Job(provider, key, reference_id, remote_id, _state(provider, key, state), *rest)
+    (provider, key, reference_id, remote_id, state, created_at, updated_at, remote_status,
+     progress, reason, attempts, due_at, output, version, unknown) = row  # fmt: skip
+    return Job(
+        provider,
+        key,
+        reference_id,
+        remote_id,
+        _state(provider, key, state),
+        created_at,
+        updated_at,
+        remote_status,
+        progress,
+        reason,
+        attempts,
+        due_at,
+        output,
+        version,
+        bool(unknown),  # sqlite keeps it as 0/1
+    )
 
 
 _N_JOB_COLUMNS = len(_JOB_COLUMNS.split(","))
@@ -131,6 +150,7 @@ def _job_row(job: Job) -> tuple[Any, ...]:
         job.due_at,
         job.output,
         job.version,
+        job.status_unknown,
     )
 
 
@@ -393,6 +413,7 @@ class _Db:
                             job.output,
                             job.updated_at,
                             job.version,
+                            job.status_unknown,
                             job.provider,
                             job.key,
                             base_version,
@@ -494,6 +515,14 @@ class _Db:
                     f"{n} job(s) of {provider} have the unknown state {state!r}"
                 ) from None
         return result
+
+    def unknown_statuses(self) -> dict[tuple[str, str], int]:
+        rows = self.conn.execute(
+            "SELECT provider, remote_status, count(*) FROM jobs WHERE status_unknown = 1"
+            f" AND state IN ({_placeholders(len(ACTIVE))}) GROUP BY provider, remote_status",
+            sorted(s.value for s in ACTIVE),
+        )
+        return {(provider, raw or ""): n for provider, raw, n in rows}
 
     # --- meta and integrity ---------------------------------------------------------------
 
@@ -747,6 +776,9 @@ class SqliteStore:
 
     async def counts(self) -> dict[tuple[str, JobState], int]:
         return await self._call(_Db.counts)
+
+    async def unknown_statuses(self) -> dict[tuple[str, str], int]:
+        return await self._call(_Db.unknown_statuses)
 
     async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         return await self._call(lambda db: db.added_since(cursor))
