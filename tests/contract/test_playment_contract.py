@@ -223,12 +223,12 @@ def _config(folder: Path, emu: Emulator) -> Path:
     return write_config(folder, emu.urls, PROJECT)
 
 
-async def _cli(*args: str) -> tuple[int, str]:
+async def _cli(*args: str) -> tuple[int, str, str]:
     with anyio.fail_after(90):
         done = await anyio.run_process(
             [sys.executable, "-m", "harvester.cli", *args], env=env(), check=False
         )
-    return done.returncode, (done.stdout + done.stderr).decode()
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
 async def test_documented_payloads_are_submitted_tracked_and_harvested(
@@ -248,11 +248,11 @@ async def test_documented_payloads_are_submitted_tracked_and_harvested(
     ]
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    code, out = await _cli("submit", "-c", str(config), str(jobs))
-    assert code == 0, out
-    code, out = await _cli("harvest", "-c", str(config), "--no-progress", "--json", str(jobs))
-    assert code == 0, out
-    summary = json.loads(out[out.index("{") :])
+    code, _out, err = await _cli("submit", "-c", str(config), str(jobs))
+    assert code == 0, err
+    code, out, err = await _cli("harvest", "-c", str(config), "--no-progress", "--json", str(jobs))
+    assert code == 0, err
+    summary = json.loads(out)
     assert summary["providers"]["playment"] == {"harvested": 3}, summary
     root = tmp_path / "out" / "playment"
     video_files = json.loads((root / "001" / "MANIFEST.json").read_text())["files"]
@@ -277,11 +277,11 @@ async def test_a_documented_body_with_a_mistake_is_one_clear_error(
     jobs.write_text(
         json.dumps(good) + "\n" + json.dumps({"provider": "playment", "payload": video})
     )
-    code, out = await _cli("submit", "-c", str(config), str(jobs))
+    code, _out, err = await _cli("submit", "-c", str(config), str(jobs))
     assert code == 2
-    assert out.splitlines()[0] == (
+    assert err.splitlines()[0] == (
         f"harvester: {jobs}:2: payload.data.video_data.frames[1].src must be a URL string"
     )
-    code, out = await _cli("status", "-c", str(config), "--json")
-    assert json.loads(out)["total"] == 0, out
+    code, out, err = await _cli("status", "-c", str(config), "--json")
+    assert json.loads(out)["total"] == 0, err
     assert emu.state.stats()["playment"]["creates"] == 0

@@ -171,10 +171,12 @@ def test_failed_jobs_exit_1(tmp_path: Path, emulator: dict[str, str]) -> None:
     config = write_config(tmp_path, emulator, "cli-fail")
     jobs = tmp_path / "jobs.jsonl"
     ok = jobs_lines(1, "fine")
-    # The emulator refuses duplicate frame ids (FS_0004): the job ends in error, not a crash.
+    # The emulator refuses a batch the project does not have (GE_0001): the job ends in
+    # error, not a crash.
     dup = {
-        "data": {"sensor_data": {"frames": [{"frame_id": "a"}, {"frame_id": "a"}]}},
+        "data": {"sensor_data": {"frames": [{"frame_id": "a"}]}},
         "work_flow_id": "wf",
+        "batch_id": "no-such-batch",
     }
     jobs.write_text(
         ok + json.dumps({"provider": "playment", "reference_id": "dup", "payload": dup}) + "\n"
@@ -184,4 +186,4 @@ def test_failed_jobs_exit_1(tmp_path: Path, emulator: dict[str, str]) -> None:
     summary = json.loads(done.stdout)
     assert summary["providers"]["playment"] == {"harvested": 1, "error": 1}
     (failed,) = summary["failed"]
-    assert failed["key"] == "dup" and "FS_0004" in failed["reason"]
+    assert failed["key"] == "dup" and "GE_0001" in failed["reason"]
