@@ -145,6 +145,8 @@ class Engine:
         self._load_lock = anyio.Lock()
         self._harvest_send: MemoryObjectSendStream[tuple[str, str]] | None = None
         self._queued_for_harvest: set[tuple[str, str]] = set()
+        #: (provider, raw status) pairs already warned about (bounded: statuses are few)
+        self._unknown_told: set[tuple[str, str]] = set()
         #: with a store several processes share, jobs are claimed by lease (harvester.replica)
         self.replica: Replica | None = (
             Replica(self, store, lease_s=config.store.lease_s)
@@ -690,8 +692,15 @@ class Engine:
 
     def _unknown_status(self, lane: Lane, job: Job, raw: str) -> None:
         """Once per job (the store remembers it was told): the provider answered a status it
-        does not document, so harvester keeps polling and cannot tell if it ever ends."""
-        log.warning(
+        does not document, so harvester keeps polling and cannot tell if it ever ends.
+
+        A warning for the first job of each (provider, status) in this process, info for the
+        others: a provider that documents only its final status (Playment) would otherwise
+        print a warning for every job it is working on."""
+        first = (lane.name, raw) not in self._unknown_told
+        if first and len(self._unknown_told) < 1000:
+            self._unknown_told.add((lane.name, raw))
+        (log.warning if first else log.info)(
             "status not documented by the provider; still polling as running",
             provider=lane.name,
             job=job.key,

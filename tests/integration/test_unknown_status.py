@@ -67,9 +67,9 @@ async def test_logged_and_counted_once_per_job_across_many_polls(tmp_path: Path)
         told = [e for e in logs if e["event"] == EVENT]
         # once per job, though each was polled many times in two undocumented statuses
         assert sorted(e["job"] for e in told) == sorted(j.key for j in jobs)
-        assert {(e["log_level"], e["provider"], e["remote_status"]) for e in told} == {
-            ("warning", "playment", "queued")
-        }
+        assert {(e["provider"], e["remote_status"]) for e in told} == {("playment", "queued")}
+        # a warning for the first job in that status, the others at info: no warning flood
+        assert sorted(e["log_level"] for e in told) == ["info", "info", "warning"]
         assert all(e["remote_id"] in per_job for e in told)
         assert unknown_samples(engine) == {("playment", "queued"): 3.0}
 
