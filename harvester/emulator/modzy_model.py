@@ -2,7 +2,7 @@
 
 Pure (no HTTP). A job is SUBMITTED for the first quarter of ``job_duration_s``, IN_PROGRESS
 while its inputs finish one by one, then COMPLETED (each input failing with probability
-``item_failure_rate``), or, for the whole job, FAILED (``failure_rate``: every input fails) or
+``item_failure_rate``), or, for the whole job, ERROR (``failure_rate``: every input fails) or
 TIMEDOUT (``timeout_rate``: the second half of the inputs never finish). A cancelled job is
 CANCELED at once; inputs that had not finished are listed under ``failures`` with status
 ``CANCELED``. Outputs and fates are functions of the seed and the request, not of arrival order.
@@ -21,8 +21,9 @@ from harvester.emulator import truth
 from harvester.emulator.scenario import ModzyScenario
 from harvester.emulator.timefmt import Stamp, iso_offset
 
-Status = Literal["SUBMITTED", "IN_PROGRESS", "COMPLETED", "CANCELED", "TIMEDOUT", "FAILED"]
-Outcome = Literal["COMPLETED", "FAILED", "TIMEDOUT"]
+# Modzy's documented job statuses ("a finished job ends Completed or Error"); there is no FAILED.
+Status = Literal["SUBMITTED", "IN_PROGRESS", "COMPLETED", "CANCELED", "TIMEDOUT", "ERROR"]
+Outcome = Literal["COMPLETED", "ERROR", "TIMEDOUT"]
 INPUT_TYPES = (
     "text", "embedded", "aws-s3", "aws-s3-folder", "azureblob", "gcp", "gcp-folder", "jdbc",
 )  # fmt: skip
@@ -110,7 +111,7 @@ class ModzyModel:
         draw = truth.unit_draw(self._seed, "modzy", "outcome", key)
         outcome: Outcome = "COMPLETED"
         if draw < self._s.failure_rate:
-            outcome = "FAILED"
+            outcome = "ERROR"
         elif draw < self._s.failure_rate + self._s.timeout_rate:
             outcome = "TIMEDOUT"
         job = ModzyJob(
@@ -165,7 +166,7 @@ class ModzyModel:
     def fate(self, job: ModzyJob, index: int) -> ItemFate:
         """How input ``index`` ends if the job is left to run (cancellation aside)."""
         name = job.items[index]
-        if job.outcome == "FAILED":
+        if job.outcome == "ERROR":
             return ItemFate(False, self._item_error(job, name), "FAILED")
         if job.outcome == "TIMEDOUT" and index >= (len(job.sources) + 1) // 2:
             return ItemFate(False, "Job timed out before this input was processed", "FAILED")
