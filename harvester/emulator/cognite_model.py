@@ -24,6 +24,7 @@ from harvester.emulator.timefmt import Stamp, epoch_ms
 Status = Literal["Queued", "Running", "Completed", "Failed"]
 MAX_ID = 2**53 - 1  # Cognite ids are JSON-safe integers
 MAX_EXTERNAL_ID = 255
+MAX_SPACE = 43  # a data-modeling space id
 MAX_DOWNLOAD_ITEMS = 100
 QUEUED_FRACTION = 0.25
 CONCURRENCY_MESSAGE = (
@@ -65,11 +66,16 @@ class CogniteError(Exception):
 class FileRef:
     id: int
     external_id: str | None = None
+    #: ``(space, externalId)`` of the data-modeling node that names the file, if it was so named
+    instance_id: tuple[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"fileId": self.id}
         if self.external_id is not None:
             out["fileExternalId"] = self.external_id
+        if self.instance_id is not None:
+            space, xid = self.instance_id
+            out["fileInstanceId"] = {"space": space, "externalId": xid}
         return out
 
 
@@ -148,7 +154,8 @@ class CogniteModel:
 
     def render(self, job: SegmentJob, *, just_created: bool = False) -> dict[str, Any]:
         # The create answer is always "Queued", even for a zero-length job: the job is
-        # queued at the instant it is accepted.
+        # queued at the instant it is accepted. It echoes the prompt's points and box at
+        # the top level (the POST reference); the job document nests them under "prompt".
         status, since = ("Queued", job.stamp.mono) if just_created else self.status(job)
         wall = job.stamp.wall_at
         doc: dict[str, Any] = {"status": status, "createdTime": epoch_ms(job.stamp.wall)}
@@ -163,7 +170,10 @@ class CogniteModel:
             doc["items"] = []
         else:
             doc["items"] = [job.file.to_json()]
-        doc["prompt"] = job.prompt
+        if just_created:
+            doc.update(job.prompt)
+        else:
+            doc["prompt"] = job.prompt
         if status == "Failed":
             message = self.failure_message(job)
             doc["errorMessage"] = message
@@ -221,9 +231,20 @@ class CogniteModel:
     def _file_ref(self, item: object, where: str) -> FileRef:
         if not isinstance(item, dict):
             raise CogniteError(400, f"{where} must be an object")
-        _only_keys(item, {"fileId", "fileExternalId"}, where)
-        if ("fileId" in item) == ("fileExternalId" in item):
-            raise CogniteError(400, f"{where}: exactly one of fileId and fileExternalId")
+        forms = ("fileId", "fileExternalId", "fileInstanceId")
+        _only_keys(item, set(forms), where)
+        if sum(form in item for form in forms) != 1:
+            raise CogniteError(
+                400, f"{where}: exactly one of fileId, fileExternalId and fileInstanceId"
+            )
+        if "fileInstanceId" in item:
+            node = item["fileInstanceId"]
+            if not isinstance(node, dict):
+                raise CogniteError(400, f"{where}.fileInstanceId must be an object")
+            _only_keys(node, {"space", "externalId"}, f"{where}.fileInstanceId")
+            space = _external_id(node.get("space"), f"{where}.fileInstanceId.space", MAX_SPACE)
+            xid = _external_id(node.get("externalId"), f"{where}.fileInstanceId.externalId")
+            return FileRef(self.id_for_external(f"{space}:{xid}"), instance_id=(space, xid))
         if "fileId" in item:
             file_id = _identifier(item["fileId"], f"{where}.fileId")
             if file_id in self._missing_ids:
@@ -359,9 +380,9 @@ def _identifier(v: object, where: str) -> int:
     return v
 
 
-def _external_id(v: object, where: str) -> str:
-    if not isinstance(v, str) or not 1 <= len(v) <= MAX_EXTERNAL_ID:
-        raise CogniteError(400, f"{where} must be a string of 1..{MAX_EXTERNAL_ID} characters")
+def _external_id(v: object, where: str, limit: int = MAX_EXTERNAL_ID) -> str:
+    if not isinstance(v, str) or not 1 <= len(v) <= limit:
+        raise CogniteError(400, f"{where} must be a string of 1..{limit} characters")
     return v
 
 
