@@ -69,11 +69,13 @@ class FileRef:
     #: ``(space, externalId)`` of the data-modeling node that names the file, if it was so named
     instance_id: tuple[str, str] | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, with_instance: bool = True) -> dict[str, Any]:
+        # The reference shows fileInstanceId in the create answer's items and in
+        # failedItems, but not in a job document's items (seed 001): there, it is left out.
         out: dict[str, Any] = {"fileId": self.id}
         if self.external_id is not None:
             out["fileExternalId"] = self.external_id
-        if self.instance_id is not None:
+        if self.instance_id is not None and with_instance:
             space, xid = self.instance_id
             out["fileInstanceId"] = {"space": space, "externalId": xid}
         return out
@@ -165,11 +167,13 @@ class CogniteModel:
         doc["statusTime"] = epoch_ms(wall(since))
         doc["jobId"] = job.job_id
         if status == "Completed":
-            doc["items"] = [{**job.file.to_json(), "segments": self.segments(job)}]
+            doc["items"] = [
+                {**job.file.to_json(with_instance=False), "segments": self.segments(job)}
+            ]
         elif status == "Failed":
             doc["items"] = []
         else:
-            doc["items"] = [job.file.to_json()]
+            doc["items"] = [job.file.to_json(with_instance=just_created)]
         if just_created:
             doc.update(job.prompt)
         else:
@@ -198,7 +202,7 @@ class CogniteModel:
         if job.fails:
             out.update(outcome="Failed", errorMessage=self.failure_message(job), items=[])
         else:
-            items = [{**job.file.to_json(), "segments": self.segments(job)}]
+            items = [{**job.file.to_json(with_instance=False), "segments": self.segments(job)}]
             out.update(outcome="Completed", items=items)
         return out
 

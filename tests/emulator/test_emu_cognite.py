@@ -19,6 +19,7 @@ BODY: dict[str, Any] = {
     "points": [{"x": 0.4, "y": 0.5, "label": 1}, {"x": 0.9, "y": 0.1, "label": 0}],
     "boundingBox": {"xMin": 0.1, "yMin": 0.2, "xMax": 0.8, "yMax": 0.9},
 }
+BODY_POINTS = {"points": BODY["points"]}
 JOB_KEYS = {"status", "createdTime", "statusTime", "jobId", "items", "prompt"}
 
 
@@ -131,10 +132,12 @@ async def test_a_file_named_by_its_instance_id(
 ) -> None:
     api: Cognite = await make(start_emulator, session)
     node = {"space": "site-a", "externalId": "photo-9"}
-    done = (await api.run({"items": [{"fileInstanceId": node}], "points": BODY["points"]}))[-1]
-    (item,) = done["items"]
-    assert item["fileInstanceId"] == node and isinstance(item["fileId"], int)
-    assert done["status"] == "Completed" and item["segments"]
+    status, created = await api.create({"items": [{"fileInstanceId": node}], **BODY_POINTS})
+    assert status == 200 and created["items"][0]["fileInstanceId"] == node, created
+    done = await poll_until(lambda: api.job(created["jobId"]), lambda d: d["status"] == "Completed")
+    # A job document's items show fileId (and fileExternalId), as seed 001's sample does.
+    (item,) = done[-1]["items"]
+    assert isinstance(item["fileId"], int) and "fileInstanceId" not in item and item["segments"]
     for bad in ({"space": "s"}, {"space": "s", "externalId": "x", "id": 1}, "site-a/photo-9"):
         status, doc = await api.create({"items": [{"fileInstanceId": bad}], "points": []})
         assert status == 400 and "fileInstanceId" in doc["error"]["message"], doc
