@@ -286,7 +286,9 @@ class ModzyModel:
         finished_at = min(now, end if job.cancel_at is None else min(end, job.cancel_at))
         return {
             "jobIdentifier": job.id,
-            "accessKey": job.access_key,
+            # the jobs reference's job object: "submittedBy", the key that submitted it
+            "submittedBy": job.access_key,
+            "accountIdentifier": account_of(job.access_key),
             "status": status,
             "total": len(job.sources),
             "pending": pending,
@@ -294,7 +296,9 @@ class ModzyModel:
             "failed": failed,
             "explain": job.explain,
             "model": self.model_doc(job),
-            "jobInputs": {"identifier": job.items},
+            # A job document lists its inputs one object each (the jobs reference's
+            # "jobInputs": [], the SDK's JobDetails); only the create answer groups them.
+            "jobInputs": [{"identifier": item} for item in job.items],
             "submittedAt": iso_offset(job.stamp.wall),
             "updatedAt": iso_offset(job.stamp.wall_at(finished_at)),
             "queueTime": _ms(min(now, start) - job.stamp.mono),
@@ -341,6 +345,8 @@ class ModzyModel:
             "completed": len(results),
             "failed": len(failures),
             "finished": status not in ("SUBMITTED", "IN_PROGRESS"),
+            "accountIdentifier": account_of(job.access_key),
+            "team": {"identifier": f"team-{account_of(job.access_key)}"},
             "submittedByKey": job.access_key,
             "explained": job.explain,
             "submittedAt": iso_offset(job.stamp.wall),
@@ -356,6 +362,11 @@ class ModzyModel:
     def _item_error(self, job: ModzyJob, item: str) -> str:
         pick = truth.unit_draw(self._seed, "modzy", "item-error", job.key, item)
         return _ITEM_ERRORS[int(pick * len(_ITEM_ERRORS))]
+
+
+def account_of(access_key: str) -> str:
+    """The (made-up, stable) account an access key belongs to."""
+    return truth.digest({"account": access_key})[:16]
 
 
 def _ms(seconds: float) -> int:
