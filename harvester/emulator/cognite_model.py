@@ -242,12 +242,7 @@ class CogniteModel:
                 400, f"{where}: exactly one of fileId, fileExternalId and fileInstanceId"
             )
         if "fileInstanceId" in item:
-            node = item["fileInstanceId"]
-            if not isinstance(node, dict):
-                raise CogniteError(400, f"{where}.fileInstanceId must be an object")
-            _only_keys(node, {"space", "externalId"}, f"{where}.fileInstanceId")
-            space = _external_id(node.get("space"), f"{where}.fileInstanceId.space", MAX_SPACE)
-            xid = _external_id(node.get("externalId"), f"{where}.fileInstanceId.externalId")
+            space, xid = self._node(item["fileInstanceId"], f"{where}.fileInstanceId")
             return FileRef(self.id_for_external(f"{space}:{xid}"), instance_id=(space, xid))
         if "fileId" in item:
             file_id = _identifier(item["fileId"], f"{where}.fileId")
@@ -258,6 +253,15 @@ class CogniteModel:
         if xid in self._missing_xids:
             raise CogniteError(400, "Files not found", missing=[{"fileExternalId": xid}])
         return FileRef(self.id_for_external(xid), xid)
+
+    @staticmethod
+    def _node(node: object, where: str) -> tuple[str, str]:
+        """A data-modeling node id ``{space, externalId}`` (the same file, wherever named)."""
+        if not isinstance(node, dict):
+            raise CogniteError(400, f"{where} must be an object")
+        _only_keys(node, {"space", "externalId"}, where)
+        space = _external_id(node.get("space"), f"{where}.space", MAX_SPACE)
+        return space, _external_id(node.get("externalId"), f"{where}.externalId")
 
     def id_for_external(self, external_id: str) -> int:
         return 1 + truth.derived_seed(self._seed, "cognite", "xid", external_id) % MAX_ID
@@ -288,19 +292,26 @@ class CogniteModel:
             where = f"items[{i}]"
             if not isinstance(item, dict):
                 raise CogniteError(400, f"{where} must be an object")
-            _only_keys(item, {"id", "externalId"}, where)
-            if ("id" in item) == ("externalId" in item):
-                raise CogniteError(400, f"{where}: exactly one of id and externalId")
-            if "id" in item:
-                ident: dict[str, Any] = {"id": _identifier(item["id"], f"{where}.id")}
-                file_id = ident["id"]
+            _only_keys(item, {"id", "externalId", "instanceId"}, where)
+            if sum(k in item for k in ("id", "externalId", "instanceId")) != 1:
+                raise CogniteError(400, f"{where}: exactly one of id, externalId and instanceId")
+            ident: dict[str, Any]
+            if "instanceId" in item:
+                space, node_xid = self._node(item["instanceId"], f"{where}.instanceId")
+                ident = {"instanceId": {"space": space, "externalId": node_xid}}
+                file_id = self.id_for_external(f"{space}:{node_xid}")
+                absent = False
+            elif "id" in item:
+                file_id = _identifier(item["id"], f"{where}.id")
+                ident = {"id": file_id}
                 absent = file_id in self._missing_ids
             else:
                 xid = _external_id(item["externalId"], f"{where}.externalId")
                 ident = {"externalId": xid}
                 file_id = self.id_for_external(xid)
                 absent = xid in self._missing_xids
-            mark = next(iter(ident.items()))
+            kind, value = next(iter(ident.items()))
+            mark = (kind, tuple(value.values()) if isinstance(value, dict) else value)
             if mark in seen:
                 duplicated.append(ident)
             seen.add(mark)

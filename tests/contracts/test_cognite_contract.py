@@ -15,9 +15,9 @@ from harvester.config import CogniteConfig, SecretRef
 from harvester.emulator.cognite_model import CogniteModel
 from harvester.emulator.scenario import CogniteScenario
 from harvester.errors import InvalidPayload
-from harvester.jobs import Job, JobState
 from harvester.providers.cognite import STATES, CogniteProvider
 
+from .common import new_job
 from .seeds import cognite_job_example, cognite_statuses, conforms
 
 CFG = CogniteConfig(
@@ -28,15 +28,7 @@ CFG = CogniteConfig(
     client_id="c",
     client_secret=SecretRef("s", env="X"),
 )
-JOB = Job(
-    provider="cognite",
-    key="k",
-    reference_id="k",
-    remote_id=None,
-    state=JobState.NEW,
-    created_at=0.0,
-    updated_at=0.0,
-)
+JOB = new_job("cognite")
 #: the three ways Cognite's own client names a file
 SDK_REFERENCES = [
     FileReference(file_id=1234),

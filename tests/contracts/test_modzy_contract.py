@@ -20,23 +20,15 @@ from modzy.results import Result
 from harvester.config import ModzyConfig, SecretRef
 from harvester.emulator.modzy_model import ModzyModel
 from harvester.emulator.scenario import ModzyScenario
-from harvester.jobs import Job, JobState
 from harvester.providers.modzy import STATES, ModzyProvider
 
+from .common import new_job
 from .seeds import ANY_ITEM, ANY_OUTPUT, is_type, modzy_results_structure
 
 CFG = ModzyConfig(
     name="modzy", base_url="https://app.modzy.example", api_key=SecretRef("k", env="X")
 )
-JOB = Job(
-    provider="modzy",
-    key="k",
-    reference_id="k",
-    remote_id=None,
-    state=JobState.NEW,
-    created_at=0.0,
-    updated_at=0.0,
-)
+JOB = new_job("modzy")
 MODEL = {"identifier": "ed542963de", "version": "1.0.1"}
 PAYLOADS: list[dict[str, Any]] = [
     {"model": MODEL, "input": {"type": "text", "sources": {"r-1": {"input.txt": "good"}}}},
