@@ -9,11 +9,36 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from harvester.config import CogniteConfig, ModzyConfig, SecretRef
 from harvester.jobs import Job, JobState
+from harvester.providers.cognite import CogniteProvider
+from harvester.providers.modzy import ModzyProvider
 from tests.integration.helpers import emulator_process
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 20.0  # bound on any single SDK call against the local emulator
+
+
+def cognite(
+    base_url: str = "https://westeurope-1.cognitedata.com", project: str = "p"
+) -> CogniteProvider:
+    """harvester's Cognite adapter (no secret is read: only requests are built and parsed)."""
+    cfg = CogniteConfig(
+        name="cognite",
+        base_url=base_url,
+        project=project,
+        token_url="https://login.example/token",
+        client_id="c",
+        client_secret=SecretRef("s", env="UNUSED"),
+    )
+    return CogniteProvider(cfg)
+
+
+def modzy(base_url: str = "https://app.modzy.example") -> ModzyProvider:
+    """harvester's Modzy adapter (no key is read: only requests are built and parsed)."""
+    return ModzyProvider(
+        ModzyConfig(name="modzy", base_url=base_url, api_key=SecretRef("k", env="UNUSED"))
+    )
 
 
 def new_job(provider: str) -> Job:

@@ -11,23 +11,14 @@ import pytest
 from cognite.client.data_classes.contextualization import FileReference
 from cognite.client.data_classes.data_modeling.ids import NodeId
 
-from harvester.config import CogniteConfig, SecretRef
 from harvester.emulator.cognite_model import CogniteModel
 from harvester.emulator.scenario import CogniteScenario
 from harvester.errors import InvalidPayload
-from harvester.providers.cognite import STATES, CogniteProvider
+from harvester.providers.cognite import STATES
 
-from .common import new_job
+from .common import cognite, new_job
 from .seeds import cognite_job_example, cognite_statuses, conforms
 
-CFG = CogniteConfig(
-    name="cognite",
-    base_url="https://westeurope-1.cognitedata.com",
-    project="p",
-    token_url="https://login.example/token",
-    client_id="c",
-    client_secret=SecretRef("s", env="X"),
-)
 JOB = new_job("cognite")
 #: the three ways Cognite's own client names a file
 SDK_REFERENCES = [
@@ -46,7 +37,7 @@ def test_create_bodies_name_files_as_the_sdk_does(ref: FileReference) -> None:
     example = cognite_job_example()
     item = ref.to_api_item()
     payload = {**example["prompt"], "items": [item]}  # the reference's own prompt
-    provider = CogniteProvider(CFG)
+    provider = cognite()
     provider.validate_payload(payload)
     body = provider.build_create(JOB, payload).json
     assert body["items"] == [item]
@@ -65,7 +56,7 @@ def test_what_the_sdk_refuses_harvester_refuses_too() -> None:
         FileReference(file_id=1, file_external_id="x")
     two = {"fileId": 1, "fileExternalId": "x"}
     with pytest.raises(InvalidPayload, match="exactly one"):
-        CogniteProvider(CFG).validate_payload({**cognite_job_example()["prompt"], "items": [two]})
+        cognite().validate_payload({**cognite_job_example()["prompt"], "items": [two]})
 
 
 class Clock:

@@ -22,11 +22,10 @@ from cognite.client.data_classes.contextualization import FileReference
 from cognite.client.data_classes.data_modeling.ids import NodeId
 from multidict import CIMultiDict
 
-from harvester.config import CogniteConfig, SecretRef
 from harvester.providers.base import Accepted, RemoteState, Response, Status
 from harvester.providers.cognite import CogniteProvider
 
-from .common import WAIT_S, emulator, introspect, new_job
+from .common import WAIT_S, cognite, emulator, introspect, new_job
 from .seeds import cognite_job_example
 
 PROJECT = "sdk-project"
@@ -74,15 +73,7 @@ def client(urls: dict[str, str]) -> CogniteClient:
 
 
 def provider(urls: dict[str, str]) -> CogniteProvider:
-    cfg = CogniteConfig(
-        name="cognite",
-        base_url=urls["cognite"],
-        project=PROJECT,
-        token_url=urls["token"],
-        client_id=CLIENT_ID,
-        client_secret=SecretRef("s", env="X"),
-    )
-    return CogniteProvider(cfg)
+    return cognite(urls["cognite"], PROJECT)
 
 
 def as_response(doc: Any) -> Response:

@@ -17,12 +17,9 @@ import pytest
 import requests
 from modzy import ApiClient
 
-from harvester.config import CogniteConfig, ModzyConfig, SecretRef
-from harvester.providers.cognite import CogniteProvider
-from harvester.providers.modzy import ModzyProvider
 from tests.badinput.helpers import cli
 
-from .common import REPO, emulator
+from .common import REPO, cognite, emulator, modzy
 from .seeds import cognite_job_example
 
 SCENARIO = (
@@ -149,24 +146,10 @@ def test_a_bad_documented_payload_is_one_clear_error(
 
 def test_the_demo_jobs_show_every_documented_cognite_file_form() -> None:
     demo = [json.loads(line) for line in (REPO / "configs" / "demo-jobs.jsonl").open()]
-    cognite = [job["payload"] for job in demo if job["provider"] == "cognite"]
-    forms = {next(iter(p["items"][0])) for p in cognite}
+    photos = [job["payload"] for job in demo if job["provider"] == "cognite"]
+    forms = {next(iter(p["items"][0])) for p in photos}
     assert forms == set(cognite_payloads())
-    validators = {
-        "cognite": CogniteProvider(
-            CogniteConfig(
-                name="cognite",
-                base_url="https://x.cognitedata.com",
-                project="demo",
-                token_url="https://login.example/token",
-                client_id="demo",
-                client_secret=SecretRef("s", env="X"),
-            )
-        ),
-        "modzy": ModzyProvider(
-            ModzyConfig(name="modzy", base_url="https://m.example", api_key=SecretRef("k", env="X"))
-        ),
-    }
+    validators = {"cognite": cognite(), "modzy": modzy()}
     for job in demo:
         if job["provider"] in validators:
             validators[job["provider"]].validate_payload(job["payload"])

@@ -17,17 +17,13 @@ from modzy.edge.proto.results.v1 import results_pb2
 from modzy.jobs import Jobs
 from modzy.results import Result
 
-from harvester.config import ModzyConfig, SecretRef
 from harvester.emulator.modzy_model import ModzyModel
 from harvester.emulator.scenario import ModzyScenario
-from harvester.providers.modzy import STATES, ModzyProvider
+from harvester.providers.modzy import STATES
 
-from .common import new_job
+from .common import modzy, new_job
 from .seeds import ANY_ITEM, ANY_OUTPUT, is_type, modzy_results_structure
 
-CFG = ModzyConfig(
-    name="modzy", base_url="https://app.modzy.example", api_key=SecretRef("k", env="X")
-)
 JOB = new_job("modzy")
 MODEL = {"identifier": "ed542963de", "version": "1.0.1"}
 PAYLOADS: list[dict[str, Any]] = [
@@ -69,7 +65,7 @@ def test_harvesters_status_set_is_the_documented_one() -> None:
 
 @pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: p["input"]["type"])
 def test_create_bodies_are_job_submissions(payload: dict[str, Any]) -> None:
-    provider = ModzyProvider(CFG)
+    provider = modzy()
     provider.validate_payload(payload)
     body = provider.build_create(JOB, payload).json
     parsed = strictly(body, jobs_pb2.JobSubmission())

@@ -19,11 +19,10 @@ from modzy import ApiClient
 from modzy.error import ResultsError
 from multidict import CIMultiDict
 
-from harvester.config import ModzyConfig, SecretRef
 from harvester.providers.base import RemoteState, Response, Status
 from harvester.providers.modzy import ModzyProvider, failure_reason
 
-from .common import WAIT_S, emulator, introspect, new_job
+from .common import WAIT_S, emulator, introspect, modzy, new_job
 
 API_KEY = "sdkaccess.sdk-secret"
 MODEL, VERSION = "ed542963de", "1.0.1"
@@ -62,9 +61,7 @@ def client_for(urls: dict[str, str]) -> ApiClient:
 
 
 def provider(urls: dict[str, str]) -> ModzyProvider:
-    return ModzyProvider(
-        ModzyConfig(name="modzy", base_url=urls["modzy"], api_key=SecretRef("k", env="X"))
-    )
+    return modzy(urls["modzy"])
 
 
 def as_response(doc: Any) -> Response:
