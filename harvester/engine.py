@@ -877,8 +877,9 @@ class _Transports:
 
 def _refused_before_processing(exc: RetryableError) -> bool:
     """429 and 503 say "not now" before the request is handled (throttling, overload), so a
-    create that got one was not made. Other 5xx, resets and timeouts are ambiguous."""
-    return isinstance(exc, RateLimited) or exc.status == 503
+    create that got one was not made; so does an answer the provider marked safe to resend.
+    Other 5xx, resets and timeouts are ambiguous."""
+    return isinstance(exc, RateLimited) or exc.status == 503 or exc.resend_safe
 
 
 def _identity(resp: Response) -> Response:

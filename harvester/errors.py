@@ -117,9 +117,19 @@ class DecodeError(JobError):
 class RetryableError(HarvesterError):
     """Transient: the same request may succeed later. ``retry_after`` in seconds if known."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        resend_safe: bool = False,
+        **kw: object,
+    ) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.retry_after = retry_after
+        #: the provider said the request was not carried out and may be sent again, even a
+        #: create (Cognite's ``cdf-is-auto-retryable: true``)
+        self.resend_safe = resend_safe
 
 
 class NetworkError(RetryableError):

@@ -250,6 +250,23 @@ class Transport:
 
     def _classify(self, resp: Response, spec: RequestSpec, job: str | None) -> None:
         status = resp.status
+        if status >= 400 and status != 401 and _marked_retryable(resp, spec):
+            # A 401 is left to the auth refresh; anything else the provider marked may be
+            # sent again, a create included, as the provider's own SDKs do.
+            if status == 429:
+                self.metrics.rate_limited.labels(self.name).inc()
+            marked: type[RetryableError] = RateLimited if status == 429 else ProviderUnavailable
+            raise marked(
+                f"{spec.endpoint}: HTTP {status} marked safe to retry{_body_hint(resp.body)}",
+                retry_after=parse_retry_after(
+                    resp.headers.get("Retry-After"), now_wall=self.clock.wall()
+                ),
+                resend_safe=True,
+                provider=self.name,
+                job=job,
+                status=status,
+                request_id=resp.request_id,
+            )
         if status == 429 or status == 503:
             retry_after = parse_retry_after(
                 resp.headers.get("Retry-After"), now_wall=self.clock.wall()
@@ -303,7 +320,7 @@ class Transport:
 
         Auth: a 401 lets the auth refresh once (OAuth) before the error stands.
         """
-        attempts = self.cfg.max_retries + 1 if spec.idempotent else 1
+        attempts = self.cfg.max_retries + 1
         refreshed = False
         attempt = 0
         while True:
@@ -321,7 +338,9 @@ class Transport:
                 raise  # asked too early: the caller decides when to ask again
             except RetryableError as exc:
                 self._on_retryable(exc)
-                if attempt >= attempts:
+                # Only what is safe to send twice is sent again: idempotent requests, and any
+                # request the provider marked as not carried out.
+                if attempt >= attempts or not (spec.idempotent or exc.resend_safe):
                     raise
                 self.metrics.retries.labels(self.name, spec.endpoint).inc()
                 delay = self._retry_delay(exc, attempt)
@@ -392,6 +411,17 @@ class Transport:
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return (parts.scheme.lower(), parts.netloc.lower())
+
+
+def _marked_retryable(resp: Response, spec: RequestSpec) -> bool:
+    """Whether the answer carries the spec's retry header set to ``true``.
+
+    Cognite's .NET and Rust SDKs retry on the value ``true``; its Python SDK on the header's
+    mere presence. The stricter reading is the one that never re-sends a create on a doubt.
+    """
+    if spec.retry_header is None:
+        return False
+    return resp.headers.get(spec.retry_header, "").strip().lower() == "true"
 
 
 def _body_hint(body: bytes) -> str:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from own_package import bind
+
+bind()  # before any test module imports ``tests.*`` (see own_package)
 
 
 @pytest.fixture

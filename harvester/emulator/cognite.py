@@ -3,7 +3,9 @@
 Paths follow the cluster base unchanged (``/api/v1/projects/{project}/...``). Every answer,
 errors and injected faults included, carries an ``x-request-id`` header and errors use the
 ``{"error": {"code", "message", "missing"?, "duplicated"?}}`` envelope. Cognite documents its
-429s (rate or concurrency) and 503s as carrying no Retry-After, so none is ever sent here.
+429s (rate or concurrency) and 503s as carrying no Retry-After, so none is ever sent here. Error
+answers whose status the scenario lists in ``auto_retryable_statuses`` carry
+``cdf-is-auto-retryable: true`` (Cognite's mark of a request that may be sent again).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def _render_error(
     return error_response(status, message)
 
 
+AUTO_RETRY_HEADER = "cdf-is-auto-retryable"
+
+
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault("x-request-id", uuid.uuid4().hex)
 
@@ -71,6 +76,7 @@ class CogniteApi:
         )
         app = web.Application(middlewares=[*middlewares, self._auth])
         app.on_response_prepare.append(_add_request_id)
+        app.on_response_prepare.append(self._mark_retryable)
         r = app.router
         base = "/api/v1/projects/{project}"
         r.add_post(f"{base}/context/vision/segment", self._api(self._create, vision=True))
@@ -78,6 +84,10 @@ class CogniteApi:
         r.add_post(f"{base}/files/downloadlink", self._api(self._download_link))
         r.add_get("/api/v1/token/inspect", self._api(self._inspect))
         return app
+
+    async def _mark_retryable(self, request: web.Request, response: web.StreamResponse) -> None:
+        if response.status in self.scenario.auto_retryable_statuses:
+            response.headers[AUTO_RETRY_HEADER] = "true"
 
     def _stats(self) -> dict[str, Any]:
         return {"jobs": len(self.model.jobs), "jobs_by_status": self.model.count_by_status()}

@@ -24,6 +24,7 @@ from harvester.emulator.timefmt import Stamp, epoch_ms
 Status = Literal["Queued", "Running", "Completed", "Failed"]
 MAX_ID = 2**53 - 1  # Cognite ids are JSON-safe integers
 MAX_EXTERNAL_ID = 255
+MAX_SPACE = 43  # a data-modeling space id
 MAX_DOWNLOAD_ITEMS = 100
 QUEUED_FRACTION = 0.25
 CONCURRENCY_MESSAGE = (
@@ -65,11 +66,18 @@ class CogniteError(Exception):
 class FileRef:
     id: int
     external_id: str | None = None
+    #: ``(space, externalId)`` of the data-modeling node that names the file, if it was so named
+    instance_id: tuple[str, str] | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, with_instance: bool = True) -> dict[str, Any]:
+        # The reference shows fileInstanceId in the create answer's items and in
+        # failedItems, but not in a job document's items (seed 001): there, it is left out.
         out: dict[str, Any] = {"fileId": self.id}
         if self.external_id is not None:
             out["fileExternalId"] = self.external_id
+        if self.instance_id is not None and with_instance:
+            space, xid = self.instance_id
+            out["fileInstanceId"] = {"space": space, "externalId": xid}
         return out
 
 
@@ -148,7 +156,8 @@ class CogniteModel:
 
     def render(self, job: SegmentJob, *, just_created: bool = False) -> dict[str, Any]:
         # The create answer is always "Queued", even for a zero-length job: the job is
-        # queued at the instant it is accepted.
+        # queued at the instant it is accepted. It echoes the prompt's points and box at
+        # the top level (the POST reference); the job document nests them under "prompt".
         status, since = ("Queued", job.stamp.mono) if just_created else self.status(job)
         wall = job.stamp.wall_at
         doc: dict[str, Any] = {"status": status, "createdTime": epoch_ms(job.stamp.wall)}
@@ -158,12 +167,17 @@ class CogniteModel:
         doc["statusTime"] = epoch_ms(wall(since))
         doc["jobId"] = job.job_id
         if status == "Completed":
-            doc["items"] = [{**job.file.to_json(), "segments": self.segments(job)}]
+            doc["items"] = [
+                {**job.file.to_json(with_instance=False), "segments": self.segments(job)}
+            ]
         elif status == "Failed":
             doc["items"] = []
         else:
-            doc["items"] = [job.file.to_json()]
-        doc["prompt"] = job.prompt
+            doc["items"] = [job.file.to_json(with_instance=just_created)]
+        if just_created:
+            doc.update(job.prompt)
+        else:
+            doc["prompt"] = job.prompt
         if status == "Failed":
             message = self.failure_message(job)
             doc["errorMessage"] = message
@@ -188,7 +202,7 @@ class CogniteModel:
         if job.fails:
             out.update(outcome="Failed", errorMessage=self.failure_message(job), items=[])
         else:
-            items = [{**job.file.to_json(), "segments": self.segments(job)}]
+            items = [{**job.file.to_json(with_instance=False), "segments": self.segments(job)}]
             out.update(outcome="Completed", items=items)
         return out
 
@@ -221,9 +235,15 @@ class CogniteModel:
     def _file_ref(self, item: object, where: str) -> FileRef:
         if not isinstance(item, dict):
             raise CogniteError(400, f"{where} must be an object")
-        _only_keys(item, {"fileId", "fileExternalId"}, where)
-        if ("fileId" in item) == ("fileExternalId" in item):
-            raise CogniteError(400, f"{where}: exactly one of fileId and fileExternalId")
+        forms = ("fileId", "fileExternalId", "fileInstanceId")
+        _only_keys(item, set(forms), where)
+        if sum(form in item for form in forms) != 1:
+            raise CogniteError(
+                400, f"{where}: exactly one of fileId, fileExternalId and fileInstanceId"
+            )
+        if "fileInstanceId" in item:
+            space, xid = self._node(item["fileInstanceId"], f"{where}.fileInstanceId")
+            return FileRef(self.id_for_external(f"{space}:{xid}"), instance_id=(space, xid))
         if "fileId" in item:
             file_id = _identifier(item["fileId"], f"{where}.fileId")
             if file_id in self._missing_ids:
@@ -233,6 +253,15 @@ class CogniteModel:
         if xid in self._missing_xids:
             raise CogniteError(400, "Files not found", missing=[{"fileExternalId": xid}])
         return FileRef(self.id_for_external(xid), xid)
+
+    @staticmethod
+    def _node(node: object, where: str) -> tuple[str, str]:
+        """A data-modeling node id ``{space, externalId}`` (the same file, wherever named)."""
+        if not isinstance(node, dict):
+            raise CogniteError(400, f"{where} must be an object")
+        _only_keys(node, {"space", "externalId"}, where)
+        space = _external_id(node.get("space"), f"{where}.space", MAX_SPACE)
+        return space, _external_id(node.get("externalId"), f"{where}.externalId")
 
     def id_for_external(self, external_id: str) -> int:
         return 1 + truth.derived_seed(self._seed, "cognite", "xid", external_id) % MAX_ID
@@ -263,19 +292,26 @@ class CogniteModel:
             where = f"items[{i}]"
             if not isinstance(item, dict):
                 raise CogniteError(400, f"{where} must be an object")
-            _only_keys(item, {"id", "externalId"}, where)
-            if ("id" in item) == ("externalId" in item):
-                raise CogniteError(400, f"{where}: exactly one of id and externalId")
-            if "id" in item:
-                ident: dict[str, Any] = {"id": _identifier(item["id"], f"{where}.id")}
-                file_id = ident["id"]
+            _only_keys(item, {"id", "externalId", "instanceId"}, where)
+            if sum(k in item for k in ("id", "externalId", "instanceId")) != 1:
+                raise CogniteError(400, f"{where}: exactly one of id, externalId and instanceId")
+            ident: dict[str, Any]
+            if "instanceId" in item:
+                space, node_xid = self._node(item["instanceId"], f"{where}.instanceId")
+                ident = {"instanceId": {"space": space, "externalId": node_xid}}
+                file_id = self.id_for_external(f"{space}:{node_xid}")
+                absent = False
+            elif "id" in item:
+                file_id = _identifier(item["id"], f"{where}.id")
+                ident = {"id": file_id}
                 absent = file_id in self._missing_ids
             else:
                 xid = _external_id(item["externalId"], f"{where}.externalId")
                 ident = {"externalId": xid}
                 file_id = self.id_for_external(xid)
                 absent = xid in self._missing_xids
-            mark = next(iter(ident.items()))
+            kind, value = next(iter(ident.items()))
+            mark = (kind, tuple(value.values()) if isinstance(value, dict) else value)
             if mark in seen:
                 duplicated.append(ident)
             seen.add(mark)
@@ -359,9 +395,9 @@ def _identifier(v: object, where: str) -> int:
     return v
 
 
-def _external_id(v: object, where: str) -> str:
-    if not isinstance(v, str) or not 1 <= len(v) <= MAX_EXTERNAL_ID:
-        raise CogniteError(400, f"{where} must be a string of 1..{MAX_EXTERNAL_ID} characters")
+def _external_id(v: object, where: str, limit: int = MAX_EXTERNAL_ID) -> str:
+    if not isinstance(v, str) or not 1 <= len(v) <= limit:
+        raise CogniteError(400, f"{where} must be a string of 1..{limit} characters")
     return v
 
 

@@ -2,7 +2,7 @@
 
 Pure (no HTTP). A job is SUBMITTED for the first quarter of ``job_duration_s``, IN_PROGRESS
 while its inputs finish one by one, then COMPLETED (each input failing with probability
-``item_failure_rate``), or, for the whole job, FAILED (``failure_rate``: every input fails) or
+``item_failure_rate``), or, for the whole job, ERROR (``failure_rate``: every input fails) or
 TIMEDOUT (``timeout_rate``: the second half of the inputs never finish). A cancelled job is
 CANCELED at once; inputs that had not finished are listed under ``failures`` with status
 ``CANCELED``. Outputs and fates are functions of the seed and the request, not of arrival order.
@@ -21,8 +21,9 @@ from harvester.emulator import truth
 from harvester.emulator.scenario import ModzyScenario
 from harvester.emulator.timefmt import Stamp, iso_offset
 
-Status = Literal["SUBMITTED", "IN_PROGRESS", "COMPLETED", "CANCELED", "TIMEDOUT", "FAILED"]
-Outcome = Literal["COMPLETED", "FAILED", "TIMEDOUT"]
+# Modzy's documented job statuses ("a finished job ends Completed or Error"); there is no FAILED.
+Status = Literal["SUBMITTED", "IN_PROGRESS", "COMPLETED", "CANCELED", "TIMEDOUT", "ERROR"]
+Outcome = Literal["COMPLETED", "ERROR", "TIMEDOUT"]
 INPUT_TYPES = (
     "text", "embedded", "aws-s3", "aws-s3-folder", "azureblob", "gcp", "gcp-folder", "jdbc",
 )  # fmt: skip
@@ -110,7 +111,7 @@ class ModzyModel:
         draw = truth.unit_draw(self._seed, "modzy", "outcome", key)
         outcome: Outcome = "COMPLETED"
         if draw < self._s.failure_rate:
-            outcome = "FAILED"
+            outcome = "ERROR"
         elif draw < self._s.failure_rate + self._s.timeout_rate:
             outcome = "TIMEDOUT"
         job = ModzyJob(
@@ -165,7 +166,7 @@ class ModzyModel:
     def fate(self, job: ModzyJob, index: int) -> ItemFate:
         """How input ``index`` ends if the job is left to run (cancellation aside)."""
         name = job.items[index]
-        if job.outcome == "FAILED":
+        if job.outcome == "ERROR":
             return ItemFate(False, self._item_error(job, name), "FAILED")
         if job.outcome == "TIMEDOUT" and index >= (len(job.sources) + 1) // 2:
             return ItemFate(False, "Job timed out before this input was processed", "FAILED")
@@ -285,7 +286,9 @@ class ModzyModel:
         finished_at = min(now, end if job.cancel_at is None else min(end, job.cancel_at))
         return {
             "jobIdentifier": job.id,
-            "accessKey": job.access_key,
+            # the jobs reference's job object: "submittedBy", the key that submitted it
+            "submittedBy": job.access_key,
+            "accountIdentifier": account_of(job.access_key),
             "status": status,
             "total": len(job.sources),
             "pending": pending,
@@ -293,7 +296,9 @@ class ModzyModel:
             "failed": failed,
             "explain": job.explain,
             "model": self.model_doc(job),
-            "jobInputs": {"identifier": job.items},
+            # A job document lists its inputs one object each (the jobs reference's
+            # "jobInputs": [], the SDK's JobDetails); only the create answer groups them.
+            "jobInputs": [{"identifier": item} for item in job.items],
             "submittedAt": iso_offset(job.stamp.wall),
             "updatedAt": iso_offset(job.stamp.wall_at(finished_at)),
             "queueTime": _ms(min(now, start) - job.stamp.mono),
@@ -340,6 +345,8 @@ class ModzyModel:
             "completed": len(results),
             "failed": len(failures),
             "finished": status not in ("SUBMITTED", "IN_PROGRESS"),
+            "accountIdentifier": account_of(job.access_key),
+            "team": {"identifier": f"team-{account_of(job.access_key)}"},
             "submittedByKey": job.access_key,
             "explained": job.explain,
             "submittedAt": iso_offset(job.stamp.wall),
@@ -355,6 +362,11 @@ class ModzyModel:
     def _item_error(self, job: ModzyJob, item: str) -> str:
         pick = truth.unit_draw(self._seed, "modzy", "item-error", job.key, item)
         return _ITEM_ERRORS[int(pick * len(_ITEM_ERRORS))]
+
+
+def account_of(access_key: str) -> str:
+    """The (made-up, stable) account an access key belongs to."""
+    return truth.digest({"account": access_key})[:16]
 
 
 def _ms(seconds: float) -> int:

@@ -83,6 +83,9 @@ class CogniteScenario:
     # Files that do not exist: ints are ids, strings external ids (400 with "missing").
     missing_files: tuple[int | str, ...] = ()
     file_bytes: int = 4096
+    # Error answers with these statuses (injected faults included) carry
+    # ``cdf-is-auto-retryable: true``: Cognite's mark of a request safe to send again.
+    auto_retryable_statuses: tuple[int, ...] = ()
     rate_limit: RateLimit = field(default_factory=lambda: RateLimit(retry_after="none"))
 
 
@@ -258,6 +261,9 @@ def _parse_cognite(t: _Table) -> CogniteScenario:
         raise ScenarioError(
             f"{t.name('missing_files')} must list file ids (ints > 0) or external ids (strings)"
         )
+    retryable = t.get_list("auto_retryable_statuses", [])
+    if not all(_is_int(s) and 400 <= s <= 599 for s in retryable):
+        raise ScenarioError(f"{t.name('auto_retryable_statuses')} must list HTTP statuses 400-599")
     out = CogniteScenario(
         job_duration_s=t.get_float("job_duration_s", 2.0, minimum=0.0),
         failure_rate=_rate(t, "failure_rate"),
@@ -269,6 +275,7 @@ def _parse_cognite(t: _Table) -> CogniteScenario:
         vertices_per_polygon=_int_range(t, "vertices_per_polygon", (6, 24), minimum=3),
         missing_files=tuple(missing),
         file_bytes=t.get_int("file_bytes", 4096, minimum=0),
+        auto_retryable_statuses=tuple(retryable),
         # Cognite documents its 429s as carrying no Retry-After: not configurable.
         rate_limit=_rate_limit(t, retry_after="none"),
     )

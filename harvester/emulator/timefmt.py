@@ -37,9 +37,10 @@ def iso_z(epoch: float) -> str:
 
 
 def iso_offset(epoch: float) -> str:
-    """``2024-05-01T12:00:00.123+0000`` (Modzy)."""
+    """``2024-05-01T12:00:00.123+00:00`` (Modzy: ISO 8601 "YYYY-MM-DDThh:mm:ss.sTZD", whose
+    TZD is ``+hh:mm``; its SDK's published messages read these as RFC 3339 timestamps)."""
     ms = int(epoch * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{ms:03d}+0000"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{ms:03d}+00:00"
 
 
 def http_date(epoch: float) -> str:

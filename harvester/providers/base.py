@@ -36,6 +36,9 @@ class RequestSpec:
     #: an ``application/x-www-form-urlencoded`` body (OAuth token requests) instead of
     #: ``json``; kept out of ``repr`` because it carries a client secret
     form: Mapping[str, str] | None = field(default=None, repr=False)
+    #: a response header by which the provider marks a failed request as safe to send again
+    #: (value ``true``), even a create: the transport then retries it like an idempotent one
+    retry_header: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

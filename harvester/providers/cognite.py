@@ -2,9 +2,14 @@
 
 Quirks handled here, each tested on recorded bodies:
 - the API version is a header (``cdf-version``), and segmentation exists only in a beta one;
-- statuses ``Queued``/``Running``/``Completed``/``Failed``; CDF's other contextualization
-  APIs also say ``Distributing``/``Collecting``, so an unknown status is "still going",
-  kept verbatim, rather than a failure;
+- statuses ``Queued``/``Running``/``Completed``/``Failed`` (the segmentation reference's whole
+  enum); CDF's other contextualization APIs also say ``Distributing``/``Collecting``, so any
+  other status is "still going", kept verbatim and marked unknown, rather than a failure;
+- an item names its file by ``fileId``, ``fileExternalId`` or ``fileInstanceId {space,
+  externalId}`` (a data-modeling node), exactly one of them;
+- an error answer with ``cdf-is-auto-retryable: true`` says the request may be sent again,
+  a create included (Cognite's SDKs retry on it): every Cognite spec names that header, and
+  the transport retries such an answer;
 - a ``Completed`` job whose only item landed in ``failedItems`` produced nothing: failed;
 - errors come as ``{"error": {"code", "message", "missing"?, "duplicated"?}}`` with an
   ``x-request-id`` header, both kept in the error a user sees;
@@ -54,7 +59,13 @@ from harvester.providers.base import (
 NAME = "cognite"
 #: CDF ids are positive integers that fit a JSON double exactly
 MAX_ID = 2**53 - 1
-_STATES = {
+#: a response header by which Cognite marks a failed request as safe to send again
+AUTO_RETRY_HEADER = "cdf-is-auto-retryable"
+MAX_EXTERNAL_ID = 255
+_FIELDS = ("items", "points", "boundingBox")
+MAX_SPACE = 43
+#: every status of the segmentation reference; anything else is polled on, marked unknown
+STATES = {
     "Queued": RemoteState.RUNNING,
     "Running": RemoteState.RUNNING,
     "Completed": RemoteState.SUCCEEDED,
@@ -78,26 +89,40 @@ class CogniteProvider(NoSetup):
     def validate_payload(self, payload: Any) -> None:
         if not isinstance(payload, dict):
             raise InvalidPayload("payload must be a JSON object with items and points")
+        for key in payload:
+            if key not in _FIELDS:  # CDF answers 400 "Unrecognized field" to any other
+                fields = ", ".join(_FIELDS)
+                raise InvalidPayload(f"payload.{key[:60]} is not a field ({fields}) of a segment")
         items = payload.get("items")
         if not isinstance(items, list) or len(items) != 1:
             raise InvalidPayload("payload.items must be a list of exactly one file")
         _check_item(items[0])
+        box = payload.get("boundingBox")
+        if box is not None:
+            _check_box(box)
         points = payload.get("points")
-        if not isinstance(points, list) or not points:
-            raise InvalidPayload("payload.points must be a non-empty list of {x, y, label}")
+        # "prompt points and/or a bounding box": no point is fine when there is a box.
+        if not isinstance(points, list) or (not points and box is None):
+            raise InvalidPayload(
+                "payload.points must be a list of {x, y, label}, non-empty without a boundingBox"
+            )
+        seen: dict[tuple[Any, ...], int] = {}
         for i, point in enumerate(points):
             where = f"payload.points[{i}]"
             if not isinstance(point, dict):
                 raise InvalidPayload(f"{where} must be an object {{x, y, label}}")
+            if set(point) - {"x", "y", "label"}:
+                raise InvalidPayload(f"{where} may hold only x, y and label")
             for axis in ("x", "y"):
                 if not _unit(point.get(axis)):
                     raise InvalidPayload(f"{where}.{axis} must be a number from 0 to 1")
             label = point.get("label")
             if type(label) is not int or label not in (0, 1):
                 raise InvalidPayload(f"{where}.label must be 0 (background) or 1 (foreground)")
-        box = payload.get("boundingBox")
-        if box is not None:
-            _check_box(box)
+            key = (point["x"], point["y"], label)
+            if key in seen:  # the reference: the points are a unique array
+                raise InvalidPayload(f"{where} repeats payload.points[{seen[key]}]")
+            seen[key] = i
 
     # -- create -------------------------------------------------------------------------
     def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:
@@ -108,6 +133,7 @@ class CogniteProvider(NoSetup):
             json=dict(payload),
             headers=self.headers,
             idempotent=False,
+            retry_header=AUTO_RETRY_HEADER,
         )
 
     def parse_create(self, resp: Response, job: Job) -> CreateResult:
@@ -128,6 +154,7 @@ class CogniteProvider(NoSetup):
             f"{self.segment}/{quote(str(job.remote_id), safe='')}",
             endpoint="poll",
             headers=self.headers,
+            retry_header=AUTO_RETRY_HEADER,
         )
 
     def parse_poll(self, resp: Response, job: Job) -> PollResult:
@@ -135,7 +162,7 @@ class CogniteProvider(NoSetup):
         raw = body.get("status")
         if not isinstance(raw, str) or not raw:
             raise _protocol(resp, "job answer has no status string", job)
-        state = _STATES.get(raw, RemoteState.RUNNING)
+        state = STATES.get(raw, RemoteState.RUNNING)
         if state == RemoteState.FAILED:
             return Status(state, raw, reason=failure_reason(body), document=body)
         if state == RemoteState.SUCCEEDED:
@@ -145,7 +172,7 @@ class CogniteProvider(NoSetup):
             if not items and _failed_items(body):
                 return Status(RemoteState.FAILED, raw, reason=failure_reason(body), document=body)
             return Status(state, raw, progress=100.0, document=body)
-        return Status(state, raw, document=body)
+        return Status(state, raw, document=body, known=raw in STATES)
 
     async def poll(self, job: Job, client: Client) -> PollResult:
         return await client.call(self.build_poll(job), functools.partial(self.parse_poll, job=job))
@@ -249,28 +276,43 @@ def _job_id(value: Any, resp: Response, job: Job) -> str:
     raise _protocol(resp, "create answer has no integer jobId", job)
 
 
+_ITEM_FORMS = "{fileId}, {fileExternalId} or {fileInstanceId: {space, externalId}}"
+
+
 def _check_item(item: Any) -> None:
+    where = "payload.items[0]"
     if not isinstance(item, dict):
-        raise InvalidPayload("payload.items[0] must be an object {fileId} or {fileExternalId}")
+        raise InvalidPayload(f"{where} must be an object {_ITEM_FORMS}")
     keys = set(item)
     if keys == {"fileId"}:
         value = item["fileId"]
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
-            raise InvalidPayload(f"payload.items[0].fileId must be an integer from 1 to {MAX_ID}")
+            raise InvalidPayload(f"{where}.fileId must be an integer from 1 to {MAX_ID}")
     elif keys == {"fileExternalId"}:
-        value = item["fileExternalId"]
-        if not isinstance(value, str) or not value:
-            raise InvalidPayload("payload.items[0].fileExternalId must be a non-empty string")
+        _check_text(item["fileExternalId"], f"{where}.fileExternalId", MAX_EXTERNAL_ID)
+    elif keys == {"fileInstanceId"}:
+        node = item["fileInstanceId"]
+        if not isinstance(node, dict) or set(node) != {"space", "externalId"}:
+            raise InvalidPayload(
+                f"{where}.fileInstanceId must be an object {{space, externalId}}, nothing else"
+            )
+        _check_text(node["space"], f"{where}.fileInstanceId.space", MAX_SPACE)
+        _check_text(node["externalId"], f"{where}.fileInstanceId.externalId", MAX_EXTERNAL_ID)
     else:
-        raise InvalidPayload(
-            "payload.items[0] must hold exactly one of fileId or fileExternalId, nothing else"
-        )
+        raise InvalidPayload(f"{where} must be exactly one of {_ITEM_FORMS}, nothing else")
+
+
+def _check_text(value: Any, where: str, limit: int) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= limit:
+        raise InvalidPayload(f"{where} must be a string of 1 to {limit} characters")
 
 
 def _check_box(box: Any) -> None:
     names = ("xMin", "yMin", "xMax", "yMax")
     if not isinstance(box, dict):
         raise InvalidPayload("payload.boundingBox must be an object {xMin, yMin, xMax, yMax}")
+    if set(box) - set(names):
+        raise InvalidPayload("payload.boundingBox may hold only xMin, yMin, xMax and yMax")
     for name in names:
         if not _unit(box.get(name)):
             raise InvalidPayload(f"payload.boundingBox.{name} must be a number from 0 to 1")

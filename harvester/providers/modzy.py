@@ -2,7 +2,11 @@
 
 Quirks handled here, each tested on recorded bodies:
 - ``Authorization: ApiKey <key>`` (the auth is built in ``providers.make_auth``);
-- statuses are exact upper case; ``TIMEDOUT`` is a failure, ``CANCELED`` has one L;
+- statuses are exact upper case: ``SUBMITTED``, ``IN_PROGRESS``, ``COMPLETED``, ``CANCELED``
+  (one L), ``TIMEDOUT`` and ``ERROR`` (Modzy's jobs reference; its SDK lists all but
+  ``ERROR``). The job document says nothing about why a job ended ``ERROR``/``TIMEDOUT``: the
+  failed inputs' messages are in the results document (``failures.<item>.error``, where the
+  SDK reads them), so a failed job's poll asks for those too;
 - right after a job finishes, ``/api/results/{id}`` may answer 404 or ``finished: false``
   for a while: that is "not yet" (``ResultsNotReady``, retried later), not a failure;
 - a job's inputs can fail one by one: results that partly failed are still harvested, with
@@ -14,6 +18,7 @@ Quirks handled here, each tested on recorded bodies:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -25,6 +30,7 @@ from harvester.errors import (
     CredentialsError,
     HarvesterError,
     InvalidPayload,
+    JobError,
     NotYetAvailable,
     ProtocolError,
     ProviderJobFailed,
@@ -49,13 +55,14 @@ from harvester.providers.base import (
 )
 
 NAME = "modzy"
-_STATES = {
+#: every documented job status; anything else is polled on as running, marked unknown
+STATES = {
     "SUBMITTED": RemoteState.RUNNING,
     "IN_PROGRESS": RemoteState.RUNNING,
     "COMPLETED": RemoteState.SUCCEEDED,
     "CANCELED": RemoteState.CANCELLED,
     "TIMEDOUT": RemoteState.FAILED,
-    "FAILED": RemoteState.FAILED,
+    "ERROR": RemoteState.FAILED,
 }
 #: how soon, at most, to ask again for results that are not there yet (sooner when the
 #: provider's poll_min_s is shorter: results are polled like a status)
@@ -135,8 +142,9 @@ class ModzyProvider(NoSetup):
         raw = body.get("status")
         if not isinstance(raw, str) or not raw:
             raise _protocol(resp, "job answer has no status string", job)
+        known = raw in STATES
         # An undocumented status is "still going", kept verbatim, rather than a failure.
-        state = _STATES.get(raw, RemoteState.RUNNING)
+        state = STATES.get(raw, RemoteState.RUNNING)
         progress = _progress(body)
         if state == RemoteState.SUCCEEDED:
             progress = 100.0
@@ -146,10 +154,30 @@ class ModzyProvider(NoSetup):
             failed, total = body.get("failed"), body.get("total")
             if _count(failed) and _count(total) is not None:
                 reason += f" ({failed} of {total} inputs failed)"
-        return Status(state, raw, progress=progress, reason=reason, document=body)
+        return Status(state, raw, progress=progress, reason=reason, document=body, known=known)
+
+    def parse_failures(self, resp: Response, job: Job) -> Mapping[str, Any]:
+        """The ``failures`` of a results document; empty while (or if) there is none."""
+        if resp.status == 404:
+            return {}  # a failed job need not have published results
+        failures = self._ok(resp, job, "results").get("failures")
+        return failures if isinstance(failures, dict) else {}
 
     async def poll(self, job: Job, client: Client) -> PollResult:
-        return await client.call(self.build_poll(job), functools.partial(self.parse_poll, job=job))
+        status = await client.call(
+            self.build_poll(job), functools.partial(self.parse_poll, job=job)
+        )
+        if not isinstance(status, Status) or status.state != RemoteState.FAILED:
+            return status
+        try:
+            failures = await client.call(
+                self.build_results(job), functools.partial(self.parse_failures, job=job)
+            )
+        except JobError:
+            failures = {}  # the verdict stands without the messages
+        if not failures:
+            return status
+        return dataclasses.replace(status, reason=f"{status.reason}: {failure_reason(failures)}")
 
     def ladder(self) -> tuple[float, ...] | None:
         return None

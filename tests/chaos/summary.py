@@ -91,7 +91,11 @@ def main(path: str, seconds: str | None = None) -> None:
 def _bad_input() -> list[str]:
     root = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(root))
+    sys.path.insert(0, str(root / "tests"))
     try:
+        from own_package import bind
+
+        bind()  # modzy-sdk installs a 'tests' package of its own
         from tests.badinput import test_configs, test_jobs_files, test_provider_bodies
     except Exception as exc:  # pragma: no cover - a summary is best effort
         return [f"(bad-input counts unavailable: {exc})"]

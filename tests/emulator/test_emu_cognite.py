@@ -19,6 +19,7 @@ BODY: dict[str, Any] = {
     "points": [{"x": 0.4, "y": 0.5, "label": 1}, {"x": 0.9, "y": 0.1, "label": 0}],
     "boundingBox": {"xMin": 0.1, "yMin": 0.2, "xMax": 0.8, "yMax": 0.9},
 }
+BODY_POINTS = {"points": BODY["points"]}
 JOB_KEYS = {"status", "createdTime", "statusTime", "jobId", "items", "prompt"}
 
 
@@ -82,9 +83,10 @@ async def test_job_goes_queued_running_completed_with_truthful_segments(
     status, created = await api.create(BODY)
     assert status == 200
     assert created["status"] == "Queued" and isinstance(created["jobId"], int)
-    assert set(created) == JOB_KEYS
+    # The create answer echoes the prompt at the top level (the POST reference's sample).
+    assert set(created) == JOB_KEYS - {"prompt"} | {"points", "boundingBox"}
     assert created["items"] == [{"fileId": 4242}]
-    assert created["prompt"] == {"points": BODY["points"], "boundingBox": BODY["boundingBox"]}
+    assert (created["points"], created["boundingBox"]) == (BODY["points"], BODY["boundingBox"])
     seen = await poll_until(lambda: api.job(created["jobId"]), lambda d: d["status"] == "Completed")
     statuses = [d["status"] for d in seen]
     assert statuses[0] in ("Queued", "Running") and "Running" in statuses
@@ -123,6 +125,22 @@ async def test_external_id_and_plain_json_bodies(
     assert status == 200, created
     (item,) = created["items"]
     assert item["fileExternalId"] == "img-7" and isinstance(item["fileId"], int)
+
+
+async def test_a_file_named_by_its_instance_id(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession, make: Any
+) -> None:
+    api: Cognite = await make(start_emulator, session)
+    node = {"space": "site-a", "externalId": "photo-9"}
+    status, created = await api.create({"items": [{"fileInstanceId": node}], **BODY_POINTS})
+    assert status == 200 and created["items"][0]["fileInstanceId"] == node, created
+    done = await poll_until(lambda: api.job(created["jobId"]), lambda d: d["status"] == "Completed")
+    # A job document's items show fileId (and fileExternalId), as seed 001's sample does.
+    (item,) = done[-1]["items"]
+    assert isinstance(item["fileId"], int) and "fileInstanceId" not in item and item["segments"]
+    for bad in ({"space": "s"}, {"space": "s", "externalId": "x", "id": 1}, "site-a/photo-9"):
+        status, doc = await api.create({"items": [{"fileInstanceId": bad}], "points": []})
+        assert status == 400 and "fileInstanceId" in doc["error"]["message"], doc
 
 
 async def test_failed_jobs_carry_error_message_and_failed_items(
@@ -263,6 +281,22 @@ async def test_faults_answer_503_and_429_without_retry_after(
         status, headers, doc = await api.request("GET", "/context/vision/segment/1")
         assert status in (503, 429) and "Retry-After" not in headers
         assert doc["error"]["code"] == status and headers["x-request-id"]
+
+
+async def test_auto_retryable_statuses_carry_the_header(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession, make: Any
+) -> None:
+    api: Cognite = await make(
+        start_emulator, session, {"cognite": {"auto_retryable_statuses": [500]}}
+    )
+    for code in (500, 502):
+        fault = {"kind": "5xx", "provider": "cognite", "status": code, "count": 1}
+        await introspect(api.emu, session, "POST", "/faults", json=fault)
+        status, headers, _ = await api.request("GET", "/context/vision/segment/1")
+        assert status == code
+        assert headers.get("cdf-is-auto-retryable") == ("true" if code == 500 else None)
+    status, headers, _ = await api.request("GET", "/context/vision/segment/1")
+    assert status == 400 and "cdf-is-auto-retryable" not in headers
 
 
 async def test_unknown_jobs_and_routes(

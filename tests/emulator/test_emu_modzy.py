@@ -11,7 +11,7 @@ from harvester.emulator import Emulator
 
 pytestmark = pytest.mark.anyio
 KEY = "JbFkWZMx4Ea3epIrxSgA.a2fR36fZi3sdFPoztAXT"
-STATUSES = {"SUBMITTED", "IN_PROGRESS", "COMPLETED", "CANCELED", "TIMEDOUT", "FAILED"}
+STATUSES = {"SUBMITTED", "IN_PROGRESS", "COMPLETED", "CANCELED", "TIMEDOUT", "ERROR"}
 TERMINAL = STATUSES - {"SUBMITTED", "IN_PROGRESS"}
 BODY: dict[str, Any] = {
     "model": {"identifier": "ed542963de", "version": "1.0.1"},
@@ -160,7 +160,7 @@ async def test_item_failures_and_failed_and_timed_out_jobs(
     truth = await introspect(api.emu, session, "GET", f"/truth/modzy/{job_id}")
     assert {k: v["error"] for k, v in results["failures"].items()} == truth["failures"]
 
-    for rate, final in (("failure_rate", "FAILED"), ("timeout_rate", "TIMEDOUT")):
+    for rate, final in (("failure_rate", "ERROR"), ("timeout_rate", "TIMEDOUT")):
         api2: Modzy = await make(start_emulator, session, {"modzy": {rate: 1.0}})
         job_id = (await api2.create())["jobIdentifier"]
         done = (await api2.finish(job_id))[-1]

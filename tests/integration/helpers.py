@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,32 @@ from harvester.jobs import job_key
 from harvester.store.base import NewJob
 
 API_KEY = "it-key-0123456789-marker"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def emulator_process(folder: Path, scenario_toml: str) -> Iterator[dict[str, str]]:
+    """``harvester emulator --port 0`` as a user runs it, with a scenario; yields its URLs."""
+    scenario = folder / "scenario.toml"
+    scenario.write_text(scenario_toml)
+    errors = folder / "emulator.stderr"  # a file, not a pipe: nothing can fill up and block
+    cmd = [sys.executable, "-m", "harvester.cli", "emulator", "--port", "0"]
+    with errors.open("w") as err:
+        proc = subprocess.Popen(
+            [*cmd, "--scenario", str(scenario)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=REPO,
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, errors.read_text() or "no output"
+        yield json.loads(line)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def scenario(**playment: Any) -> Scenario:

@@ -221,6 +221,12 @@ async def test_failed_jobs_carry_the_providers_reason(tmp_path: Path) -> None:
         assert cog.reason is not None
         assert emu.state.job_truth("cognite", cog.remote_id or "")["errorMessage"] in cog.reason
         assert done["bentley"].state == JobState.FAILED
+        # Modzy's job ends ERROR; the reason names its inputs' failures from the results.
+        mod = done["modzy"]
+        assert mod.state == JobState.FAILED and mod.reason is not None
+        assert mod.reason.startswith("Modzy reports the job ERROR")
+        failures = emu.state.job_truth("modzy", mod.remote_id or "")["failures"]
+        assert failures and all(f"{item}: {text}" in mod.reason for item, text in failures.items())
         summary = status_json(
             {(j.provider, j.state): 1 for j in done.values()}, list(done.values())
         )
@@ -395,6 +401,36 @@ async def test_a_503_on_create_is_a_refusal_and_the_job_is_sent_again(tmp_path: 
         stats = emu.state.stats()["cognite"]
         assert stats["faults"].get("5xx") == 2
         assert stats["creates"] == 2  # refused twice, made once each: no duplicate
+
+
+@pytest.mark.parametrize("marked", [True, False])
+async def test_a_create_cognite_marks_auto_retryable_is_sent_again(
+    tmp_path: Path, marked: bool
+) -> None:
+    # A 500 on a create is ambiguous (it may have been made) unless Cognite marks the answer
+    # "cdf-is-auto-retryable: true": then, as its SDKs do, the create is simply sent again.
+    sc = scenario(cognite={"auto_retryable_statuses": [500] if marked else []})
+    async with Emulator(sc) as emu:
+        emu.state.add_fault(
+            parse_fault(
+                {
+                    "kind": "5xx",
+                    "provider": "cognite",
+                    "status": 500,
+                    "match": "/segment",
+                    "count": 1,
+                }
+            )
+        )
+        cfg = config(tmp_path, emu, cognite={"max_concurrency": 1})
+        (job,) = await run(cfg, jobs_for("cognite", 1))
+        stats = emu.state.stats()["cognite"]
+        assert stats["faults"].get("5xx") == 1
+        if marked:
+            assert job.state == JobState.HARVESTED and stats["creates"] == 1
+        else:
+            assert job.state == JobState.ERROR and stats["creates"] == 0
+            assert job.reason is not None and "on_lost_create" in job.reason
 
 
 async def test_results_never_published_end_in_error_after_results_wait(tmp_path: Path) -> None:

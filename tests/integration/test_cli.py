@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import API_KEY, new_jobs
+from .helpers import API_KEY, emulator_process, new_jobs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,37 +32,10 @@ def run(
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    folder = tmp_path_factory.mktemp("emu")
-    scenario = folder / "scenario.toml"
-    scenario.write_text(
-        "seed = 3\n[playment]\njob_duration_s = 0.3\npoints_per_frame = [1000, 2000]\n"
-    )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "harvester.cli",
-            "emulator",
-            "--port",
-            "0",
-            "--scenario",
-            str(scenario),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else "no output"
-        urls = json.loads(line)
+    scenario = "seed = 3\n[playment]\njob_duration_s = 0.3\npoints_per_frame = [1000, 2000]\n"
+    with emulator_process(tmp_path_factory.mktemp("emu"), scenario) as urls:
         assert set(urls) >= {"playment", "cognite", "bentley", "modzy", "token", "storage"}
         yield urls
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def write_config(folder: Path, urls: dict[str, str], project: str) -> Path:

@@ -7,9 +7,6 @@ harvester's own.
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +22,7 @@ from harvester.jobs import JobState
 from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
 
-from .helpers import API_KEY, payload
+from .helpers import API_KEY, emulator_process, payload
 
 REPO = Path(__file__).resolve().parents[2]
 BIG_POINTS = 3_000_000
@@ -33,34 +30,13 @@ BIG_POINTS = 3_000_000
 
 @pytest.fixture
 def emulator(tmp_path: Path) -> Iterator[dict[str, str]]:
-    scenario = tmp_path / "scenario.toml"
-    scenario.write_text(
+    scenario = (
         "seed = 5\n[playment]\njob_duration_s = 0.2\n"
         f"points_per_frame = [{BIG_POINTS}, {BIG_POINTS}]\nnum_labels = 60\n"
         "[storage]\nchunk_size = 65536\n"
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "harvester.cli",
-            "emulator",
-            "--port",
-            "0",
-            "--scenario",
-            str(scenario),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        yield json.loads(proc.stdout.readline())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with emulator_process(tmp_path, scenario) as urls:
+        yield urls
 
 
 def config_for(tmp_path: Path, urls: dict[str, str], **harvest: int) -> object:

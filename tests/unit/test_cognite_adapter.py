@@ -204,21 +204,23 @@ def test_odd_error_bodies_still_typed_by_status(p: CogniteProvider, body: Any) -
 
 
 # -- status mapping ------------------------------------------------------------------------
+# One case per status of the segmentation reference (seed 001), then undocumented ones.
 @pytest.mark.parametrize(
-    ("raw", "state"),
+    ("raw", "state", "known"),
     [
-        ("Queued", RemoteState.RUNNING),
-        ("Running", RemoteState.RUNNING),
-        ("Distributing", RemoteState.RUNNING),
-        ("Completed", RemoteState.SUCCEEDED),
-        ("Failed", RemoteState.FAILED),
+        ("Queued", RemoteState.RUNNING, True),
+        ("Running", RemoteState.RUNNING, True),
+        ("Completed", RemoteState.SUCCEEDED, True),
+        ("Failed", RemoteState.FAILED, True),
+        ("Distributing", RemoteState.RUNNING, False),  # other CDF context jobs say this
+        ("completed", RemoteState.RUNNING, False),
     ],
 )
-def test_status_mapping(p: CogniteProvider, raw: str, state: RemoteState) -> None:
+def test_status_mapping(p: CogniteProvider, raw: str, state: RemoteState, known: bool) -> None:
     body = {**COMPLETED, "status": raw}
     status = p.parse_poll(resp(200, body), job())
     assert isinstance(status, Status)
-    assert (status.state, status.raw) == (state, raw)
+    assert (status.state, status.raw, status.known) == (state, raw, known)
     assert status.document == body
 
 
@@ -296,6 +298,11 @@ async def test_poll_through_a_client(p: CogniteProvider) -> None:
 # -- payload validation --------------------------------------------------------------------
 def test_valid_payloads(p: CogniteProvider) -> None:
     p.validate_payload(PAYLOAD)
+    # Every documented way to name the file, and a box without points ("points and/or box").
+    p.validate_payload(
+        {**PAYLOAD, "items": [{"fileInstanceId": {"space": "s", "externalId": "x"}}]}
+    )
+    p.validate_payload({**PAYLOAD, "points": []})
     p.validate_payload(
         {"items": [{"fileExternalId": "x"}], "points": [{"x": 1, "y": 0, "label": 0}]}
     )
@@ -316,8 +323,29 @@ def test_valid_payloads(p: CogniteProvider) -> None:
         ({**PAYLOAD, "items": [{"fileId": 0}]}, "fileId must be an integer"),
         ({**PAYLOAD, "items": [{"fileId": 2**64}]}, "fileId must be an integer"),
         ({**PAYLOAD, "items": [{"fileExternalId": ""}]}, "fileExternalId"),
-        ({**PAYLOAD, "points": []}, "non-empty list"),
-        ({**PAYLOAD, "points": "x"}, "non-empty list"),
+        ({"items": PAYLOAD["items"], "points": []}, "non-empty without a boundingBox"),
+        ({**PAYLOAD, "points": "x"}, "must be a list"),
+        ({**PAYLOAD, "points": [PAYLOAD["points"][0]] * 2}, r"points\[1\] repeats .*points\[0\]"),
+        ({**PAYLOAD, "points": [{"x": 0, "y": 0, "label": 1, "z": 0}]}, "only x, y and label"),
+        ({**PAYLOAD, "prompt": {}}, "payload.prompt is not a field"),
+        ({**PAYLOAD, "boundingBox": {**PAYLOAD["boundingBox"], "w": 1}}, "only xMin"),
+        ({**PAYLOAD, "items": [{"fileInstanceId": {"space": "s"}}]}, r"\{space, externalId\}"),
+        ({**PAYLOAD, "items": [{"fileInstanceId": "s/x"}]}, r"\{space, externalId\}"),
+        (
+            {**PAYLOAD, "items": [{"fileInstanceId": {"space": "", "externalId": "x"}}]},
+            r"fileInstanceId\.space must be a string",
+        ),
+        (
+            {**PAYLOAD, "items": [{"fileInstanceId": {"space": "s", "externalId": 7}}]},
+            r"fileInstanceId\.externalId must be a string",
+        ),
+        (
+            {
+                **PAYLOAD,
+                "items": [{"fileId": 1, "fileInstanceId": {"space": "s", "externalId": "x"}}],
+            },
+            "exactly one of",
+        ),
         ({**PAYLOAD, "points": [5]}, r"points\[0\] must be an object"),
         ({**PAYLOAD, "points": [{"x": 1.5, "y": 0, "label": 1}]}, r"points\[0\]\.x"),
         ({**PAYLOAD, "points": [{"x": 0, "y": -0.1, "label": 1}]}, r"points\[0\]\.y"),

@@ -171,22 +171,26 @@ def test_odd_error_bodies_still_typed_by_status(p: ModzyProvider, body: Any) -> 
 
 
 # -- status mapping ------------------------------------------------------------------------
+# One case per status of Modzy's jobs reference ("Submitted", "In Progress", then "Completed"
+# or "Error", or "Canceled"; the SDK adds TIMEDOUT), then undocumented ones.
 @pytest.mark.parametrize(
-    ("raw", "state"),
+    ("raw", "state", "known"),
     [
-        ("SUBMITTED", RemoteState.RUNNING),
-        ("IN_PROGRESS", RemoteState.RUNNING),
-        ("COMPLETED", RemoteState.SUCCEEDED),
-        ("CANCELED", RemoteState.CANCELLED),
-        ("TIMEDOUT", RemoteState.FAILED),
-        ("FAILED", RemoteState.FAILED),
-        ("OPEN", RemoteState.RUNNING),
-        ("completed", RemoteState.RUNNING),  # statuses are exact upper case
+        ("SUBMITTED", RemoteState.RUNNING, True),
+        ("IN_PROGRESS", RemoteState.RUNNING, True),
+        ("COMPLETED", RemoteState.SUCCEEDED, True),
+        ("CANCELED", RemoteState.CANCELLED, True),
+        ("TIMEDOUT", RemoteState.FAILED, True),
+        ("ERROR", RemoteState.FAILED, True),
+        ("FAILED", RemoteState.RUNNING, False),  # not a Modzy job status
+        ("OPEN", RemoteState.RUNNING, False),
+        ("completed", RemoteState.RUNNING, False),  # statuses are exact upper case
     ],
 )
-def test_status_mapping(p: ModzyProvider, raw: str, state: RemoteState) -> None:
+def test_status_mapping(p: ModzyProvider, raw: str, state: RemoteState, known: bool) -> None:
     status = p.parse_poll(resp(200, {**JOB_DOC, "status": raw}), job())
     assert isinstance(status, Status) and (status.state, status.raw) == (state, raw)
+    assert status.known is known
     if state in (RemoteState.FAILED, RemoteState.CANCELLED):
         assert status.reason and raw in status.reason
 
@@ -200,10 +204,10 @@ def test_progress_from_counts(p: ModzyProvider) -> None:
         assert isinstance(status, Status) and status.progress is None
     huge = p.parse_poll(resp(200, {**body, "total": 1, "completed": 10**18}), job())
     assert isinstance(huge, Status) and huge.progress == 100.0
-    failed = p.parse_poll(resp(200, {**body, "status": "FAILED", "failed": 4}), job())
+    failed = p.parse_poll(resp(200, {**body, "status": "ERROR", "failed": 4}), job())
     assert (
         isinstance(failed, Status)
-        and failed.reason == "Modzy reports the job FAILED (4 of 4 inputs failed)"
+        and failed.reason == "Modzy reports the job ERROR (4 of 4 inputs failed)"
     )
 
 
@@ -229,6 +233,40 @@ async def test_poll_through_a_client(p: ModzyProvider) -> None:
     status = await p.poll(job(), client)
     assert isinstance(status, Status) and status.state == RemoteState.SUCCEEDED
     assert len(client.specs) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("raw", ["ERROR", "TIMEDOUT"])
+async def test_a_failed_job_carries_its_failures_messages(p: ModzyProvider, raw: str) -> None:
+    doc = {**JOB_DOC, "status": raw, "completed": 0, "failed": 2}
+    failures = {
+        "first": {"status": "FAILED", "error": "Model container exited with code 137"},
+        "second": {"status": "FAILED", "error": "Input could not be fetched"},
+    }
+    answers = {
+        f"{BASE}/api/jobs/5b2f-77": resp(200, doc),
+        f"{BASE}/api/results/5b2f-77": resp(200, {**RESULTS, "results": {}, "failures": failures}),
+    }
+    client = FakeClient(lambda spec: answers[spec.url])
+    status = await p.poll(job(), client)
+    assert isinstance(status, Status) and status.state == RemoteState.FAILED and status.known
+    assert status.reason == (
+        f"Modzy reports the job {raw} (2 of 2 inputs failed): "
+        "first: Model container exited with code 137; second: Input could not be fetched"
+    )
+    assert [s.endpoint for s in client.specs] == ["poll", "results"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("answer", [resp(404, err(404, "NOT_FOUND", "no")), resp(200, [1])])
+async def test_a_failed_job_without_readable_failures_still_ends(
+    p: ModzyProvider, answer: Response
+) -> None:
+    doc = {**JOB_DOC, "status": "ERROR", "completed": 0, "failed": 2}
+    client = FakeClient(lambda spec: resp(200, doc) if spec.endpoint == "poll" else answer)
+    status = await p.poll(job(), client)
+    assert isinstance(status, Status) and status.state == RemoteState.FAILED
+    assert status.reason == "Modzy reports the job ERROR (2 of 2 inputs failed)"
 
 
 # -- payload validation --------------------------------------------------------------------

@@ -7,9 +7,11 @@ import ssl
 import aiohttp
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
+from multidict import CIMultiDict
 
 from harvester.errors import HarvesterError, InvalidPayload, NetworkError
-from harvester.transport import map_exceptions, safe_url
+from harvester.providers.base import RequestSpec, Response
+from harvester.transport import _marked_retryable, map_exceptions, safe_url
 
 KEY = ConnectionKey("h", 1, False, True, None, None, None)
 
@@ -53,3 +55,24 @@ async def test_our_own_errors_pass_through_untouched() -> None:
 
 def test_safe_url_drops_query_and_fragment() -> None:
     assert safe_url("https://h:1/a/b?sig=1#f") == "https://h:1/a/b"
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "marked"),
+    [
+        ("cdf-is-auto-retryable", "true", True),
+        ("CDF-Is-Auto-Retryable", " True ", True),
+        ("cdf-is-auto-retryable", "false", False),  # the Python SDK would retry; we do not
+        ("cdf-is-auto-retryable", "", False),
+        ("x-other", "true", False),
+    ],
+)
+def test_an_answer_is_marked_retryable_only_by_the_specs_header_set_true(
+    header: str, value: str, marked: bool
+) -> None:
+    spec = RequestSpec("POST", "https://x/segment", "create", idempotent=False,
+                       retry_header="cdf-is-auto-retryable")  # fmt: skip
+    answer = Response(500, CIMultiDict({header: value}), b"{}", "https://x/segment")
+    assert _marked_retryable(answer, spec) is marked
+    unmarked_spec = RequestSpec("POST", "https://x/segment", "create", idempotent=False)
+    assert _marked_retryable(answer, unmarked_spec) is False

@@ -30,7 +30,7 @@ from harvester.providers.base import RemoteState, Response, Status
 from harvester.providers.playment import PlaymentProvider
 from tests.integration.test_cli import env, write_config
 
-from .seeds import PLACEHOLDER, example, examples, section, seed, shape_problems
+from .playment_seed import PLACEHOLDER, example, examples, section, seed, shape_problems
 
 pytestmark = pytest.mark.anyio
 
