@@ -223,7 +223,7 @@ def job_lines(
                     "type": "Segmentation2D",
                     "iTwinId": f"{prefix}-itwin",
                     "specifications": {
-                        "inputs": [{"name": "photos", "realityDataId": f"rd-{i}"}],
+                        "inputs": {"photos": f"rd-{i}"},
                         "outputs": ["segmentation2D"],
                         "options": {},
                     },
