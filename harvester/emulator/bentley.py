@@ -149,6 +149,8 @@ class BentleyApi:
         return json_response({"job": self.model.render(job)}, 201)
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
+        if not self.scenario.job_listing:
+            raise BentleyError(404, "NotFound", "Resource not found.")
         q = request.query
         page, token = self.model.list_jobs(
             q.get("$filter"), q.get("$top"), q.get("continuationToken"), self._client_id(request)

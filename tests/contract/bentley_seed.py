@@ -16,6 +16,7 @@ Run as a script to print the schemas harvester vendors (``harvester/specs``).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from functools import cache
 from pathlib import Path
@@ -83,6 +84,27 @@ def components() -> dict[str, dict[str, Any]]:
     return names
 
 
+def answer_examples() -> dict[int, dict[str, Any]]:
+    """The page's example answers by HTTP status (``Response 404 Not Found`` then its body)."""
+    out: dict[int, dict[str, Any]] = {}
+    status: int | None = None
+    for line in seed_text().splitlines():
+        m = re.match(r"Response (\d{3}) ", line)
+        if m:
+            status = int(m.group(1))
+        elif line.startswith("{") and status is not None and status not in out:
+            out[status] = json.loads(line)
+    return out
+
+
+def media_type() -> str:
+    """The Accept value the page recommends."""
+    m = re.search(r"application/vnd\.bentley\.itwin-platform\.v\d+\+json", seed_text())
+    if m is None:
+        raise ValueError("the Bentley seed names no media type")
+    return m.group(0)
+
+
 def schema(name: str) -> dict[str, Any]:
     """A standalone JSON Schema for one component (its refs resolve within)."""
     return {**components()[name], "components": {"schemas": components()}}
@@ -126,9 +148,12 @@ def create_schema() -> dict[str, Any]:
             }
         )
     client_set = ("name", "type", "iTwinId", "specifications")
+    properties = {k: job["properties"][k] for k in client_set}
+    # The answer's specifications (outputs an object); a create's are the variants above.
+    properties["specifications"] = {"type": "object"}
     return {
         "type": "object",
-        "properties": {k: job["properties"][k] for k in client_set},
+        "properties": properties,
         "required": [k for k in job["required"] if k in client_set],
         "additionalProperties": False,
         "oneOf": variants,
