@@ -51,6 +51,8 @@ SECRETS = {
 }
 #: a cut-off create answer: the reason every provider without a lookup gives (on_lost_create)
 LOST_CREATE = "was lost and"
+#: providers that find a job whose create answer was cut off (batch listing, jobs by name)
+LOOKUP = frozenset({"playment", "bentley"})
 FAST_SCENARIO: dict[str, Any] = {
     "seed": 17,
     "playment": {"job_duration_s": 0.5, "points_per_frame": [2000, 4000]},
@@ -426,7 +428,7 @@ def check_final(
                 outcome.harvested += 1
                 continue
             lost = (
-                provider != "playment"
+                provider not in LOOKUP
                 and crashed
                 and row["state"] == "error"
                 and LOST_CREATE in (row["reason"] or "")

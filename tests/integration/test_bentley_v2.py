@@ -19,6 +19,7 @@ from harvester.emulator.scenario import parse_fault
 from harvester.emulator.server import Emulator
 from harvester.engine import Engine
 from harvester.jobs import JobState
+from harvester.jobsfile import parse_jobs_text
 from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
 from tests.contract.bentley_payloads import documented_payloads
@@ -26,6 +27,7 @@ from tests.integration.test_all_providers import SECRETS, config, run, scenario
 
 pytestmark = pytest.mark.anyio
 CREATE = "/bentley/reality-analysis/jobs"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo-jobs.jsonl"
 
 
 @pytest.fixture(autouse=True)
@@ -168,3 +170,14 @@ async def test_a_payload_stored_before_v2_is_refused_with_its_reason_not_sent(
         assert "payload.specifications.inputs must be an object" in done.reason
         assert "v1 API" in done.reason
         assert _creates(emu) == []
+
+
+async def test_the_demo_jobs_bentley_lines_are_accepted_and_harvested(tmp_path: Path) -> None:
+    lines = [ln for ln in DEMO.read_bytes().splitlines() if b'"provider":"bentley"' in ln]
+    assert len(lines) == 10
+    async with Emulator(scenario(bentley={"parts_per_output": 1})) as emu:
+        cfg = config(tmp_path, emu)
+        jobs = parse_jobs_text(b"\n".join(lines), source=str(DEMO), config=cfg)
+        done = await run(cfg, jobs)
+        assert [j.state for j in done] == [JobState.HARVESTED] * 10, [j.reason for j in done]
+        assert len(_creates(emu)) == 10
