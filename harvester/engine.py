@@ -60,6 +60,7 @@ from harvester.providers.base import (
     RequestSpec,
     Response,
     Status,
+    Unsearchable,
 )
 from harvester.ratelimit import ProviderLimiter, backoff_delay
 from harvester.replica import Replica
@@ -604,6 +605,10 @@ class Engine:
             if isinstance(found, NextPage):
                 cursor = found.cursor
                 continue
+            if isinstance(found, Unsearchable):
+                log.warning("lookup refused", provider=lane.name, job=job.key, reason=found.reason)
+                await self._lost_create_policy(lane, job, exists=exists, why=found.reason)
+                return
             break
         if exists:
             await self._transition(
@@ -619,7 +624,9 @@ class Engine:
         job = await self._transition(job, Event.NOT_FOUND_REMOTE)
         lane.schedule(job.key, self.clock.monotonic())
 
-    async def _lost_create_policy(self, lane: Lane, job: Job, *, exists: bool) -> None:
+    async def _lost_create_policy(
+        self, lane: Lane, job: Job, *, exists: bool, why: str | None = None
+    ) -> None:
         policy = lane.transport.cfg.on_lost_create
         if policy == "resubmit" and not exists:
             job = await self._transition(job, Event.NOT_FOUND_REMOTE)
@@ -630,7 +637,8 @@ class Engine:
             Event.GIVE_UP,
             reason=(
                 f"the create answer for reference_id {job.reference_id!r} was lost and"
-                f" {lane.name} offers no way to look the job up; check the provider's console"
+                f" {why or f'{lane.name} offers no way to look the job up'};"
+                " check the provider's console"
                 " and add a job_id line to track it if it exists (or set"
                 f' providers.{lane.name}.on_lost_create = "resubmit")'
             ),

@@ -3,7 +3,9 @@ Management (``/reality-management``), mounted under ``/bentley``; output contain
 served Azure-style by the storage host (see ``azure``).
 
 Every call needs ``Authorization: Bearer <token>`` whose token carries the ``itwin-platform``
-scope; errors are ``{"error": {"code", "message", "target"?, "details"?}}``, and a 429 always
+scope. v2: create bodies are checked against Bentley's published schemas, jobs are listed with
+``$filter``/``$top``/``continuationToken``, states are the v2 enum. Errors are
+``{"error": {"code", "message", "target"?, "details"?}}``, and a 429 always
 carries ``Retry-After`` in seconds, as Bentley documents. Any ``Accept`` header is taken
 (the documented one is ``application/vnd.bentley.itwin-platform.v2+json``).
 """
@@ -82,9 +84,8 @@ class BentleyApi:
         app = web.Application(middlewares=[*middlewares, self._auth])
         r = app.router
         jobs = "/reality-analysis/jobs"
-        # No GET on the collection: Bentley documents no job listing or search (by name or
-        # otherwise), so a lost create answer cannot be reconciled here either.
         r.add_post(jobs, self._api(self._create))
+        r.add_get(jobs, self._api(self._list))
         r.add_get(f"{jobs}/{{job_id}}", self._api(self._get))
         r.add_delete(f"{jobs}/{{job_id}}", self._api(self._cancel))
         r.add_get(f"{jobs}/{{job_id}}/progress", self._api(self._progress))
@@ -141,13 +142,29 @@ class BentleyApi:
 
     async def _create(self, request: web.Request) -> web.StreamResponse:
         body = await read_json_object(request)
-        check = self.state.tokens.check_header(request.headers.get("Authorization"))
-        client_id = check.token.client_id if check.token else ""
-        job = self.model.create(body, client_id)
+        job = self.model.create(body, self._client_id(request))
         # No idempotency key exists; the job name is the closest thing clients control, so
         # creates are grouped by (iTwin, name) for a test to spot a blindly retried create.
         self.state.record_create(PROVIDER, job.itwin_id, job.name or job.key, new=True)
         return json_response({"job": self.model.render(job)}, 201)
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        if not self.scenario.job_listing:
+            raise BentleyError(404, "NotFound", "Resource not found.")
+        q = request.query
+        page, token = self.model.list_jobs(
+            q.get("$filter"), q.get("$top"), q.get("continuationToken"), self._client_id(request)
+        )
+        doc: dict[str, Any] = {"jobs": [self.model.render(j) for j in page]}
+        if token is not None:
+            query = {k: v for k, v in q.items() if k != "continuationToken"}
+            href = request.url.with_query({**query, "continuationToken": token})
+            doc["_links"] = {"next": {"href": str(href)}}
+        return json_response(doc)
+
+    def _client_id(self, request: web.Request) -> str:
+        check = self.state.tokens.check_header(request.headers.get("Authorization"))
+        return check.token.client_id if check.token else ""
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         return json_response({"job": self.model.render(self._job(request))})

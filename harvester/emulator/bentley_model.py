@@ -2,22 +2,27 @@
 
 Pure (no HTTP). A job is Queued for the first fifth of ``job_duration_s``, Active until the
 end, then Success. A failing job (probability ``failure_rate``) stops part-way through Active,
-spends ``terminating_s`` in TerminatingOnFailure, then is Failed; a cancelled one spends it in
-TerminatingOnCancel, then is Cancelled. Progress advances in ``progress_step`` percent steps
-and freezes where the job stopped.
+spends ``terminating_s`` Terminating, then is Failed; a cancelled one spends it Terminating,
+then is Cancelled (the v2 schema's states). Progress advances in ``progress_step`` percent
+steps and freezes where the job stopped.
+
+A create body is checked against Bentley's published v2 schemas (``harvester.specs``): an
+old v1-style body (inputs as a list) is a 400 like any other schema breach.
 
 Each output of a successful job is one reality data (one blob container) holding
 ``<output>/labels.json`` and ``<output>/segmentation/part-NNNN.bin``; every byte is a function
 of the seed and the job's own request, not of arrival order.
 
-Jobs can only be found by id: the API documents no listing or search (by name or
-otherwise), so a client that lost a create answer cannot find that job again here either.
+Jobs are found by id, or listed with a ``$filter`` (``odata``), ``$top`` and a
+``continuationToken``, in creation order.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -26,19 +31,15 @@ from typing import Any, Literal
 
 import orjson
 
-from harvester.emulator import truth
+from harvester.emulator import odata, truth
 from harvester.emulator.scenario import BentleyScenario
 from harvester.emulator.timefmt import Stamp, iso_z
+from harvester.specs import bentley_v2
 
-JOB_TYPES = (
-    "Objects2D", "Segmentation2D", "Segmentation3D", "SegmentationOrthophoto",
-    "ChangeDetection", "EvalO2D", "EvalO3D", "EvalS2D", "EvalS3D", "EvalSOrtho",
-    "TrainingO2D", "TrainingS3D",
-)  # fmt: skip
-State = Literal[
-    "Queued", "Active", "TerminatingOnCancel", "TerminatingOnFailure",
-    "Success", "Failed", "Cancelled",
-]  # fmt: skip
+State = Literal["Queued", "Active", "Terminating", "Success", "Failed", "Cancelled"]
+#: jobs per listing page unless ``$top`` says otherwise, and the most ``$top`` may ask for
+LIST_DEFAULT_TOP = 100
+LIST_MAX_TOP = 1000
 TERMINAL: frozenset[str] = frozenset({"Success", "Failed", "Cancelled"})
 QUEUED_FRACTION = 0.2
 _CLASSES = ("background", "building", "road", "vegetation", "vehicle", "water", "pole", "sign")
@@ -76,7 +77,9 @@ class BentleyError(Exception):
 
 
 def _bad_request(code: str, message: str, target: str) -> BentleyError:
-    detail = {"code": code, "message": message, "target": target}
+    detail: dict[str, Any] = {"code": code, "message": message}
+    if target:
+        detail["target"] = target
     return BentleyError(
         400,
         "InvalidRealityAnalysisRequest",
@@ -101,9 +104,9 @@ class AnalysisJob:
     name: str | None
     type: str
     itwin_id: str
-    inputs: list[Any]
-    outputs: dict[str, str]  # output name -> reality data id
-    options: dict[str, Any]
+    inputs: dict[str, str]  # input name -> reality data id
+    outputs: dict[str, str]  # output name -> reality data id (or bkt: path)
+    options: dict[str, Any] | None  # None: the create body had none
     user_id: str
     stamp: Stamp
     key: str  # names the job's ground truth: a digest of its request
@@ -135,15 +138,16 @@ class BentleyModel:
         fields = validate(body)
         key = truth.digest(fields)
         now = Stamp(self._clock(), self._wall())
+        specs = fields["specifications"]
         job = AnalysisJob(
             id=self._new_id(),
-            name=fields["name"],
+            name=fields.get("name"),
             type=fields["type"],
             itwin_id=fields["iTwinId"],
-            inputs=fields["inputs"],
-            outputs={name: self._new_id() for name in fields["outputs"]},
-            options=fields["options"],
-            user_id=str(uuid.UUID(int=truth.derived_seed(0, "bentley-user", client_id), version=4)),
+            inputs=dict(specs["inputs"]),
+            outputs={name: self._output_id(fields["type"], name) for name in specs["outputs"]},
+            options=specs.get("options"),
+            user_id=self.user_id(client_id),
             stamp=now,
             key=key,
             fails=truth.unit_draw(self._seed, "bentley", "fails", key) < self._s.failure_rate,
@@ -155,6 +159,61 @@ class BentleyModel:
             self._reality_data[rd_id] = (job, name)
         return job
 
+    @staticmethod
+    def user_id(client_id: str) -> str:
+        return str(uuid.UUID(int=truth.derived_seed(0, "bentley-user", client_id), version=4))
+
+    def _output_id(self, job_type: str, name: str) -> str:
+        # Reports and metrics are paths in the job's bucket (pattern ^bkt:.+), not reality data.
+        if name in bentley_v2.TYPES[job_type].bucket_outputs:
+            return f"bkt:{name}/{self._new_id()}.json"
+        return self._new_id()
+
+    def list_jobs(
+        self, where: str | None, top: str | None, token: str | None, client_id: str
+    ) -> tuple[list[AnalysisJob], str | None]:
+        """One page of the jobs ``where`` selects, and the token of the next page (if any).
+        Without ``iTwinId`` in the filter, only the caller's own jobs, as Bentley documents."""
+        if where is None:
+            raise _bad_request(
+                "InvalidProperty", "$filter is required: at least one criterion", "$filter"
+            )
+        try:
+            keep = odata.parse(where)
+        except odata.FilterError as exc:
+            raise _bad_request("InvalidProperty", str(exc), "$filter") from None
+        size = LIST_DEFAULT_TOP
+        if top is not None:
+            if not top.isdigit() or not 1 <= int(top) <= LIST_MAX_TOP:
+                raise _bad_request(
+                    "InvalidProperty", f"$top must be an integer 1..{LIST_MAX_TOP}", "$top"
+                )
+            size = int(top)
+        start = 0
+        if token is not None:
+            start = _read_token(token, where)
+        mine = None if re.search(r"\biTwinId\b", where) else self.user_id(client_id)
+        chosen = [
+            j
+            for j in self.jobs.values()
+            if (mine is None or j.user_id == mine) and keep(self._filter_values(j))
+        ]
+        page = chosen[start : start + size]
+        more = start + size < len(chosen)
+        return page, _make_token(start + size, where) if more else None
+
+    def _filter_values(self, job: AnalysisJob) -> dict[str, tuple[str, ...]]:
+        return {
+            "id": (job.id,),
+            "iTwinId": (job.itwin_id,),
+            "name": (job.name,) if job.name is not None else (),
+            "type": (job.type,),
+            "state": (self.state(job)[0],),
+            "createdDateTime": (iso_z(job.stamp.wall),),
+            "inputId": tuple(job.inputs.values()),
+            "outputId": tuple(job.outputs.values()),
+        }
+
     def get(self, job_id: str) -> AnalysisJob:
         job = self.jobs.get(job_id)
         if job is None:
@@ -163,11 +222,18 @@ class BentleyModel:
 
     def cancel(self, job: AnalysisJob) -> None:
         state = self.state(job)[0]
-        if state in ("TerminatingOnCancel", "Cancelled"):
+        if self._cancelled(job):
             return  # a retried cancel changes nothing
-        if state in TERMINAL or state == "TerminatingOnFailure":
+        if state in TERMINAL or state == "Terminating":
             raise _invalid_change(f"Job cannot be cancelled in state {state}.", "state")
         job.cancel_at = self._clock()
+
+    def _cancelled(self, job: AnalysisJob) -> bool:
+        """Whether a cancel stopped (or is stopping) the job before it ended by itself."""
+        if job.cancel_at is None or job.cancel_at > self._clock():
+            return False
+        _, end, fail_at = self._times(job)
+        return job.cancel_at < (fail_at if job.fails else end)
 
     def _times(self, job: AnalysisJob) -> tuple[float, float, float]:
         """(start of Active, natural end, moment a failing job stops)."""
@@ -186,12 +252,12 @@ class BentleyModel:
             if now >= job.cancel_at + grace:
                 return "Cancelled", job.cancel_at + grace
             if now >= job.cancel_at:
-                return "TerminatingOnCancel", job.cancel_at
+                return "Terminating", job.cancel_at
         elif job.fails:
             if now >= fail_at + grace:
                 return "Failed", fail_at + grace
             if now >= fail_at:
-                return "TerminatingOnFailure", fail_at
+                return "Terminating", fail_at
         elif now >= end:
             return "Success", end
         if now >= start:
@@ -229,15 +295,13 @@ class BentleyModel:
             "state": state,
             "userId": job.user_id,
             "executionInfo": info,
-            "specifications": {
-                "inputs": job.inputs,
-                "outputs": dict(job.outputs),
-                "options": job.options,
-            },
+            "specifications": {"inputs": dict(job.inputs), "outputs": dict(job.outputs)},
             "name": job.name,
             "type": job.type,
             "iTwinId": job.itwin_id,
         }
+        if job.options is not None:
+            doc["specifications"]["options"] = job.options
         if job.name is None:
             del doc["name"]
         return doc
@@ -246,9 +310,7 @@ class BentleyModel:
         state = self.state(job)[0]
         errors: list[dict[str, Any]] = []
         warnings: list[dict[str, Any]] = []
-        if state in ("TerminatingOnFailure", "Failed"):
-            errors.append(self.failure(job))
-        elif state in ("TerminatingOnCancel", "Cancelled"):
+        if state in ("Terminating", "Cancelled") and self._cancelled(job):
             warnings.append(
                 {
                     "code": "JobCancelled",
@@ -257,12 +319,14 @@ class BentleyModel:
                     "params": [job.user_id],
                 }
             )
+        elif state in ("Terminating", "Failed"):
+            errors.append(self.failure(job))
         return {"errors": errors, "warnings": warnings}
 
     def failure(self, job: AnalysisJob) -> dict[str, Any]:
         pick = truth.unit_draw(self._seed, "bentley", "failure", job.key)
         code, title, message = _FAILURES[int(pick * len(_FAILURES))]
-        first_input = job.inputs[0].get("realityDataId", "") if job.inputs else ""
+        first_input = next(iter(job.inputs.values()), "")
         params = {
             "InputDataError": [first_input],
             "DetectorError": [str(1 + int(pick * 97))],
@@ -327,6 +391,8 @@ class BentleyModel:
         outputs: dict[str, Any] = {}
         if not job.fails:
             for name, rd_id in job.outputs.items():
+                if name in bentley_v2.TYPES[job.type].bucket_outputs:
+                    continue  # a path in the job's bucket, not a reality data to download
                 blobs = {}
                 for blob in self.blobs(job, name):
                     body = self.blob_bytes(job, name, blob.name)
@@ -351,83 +417,35 @@ def _part_name(output: str, index: int) -> str:
     return f"{output}/segmentation/part-{index:04d}.bin"
 
 
-def validate(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a create body; returns its normalised fields. Malformed requests are 400
-    ``InvalidRealityAnalysisRequest`` (with details); well-formed ones the service cannot
-    run are 422 ``InvalidChange``."""
-    name = body.get("name")
-    if name is not None and (not isinstance(name, str) or len(name) < 2):
-        raise _bad_request("InvalidValue", "name must be a string of 2 or more characters", "name")
-    job_type = body.get("type")
-    if job_type is None:
-        raise _bad_request("MissingRequiredProperty", "type is required", "type")
-    if not isinstance(job_type, str):
-        raise _bad_request("InvalidValue", "type must be a string", "type")
-    if job_type not in JOB_TYPES:
-        raise _invalid_change(f"Unsupported job type {job_type!r}.", "type")
-    itwin = body.get("iTwinId")
-    if itwin is None:
-        raise _bad_request("MissingRequiredProperty", "iTwinId is required", "iTwinId")
-    if not isinstance(itwin, str) or not itwin:
-        raise _bad_request("InvalidValue", "iTwinId must be a non-empty string", "iTwinId")
-    specs = body.get("specifications")
-    if specs is None:
+def _make_token(offset: int, where: str) -> str:
+    raw = orjson.dumps({"o": offset, "f": hashlib.sha256(where.encode()).hexdigest()[:16]})
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _read_token(token: str, where: str) -> int:
+    try:
+        doc = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        offset = doc["o"]
+        same = doc["f"] == hashlib.sha256(where.encode()).hexdigest()[:16]
+    except (ValueError, TypeError, KeyError):
+        same, offset = False, None
+    if not same or not isinstance(offset, int) or offset < 0:
         raise _bad_request(
-            "MissingRequiredProperty", "specifications is required", "specifications"
+            "InvalidProperty",
+            "continuationToken is not one this listing (with this $filter) handed out",
+            "continuationToken",
         )
-    if not isinstance(specs, dict):
-        raise _bad_request("InvalidValue", "specifications must be an object", "specifications")
-    return {
-        "name": name,
-        "type": job_type,
-        "iTwinId": itwin,
-        "inputs": _inputs(specs.get("inputs")),
-        "outputs": _outputs(specs.get("outputs")),
-        "options": _options(specs.get("options")),
-    }
+    return offset
 
 
-def _inputs(inputs: object) -> list[Any]:
-    where = "specifications.inputs"
-    if inputs is None:
-        raise _bad_request("MissingRequiredProperty", "inputs is required", where)
-    if not isinstance(inputs, list):
-        raise _bad_request("InvalidValue", "inputs must be a list", where)
-    if not inputs:
-        raise _invalid_change("A job needs at least one input.", where)
-    for i, item in enumerate(inputs):
-        ok = (
-            isinstance(item, dict)
-            and isinstance(item.get("name"), str)
-            and item["name"]
-            and isinstance(item.get("realityDataId"), str)
-            and item["realityDataId"]
-        )
-        if not ok:
-            raise _bad_request(
-                "InvalidValue", "each input is {name, realityDataId} (strings)", f"{where}[{i}]"
-            )
-    return inputs
-
-
-def _outputs(outputs: object) -> list[str]:
-    where = "specifications.outputs"
-    if outputs is None:
-        raise _bad_request("MissingRequiredProperty", "outputs is required", where)
-    if not isinstance(outputs, list) or not all(isinstance(o, str) and o for o in outputs):
-        raise _bad_request("InvalidValue", "outputs must be a list of output names", where)
-    if not outputs:
-        raise _invalid_change("A job needs at least one output.", where)
-    if len(set(outputs)) != len(outputs):
-        raise _invalid_change("Output names must be unique.", where)
-    if any("/" in o or o in (".", "..") for o in outputs):
-        raise _invalid_change("Output names cannot contain '/'.", where)
-    return list(outputs)
-
-
-def _options(options: object) -> dict[str, Any]:
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise _bad_request("InvalidValue", "options must be an object", "specifications.options")
-    return options
+def validate(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a create body against Bentley's v2 schemas; returns it normalised. Any breach
+    is a 400 ``InvalidRealityAnalysisRequest`` whose detail names the property."""
+    try:
+        return bentley_v2.check_create(body)
+    except bentley_v2.CreateProblem as problem:
+        raise _bad_request(
+            "InvalidProperty",
+            f"Invalid value for property '{problem.target or 'body'}': {problem.message}",
+            problem.target,
+        ) from None

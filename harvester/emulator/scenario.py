@@ -93,7 +93,7 @@ class CogniteScenario:
 class BentleyScenario:
     job_duration_s: float = 2.0
     failure_rate: float = 0.0
-    # How long a job stays in TerminatingOnFailure / TerminatingOnCancel.
+    # How long a failing or cancelled job stays Terminating.
     terminating_s: float = 0.5
     progress_step: int = 10  # percent
     required_scope: str = "itwin-platform"
@@ -103,6 +103,9 @@ class BentleyScenario:
     sas_ttl_s: float = 3600.0
     expire_first_n: int = 0
     corrupt_first_n: int = 0
+    # GET /reality-analysis/jobs (a technology preview at Bentley): off = 404, as a tenant
+    # without it answers, so clients must cope with a lookup they cannot make.
+    job_listing: bool = True
     rate_limit: RateLimit = field(default_factory=RateLimit)
 
 
@@ -296,6 +299,7 @@ def _parse_bentley(t: _Table) -> BentleyScenario:
         sas_ttl_s=t.get_float("sas_ttl_s", 3600.0, minimum=1.0),
         expire_first_n=t.get_int("expire_first_n", 0, minimum=0),
         corrupt_first_n=t.get_int("corrupt_first_n", 0, minimum=0),
+        job_listing=t.get_bool("job_listing", True),
         # Bentley documents Retry-After in seconds on its 429s: not configurable.
         rate_limit=_rate_limit(t, retry_after="seconds"),
     )
@@ -452,6 +456,12 @@ class _Table:
         v = self.raw(key, default)
         if not isinstance(v, str):
             raise ScenarioError(f"{self.name(key)} must be a string")
+        return v
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        v = self.raw(key, default)
+        if not isinstance(v, bool):
+            raise ScenarioError(f"{self.name(key)} must be true or false")
         return v
 
     def get_int(

@@ -98,6 +98,14 @@ class NextPage:
 
 
 @dataclass(frozen=True, slots=True)
+class Unsearchable:
+    """The provider refused the lookup itself (no listing here, filter not accepted): the
+    job can be neither found nor proven absent, so ``on_lost_create`` decides."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     state: RemoteState
     raw: str  #: the provider's own status string, verbatim
@@ -117,7 +125,7 @@ class NotReady:
 
 
 CreateResult = Accepted | AlreadyExists
-FindResult = Found | NotFound | NextPage
+FindResult = Found | NotFound | NextPage | Unsearchable
 PollResult = Status | NotReady
 
 #: returns a fresh signed URL each time it is called (re-resolution after expiry)

@@ -13,20 +13,26 @@ Quirks handled here, each tested on recorded bodies:
   (``azure_container``), each blob checked against its listed size and MD5. An expired SAS
   is re-resolved through ``readaccess``. Blob names are provider data and are sanitised
   before they touch the file system (``harvester.azure.safe_blob_path``);
-- Bentley documents no job listing, so a lost create answer cannot be looked up: the job is
-  named after its reference id (findable in Bentley's console) and the engine's
-  ``on_lost_create`` policy decides.
+- a create body is Bentley's v2 job creation, checked against Bentley's published schemas
+  (``harvester.specs.bentley_v2``): ``specifications.inputs`` maps the type's input names to
+  reality-data ids, ``outputs`` lists output names, and the answer maps each output name to a
+  reality-data id (or, for reports and metrics, to a ``bkt:`` path in the job's bucket);
+- the job's ``name`` is derived from its reference id (``job_name``): unchanged when it is a
+  valid v2 name, else sanitised with a hash of the original. A lost create answer is looked
+  up by that name in v2's job listing (``$filter=name eq '...'``); a listing that refuses the
+  lookup leaves it to the engine's ``on_lost_create`` policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from harvester.config import BentleyConfig
 from harvester.errors import (
@@ -46,7 +52,9 @@ from harvester.providers.base import (
     Client,
     CreateResult,
     FindResult,
+    Found,
     HarvestIO,
+    NextPage,
     NoSetup,
     NotFound,
     PollResult,
@@ -55,35 +63,22 @@ from harvester.providers.base import (
     Resolver,
     Response,
     Status,
+    Unsearchable,
     protocol_error,
 )
 from harvester.schedule import BENTLEY_LADDER
+from harvester.specs import bentley_v2
 
 NAME = "bentley"
 ACCEPT = "application/vnd.bentley.itwin-platform.v2+json"
 #: Reality Management (readaccess) is a separate API still at version 1
 ACCEPT_REALITY_DATA = "application/vnd.bentley.itwin-platform.v1+json"
-TYPES = frozenset(
-    {
-        "Objects2D",
-        "Segmentation2D",
-        "Segmentation3D",
-        "SegmentationOrthophoto",
-        "ChangeDetection",
-        "EvalO2D",
-        "EvalO3D",
-        "EvalS2D",
-        "EvalS3D",
-        "EvalSOrtho",
-        "TrainingO2D",
-        "TrainingS3D",
-    }
-)
+TYPES = frozenset(bentley_v2.JOB_TYPES)
+#: the v2 schema's JobState enum; anything else is polled on as running, marked unknown
 _STATES = {
     "Queued": RemoteState.RUNNING,
     "Active": RemoteState.RUNNING,
-    "TerminatingOnCancel": RemoteState.RUNNING,
-    "TerminatingOnFailure": RemoteState.RUNNING,
+    "Terminating": RemoteState.RUNNING,
     "Success": RemoteState.SUCCEEDED,
     "Failed": RemoteState.FAILED,
     "Cancelled": RemoteState.CANCELLED,
@@ -92,6 +87,24 @@ _STATES = {
 _NO_PROGRESS = {"Queued"}
 _MAX_REASON = 1000
 _PLACEHOLDER = re.compile(r"%(\d+)")
+#: jobs per listing page when looking a job up by name (Bentley: default 100, max 1000)
+FIND_PAGE = 100
+#: listing answers that mean "this lookup is not offered", not "the job is absent"
+_NO_LISTING = frozenset({400, 404, 405, 501})
+#: an output that is a path in the job's bucket (reports, metrics), not a reality data
+BUCKET_PREFIX = "bkt:"
+_UNSAFE_NAME = re.compile(r'["<>|:*?\\/\x00-\x1f]')
+
+
+def job_name(reference_id: str) -> str:
+    """The v2 job name for a reference id: itself when valid (3-256 characters, none of
+    ``"<>|:*?\\/`` or control characters), else those replaced by ``_``, cut to fit, and
+    suffixed with a hash of the original so two reference ids never share a name."""
+    if bentley_v2.name_problem(reference_id) is None:
+        return reference_id
+    digest = hashlib.sha256(reference_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    head = _UNSAFE_NAME.sub("_", reference_id)[: bentley_v2.NAME_MAX - len(digest) - 1]
+    return f"{head}-{digest}"
 
 
 class BentleyProvider(NoSetup):
@@ -103,60 +116,36 @@ class BentleyProvider(NoSetup):
         self.jobs = f"{self.base}/reality-analysis/jobs"
         self.reality_data = f"{self.base}/reality-management/reality-data"
 
-    # -- payload -----------------------------------------------------------------------
+    # -- payload ----------------------------------------------------------------------
     def validate_payload(self, payload: Any) -> None:
-        if not isinstance(payload, dict):
-            raise InvalidPayload("payload must be a JSON object with type and specifications")
-        name = payload.get("name")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise InvalidPayload("payload.name must be a non-empty string when given")
-        kind = payload.get("type")
-        if kind not in TYPES:
+        self._create_body(payload)
+
+    def _create_body(self, payload: Any) -> dict[str, Any]:
+        """The payload as Bentley's v2 create body (config's ``itwin_id`` filled in), or
+        ``InvalidPayload`` naming the field and what Bentley's schema expects there."""
+        if not isinstance(payload, Mapping):
             raise InvalidPayload(
-                f"payload.type must be one of {', '.join(sorted(TYPES))}, got {str(kind)[:60]!r}"
+                "payload must be a JSON object {type, iTwinId, specifications}"
+                " (Bentley's v2 job creation)"
             )
-        twin = payload.get("iTwinId", self.cfg.itwin_id)
-        if not isinstance(twin, str) or not twin:
-            raise InvalidPayload(
-                "payload.iTwinId must be a non-empty string (or set providers.bentley.itwin_id)"
-            )
-        spec = payload.get("specifications")
-        if not isinstance(spec, dict):
-            raise InvalidPayload("payload.specifications must be an object {inputs, outputs}")
-        inputs = spec.get("inputs")
-        if (
-            not isinstance(inputs, list)
-            or not inputs
-            or not all(isinstance(i, dict) for i in inputs)
-        ):
-            raise InvalidPayload(
-                "payload.specifications.inputs must be a non-empty list of objects"
-            )
-        outputs = spec.get("outputs")
-        if (
-            not isinstance(outputs, list)
-            or not outputs
-            or not all(isinstance(o, str) and o for o in outputs)
-            or len(set(outputs)) != len(outputs)
-        ):
-            raise InvalidPayload(
-                "payload.specifications.outputs must be a non-empty list of distinct output names"
-            )
-        if "options" in spec and not isinstance(spec["options"], dict):
-            raise InvalidPayload("payload.specifications.options must be an object")
+        body = dict(payload)
+        if "iTwinId" not in body and self.cfg.itwin_id:
+            body["iTwinId"] = self.cfg.itwin_id
+        try:
+            return bentley_v2.check_create(body)
+        except bentley_v2.CreateProblem as problem:
+            hint = " (or set providers.bentley.itwin_id)" if problem.target == "iTwinId" else ""
+            where = f"payload.{problem.target}" if problem.target else "payload:"
+            raise InvalidPayload(f"{where} {problem.message}{hint}") from None
 
     # -- create -------------------------------------------------------------------------
     def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:
-        body: dict[str, Any] = {
-            # Named after the reference id, so a person can find the job in Bentley's console
-            # when its create answer was lost (there is no API to look it up).
-            "name": payload.get("name") or job.reference_id or job.key,
-            "type": payload["type"],
-            "iTwinId": payload.get("iTwinId") or self.cfg.itwin_id,
-            "specifications": payload["specifications"],
-        }
-        for key, value in payload.items():
-            body.setdefault(key, value)
+        # Checked again here: a payload stored before v2 (inputs as a list) is refused with
+        # the reason rather than sent.
+        body = self._create_body(payload)
+        # Named after the reference id (a payload's own name is replaced): the name is how a
+        # lost create answer is found again.
+        body["name"] = job_name(job.reference_id or job.key)
         return RequestSpec(
             "POST",
             self.jobs,
@@ -173,11 +162,43 @@ class BentleyProvider(NoSetup):
             raise _protocol(resp, "create answer has no job.id string", job)
         return Accepted(remote)
 
-    # -- reconciliation: impossible ----------------------------------------------------
+    # -- reconciliation: the job listing, by name ---------------------------------------
     def build_find(self, job: Job, cursor: str | None) -> RequestSpec | None:
-        return None
+        name = job_name(job.reference_id or job.key).replace("'", "''")  # an OData literal
+        params = {"$filter": f"name eq '{name}'", "$top": str(FIND_PAGE)}
+        if cursor:
+            params["continuationToken"] = cursor
+        return RequestSpec(
+            "GET", self.jobs, endpoint="find", params=params, headers={"Accept": ACCEPT}
+        )
 
     def parse_find(self, resp: Response, job: Job) -> FindResult:
+        if resp.status in _NO_LISTING:
+            err = error_from(resp, job, "find")
+            return Unsearchable(f"Bentley refused to list jobs by name (HTTP {resp.status}: {err})")
+        body = self._ok(resp, job, "find")
+        jobs = body.get("jobs")
+        if not isinstance(jobs, list):
+            raise _protocol(resp, "job listing has no jobs list", job)
+        name = job_name(job.reference_id or job.key)
+        ids = [j.get("id") for j in jobs if isinstance(j, dict) and j.get("name") == name]
+        if len(ids) > 1 or (ids and (not isinstance(ids[0], str) or not ids[0])):
+            raise ProviderJobFailed(
+                f"{len(ids)} Bentley jobs are named {name!r} ({', '.join(map(str, ids[:5]))});"
+                " track the right one with a job_id line",
+                provider=NAME,
+                job=job.key,
+            )
+        if ids:
+            return Found(str(ids[0]))
+        links = body.get("_links")
+        nxt = links.get("next") if isinstance(links, dict) else None
+        href = nxt.get("href") if isinstance(nxt, dict) else None
+        if isinstance(href, str) and href:
+            token = parse_qs(urlsplit(href).query).get("continuationToken")
+            if not token or not token[0]:
+                raise _protocol(resp, "job listing's next link has no continuationToken", job)
+            return NextPage(token[0])
         return NotFound()
 
     # -- poll ---------------------------------------------------------------------------
@@ -205,7 +226,7 @@ class BentleyProvider(NoSetup):
         # An undocumented state is "still going", kept verbatim, rather than a failure.
         state = _STATES.get(raw, RemoteState.RUNNING)
         progress = 100.0 if state == RemoteState.SUCCEEDED else None
-        return Status(state, raw, progress=progress, document=body)
+        return Status(state, raw, progress=progress, document=body, known=raw in _STATES)
 
     def parse_progress(self, resp: Response, job: Job) -> float:
         body = self._ok(resp, job, "progress")
@@ -295,6 +316,8 @@ class BentleyProvider(NoSetup):
                     raise ProtocolError("an output has an empty name")
                 if not isinstance(reality_data_id, str) or not reality_data_id:
                     raise ProtocolError(f"output {name!r} has no reality data id")
+                if reality_data_id.startswith(BUCKET_PREFIX):
+                    continue  # a report in the job's bucket, not a reality data: in job.json
                 await self._harvest_output(job, name, reality_data_id, io)
         except HarvesterError as exc:
             exc.provider = exc.provider or NAME

@@ -33,7 +33,7 @@ BENTLEY = {
     "type": "Segmentation2D",
     "iTwinId": "i",
     "specifications": {
-        "inputs": [{"name": "photos", "realityDataId": "r"}],
+        "inputs": {"photos": "r"},
         "outputs": ["segmentation2D"],
         "options": {},
     },
@@ -145,6 +145,23 @@ CASES = [
          line({"provider": "bentley", "reference_id": "b",
                "payload": {**BENTLEY, "type": "Segmentation9D"}}),
          1, "type"),
+    Case("bentley-v1-inputs-list",
+         line({"provider": "bentley", "reference_id": "b",
+               "payload": {**BENTLEY, "specifications": {
+                   **BENTLEY["specifications"],
+                   "inputs": [{"name": "photos", "realityDataId": "r"}]}}}),
+         1, "payload.specifications.inputs must be an object mapping Segmentation2D input names"
+            " to reality-data ids (model3D, photoSegmentationDetector, photos, segmentation2D)"),
+    Case("bentley-unknown-output",
+         line({"provider": "bentley", "reference_id": "b",
+               "payload": {**BENTLEY, "specifications": {
+                   **BENTLEY["specifications"], "outputs": ["segmentation3D"]}}}),
+         1, 'payload.specifications.outputs[0] "segmentation3D" is not an output of'
+            " Segmentation2D (valid: lines3D,"),
+    Case("bentley-v1-extra-key",
+         line({"provider": "bentley", "reference_id": "b",
+               "payload": {**BENTLEY, "costEstimationParameters": {"gigaPixels": 2}}}),
+         1, "payload.costEstimationParameters is not a property of a v2 job creation"),
     Case("modzy-no-model",
          line({"provider": "modzy", "reference_id": "m", "payload": {"input": MODZY["input"]}}),
          1, "model"),

@@ -261,7 +261,7 @@ def _line_for(case: EndToEnd, i: int) -> tuple[NewJob, bytes]:
             "type": "Segmentation2D",
             "iTwinId": "bi-itwin",
             "specifications": {
-                "inputs": [{"name": "photos", "realityDataId": f"rd-{i}"}],
+                "inputs": {"photos": f"rd-{i}"},
                 "outputs": ["segmentation2D"],
                 "options": {},
             },

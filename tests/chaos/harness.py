@@ -51,6 +51,8 @@ SECRETS = {
 }
 #: a cut-off create answer: the reason every provider without a lookup gives (on_lost_create)
 LOST_CREATE = "was lost and"
+#: providers that find a job whose create answer was cut off (batch listing, jobs by name)
+LOOKUP = frozenset({"playment", "bentley"})
 FAST_SCENARIO: dict[str, Any] = {
     "seed": 17,
     "playment": {"job_duration_s": 0.5, "points_per_frame": [2000, 4000]},
@@ -223,7 +225,7 @@ def job_lines(
                     "type": "Segmentation2D",
                     "iTwinId": f"{prefix}-itwin",
                     "specifications": {
-                        "inputs": [{"name": "photos", "realityDataId": f"rd-{i}"}],
+                        "inputs": {"photos": f"rd-{i}"},
                         "outputs": ["segmentation2D"],
                         "options": {},
                     },
@@ -426,7 +428,7 @@ def check_final(
                 outcome.harvested += 1
                 continue
             lost = (
-                provider != "playment"
+                provider not in LOOKUP
                 and crashed
                 and row["state"] == "error"
                 and LOST_CREATE in (row["reason"] or "")

@@ -42,7 +42,7 @@ from harvester.verify import verify_outputs
 from tests.daemon.helpers import merged
 from tests.integration.helpers import check_outputs
 
-from .harness import FAST_SCENARIO, LOST_CREATE, SECRETS, job_lines, record
+from .harness import FAST_SCENARIO, LOOKUP, LOST_CREATE, SECRETS, job_lines, record
 
 pytestmark = pytest.mark.anyio
 
@@ -268,7 +268,7 @@ async def test_storm(tmp_path: Path, storm: Storm) -> None:
                 continue
             true_loss = (
                 storm.cuts_creates
-                and job.provider != "playment"
+                and job.provider not in LOOKUP
                 and job.state == JobState.ERROR
                 and LOST_CREATE in (job.reason or "")
                 and any(

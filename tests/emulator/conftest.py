@@ -186,13 +186,16 @@ async def token_request(
 
 
 async def get_token(
-    emu: Emulator, session: aiohttp.ClientSession, scope: str = "itwin-platform"
+    emu: Emulator,
+    session: aiohttp.ClientSession,
+    scope: str = "itwin-platform",
+    client_id: str = CLIENT_ID,
 ) -> str:
     status, doc = await token_request(
         emu,
         session,
         grant_type="client_credentials",
-        client_id=CLIENT_ID,
+        client_id=client_id,
         client_secret=CLIENT_SECRET,
         scope=scope,
     )

@@ -27,7 +27,7 @@ BODY: dict[str, Any] = {
     "type": "Segmentation2D",
     "iTwinId": "f7cb7bbb-c0fd-437d-af2a-0a8c51cfc3c4",
     "specifications": {
-        "inputs": [{"name": "photos", "realityDataId": "401975b7-0c0a-4498-5896-84987921f4bb"}],
+        "inputs": {"photos": "401975b7-0c0a-4498-5896-84987921f4bb"},
         "outputs": [OUTPUT],
         "options": {},
     },

@@ -20,12 +20,12 @@ BODY: dict[str, Any] = {
     "type": "Segmentation2D",
     "iTwinId": ITWIN,
     "specifications": {
-        "inputs": [
-            {"name": "photos", "realityDataId": "401975b7-0c0a-4498-5896-84987921f4bb"},
-            {"name": "photoSegmentationDetector", "realityDataId": "08342927-859c"},
-        ],
+        "inputs": {
+            "photos": "401975b7-0c0a-4498-5896-84987921f4bb",
+            "photoSegmentationDetector": "08342927-859c",
+        },
         "outputs": ["segmentation2D", "segmentedPhotos"],
-        "options": {"minQuality": 0.5},
+        "options": {"minPhotos": 5},
     },
 }
 TERMINAL = {"Success", "Failed", "Cancelled"}
@@ -114,7 +114,7 @@ async def test_job_runs_queued_active_success_with_stepped_progress(
     specs = job["specifications"]
     assert specs["inputs"] == BODY["specifications"]["inputs"]
     assert set(specs["outputs"]) == {"segmentation2D", "segmentedPhotos"}
-    assert specs["options"] == {"minQuality": 0.5}
+    assert specs["options"] == {"minPhotos": 5}
     assert set(job["executionInfo"]) == {"createdDateTime", "estimatedUnits"}
     progress = await api.finish(job["id"])
     pcts = [p["percentage"] for p in progress]
@@ -268,7 +268,7 @@ async def test_failed_job_terminates_on_failure_with_error_messages(
     progress = await api.finish(job["id"])
     states = [p["state"] for p in progress]
     assert states[-1] == "Failed" and progress[-1]["percentage"] < 100
-    assert "TerminatingOnFailure" in states
+    assert "Terminating" in states  # the v2 schema's one Terminating state
     messages = (await api.get(job["id"], "/messages"))["messages"]
     (error,) = messages["errors"]
     assert set(error) == {"code", "title", "message", "params"}
@@ -281,13 +281,13 @@ async def test_failed_job_terminates_on_failure_with_error_messages(
     assert truth["outcome"] == "Failed" and truth["outputs"] == {}
 
 
-async def test_cancel_goes_through_terminating_on_cancel(
+async def test_cancel_goes_through_terminating(
     start_emulator: StartEmulator, session: aiohttp.ClientSession, make: Any
 ) -> None:
     api: Bentley = await make(start_emulator, session, {"bentley": {"job_duration_s": 5}})
     job = await api.create()
     status, _, doc = await api.request("DELETE", f"/reality-analysis/jobs/{job['id']}")
-    assert status == 200 and doc["job"]["state"] == "TerminatingOnCancel"
+    assert status == 200 and doc["job"]["state"] == "Terminating"
     status, _, _ = await api.request("DELETE", f"/reality-analysis/jobs/{job['id']}")
     assert status == 200  # a retried cancel is harmless
     progress = await api.finish(job["id"])
@@ -323,22 +323,31 @@ async def test_auth_failures_use_bentleys_401_bodies(
     assert stats["bentley"]["auth_refusals_by_reason"] == {"missing": 1, "scope": 1, "revoked": 1}
 
 
+V1_INPUTS = [{"name": "photos", "realityDataId": "rd"}]
+
+
 @pytest.mark.parametrize(
-    ("change", "status", "code", "target"),
+    ("change", "target"),
     [
-        ({"type": None}, 400, "InvalidRealityAnalysisRequest", "type"),
-        ({"type": "Sculpture3D"}, 422, "InvalidChange", "type"),
-        ({"iTwinId": None}, 400, "InvalidRealityAnalysisRequest", "iTwinId"),
-        ({"name": "x"}, 400, "InvalidRealityAnalysisRequest", "name"),
-        ({"specifications": None}, 400, "InvalidRealityAnalysisRequest", "specifications"),
-        ({"specifications": {"inputs": [], "outputs": ["a"]}}, 422, "InvalidChange",
+        ({"type": None}, "type"),
+        ({"type": "Sculpture3D"}, "type"),
+        ({"iTwinId": None}, "iTwinId"),
+        ({"name": "x"}, "name"),
+        ({"name": "a:b"}, "name"),
+        ({"costEstimationParameters": {}}, "costEstimationParameters"),
+        ({"specifications": None}, "specifications"),
+        ({"specifications": {**BODY["specifications"], "inputs": {}}}, "specifications.inputs"),
+        ({"specifications": {**BODY["specifications"], "inputs": V1_INPUTS}},
          "specifications.inputs"),
-        ({"specifications": {"inputs": [{"name": "p"}], "outputs": ["a"]}}, 400,
-         "InvalidRealityAnalysisRequest", "specifications.inputs[0]"),
-        ({"specifications": {**BODY["specifications"], "outputs": ["a", "a"]}}, 422,
-         "InvalidChange", "specifications.outputs"),
-        ({"specifications": {**BODY["specifications"], "outputs": "a"}}, 400,
-         "InvalidRealityAnalysisRequest", "specifications.outputs"),
+        ({"specifications": {**BODY["specifications"], "inputs": {"pointClouds": "rd"}}},
+         "specifications.inputs.pointClouds"),
+        ({"specifications": {**BODY["specifications"], "outputs": ["segmentation2D"] * 2}},
+         "specifications.outputs[1]"),
+        ({"specifications": {**BODY["specifications"], "outputs": ["objects3D"]}},
+         "specifications.outputs[0]"),
+        ({"specifications": {**BODY["specifications"], "outputs": "a"}}, "specifications.outputs"),
+        ({"specifications": {**BODY["specifications"], "options": {"minQuality": 0.5}}},
+         "specifications.options.minQuality"),
     ],
 )  # fmt: skip
 async def test_bad_create_bodies(
@@ -346,16 +355,17 @@ async def test_bad_create_bodies(
     session: aiohttp.ClientSession,
     make: Any,
     change: dict[str, Any],
-    status: int,
-    code: str,
     target: str,
 ) -> None:
     api: Bentley = await make(start_emulator, session)
     body = {k: v for k, v in {**BODY, **change}.items() if v is not None}
     got, _, doc = await api.request("POST", "/reality-analysis/jobs", json=body)
-    assert got == status and doc["error"]["code"] == code
-    found = doc["error"].get("target") or doc["error"]["details"][0]["target"]
-    assert found == target
+    assert got == 400 and doc["error"]["code"] == "InvalidRealityAnalysisRequest"
+    (detail,) = doc["error"]["details"]
+    assert detail["code"] == "InvalidProperty" and detail["target"] == target
+    assert f"'{target}'" in detail["message"]
+    stats = await introspect(api.emu, session, "GET", "/stats")
+    assert stats["bentley"]["jobs"] == 0  # nothing was created
     got, _, doc = await api.request("POST", "/reality-analysis/jobs", data=b"{nope")
     assert got == 400 and doc["error"]["code"] == "InvalidRealityAnalysisRequest"
 
@@ -391,3 +401,83 @@ async def test_rate_limit_answers_429_with_retry_after_seconds(
     assert f"{headers['Retry-After']} seconds" in doc["error"]["message"]
     stats = await introspect(api.emu, session, "GET", "/stats")
     assert stats["bentley"]["rate_limited"] == 1
+
+
+async def test_jobs_are_listed_with_filter_top_and_continuation_token(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession, make: Any
+) -> None:
+    api: Bentley = await make(start_emulator, session)
+    made = [await api.create({**BODY, "name": f"site {i}"}) for i in range(5)]
+    await api.create({**BODY, "name": "it's here", "iTwinId": "other-twin"})
+
+    async def page(**params: str) -> tuple[int, Any]:
+        status, _, doc = await api.request("GET", "/reality-analysis/jobs", params=params)
+        return status, doc
+
+    status, doc = await page(**{"$filter": "name eq 'site 3'"})
+    assert status == 200 and [j["id"] for j in doc["jobs"]] == [made[3]["id"]]
+    assert "_links" not in doc
+    status, doc = await page(**{"$filter": "name eq 'it''s here'"})
+    assert [j["name"] for j in doc["jobs"]] == ["it's here"]
+    seen: list[str] = []
+    params = {"$filter": f"iTwinId eq {ITWIN}", "$top": "2"}
+    for _ in range(5):
+        status, doc = await page(**params)
+        assert status == 200 and len(doc["jobs"]) <= 2
+        seen += [j["id"] for j in doc["jobs"]]
+        nxt = doc.get("_links", {}).get("next")
+        if nxt is None:
+            break
+        query = dict(parse_qsl(urlsplit(nxt["href"]).query))
+        assert query["$filter"] == params["$filter"] and query["$top"] == "2"
+        params = query
+    assert seen == [j["id"] for j in made]
+    status, doc = await page(**{"$filter": f"id eq {made[0]['id']} or id eq {made[4]['id']}"})
+    assert [j["id"] for j in doc["jobs"]] == [made[0]["id"], made[4]["id"]]
+    ids = ", ".join(f"'{v}'" for v in made[1]["specifications"]["outputs"].values())
+    status, doc = await page(**{"$filter": f"outputId in ({ids})"})
+    assert [j["id"] for j in doc["jobs"]] == [made[1]["id"]]
+
+
+@pytest.mark.parametrize(
+    ("params", "target"),
+    [
+        ({}, "$filter"),
+        ({"$filter": "colour eq 'red'"}, "$filter"),
+        ({"$filter": "name eq"}, "$filter"),
+        ({"$filter": "name eq 'a'", "$top": "0"}, "$top"),
+        ({"$filter": "name eq 'a'", "$top": "1001"}, "$top"),
+        ({"$filter": "name eq 'a'", "continuationToken": "bm9wZQ"}, "continuationToken"),
+    ],
+)
+async def test_bad_listings_are_refused(
+    start_emulator: StartEmulator,
+    session: aiohttp.ClientSession,
+    make: Any,
+    params: dict[str, str],
+    target: str,
+) -> None:
+    api: Bentley = await make(start_emulator, session)
+    status, _, doc = await api.request("GET", "/reality-analysis/jobs", params=params)
+    assert status == 400 and doc["error"]["code"] == "InvalidRealityAnalysisRequest"
+    assert doc["error"]["details"][0]["target"] == target
+
+
+async def test_a_listing_without_itwin_shows_only_the_callers_jobs(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession, make: Any
+) -> None:
+    api: Bentley = await make(start_emulator, session)
+    mine = await api.create({**BODY, "name": "shared name"})
+    other = Bentley(api.emu, session, await get_token(api.emu, session, client_id="someone"))
+    theirs = await other.create({**BODY, "name": "shared name"})
+    for who, expected in ((api, mine), (other, theirs)):
+        status, _, doc = await who.request(
+            "GET", "/reality-analysis/jobs", params={"$filter": "name eq 'shared name'"}
+        )
+        assert status == 200 and [j["id"] for j in doc["jobs"]] == [expected["id"]]
+    status, _, doc = await api.request(
+        "GET",
+        "/reality-analysis/jobs",
+        params={"$filter": f"name eq 'shared name' and iTwinId eq {ITWIN}"},
+    )
+    assert {j["id"] for j in doc["jobs"]} == {mine["id"], theirs["id"]}

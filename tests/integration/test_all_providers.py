@@ -48,7 +48,7 @@ PAYLOADS: dict[str, dict[str, Any]] = {
         "type": "Segmentation2D",
         "iTwinId": "itwin-1",
         "specifications": {
-            "inputs": [{"name": "photos", "realityDataId": "rd-1"}],
+            "inputs": {"photos": "rd-1"},
             "outputs": ["segmentation2D"],
             "options": {},
         },

@@ -32,7 +32,7 @@ PAYLOAD: dict[str, Any] = {
     "type": "Segmentation2D",
     "iTwinId": "itwin-1",
     "specifications": {
-        "inputs": [{"name": "photos", "realityDataId": "rd-1"}],
+        "inputs": {"photos": "rd-1"},
         "outputs": [OUTPUT],
         "options": {},
     },

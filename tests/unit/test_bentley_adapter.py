@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,14 +28,19 @@ from harvester.jobs import Job, JobState
 from harvester.providers import make_provider
 from harvester.providers.base import (
     Accepted,
+    Found,
+    NextPage,
+    NotFound,
     RemoteState,
     RequestSpec,
     Resolver,
     Response,
     Status,
+    Unsearchable,
 )
-from harvester.providers.bentley import ACCEPT, ACCEPT_REALITY_DATA, BentleyProvider
+from harvester.providers.bentley import ACCEPT, ACCEPT_REALITY_DATA, BentleyProvider, job_name
 from harvester.schedule import BENTLEY_LADDER, PollPolicy
+from harvester.specs import bentley_v2
 
 T = TypeVar("T")
 BASE = "https://api.bentley.com"
@@ -50,9 +56,9 @@ CFG = BentleyConfig(
 PAYLOAD: dict[str, Any] = {
     "type": "Objects2D",
     "specifications": {
-        "inputs": [{"type": "photos", "id": "rd-in"}],
-        "outputs": ["objects2D", "segmentation2D"],
-        "options": {"minQuality": 0.5},
+        "inputs": {"photos": "rd-in", "photoObjectDetector": "rd-detector"},
+        "outputs": ["objects2D", "objects3D"],
+        "options": {"minPhotos": 3},
     },
 }
 
@@ -66,8 +72,8 @@ def job_doc(state: str, **extra: Any) -> dict[str, Any]:
             "executionInfo": {"createdDateTime": "2024-01-01T00:00:00Z"},
             "specifications": {
                 "inputs": PAYLOAD["specifications"]["inputs"],
-                "outputs": {"objects2D": "rd-out-1", "segmentation2D": "rd-out-2"},
-                "options": {},
+                "outputs": {"objects2D": "rd-out-1", "objects3D": "rd-out-2"},
+                "options": {"minPhotos": 3},
             },
             "name": "scan-1",
             "type": "Objects2D",
@@ -123,12 +129,78 @@ def test_create_request_names_the_job_after_its_reference(p: BentleyProvider) ->
         "iTwinId": "twin-1",
         "specifications": PAYLOAD["specifications"],
     }
+    # A payload's own name is replaced: the name is how a lost create answer is found again.
     named = p.build_create(job(), {**PAYLOAD, "name": "mine", "iTwinId": "t2"})
-    assert named.json["name"] == "mine" and named.json["iTwinId"] == "t2"
+    assert named.json["name"] == "scan-1" and named.json["iTwinId"] == "t2"
 
 
-def test_no_lookup_and_the_ladder(p: BentleyProvider) -> None:
-    assert p.build_find(job(), None) is None
+def test_output_names_are_sent_in_the_schemas_spelling(p: BentleyProvider) -> None:
+    # Bentley's own jobs-create example asks for "Objects2D"; the schema's name is objects2D.
+    docs = {**PAYLOAD, "specifications": {**PAYLOAD["specifications"], "outputs": ["Objects2D"]}}
+    assert p.build_create(job(), docs).json["specifications"]["outputs"] == ["objects2D"]
+
+
+@pytest.mark.parametrize(
+    ("reference", "name"),
+    [
+        ("scan-1", "scan-1"),
+        ("survey 2024/site:A", None),
+        ("ab", None),
+        ('a"b<c>d|e*f?g\\h', None),
+        ("x" * 256, "x" * 256),
+        ("x" * 257, None),
+        ("tab\there", None),
+    ],
+)
+def test_job_names_are_valid_v2_names(reference: str, name: str | None) -> None:
+    got = job_name(reference)
+    assert bentley_v2.name_problem(got) is None
+    if name is not None:
+        assert got == name  # already valid: unchanged
+    else:
+        assert got != reference and len(got) <= 256
+        assert got.endswith(hashlib.sha256(reference.encode()).hexdigest()[:12])
+    assert job_name(reference) == got  # stable: a restart looks for the same name
+
+
+def test_sanitised_names_of_different_references_differ() -> None:
+    assert job_name("a/b") != job_name("a:b") != job_name("a_b")
+    assert job_name("x" * 300) != job_name("x" * 299 + "y")
+
+
+def test_lookup_lists_jobs_by_name(p: BentleyProvider) -> None:
+    spec = p.build_find(job(reference_id="it's/1"), None)
+    assert spec is not None and (spec.method, spec.url, spec.endpoint) == ("GET", JOBS, "find")
+    quoted = job_name("it's/1").replace("'", "''")
+    assert "it''s" in quoted
+    assert spec.params == {"$filter": f"name eq '{quoted}'", "$top": "100"}
+    nxt = p.build_find(job(), "tok-2")
+    assert nxt is not None and nxt.params["continuationToken"] == "tok-2"
+
+
+def test_lookup_answers(p: BentleyProvider) -> None:
+    mine = job_doc("Active")["job"]
+    other = {**mine, "id": "j-2", "name": "scan-10"}
+    page = {"jobs": [other, mine]}
+    assert p.parse_find(resp(200, page), job(remote_id=None)) == Found("j-1")
+    assert p.parse_find(resp(200, {"jobs": [other]}), job()) == NotFound()
+    href = f"{JOBS}?$filter=name%20eq%20%27scan-1%27&continuationToken=abc%3D"
+    more = {"jobs": [other], "_links": {"next": {"href": href}}}
+    assert p.parse_find(resp(200, more), job()) == NextPage("abc=")
+    with pytest.raises(ProviderJobFailed, match="2 Bentley jobs are named 'scan-1'"):
+        p.parse_find(resp(200, {"jobs": [mine, {**mine, "id": "j-9"}]}), job())
+    with pytest.raises(ProtocolError):
+        p.parse_find(resp(200, {"items": []}), job())
+
+
+@pytest.mark.parametrize("status", [400, 404, 405, 501])
+def test_a_refused_lookup_is_unsearchable_not_absent(p: BentleyProvider, status: int) -> None:
+    body = err("InvalidRealityAnalysisRequest", "Property 'name' cannot be filtered.")
+    found = p.parse_find(resp(status, body), job())
+    assert isinstance(found, Unsearchable) and "cannot be filtered" in found.reason
+
+
+def test_the_ladder(p: BentleyProvider) -> None:
     assert p.ladder() == BENTLEY_LADDER == (15.0, 30.0, 60.0, 120.0)
     # The engine clamps it into the configured poll bounds.
     policy = PollPolicy(min_s=20, max_s=90, ladder=p.ladder(), jitter=0)
@@ -226,22 +298,30 @@ def test_odd_error_bodies_still_typed_by_status(p: BentleyProvider, body: Any) -
 
 # -- status mapping ------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("raw", "state"),
+    ("raw", "state", "known"),
     [
-        ("Queued", RemoteState.RUNNING),
-        ("Active", RemoteState.RUNNING),
-        ("TerminatingOnCancel", RemoteState.RUNNING),
-        ("TerminatingOnFailure", RemoteState.RUNNING),
-        ("Success", RemoteState.SUCCEEDED),
-        ("Failed", RemoteState.FAILED),
-        ("Cancelled", RemoteState.CANCELLED),
-        ("Paused", RemoteState.RUNNING),
+        ("Queued", RemoteState.RUNNING, True),
+        ("Active", RemoteState.RUNNING, True),
+        ("Terminating", RemoteState.RUNNING, True),
+        ("Success", RemoteState.SUCCEEDED, True),
+        ("Failed", RemoteState.FAILED, True),
+        ("Cancelled", RemoteState.CANCELLED, True),
+        # v1 / SDK names, not in the v2 schema: polled on as running, flagged unknown
+        ("TerminatingOnCancel", RemoteState.RUNNING, False),
+        ("TerminatingOnFailure", RemoteState.RUNNING, False),
+        ("Paused", RemoteState.RUNNING, False),
     ],
 )
-def test_state_mapping(p: BentleyProvider, raw: str, state: RemoteState) -> None:
+def test_state_mapping(p: BentleyProvider, raw: str, state: RemoteState, known: bool) -> None:
     status = p.parse_get(resp(200, job_doc(raw)), job())
-    assert (status.state, status.raw) == (state, raw)
+    assert (status.state, status.raw, status.known) == (state, raw, known)
     assert status.document == job_doc(raw)
+
+
+def test_every_documented_state_is_mapped() -> None:
+    for raw in bentley_v2.JOB_STATES:
+        status = BentleyProvider(CFG).parse_get(resp(200, job_doc(raw)), job())
+        assert status.known and status.raw == raw
 
 
 @pytest.mark.parametrize(
@@ -392,37 +472,75 @@ async def test_gone_job_fails_the_poll(p: BentleyProvider) -> None:
 # -- payload validation --------------------------------------------------------------------
 def test_valid_payloads(p: BentleyProvider) -> None:
     p.validate_payload(PAYLOAD)
-    p.validate_payload({**PAYLOAD, "name": "n", "iTwinId": "t"})
+    p.validate_payload({**PAYLOAD, "name": "a name", "iTwinId": "t"})
     spec = dict(PAYLOAD["specifications"])
     del spec["options"]
     p.validate_payload({**PAYLOAD, "specifications": spec})
+
+
+def specs(**kw: Any) -> dict[str, Any]:
+    return {**PAYLOAD, "specifications": {**PAYLOAD["specifications"], **kw}}
 
 
 @pytest.mark.parametrize(
     ("payload", "words"),
     [
         ([], "JSON object"),
-        ({**PAYLOAD, "type": "Objects3D"}, "payload.type must be one of"),
+        ({**PAYLOAD, "type": "Objects3D"}, "payload.type must be one of Objects2D, "),
         ({**PAYLOAD, "type": None}, "payload.type"),
-        ({**PAYLOAD, "name": ""}, "payload.name"),
+        ({**PAYLOAD, "name": "ab"}, "payload.name must be 3 to 256 characters"),
+        ({**PAYLOAD, "name": "a/b"}, "payload.name must not contain"),
         ({**PAYLOAD, "iTwinId": 5}, "iTwinId"),
+        ({**PAYLOAD, "costEstimationParameters": {}}, "costEstimationParameters is not a"),
         ({**PAYLOAD, "specifications": None}, "specifications must be an object"),
-        ({**PAYLOAD, "specifications": {"outputs": ["a"]}}, "inputs"),
-        ({**PAYLOAD, "specifications": {"inputs": [], "outputs": ["a"]}}, "inputs"),
-        ({**PAYLOAD, "specifications": {"inputs": ["rd"], "outputs": ["a"]}}, "inputs"),
-        ({**PAYLOAD, "specifications": {"inputs": [{}], "outputs": []}}, "outputs"),
-        ({**PAYLOAD, "specifications": {"inputs": [{}], "outputs": {"a": "b"}}}, "outputs"),
-        ({**PAYLOAD, "specifications": {"inputs": [{}], "outputs": ["a", "a"]}}, "distinct"),
-        ({**PAYLOAD, "specifications": {"inputs": [{}], "outputs": [""]}}, "outputs"),
+        ({**PAYLOAD, "specifications": {"outputs": ["objects2D"]}}, "inputs is required"),
         (
-            {**PAYLOAD, "specifications": {"inputs": [{}], "outputs": ["a"], "options": []}},
-            "options",
+            specs(inputs=[{"name": "photos", "realityDataId": "rd"}]),
+            re.escape(
+                "payload.specifications.inputs must be an object mapping Objects2D input names"
+                " to reality-data ids (model3D, objects2D, photoObjectDetector, photos)"
+            )
+            + ".* the v1 API",
         ),
+        (specs(inputs={}), "names no input"),
+        (specs(inputs={"pointClouds": "rd"}), "inputs.pointClouds is not an input of Objects2D"),
+        (specs(inputs={"photoObjectDetector": "rd"}), "required input.*photos"),
+        (specs(inputs={"photos": 7}), "inputs.photos must be a string"),
+        (specs(inputs={"photos": ""}), "inputs.photos must be a non-empty"),
+        (specs(outputs=[]), "outputs must be a list of Objects2D output names"),
+        (specs(outputs={"objects2D": "rd"}), "the answer's form"),
+        (specs(outputs=["objects2D", "objects2D"]), "listed twice"),
+        (specs(outputs=["segmentation2D"]), r"outputs\[0\] \"segmentation2D\" is not an output"),
+        (specs(options=[]), "options must be an object"),
+        (specs(options={"minQuality": 0.5}), "options.minQuality is not an option of Objects2D"),
+        (specs(options={"minPhotos": "3"}), "options.minPhotos must be an integer"),
+        (specs(options={"useTiePoints": 1}), "options.useTiePoints must be a boolean"),
+        (specs(extra=1), "specifications.extra is not a property of Objects2D specifications"),
     ],
 )
 def test_invalid_payloads(p: BentleyProvider, payload: Any, words: str) -> None:
     with pytest.raises(InvalidPayload, match=words):
         p.validate_payload(payload)
+
+
+def test_a_type_without_options_refuses_them(p: BentleyProvider) -> None:
+    ortho = {
+        "type": "SegmentationOrthophoto",
+        "specifications": {
+            "inputs": {"orthophoto": "rd", "orthophotoSegmentationDetector": "det"},
+            "outputs": ["segmentation2D"],
+        },
+    }
+    p.validate_payload(ortho)
+    ortho["specifications"]["options"] = {}
+    with pytest.raises(InvalidPayload, match="SegmentationOrthophoto takes no options"):
+        p.validate_payload(ortho)
+
+
+def test_a_stored_v1_payload_is_refused_at_create_not_sent(p: BentleyProvider) -> None:
+    old = specs(inputs=[{"name": "photos", "realityDataId": "rd"}])
+    with pytest.raises(InvalidPayload, match="the v1 API"):
+        p.build_create(job(remote_id=None), old)
 
 
 def test_itwin_id_is_required_without_config() -> None:
@@ -600,7 +718,7 @@ async def test_expired_sas_is_re_resolved(p: BentleyProvider) -> None:
     world.storage = expire_after_listing  # type: ignore[method-assign]
     await p.harvest(job(), success(), io)
     assert io.files["outputs/objects2D/a"] == b"A" and io.files["outputs/objects2D/b"] == b"B"
-    assert io.files["outputs/segmentation2D/c"] == b"C"
+    assert io.files["outputs/objects3D/c"] == b"C"
     assert world.readaccess == ["rd-out-1", "rd-out-1", "rd-out-2"]
 
 
