@@ -1,8 +1,9 @@
 """Command line: argument parsing and the commands; the work itself lives elsewhere.
 
 Exit codes: 0 all harvested; 1 some jobs ended failed/cancelled/error (the rest harvested);
-2 bad usage, config or jobs file (nothing changed) or a fatal error such as refused
-credentials; 3 stopped by --timeout or a signal with work left (state saved: rerun continues).
+2 bad usage, config or jobs file (nothing changed), a fatal error such as refused
+credentials, or an output directory that cannot be written (full, read-only, a file);
+3 stopped by --timeout or a signal with work left (state saved: rerun continues).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import orjson
 
 from harvester import __version__
 from harvester.config import Config, config_path, load_config
-from harvester.errors import FatalError, HarvesterError
+from harvester.errors import FatalError, HarvesterError, OutputError
 from harvester.jobs import UNSUCCESSFUL, JobState
 from harvester.logs import configure, get_logger
 
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from harvester.daemon import serve
 
             return anyio.run(serve, config)
-    except FatalError as exc:
+    except (FatalError, OutputError) as exc:
         print(f"harvester: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -240,6 +241,11 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
     config.check_secrets()
+    from harvester.fsutil import check_writable
+
+    # Before the jobs are added or anything is sent: an unwritable output is found now, not
+    # after creates went out.
+    await anyio.to_thread.run_sync(check_writable, config.output.dir)
     if args.jobs:
         added, duplicates = await _add(config, args.jobs)
         log.info("jobs added", added=added, already_present=duplicates)
@@ -266,7 +272,7 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
         show = not args.no_progress and not args.json and sys.stderr.isatty()
         progress = Progress(counts, selected, enabled=show)
         stop = anyio.Event()
-        fatal: list[FatalError] = []
+        fatal: list[FatalError | OutputError] = []
         started = anyio.current_time()
         engine = Engine(config, store, providers=selected, burst=True, on_change=progress.update)
         with progress:
@@ -276,7 +282,7 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
                 async def work() -> None:
                     try:
                         await engine.run(stop=stop)
-                    except FatalError as exc:
+                    except (FatalError, OutputError) as exc:
                         # Out of the task group it would be an ExceptionGroup (a traceback
                         # and exit 1); re-raised below, it is one line and exit 2.
                         fatal.append(exc)

@@ -9,7 +9,7 @@ adapter is ``harvest``, which talks to the outside world exclusively through the
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol, TypeVar
@@ -122,6 +122,16 @@ Resolver = Callable[[], Awaitable[str]]
 LabelFormat = Literal["mask", "pcd"]
 
 
+@dataclass(frozen=True, slots=True)
+class LabelFrame:
+    """One label file to harvest (``HarvestIO.label_frames``)."""
+
+    frame: str  #: the file name stem under ``labels/`` (already made safe)
+    resolve: Resolver
+    fmt: LabelFormat
+    source: str | None = None  #: see ``HarvestIO.labels``
+
+
 T = TypeVar("T")
 
 
@@ -143,8 +153,17 @@ class HarvestIO(Protocol):
     async def fetch(self, resolve: Resolver, *, what: str) -> bytes:
         """A whole (small) signed-URL body; re-resolves on expiry; size-capped."""
 
-    async def labels(self, frame: str, resolve: Resolver, fmt: LabelFormat) -> None:
-        """Stream a label file through the decoder into ``labels/<frame>.npy``."""
+    async def labels(
+        self, frame: str, resolve: Resolver, fmt: LabelFormat, *, source: str | None = None
+    ) -> None:
+        """Stream a label file through the decoder into ``labels/<frame>.npy``.
+
+        ``source`` names the remote file (not a signed URL): a frame already on disk from an
+        interrupted attempt, from the same source, is verified and kept, not fetched again.
+        """
+
+    async def label_frames(self, frames: Sequence[LabelFrame]) -> None:
+        """``labels`` for every frame, ``harvest.frame_concurrency`` of them at a time."""
 
     async def download(
         self, relpath: str, resolve: Resolver, *, size: int | None = None, md5: bytes | None = None

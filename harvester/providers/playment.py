@@ -40,6 +40,7 @@ from harvester.providers.base import (
     FindResult,
     Found,
     HarvestIO,
+    LabelFrame,
     NextPage,
     NotFound,
     PollResult,
@@ -274,6 +275,7 @@ class PlaymentProvider:
             raise ProtocolError("annotation_data.masks is not a list", provider=NAME, job=job.key)
         io.write_json("classes.json", classes_from_annotations(annotation_data, job))
         seen: set[str] = set()
+        frames: list[LabelFrame] = []
         for mask in masks:
             if not isinstance(mask, dict):
                 raise ProtocolError("a mask entry is not an object", provider=NAME, job=job.key)
@@ -286,7 +288,9 @@ class PlaymentProvider:
             if name in seen:
                 raise ProtocolError(f"two masks for frame {frame!r}", provider=NAME, job=job.key)
             seen.add(name)
-            await io.labels(name, self.resolver(io, url), "mask")
+            # label_url names the attachment, not a signed URL: stable across attempts
+            frames.append(LabelFrame(name, self.resolver(io, url), "mask", source=url))
+        await io.label_frames(frames)
 
     async def _harvest_pcd(self, job: Job, result: dict[str, Any], io: HarvestIO) -> None:
         url = result["url"]
@@ -295,7 +299,7 @@ class PlaymentProvider:
         io.write_json("classes.json", classes_from_legend(result.get("legend"), job))
         stem = PurePosixPath(urlsplit(url).path).name
         stem = stem.removesuffix(".pcd").removesuffix("_data") or "frame"
-        await io.labels(frame_file_name(stem), self.resolver(io, url), "pcd")
+        await io.labels(frame_file_name(stem), self.resolver(io, url), "pcd", source=url)
 
     async def _harvest_attachments(self, job: Job, result: dict[str, Any], io: HarvestIO) -> None:
         """Image and video results: every file the result links to, filed by frame."""
