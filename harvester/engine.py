@@ -156,6 +156,9 @@ class Engine:
         self._output_blocked = anyio.Event()
         #: finished jobs waiting for output.dir to be writable again
         self._parked: set[tuple[str, str]] = set()
+        #: output failures since the last harvest that succeeded: the watcher's backoff
+        #: grows with them, since a probe can pass where a big file still does not fit
+        self._output_strikes = 0
         #: with a store several processes share, jobs are claimed by lease (harvester.replica)
         self.replica: Replica | None = (
             Replica(self, store, lease_s=config.store.lease_s)
@@ -300,6 +303,7 @@ class Engine:
         if self.output_problem is None:
             log.error("output directory not writable; harvests paused", error=str(exc))
         self.output_problem = str(exc)
+        self._output_strikes += 1
         self._output_blocked.set()
 
     async def _output_watch(self) -> None:
@@ -307,7 +311,8 @@ class Engine:
         parked jobs back to their lanes."""
         while True:
             await self._output_blocked.wait()
-            delay = OUTPUT_RETRY_MIN_S
+            strikes = min(self._output_strikes, 16)
+            delay = min(OUTPUT_RETRY_MIN_S * 2 ** max(strikes - 1, 0), OUTPUT_RETRY_MAX_S)
             while True:
                 await self.clock.sleep_until(self.clock.monotonic() + delay)
                 try:
@@ -868,6 +873,7 @@ class Engine:
         except JobError as exc:
             await self._transition(job, Event.GIVE_UP, reason=str(exc))
             return
+        self._output_strikes = 0
         await self._transition(job, Event.HARVESTED, output=str(relative), reason=None)
 
 
