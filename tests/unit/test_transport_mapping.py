@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ssl
 
 import aiohttp
@@ -53,3 +54,26 @@ async def test_our_own_errors_pass_through_untouched() -> None:
 
 def test_safe_url_drops_query_and_fragment() -> None:
     assert safe_url("https://h:1/a/b?sig=1#f") == "https://h:1/a/b"
+
+
+@pytest.mark.anyio
+async def test_a_streaming_callers_own_disk_error_is_not_a_network_error() -> None:
+    """``open_stream``'s caller reads the body, and writes it to disk, inside the mapping's
+    scope: a full disk there was reported as a network error and retried as one."""
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    guard = map_exceptions("playment", "http://storage:9/x/mask.txt", job="scan-1")
+    guard.in_caller = True
+    with pytest.raises(OSError) as info:
+        async with guard:
+            raise disk_full
+    assert info.value is disk_full
+    # What the network does while the caller reads the body is still a network error.
+    for exc in (
+        aiohttp.ClientPayloadError("cut"),
+        aiohttp.ClientOSError(104, "Connection reset by peer"),
+        ConnectionResetError(),
+        TimeoutError(),
+    ):
+        with pytest.raises(NetworkError):
+            async with guard:
+                raise exc
