@@ -23,6 +23,7 @@ from harvester.config import Config, config_path, load_config
 from harvester.errors import FatalError, HarvesterError, OutputError
 from harvester.jobs import UNSUCCESSFUL, JobState
 from harvester.logs import configure, get_logger
+from harvester.store.base import NewJob
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 log = get_logger("harvester.cli")
@@ -133,10 +134,14 @@ async def _open_store(config: Config) -> Any:
 
 
 async def _add(config: Config, paths: list[Path]) -> tuple[int, int]:
-    from harvester.clock import SystemClock
     from harvester.jobsfile import read_jobs_files
 
-    jobs = read_jobs_files(paths, config)
+    return await _store_jobs(config, read_jobs_files(paths, config))
+
+
+async def _store_jobs(config: Config, jobs: list[NewJob]) -> tuple[int, int]:
+    from harvester.clock import SystemClock
+
     store = await _open_store(config)
     try:
         result = await store.add_jobs(jobs, now=SystemClock().wall())
@@ -242,12 +247,14 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
             return EXIT_USAGE
     config.check_secrets()
     from harvester.fsutil import check_writable
+    from harvester.jobsfile import read_jobs_files
 
+    jobs = read_jobs_files(args.jobs, config) if args.jobs else None  # bad: nothing changed
     # Before the jobs are added or anything is sent: an unwritable output is found now, not
     # after creates went out.
     await anyio.to_thread.run_sync(check_writable, config.output.dir)
-    if args.jobs:
-        added, duplicates = await _add(config, args.jobs)
+    if jobs is not None:
+        added, duplicates = await _store_jobs(config, jobs)
         log.info("jobs added", added=added, already_present=duplicates)
     store = await _open_store(config)
     interrupted = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import mmap
 import os
 import random
 import time
@@ -28,13 +29,7 @@ import orjson
 from harvester.clock import Clock
 from harvester.decode import MaskDecoder, PcdLabelDecoder, smallest_uint_dtype
 from harvester.download import BufferSink, stream_into
-from harvester.errors import (
-    CorruptDownload,
-    DecodeError,
-    HarvesterError,
-    OutputError,
-    ProtocolError,
-)
+from harvester.errors import CorruptDownload, DecodeError, HarvesterError, ProtocolError
 from harvester.failpoints import failpoint
 from harvester.fsutil import (
     AtomicFile,
@@ -155,14 +150,20 @@ class LabelSink:
                 "shape": (self.count,),
             }
             np.lib.format.write_array_header_1_0(_HashingWriter(out), header)
-            item = _RAW.itemsize
-            for start in range(0, self.count, _CONVERT_BLOCK):
-                n = min(_CONVERT_BLOCK, self.count - start)
-                with disk_errors(self.shown):
-                    raw = os.pread(self._fd, n * item, start * item)
-                if len(raw) != n * item:
-                    raise OutputError(f"cannot read back {self.shown}: staging file is short")
-                out.write(np.frombuffer(raw, dtype=_RAW).astype(dtype).tobytes())
+            if self.count:
+                # Mapped, not read: a huge mask costs one converted block of memory.
+                with (
+                    disk_errors(self.shown),
+                    mmap.mmap(self._fd, self.count * _RAW.itemsize, access=mmap.ACCESS_READ) as mm,
+                ):
+                    raw = np.frombuffer(mm, dtype=_RAW, count=self.count)
+                    block = raw[:0]
+                    try:
+                        for start in range(0, self.count, _CONVERT_BLOCK):
+                            block = raw[start : start + _CONVERT_BLOCK]
+                            out.write(block.astype(dtype).tobytes())
+                    finally:
+                        del raw, block  # the map cannot close while an array uses it
         self.close()
         return ManifestEntry(
             out.size,
