@@ -290,9 +290,11 @@ class JobOutput:
     (``fsutil.Tree``), per write, so nothing planted in the tree leads a write outside it.
 
     Frames are resumable: each label array renamed into place is recorded in the job
-    folder's journal (``JOURNAL``, one JSON line appended and fsynced per frame: its source,
-    size, sha256). A later attempt on the same remote job keeps a frame whose file still has
-    that size and sha256 instead of fetching it again. The journal is removed just before
+    folder's journal (``JOURNAL``, one JSON line appended per frame: its source, size,
+    sha256). A later attempt on the same remote job keeps a frame whose file still has that
+    size and sha256 instead of fetching it again. The line is written only once the array and
+    its rename are fsynced, so it never vouches for a file a crash could lose; the line itself
+    needs no fsync: lost or torn, it costs one fetch again. The journal is removed just before
     ``MANIFEST.json`` is written, so a complete folder never holds it.
     """
 
@@ -376,7 +378,6 @@ class JobOutput:
             jfd = os.open(JOURNAL, _JOURNAL_FLAGS, 0o644, dir_fd=fd)
             try:
                 write_all(jfd, orjson.dumps(rec) + b"\n")  # one write: O_APPEND keeps it whole
-                os.fsync(jfd)
             finally:
                 os.close(jfd)
 
@@ -445,7 +446,9 @@ class JobOutput:
         shown = f"{self.dir}/{relpath}"
         try:
             with self.tree.folder(self.parts + parts[:-1]) as dir_fd:
-                if await anyio.to_thread.run_sync(self._kept, relpath, source, dir_fd, parts[-1]):
+                if relpath in self._journal and await anyio.to_thread.run_sync(
+                    self._kept, relpath, source, dir_fd, parts[-1]
+                ):
                     self.frames_kept += 1
                     return
                 sink = LabelSink(fmt, dir_fd, parts[-1], f"{self.job.label} frame {frame}", shown)
