@@ -104,7 +104,11 @@ class Tree:
         """A descriptor of ``root/parts...`` (created as needed); the caller closes it."""
         shown = "/".join(parts) or "."
         with disk_errors(f"output.dir {self.root}"):
-            fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
+            try:
+                fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
+            except FileNotFoundError:
+                self.root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
         try:
             for i, name in enumerate(parts):
                 with disk_errors(f"{shown} in output.dir {self.root}"):
