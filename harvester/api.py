@@ -388,6 +388,8 @@ class Api:
             return "draining: finishing in-flight work before exit"
         if self.engine.fatal is not None:
             return "stopping after a fatal error (see the logs)"
+        if self.engine.output_problem is not None:
+            return f"output directory not writable: {self.engine.output_problem}"
         if not self.config.providers:
             return f"no providers are configured in {self.config.source.name}"
         if not self.engine.ready.is_set():

@@ -1,8 +1,9 @@
 """Command line: argument parsing and the commands; the work itself lives elsewhere.
 
 Exit codes: 0 all harvested; 1 some jobs ended failed/cancelled/error (the rest harvested);
-2 bad usage, config or jobs file (nothing changed) or a fatal error such as refused
-credentials; 3 stopped by --timeout or a signal with work left (state saved: rerun continues).
+2 bad usage, config or jobs file (nothing changed), a fatal error such as refused
+credentials, or an output directory that cannot be written (full, read-only, a file);
+3 stopped by --timeout or a signal with work left (state saved: rerun continues).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import orjson
 
 from harvester import __version__
 from harvester.config import Config, config_path, load_config
-from harvester.errors import FatalError, HarvesterError
+from harvester.errors import FatalError, HarvesterError, OutputError
 from harvester.jobs import UNSUCCESSFUL, JobState
 from harvester.logs import configure, get_logger
+from harvester.store.base import NewJob
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 log = get_logger("harvester.cli")
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from harvester.daemon import serve
 
             return anyio.run(serve, config)
-    except FatalError as exc:
+    except (FatalError, OutputError) as exc:
         print(f"harvester: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -132,10 +134,14 @@ async def _open_store(config: Config) -> Any:
 
 
 async def _add(config: Config, paths: list[Path]) -> tuple[int, int]:
-    from harvester.clock import SystemClock
     from harvester.jobsfile import read_jobs_files
 
-    jobs = read_jobs_files(paths, config)
+    return await _store_jobs(config, read_jobs_files(paths, config))
+
+
+async def _store_jobs(config: Config, jobs: list[NewJob]) -> tuple[int, int]:
+    from harvester.clock import SystemClock
+
     store = await _open_store(config)
     try:
         result = await store.add_jobs(jobs, now=SystemClock().wall())
@@ -241,8 +247,15 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
     config.check_secrets()
-    if args.jobs:
-        added, duplicates = await _add(config, args.jobs)
+    from harvester.fsutil import check_writable
+    from harvester.jobsfile import read_jobs_files
+
+    jobs = read_jobs_files(args.jobs, config) if args.jobs else None  # bad: nothing changed
+    # Before the jobs are added or anything is sent: an unwritable output is found now, not
+    # after creates went out.
+    await anyio.to_thread.run_sync(check_writable, config.output.dir)
+    if jobs is not None:
+        added, duplicates = await _store_jobs(config, jobs)
         log.info("jobs added", added=added, already_present=duplicates)
     store = await _open_store(config)
     interrupted = False
@@ -267,7 +280,7 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
         show = not args.no_progress and not args.json and sys.stderr.isatty()
         progress = Progress(counts, selected, enabled=show)
         stop = anyio.Event()
-        fatal: list[FatalError] = []
+        fatal: list[FatalError | OutputError] = []
         started = anyio.current_time()
         engine = Engine(config, store, providers=selected, burst=True, on_change=progress.update)
         with progress:
@@ -277,7 +290,7 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
                 async def work() -> None:
                     try:
                         await engine.run(stop=stop)
-                    except FatalError as exc:
+                    except (FatalError, OutputError) as exc:
                         # Out of the task group it would be an ExceptionGroup (a traceback
                         # and exit 1); re-raised below, it is one line and exit 2.
                         fatal.append(exc)

@@ -170,6 +170,7 @@ class HarvestConfig:
     concurrency: int = 8  #: jobs downloaded/decoded at once
     max_attempts: int = 5  #: transient harvest failures before the job ends in error
     chunk_bytes: int = 1 << 20  #: download chunk size fed to the decoder
+    frame_concurrency: int = 4  #: label files of one job downloaded/decoded at once
     #: how long a finished job's results may stay unpublished (Modzy's 404 / ``finished:
     #: false``) before the job ends in error; counted from the first "not yet" of this process
     results_wait_s: float = 3600.0
@@ -310,7 +311,13 @@ def _check_provider(cfg: ProviderConfig, ctx: _Ctx, where: str) -> None:
 
 
 def _check_harvest(harvest: HarvestConfig, ctx: _Ctx) -> None:
-    for name in ("concurrency", "max_attempts", "chunk_bytes", "results_wait_s"):
+    for name in (
+        "concurrency",
+        "max_attempts",
+        "chunk_bytes",
+        "frame_concurrency",
+        "results_wait_s",
+    ):
         if not getattr(harvest, name) > 0:
             ctx.fail(f"harvest.{name} must be > 0, got {getattr(harvest, name)!r}")
 

@@ -39,11 +39,14 @@ from harvester.errors import (
     HarvesterError,
     JobError,
     NotYetAvailable,
+    OutputError,
     RateLimited,
     RetryableError,
     StoreError,
+    brief,
 )
 from harvester.failpoints import failpoint
+from harvester.fsutil import check_writable
 from harvester.harvest import JobOutput
 from harvester.jobs import Event, Job, JobState
 from harvester.logs import get_logger
@@ -79,6 +82,9 @@ FEED_INTERVAL_S = 2.0
 #: running jobs whose stored row is kept in memory between polls (about 400 bytes each), so
 #: polling them needs no store read; beyond this many the row is read before each poll
 CACHED_JOBS_MAX = 10_000
+#: bounds of the backoff between checks of an output directory that could not be written
+OUTPUT_RETRY_MIN_S = 0.5
+OUTPUT_RETRY_MAX_S = 10.0
 
 
 @dataclass
@@ -148,6 +154,14 @@ class Engine:
         self._queued_for_harvest: set[tuple[str, str]] = set()
         #: (provider, raw status) pairs already warned about (bounded: statuses are few)
         self._unknown_told: set[tuple[str, str]] = set()
+        #: why output.dir cannot be written now (daemon: not ready, harvests paused)
+        self.output_problem: str | None = None
+        self._output_blocked = anyio.Event()
+        #: finished jobs waiting for output.dir to be writable again
+        self._parked: set[tuple[str, str]] = set()
+        #: output failures since the last harvest that succeeded: the watcher's backoff
+        #: grows with them, since a probe can pass where a big file still does not fit
+        self._output_strikes = 0
         #: with a store several processes share, jobs are claimed by lease (harvester.replica)
         self.replica: Replica | None = (
             Replica(self, store, lease_s=config.store.lease_s)
@@ -181,6 +195,8 @@ class Engine:
         harvest_recv: MemoryObjectReceiveStream[tuple[str, str]],
         stop: anyio.Event | None,
     ) -> None:
+        if not await self._output_writable(stop):
+            return  # stopped while output.dir could not be written: nothing was sent
         replica = self.replica
         if replica is not None and not await replica.start(stop):
             return  # stopped before the first request
@@ -205,6 +221,8 @@ class Engine:
                 tg.start_soon(replica.renewer, name="lease")
             elif not self.burst:
                 tg.start_soon(self._feeder, name="feeder")
+            if not self.burst:
+                tg.start_soon(self._output_watch, name="output-watch")
 
     async def _watch_stop(self, tg: TaskGroup, stop: anyio.Event | None) -> None:
         stopped = False
@@ -258,6 +276,61 @@ class Engine:
             self.fatal = exc
             log.error("stopping: fatal error", error=str(exc))
         self.done.set()
+
+    # -- the output directory -------------------------------------------------------------
+    async def _output_writable(self, stop: anyio.Event | None) -> bool:
+        """Prove output.dir writable before anything is sent. ``harvest`` stops at once
+        (``OutputError``); the daemon waits, not ready, and False means it was stopped."""
+        root = self.config.output.dir
+        if self.burst:
+            await anyio.to_thread.run_sync(check_writable, root)
+            return True
+        delay = OUTPUT_RETRY_MIN_S
+        while True:
+            try:
+                await anyio.to_thread.run_sync(check_writable, root)
+            except OutputError as exc:
+                if self.output_problem != str(exc):
+                    log.error("output directory not writable; waiting", error=str(exc))
+                self.output_problem = str(exc)
+            else:
+                self.output_problem = None
+                return True
+            with anyio.move_on_after(delay):
+                await (stop or anyio.Event()).wait()
+            if stop is not None and stop.is_set():
+                return False
+            delay = min(delay * 2, OUTPUT_RETRY_MAX_S)
+
+    def _output_failed(self, exc: OutputError) -> None:
+        if self.output_problem is None:
+            log.error("output directory not writable; harvests paused", error=str(exc))
+        self.output_problem = str(exc)
+        self._output_strikes += 1
+        self._output_blocked.set()
+
+    async def _output_watch(self) -> None:
+        """While output.dir cannot be written, check it with backoff; once it can, hand the
+        parked jobs back to their lanes."""
+        while True:
+            await self._output_blocked.wait()
+            strikes = min(self._output_strikes, 16)
+            delay = min(OUTPUT_RETRY_MIN_S * 2 ** max(strikes - 1, 0), OUTPUT_RETRY_MAX_S)
+            while True:
+                await self.clock.sleep_until(self.clock.monotonic() + delay)
+                try:
+                    await anyio.to_thread.run_sync(check_writable, self.config.output.dir)
+                    break
+                except OutputError as exc:
+                    self.output_problem = str(exc)
+                    delay = min(delay * 2, OUTPUT_RETRY_MAX_S)
+            self.output_problem = None
+            self._output_blocked = anyio.Event()
+            parked, self._parked = self._parked, set()
+            log.info("output directory writable again; harvests resume", jobs=len(parked))
+            now = self.clock.monotonic()
+            for provider, key in sorted(parked):
+                self.lanes[provider].schedule(key, now)
 
     # -- start-up -----------------------------------------------------------------------
     async def _setup_until_done(self, lane: Lane, stop: anyio.Event | None) -> bool:
@@ -457,6 +530,8 @@ class Engine:
         lane.schedule(key, due)
 
     async def _transition(self, job: Job, event: Event, **changes: Any) -> Job:
+        if changes.get("reason") is not None:
+            changes["reason"] = brief(changes["reason"])
         failpoint("store.before_commit")
         new = await self.store.transition(job, event, now=self.clock.wall(), **changes)
         failpoint("store.after_commit")
@@ -570,7 +645,7 @@ class Engine:
     async def _store_reason(self, job: Job, reason: str) -> None:
         fresh = await self.store.get(job.provider, job.key)
         if fresh is not None and fresh.version == job.version:
-            await self.store.update(fresh, now=self.clock.wall(), reason=reason)
+            await self.store.update(fresh, now=self.clock.wall(), reason=brief(reason))
 
     async def _reconcile(self, lane: Lane, job: Job, *, exists: bool) -> None:
         """Find a job whose create answer we never saw (or that the provider says exists)."""
@@ -720,6 +795,9 @@ class Engine:
     # -- harvest ------------------------------------------------------------------------
     async def _queue_harvest(self, provider: str, key: str) -> None:
         item = (provider, key)
+        if self.output_problem is not None and not self.burst:
+            self._parked.add(item)  # _output_watch hands it back once the disk is writable
+            return
         if item in self._queued_for_harvest:
             return
         self._queued_for_harvest.add(item)
@@ -758,7 +836,13 @@ class Engine:
         try:
             status = await lane.provider.poll(job, _JobClient(lane.transport, job.key))
             if not isinstance(status, Status) or status.state != RemoteState.SUCCEEDED:
-                raise RetryableErrorInHarvest(f"job is not finished any more ({status})")
+                # The status holds the provider's whole document: the debug log gets it,
+                # the stored reason only the status word.
+                raw = status.raw if isinstance(status, Status) else status.reason
+                log.debug("harvest: job not finished any more", job=job.key, status=repr(status))
+                raise RetryableErrorInHarvest(
+                    f"job is not finished any more (provider status {brief(raw, 80)!r})"
+                )
             out = JobOutput(
                 self.config.output.dir,
                 job,
@@ -768,8 +852,17 @@ class Engine:
                 label_dtype=self.config.output.label_dtype,
                 chunk_bytes=self.config.harvest.chunk_bytes,
                 rng=self.rng,
+                frame_concurrency=self.config.harvest.frame_concurrency,
             )
             await lane.provider.harvest(job, status, out)
+            if out.frames_kept:
+                log.info(
+                    "frames kept from an earlier attempt",
+                    provider=lane.name,
+                    job=key,
+                    kept=out.frames_kept,
+                    fetched=out.frames_fetched,
+                )
             self.metrics.decode_seconds.labels(lane.name).inc(out.decode_s)
             if self.replica is not None:
                 # Only the lease holder completes an output: proven just before the rename.
@@ -806,9 +899,21 @@ class Engine:
             )
             lane.schedule(key, self.clock.monotonic() + delay)
             return
+        except OutputError as exc:
+            # The disk's fault, not the job's or the provider's: no attempt is charged.
+            await self._transition(
+                job, Event.HARVEST_RETRY, reason=f"waiting for the output directory: {exc}"
+            )
+            if self.burst:
+                self._fail_fatal(exc)  # one line, exit 2; a rerun resumes the job
+            else:
+                self._output_failed(exc)
+                self._parked.add((lane.name, key))
+            return
         except JobError as exc:
             await self._transition(job, Event.GIVE_UP, reason=str(exc))
             return
+        self._output_strikes = 0
         await self._transition(job, Event.HARVESTED, output=str(relative), reason=None)
 
 

@@ -14,6 +14,8 @@ line a user sees (where it came from: file:line, provider, job, request id).
     │   ├── InvalidPayload      the job's payload can never be accepted
     │   ├── ProtocolError       the provider answered something we cannot understand
     │   └── DecodeError         a result file is malformed (names job, frame, byte offset)
+    ├── OutputError             output.dir cannot be written (missing, a file, read-only,
+    │                           full, a symlink): never the job's or the provider's fault
     ├── RetryableError          try again later; carries ``retry_after`` when known
     │   ├── NetworkError        connection reset, timeout, truncated body
     │   ├── RateLimited         429 (or a provider's equivalent)
@@ -22,11 +24,25 @@ line a user sees (where it came from: file:line, provider, job, request id).
     │   └── CorruptDownload     a body's size or MD5 is not what its listing announced
     └── IllegalTransition       a state change the job state machine forbids (a bug)
 
-Foreign exceptions (aiohttp, OS) are mapped to this tree in exactly one place,
-``harvester.transport``.
+Foreign exceptions are mapped to this tree in exactly two places: the network's (aiohttp,
+sockets, timeouts) in ``harvester.transport``, the output disk's (``OSError`` while writing
+under ``output.dir``) in ``harvester.fsutil``.
+
+A reason stored for a job is one short line (``brief``): errors name what went wrong, never
+the document it was found in (that goes to the debug log).
 """
 
 from __future__ import annotations
+
+#: the longest reason stored for a job (``brief``)
+REASON_MAX = 400
+
+
+def brief(text: str, limit: int = REASON_MAX) -> str:
+    """``text`` as one line of at most ``limit`` characters: stored reasons stay readable
+    whatever a provider put in a message."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
 class HarvesterError(Exception):
@@ -112,6 +128,17 @@ class DecodeError(JobError):
             message = f"{message} at byte {offset}"
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.offset = offset
+
+
+class OutputError(HarvesterError):
+    """Writing under ``output.dir`` failed: the disk is full or read-only, the folder is a
+    file... Nothing is wrong with the job, so it is not charged an attempt: ``harvest``
+    stops (exit 2) and the daemon pauses its harvests (not ready) until a write works again.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.errno = errno
 
 
 class RetryableError(HarvesterError):

@@ -10,14 +10,19 @@ manifest is written only when everything else is in place, so its presence means
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import mmap
+import os
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO
+from pathlib import Path, PurePosixPath
+from typing import Any
 
+import anyio
+import anyio.to_thread
 import numpy as np
 import orjson
 
@@ -26,12 +31,26 @@ from harvester.decode import MaskDecoder, PcdLabelDecoder, smallest_uint_dtype
 from harvester.download import BufferSink, stream_into
 from harvester.errors import CorruptDownload, DecodeError, HarvesterError, ProtocolError
 from harvester.failpoints import failpoint
-from harvester.fsutil import AtomicFile, sweep_temporaries, tmp_name, write_atomic
+from harvester.fsutil import (
+    AtomicFile,
+    Tree,
+    disk_errors,
+    sha256_at,
+    sweep,
+    tmp_name,
+    write_all,
+    write_atomic,
+)
 from harvester.jobs import Job
-from harvester.providers.base import LabelFormat, RequestSpec, Resolver, Response
+from harvester.providers.base import LabelFormat, LabelFrame, RequestSpec, Resolver, Response
 from harvester.transport import Transport
 
 MANIFEST = "MANIFEST.json"
+#: finished frames of an unfinished harvest (``JobOutput``); never in a complete folder
+JOURNAL = ".frames-journal.jsonl"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_STAGING_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_JOURNAL_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 MAX_FETCH_BYTES = 512 << 20
 _RAW = np.dtype("<u4")  # staging dtype: every label the decoders accept fits
 _CONVERT_BLOCK = 1 << 20  # elements converted per step when writing the final .npy
@@ -52,13 +71,18 @@ class LabelSink:
 
     Labels are staged on disk rather than in memory so a huge mask costs one chunk of RAM;
     the final dtype (the smallest that holds the largest label) is known only at the end.
+    Both files live in the folder ``dir_fd`` (``labels/``), reached without symlinks.
     """
 
-    def __init__(self, fmt: LabelFormat, staging: Path, where: str) -> None:
+    def __init__(self, fmt: LabelFormat, dir_fd: int, name: str, where: str, shown: str) -> None:
         self.fmt = fmt
-        self.staging = staging
+        self.dir_fd = dir_fd
+        self.name = name
         self.where = where
-        self._fh: BinaryIO = open(staging, "wb")  # noqa: SIM115 - closed in finish/close
+        self.shown = shown
+        self.staging = tmp_name(name)
+        with disk_errors(shown):
+            self._fd = os.open(self.staging, _STAGING_FLAGS, 0o600, dir_fd=dir_fd)
         self._new_decoder()
 
     def _new_decoder(self) -> None:
@@ -86,27 +110,31 @@ class LabelSink:
         if labels.size:
             low = int(labels.min())
             self.min_label = low if self.min_label is None else min(self.min_label, low)
-            self._fh.write(labels.astype(_RAW, copy=False).tobytes())
+            with disk_errors(self.shown):
+                write_all(self._fd, labels.astype(_RAW, copy=False).tobytes())
             self.count += int(labels.size)
 
     def reset(self) -> None:
-        self._fh.seek(0)
-        self._fh.truncate()
+        with disk_errors(self.shown):
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
         self._new_decoder()
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
-        self.staging.unlink(missing_ok=True)
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.staging, dir_fd=self.dir_fd)
 
-    def finish(self, final: Path, dtype_choice: str) -> ManifestEntry:
+    def finish(self, dtype_choice: str) -> ManifestEntry:
+        """Decode the tail and write the final ``.npy`` (blocking: run it in a thread)."""
         try:
             tail = self.decoder.finish()
         except DecodeError as exc:
             raise DecodeError(f"{self.where}: {exc.message}") from None
         self._write(tail)
-        self._fh.flush()
-        self._fh.close()
         max_label = self.decoder.max_label
         needed = smallest_uint_dtype(max(max_label, 0))
         dtype = needed if dtype_choice == "auto" else np.dtype(dtype_choice)
@@ -115,23 +143,28 @@ class LabelSink:
                 f"{self.where}: label {max_label} does not fit {dtype} (output.label_dtype)"
             )
         failpoint("decode.finish")
-        raw = (
-            np.memmap(self.staging, dtype=_RAW, mode="r", shape=(self.count,))
-            if self.count
-            else np.zeros(0, dtype=_RAW)
-        )
-        with AtomicFile(final) as out:
+        with AtomicFile(self.dir_fd, self.name, shown=self.shown) as out:
             header = {
                 "descr": np.lib.format.dtype_to_descr(dtype),
                 "fortran_order": False,
                 "shape": (self.count,),
             }
-            out_fh = _HashingWriter(out)
-            np.lib.format.write_array_header_1_0(out_fh, header)
-            for start in range(0, self.count, _CONVERT_BLOCK):
-                out.write(raw[start : start + _CONVERT_BLOCK].astype(dtype).tobytes())
-        del raw
-        self.staging.unlink(missing_ok=True)
+            np.lib.format.write_array_header_1_0(_HashingWriter(out), header)
+            if self.count:
+                # Mapped, not read: a huge mask costs one converted block of memory.
+                with (
+                    disk_errors(self.shown),
+                    mmap.mmap(self._fd, self.count * _RAW.itemsize, access=mmap.ACCESS_READ) as mm,
+                ):
+                    raw = np.frombuffer(mm, dtype=_RAW, count=self.count)
+                    block = raw[:0]
+                    try:
+                        for start in range(0, self.count, _CONVERT_BLOCK):
+                            block = raw[start : start + _CONVERT_BLOCK]
+                            out.write(block.astype(dtype).tobytes())
+                    finally:
+                        del raw, block  # the map cannot close while an array uses it
+        self.close()
         return ManifestEntry(
             out.size,
             out.sha256.hexdigest(),
@@ -156,29 +189,33 @@ class _HashingWriter:
 
 
 class FileSink:
-    """A body streamed to a file under a temporary name, optionally held to the ``size`` and
-    ``md5`` its listing announced. The MD5 is computed as the bytes stream (restarting when the
-    body does), so the file is never read back; a body running past ``size`` stops at once."""
+    """A body streamed to a file under a temporary name in the folder ``dir_fd``, optionally
+    held to the ``size`` and ``md5`` its listing announced. The MD5 is computed as the bytes
+    stream (restarting when the body does), so the file is never read back; a body running
+    past ``size`` stops at once."""
 
     def __init__(
         self,
-        final: Path,
+        dir_fd: int,
+        name: str,
+        shown: str,
         *,
         size: int | None = None,
         md5: bytes | None = None,
         where: str = "",
         job: Job | None = None,
     ) -> None:
-        self.final = final
+        self.dir_fd = dir_fd
+        self.name = name
+        self.shown = shown
         self.size = size
         self.md5 = md5
-        self.where = where or final.name
+        self.where = where or name
         self.job = job
         self._open()
 
     def _open(self) -> None:
-        self.file = AtomicFile(self.final)
-        self.file.__enter__()
+        self.file = AtomicFile(self.dir_fd, self.name, shown=self.shown).__enter__()
         self._hash = hashlib.md5(usedforsecurity=False) if self.md5 is not None else None
 
     @property
@@ -193,7 +230,7 @@ class FileSink:
             self._hash.update(chunk)
 
     def reset(self) -> None:
-        self.file.__exit__(RuntimeError, RuntimeError("reset"), None)
+        self.file.abort()
         self._open()
 
     def check(self) -> None:
@@ -219,12 +256,12 @@ class FileSink:
         )
 
     def commit(self) -> ManifestEntry:
+        """fsync and rename into place (blocking: run it in a thread)."""
         self.file.__exit__(None, None, None)
         return ManifestEntry(self.file.size, self.file.sha256.hexdigest())
 
     def abort(self) -> None:
-        if self.file.tmp.exists():
-            self.file.__exit__(RuntimeError, RuntimeError("abort"), None)
+        self.file.abort()
 
 
 def _b64(digest: bytes) -> str:
@@ -247,7 +284,19 @@ def _urls_in(value: Any, depth: int = 0) -> Iterator[str]:
 
 
 class JobOutput:
-    """One job's output folder; the ``HarvestIO`` an adapter's ``harvest`` writes through."""
+    """One job's output folder; the ``HarvestIO`` an adapter's ``harvest`` writes through.
+
+    Every folder is opened from ``output.dir`` down without following symlinks
+    (``fsutil.Tree``), per write, so nothing planted in the tree leads a write outside it.
+
+    Frames are resumable: each label array renamed into place is recorded in the job
+    folder's journal (``JOURNAL``, one JSON line appended per frame: its source, size,
+    sha256). A later attempt on the same remote job keeps a frame whose file still has that
+    size and sha256 instead of fetching it again. The line is written only once the array and
+    its rename are fsynced, so it never vouches for a file a crash could lose; the line itself
+    needs no fsync: lost or torn, it costs one fetch again. The journal is removed just before
+    ``MANIFEST.json`` is written, so a complete folder never holds it.
+    """
 
     def __init__(
         self,
@@ -260,32 +309,98 @@ class JobOutput:
         chunk_bytes: int,
         payload: Mapping[str, Any] | None = None,
         rng: random.Random | None = None,
+        frame_concurrency: int = 1,
     ) -> None:
         self.job = job
         self.input_urls = frozenset(_urls_in(payload))
         self.relative = Path(job.provider) / job.key
+        self.root = root
         self.dir = root / self.relative
+        self.tree = Tree(root)
+        self.parts = (job.provider, job.key)
         self.transport = transport
         self.clock = clock
         self.label_dtype = label_dtype
         self.chunk_bytes = chunk_bytes
+        self.frame_concurrency = max(1, frame_concurrency)
         self.rng = rng or random.Random()
         self.entries: dict[str, ManifestEntry] = {}
         self.decode_s = 0.0
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # An earlier attempt cut off after its manifest but before the store's commit left a
-        # MANIFEST.json that would vouch for files this attempt is about to replace.
-        (self.dir / MANIFEST).unlink(missing_ok=True)
-        sweep_temporaries(self.dir)
+        #: frames kept from an earlier attempt / fetched by this one
+        self.frames_kept = 0
+        self.frames_fetched = 0
+        with self.tree.folder(self.parts) as fd, disk_errors(str(self.dir)):
+            # An earlier attempt cut off after its manifest but before the store's commit left
+            # a MANIFEST.json that would vouch for files this attempt is about to replace.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(MANIFEST, dir_fd=fd)
+            sweep(fd)
+            self._journal = self._read_journal(fd)
 
-    def _path(self, relpath: str) -> Path:
-        parts = Path(relpath).parts
-        if not parts or Path(relpath).is_absolute() or any(p in ("..", ".", "") for p in parts):
+    def _path(self, relpath: str) -> tuple[str, ...]:
+        path = PurePosixPath(relpath)
+        parts = path.parts
+        if not parts or path.is_absolute() or any(p in ("..", ".", "") for p in parts):
             raise ProtocolError(f"refusing to write outside the job folder: {relpath!r}")
-        if relpath == MANIFEST:
-            raise ProtocolError(f"{MANIFEST} is written by harvester itself")
-        return self.dir / relpath
+        if relpath in (MANIFEST, JOURNAL):
+            raise ProtocolError(f"{relpath} is written by harvester itself")
+        return parts
 
+    # -- the journal of finished frames ---------------------------------------------------
+    def _read_journal(self, fd: int) -> dict[str, dict[str, Any]]:
+        try:
+            jfd = os.open(JOURNAL, os.O_RDONLY | _NOFOLLOW, dir_fd=fd)
+        except FileNotFoundError:
+            return {}
+        try:
+            data = b"".join(iter(lambda: os.read(jfd, 1 << 20), b""))
+        finally:
+            os.close(jfd)
+        kept: dict[str, dict[str, Any]] = {}
+        for line in data.splitlines():
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a line torn by a crash: that frame is fetched again
+            if isinstance(rec, dict) and rec.get("remote_id") == self.job.remote_id:
+                kept[str(rec.get("path"))] = rec
+        return kept
+
+    def _journal_add(self, relpath: str, source: str, entry: ManifestEntry) -> None:
+        rec = {
+            "remote_id": self.job.remote_id,
+            "path": relpath,
+            "source": source,
+            "label_dtype": self.label_dtype,
+            "entry": entry.as_json(),
+        }
+        with self.tree.folder(self.parts) as fd, disk_errors(f"{self.dir}/{JOURNAL}"):
+            jfd = os.open(JOURNAL, _JOURNAL_FLAGS, 0o644, dir_fd=fd)
+            try:
+                write_all(jfd, orjson.dumps(rec) + b"\n")  # one write: O_APPEND keeps it whole
+            finally:
+                os.close(jfd)
+
+    def _kept(self, relpath: str, source: str | None, dir_fd: int, name: str) -> bool:
+        """Whether the frame at ``relpath`` is on disk, whole, from ``source`` already."""
+        rec = self._journal.get(relpath)
+        if source is None or rec is None:
+            return False
+        entry = rec.get("entry")
+        if (
+            rec.get("source") != source
+            or rec.get("label_dtype") != self.label_dtype
+            or not isinstance(entry, dict)
+        ):
+            return False
+        on_disk = sha256_at(dir_fd, name)
+        if on_disk is None or on_disk != (entry.get("bytes"), entry.get("sha256")):
+            return False
+        extra = {k: v for k, v in entry.items() if k not in ("bytes", "sha256")}
+        self.entries[relpath] = ManifestEntry(on_disk[0], on_disk[1], extra)
+        return True
+
+    # -- HarvestIO ------------------------------------------------------------------------
     async def request(self, spec: RequestSpec) -> Response:
         return await self.transport.call(spec, lambda r: r, job=self.job.key)
 
@@ -303,73 +418,124 @@ class JobOutput:
         )
         return sink.value()
 
+    async def label_frames(self, frames: Sequence[LabelFrame]) -> None:
+        todo = iter(frames)
+        failed: list[HarvesterError] = []
+
+        async def worker(scope: anyio.CancelScope) -> None:
+            for f in todo:  # one shared iterator: each worker takes the next frame
+                try:
+                    await self.labels(
+                        f.name,
+                        f.resolve,
+                        f.fmt,
+                        source=f.source,
+                        frame=f.frame_id,
+                        sensor_id=f.sensor_id,
+                    )
+                except HarvesterError as exc:
+                    # One clear error, not an ExceptionGroup: the engine classifies it.
+                    failed.append(exc)
+                    scope.cancel()
+                    return
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(self.frame_concurrency, len(frames))):
+                tg.start_soon(worker, tg.cancel_scope)
+        if failed:
+            raise failed[0]
+
     async def labels(
         self,
         name: str,
         resolve: Resolver,
         fmt: LabelFormat,
         *,
+        source: str | None = None,
         frame: str | None = None,
         sensor_id: str | None = None,
     ) -> None:
         relpath = f"labels/{name}.npy"
-        final = self._path(relpath)
-        final.parent.mkdir(parents=True, exist_ok=True)
         where = f"{self.job.label} frame {frame if frame is not None else name}"
         if sensor_id is not None:
             where += f" sensor {sensor_id}"
-        sink = LabelSink(fmt, tmp_name(final), where)
+        parts = self._path(relpath)
+        shown = f"{self.dir}/{relpath}"
         try:
-            await stream_into(
-                self.transport,
-                resolve,
-                sink,
-                what=relpath,
-                job=self.job.key,
-                clock=self.clock,
-                chunk_bytes=self.chunk_bytes,
-                rng=self.rng,
-            )
-            entry = sink.finish(final, self.label_dtype)
-            # Which frame and sensor an array holds, so nobody has to parse file names.
-            if frame is not None:
-                entry.extra["frame"] = frame
-            if sensor_id is not None:
-                entry.extra["sensor_id"] = sensor_id
+            with self.tree.folder(self.parts + parts[:-1]) as dir_fd:
+                if relpath in self._journal and await anyio.to_thread.run_sync(
+                    self._kept, relpath, source, dir_fd, parts[-1]
+                ):
+                    self.frames_kept += 1
+                    return
+                sink = LabelSink(fmt, dir_fd, parts[-1], where, shown)
+                try:
+                    await stream_into(
+                        self.transport,
+                        resolve,
+                        sink,
+                        what=relpath,
+                        job=self.job.key,
+                        clock=self.clock,
+                        chunk_bytes=self.chunk_bytes,
+                        rng=self.rng,
+                    )
+                    # Converting, writing and fsyncing a big array would stall every other
+                    # job's requests: a worker thread does it.
+                    entry = await anyio.to_thread.run_sync(sink.finish, self.label_dtype)
+                    # Which frame and sensor an array holds, so nobody has to parse names.
+                    if frame is not None:
+                        entry.extra["frame"] = frame
+                    if sensor_id is not None:
+                        entry.extra["sensor_id"] = sensor_id
+                finally:
+                    self.decode_s += sink.decode_s
+                    sink.close()
             self.entries[relpath] = entry
+            self.frames_fetched += 1
+            if source is not None:
+                await anyio.to_thread.run_sync(self._journal_add, relpath, source, entry)
         except HarvesterError as exc:
             if exc.provider is None:
                 exc.provider = self.job.provider
             if exc.job is None:
                 exc.job = self.job.key
             raise
-        finally:
-            self.decode_s += sink.decode_s
-            sink.close()
 
     async def download(
         self, relpath: str, resolve: Resolver, *, size: int | None = None, md5: bytes | None = None
     ) -> None:
-        final = self._path(relpath)
-        sink = FileSink(final, size=size, md5=md5, where=relpath, job=self.job)
-        try:
-            await stream_into(
-                self.transport,
-                resolve,
-                sink,
-                what=relpath,
-                job=self.job.key,
-                clock=self.clock,
-                chunk_bytes=self.chunk_bytes,
-                rng=self.rng,
+        parts = self._path(relpath)
+        with self.tree.folder(self.parts + parts[:-1]) as dir_fd:
+            sink = FileSink(
+                dir_fd,
+                parts[-1],
+                f"{self.dir}/{relpath}",
+                size=size,
+                md5=md5,
+                where=relpath,
+                job=self.job,
             )
-            sink.check()
-            self.entries[relpath] = sink.commit()
-        finally:
-            sink.abort()
+            try:
+                await stream_into(
+                    self.transport,
+                    resolve,
+                    sink,
+                    what=relpath,
+                    job=self.job.key,
+                    clock=self.clock,
+                    chunk_bytes=self.chunk_bytes,
+                    rng=self.rng,
+                )
+                sink.check()
+                self.entries[relpath] = await anyio.to_thread.run_sync(sink.commit)
+            finally:
+                sink.abort()
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
-        size, digest = write_atomic(self._path(relpath), data)
+        parts = self._path(relpath)
+        with self.tree.folder(self.parts + parts[:-1]) as dir_fd:
+            size, digest = write_atomic(dir_fd, parts[-1], data, shown=f"{self.dir}/{relpath}")
         self.entries[relpath] = ManifestEntry(size, digest)
 
     def write_json(self, relpath: str, obj: Any) -> None:
@@ -384,7 +550,15 @@ class JobOutput:
             "harvested_at": harvested_at,
             "files": {k: self.entries[k].as_json() for k in sorted(self.entries)},
         }
-        failpoint("harvest.before_manifest")
-        write_atomic(self.dir / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        with self.tree.folder(self.parts) as fd:
+            with disk_errors(f"{self.dir}/{JOURNAL}"), contextlib.suppress(FileNotFoundError):
+                os.unlink(JOURNAL, dir_fd=fd)
+            failpoint("harvest.before_manifest")
+            write_atomic(
+                fd,
+                MANIFEST,
+                orjson.dumps(manifest, option=orjson.OPT_INDENT_2),
+                shown=f"{self.dir}/{MANIFEST}",
+            )
         failpoint("harvest.after_manifest")
         return self.relative

@@ -59,12 +59,14 @@ class map_exceptions:
     generator version was measurable CPU at thousands of polls per second.
     """
 
-    __slots__ = ("_job", "_provider", "_url")
+    __slots__ = ("_job", "_provider", "_url", "in_caller")
 
     def __init__(self, provider: str, url: str, *, job: str | None = None) -> None:
         self._provider = provider
         self._url = url
         self._job = job
+        #: set while a streaming caller's own block runs (``Transport.open_stream``)
+        self.in_caller = False
 
     async def __aenter__(self) -> None:
         return None
@@ -77,6 +79,8 @@ class map_exceptions:
     ) -> bool:
         if exc is None or isinstance(exc, HarvesterError):
             return False
+        if self.in_caller and _callers_own(exc):
+            return False  # e.g. its disk is full: not the network's doing
         if isinstance(exc, (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError)):
             # The URL is made safe only here: on the happy path this costs nothing per request.
             raise _mapped(exc, self._provider, safe_url(self._url), self._job) from None
@@ -96,6 +100,14 @@ def _mapped(exc: BaseException, provider: str, where: str, job: str | None) -> N
     else:
         text = f"network error with {where}: {type(exc).__name__}: {_exc_text(exc)}"
     return NetworkError(text, provider=provider, job=job)
+
+
+def _callers_own(exc: BaseException) -> bool:
+    """An error a streaming caller's block raised itself (writing to its disk), as opposed
+    to one from reading the body it streams (aiohttp errors, timeouts, a dropped socket)."""
+    return isinstance(exc, OSError) and not isinstance(
+        exc, (aiohttp.ClientError, ssl.SSLError, TimeoutError, ConnectionError)
+    )
 
 
 def _exc_text(exc: BaseException) -> str:
@@ -389,8 +401,9 @@ class Transport:
         """GET a signed URL with no credentials, for streaming (caller checks status)."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         start = self.clock.monotonic()
+        guard = map_exceptions(self.name, url, job=job)
         async with (
-            map_exceptions(self.name, url, job=job),
+            guard,
             self.session.get(
                 url,
                 headers=headers,
@@ -404,7 +417,11 @@ class Transport:
             ) as resp,
         ):
             self.metrics.requests.labels(self.name, "download", str(resp.status)).inc()
+            # The caller reads the body in its block, so the mapping covers it, but only
+            # for errors the network can cause: its own (a full disk) pass through as is.
+            guard.in_caller = True
             yield resp
+            guard.in_caller = False
         self._observe("download", self.clock.monotonic() - start)  # the whole body streamed
 
 

@@ -13,6 +13,9 @@ is one line naming the job and the file.
   there must be true (its presence promises a complete folder) and every ``.npy`` must be as
   long as its header says. (Other files hold what the provider served, byte for byte: a
   job that ended in error may well keep a result document that is not valid JSON.)
+- No symlink anywhere in a job's folder, nor in place of the folder itself: harvester never
+  writes one (it replaces those it meets), so one there was planted, and a file it points to
+  is not the file harvester wrote, however equal its bytes.
 """
 
 from __future__ import annotations
@@ -72,11 +75,18 @@ class _Job:
         if resolved == self.base or not resolved.is_relative_to(self.base):
             self.problem(f"output folder {self.relative!r} is not inside the output directory")
             return
+        parts = PurePosixPath(self.relative).parts
+        for i in range(1, len(parts) + 1):
+            if self.root.joinpath(*parts[:i]).is_symlink():
+                self.problem(f"{'/'.join(parts[:i])} is a symlink (output folders never are)")
+                return
         if not self.dir.is_dir():
             if self.harvested:
                 self.problem(f"harvested, but its output folder {self.dir} does not exist")
             return
-        on_disk = _files(self.dir)
+        on_disk, links = _files(self.dir)
+        for rel in links:
+            self.problem(f"{rel} is a symlink (harvester never writes one)")
         manifest = self.dir / MANIFEST
         if self.harvested:
             self.report.jobs += 1
@@ -129,6 +139,8 @@ class _Job:
             self.problem(f"{MANIFEST} entry for {rel} lacks bytes or sha256")
             return
         path = self.dir / rel
+        if path.is_symlink():
+            return  # reported as a symlink already
         if not path.is_file():
             self.problem(f"{rel} is listed in {MANIFEST} but missing")
             return
@@ -184,13 +196,20 @@ class _Job:
                     self.problem(f"{rel} is partial: {problem}")
 
 
-def _files(folder: Path) -> dict[str, Path]:
+def _files(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """The regular files under ``folder`` by relative path, and every symlink there (to a
+    file or a folder; never followed)."""
     out: dict[str, Path] = {}
-    for dirpath, _dirs, names in os.walk(folder):
-        for name in names:
+    links: list[str] = []
+    for dirpath, dirs, names in os.walk(folder):
+        for name in sorted(dirs + names):
             path = Path(dirpath) / name
-            out[path.relative_to(folder).as_posix()] = path
-    return out
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                links.append(rel)
+            elif name in names:
+                out[rel] = path
+    return out, links
 
 
 def _npy_problem(path: Path) -> str | None:

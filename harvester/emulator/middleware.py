@@ -44,6 +44,7 @@ def provider_middlewares(
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = 500
+        state.request_started(provider)
         try:
             response = await handler(request)
             status = response.status
@@ -52,6 +53,7 @@ def provider_middlewares(
             status = exc.status
             raise
         finally:
+            state.request_ended(provider)
             faults = request.get(FAULTS_KEY, ())
             if "reset" in faults:
                 status = 0

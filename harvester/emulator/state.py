@@ -55,6 +55,9 @@ class ProviderCounters:
     extra: Counter[str] = field(default_factory=Counter)
     # Requests refused for their credentials, by reason ("missing", "expired", "revoked", ...).
     auth_refusals: Counter[str] = field(default_factory=Counter)
+    #: requests being handled now, and the most at once (how parallel a client really is)
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     def to_json(self) -> dict[str, Any]:
         by_status: Counter[int] = Counter()
@@ -77,6 +80,7 @@ class ProviderCounters:
             ),
             "auth_refusals": sum(self.auth_refusals.values()),
             "auth_refusals_by_reason": dict(sorted(self.auth_refusals.items())),
+            "max_in_flight": self.max_in_flight,
             **self.extra,
         }
 
@@ -118,6 +122,15 @@ class EmulatorState:
         counters = self._providers[provider]
         counters.requests_by_endpoint[f"{method} {endpoint}"][status] += 1
         counters.faults.update(faults)
+
+    def request_started(self, provider: str) -> None:
+        c = self._providers[provider]
+        c.in_flight += 1
+        c.max_in_flight = max(c.max_in_flight, c.in_flight)
+
+    def request_ended(self, provider: str) -> None:
+        c = self._providers[provider]
+        c.in_flight = max(0, c.in_flight - 1)  # (a stats reset may come in between)
 
     def counters(self, provider: str) -> ProviderCounters:
         return self._providers[provider]

@@ -9,7 +9,7 @@ adapter is ``harvest``, which talks to the outside world exclusively through the
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol, TypeVar
@@ -133,6 +133,18 @@ Resolver = Callable[[], Awaitable[str]]
 LabelFormat = Literal["mask", "pcd"]
 
 
+@dataclass(frozen=True, slots=True)
+class LabelFrame:
+    """One label file to harvest (``HarvestIO.label_frames``)."""
+
+    name: str  #: the file name stem under ``labels/`` (already made safe)
+    resolve: Resolver
+    fmt: LabelFormat
+    source: str | None = None  #: see ``HarvestIO.labels``
+    frame_id: str | None = None  #: the provider's frame id, for the manifest
+    sensor_id: str | None = None  #: the provider's sensor id, when a frame has several
+
+
 T = TypeVar("T")
 
 
@@ -160,11 +172,19 @@ class HarvestIO(Protocol):
         resolve: Resolver,
         fmt: LabelFormat,
         *,
+        source: str | None = None,
         frame: str | None = None,
         sensor_id: str | None = None,
     ) -> None:
         """Stream a label file through the decoder into ``labels/<name>.npy``; ``frame`` and
-        ``sensor_id`` (the provider's ids) go into its manifest entry when given."""
+        ``sensor_id`` (the provider's ids) go into its manifest entry when given.
+
+        ``source`` names the remote file (not a signed URL): a file already on disk from an
+        interrupted attempt, from the same source, is verified and kept, not fetched again.
+        """
+
+    async def label_frames(self, frames: Sequence[LabelFrame]) -> None:
+        """``labels`` for every frame, ``harvest.frame_concurrency`` of them at a time."""
 
     async def download(
         self, relpath: str, resolve: Resolver, *, size: int | None = None, md5: bytes | None = None

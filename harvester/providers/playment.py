@@ -43,6 +43,7 @@ from harvester.providers.base import (
     FindResult,
     Found,
     HarvestIO,
+    LabelFrame,
     NextPage,
     NotFound,
     PollResult,
@@ -286,8 +287,14 @@ class PlaymentProvider:
         if not isinstance(masks, list):
             raise ProtocolError("annotation_data.masks is not a list", provider=NAME, job=job.key)
         io.write_json("classes.json", classes_from_annotations(annotation_data, job))
-        for name, frame, sensor, url in mask_files(masks, job):
-            await io.labels(name, self.resolver(io, url), "mask", frame=frame, sensor_id=sensor)
+        frames = [
+            # label_url names the attachment, not a signed URL: stable across attempts
+            LabelFrame(
+                name, self.resolver(io, url), "mask", source=url, frame_id=frame, sensor_id=sensor
+            )
+            for name, frame, sensor, url in mask_files(masks, job)
+        ]
+        await io.label_frames(frames)
 
     async def _harvest_pcd(self, job: Job, result: dict[str, Any], io: HarvestIO) -> None:
         url = result["url"]
@@ -296,7 +303,7 @@ class PlaymentProvider:
         io.write_json("classes.json", classes_from_legend(result.get("legend"), job))
         stem = PurePosixPath(urlsplit(url).path).name
         stem = stem.removesuffix(".pcd").removesuffix("_data") or "frame"
-        await io.labels(frame_file_name(stem), self.resolver(io, url), "pcd")
+        await io.labels(frame_file_name(stem), self.resolver(io, url), "pcd", source=url)
 
     async def _harvest_attachments(self, job: Job, result: dict[str, Any], io: HarvestIO) -> None:
         """Image and video results: every file the result links to, filed by frame."""

@@ -11,6 +11,7 @@ file; ``status --check``'s verification finds nothing wrong.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,13 +69,15 @@ def parse(provider: str, method: str, body: bytes | str, **kw: Any) -> Callable[
 def labels(body: bytes, fmt: str = "mask", dtype: str = "auto") -> Callable[[], Any]:
     def call() -> Any:
         folder = Path(_TMP[0])
-        sink = LabelSink(fmt, folder / ".staging.tmp-1", "playment job scan-9 frame f-001")  # type: ignore[arg-type]
+        dir_fd = os.open(folder, os.O_RDONLY)
+        sink = LabelSink(fmt, dir_fd, "f-001.npy", "playment job scan-9 frame f-001", "f-001")  # type: ignore[arg-type]
         try:
             for i in range(0, len(body), 7):  # chunks that split numbers anywhere
                 sink.feed(body[i : i + 7])
-            return sink.finish(folder / "f-001.npy", dtype)
+            return sink.finish(dtype)
         finally:
             sink.close()
+            os.close(dir_fd)
 
     return call
 

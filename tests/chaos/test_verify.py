@@ -85,6 +85,15 @@ def _relabel(root: Path) -> None:
     _rewrite_manifest(root, edit)
 
 
+def _symlink_to_copy(root: Path, path: Path) -> None:
+    """``path`` replaced by a symlink to an identical copy outside the output directory:
+    every byte still matches the manifest, yet it is not what harvester wrote."""
+    elsewhere = root / "elsewhere" / path.name
+    elsewhere.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+
+
 DAMAGE: list[tuple[str, Callable[[Path], None], str]] = [
     ("label-byte-flipped", lambda r: _flip_byte(_job_dir(r) / "labels" / "f-001.npy"),
      "labels/f-001.npy: sha256"),
@@ -107,6 +116,14 @@ DAMAGE: list[tuple[str, Callable[[Path], None], str]] = [
     ("manifest-wrong-job", lambda r: _rewrite_manifest(r, lambda d: d.update(job_key="other")),
      "MANIFEST.json says job_key 'other'"),
     ("labels-not-as-stated", _relabel, "labels/f-000.npy holds labels 0..0"),
+    ("file-symlinked-to-a-copy",
+     lambda r: _symlink_to_copy(r, _job_dir(r) / "labels" / "f-000.npy"),
+     "labels/f-000.npy is a symlink"),
+    ("folder-symlinked-to-a-copy", lambda r: _symlink_to_copy(r, _job_dir(r) / "labels"),
+     "labels is a symlink"),
+    # (one leading outside is "not inside the output directory"; this one stays inside)
+    ("job-folder-symlinked-to-a-copy", lambda r: _symlink_to_copy(r / "out", _job_dir(r)),
+     "playment/verify-p00 is a symlink"),
 ]  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ssl
 
 import aiohttp
@@ -76,3 +77,26 @@ def test_an_answer_is_marked_retryable_only_by_the_specs_header_set_true(
     assert _marked_retryable(answer, spec) is marked
     unmarked_spec = RequestSpec("POST", "https://x/segment", "create", idempotent=False)
     assert _marked_retryable(answer, unmarked_spec) is False
+
+
+@pytest.mark.anyio
+async def test_a_streaming_callers_own_disk_error_is_not_a_network_error() -> None:
+    """``open_stream``'s caller reads the body, and writes it to disk, inside the mapping's
+    scope: a full disk there was reported as a network error and retried as one."""
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    guard = map_exceptions("playment", "http://storage:9/x/mask.txt", job="scan-1")
+    guard.in_caller = True
+    with pytest.raises(OSError) as info:
+        async with guard:
+            raise disk_full
+    assert info.value is disk_full
+    # What the network does while the caller reads the body is still a network error.
+    for exc in (
+        aiohttp.ClientPayloadError("cut"),
+        aiohttp.ClientOSError(104, "Connection reset by peer"),
+        ConnectionResetError(),
+        TimeoutError(),
+    ):
+        with pytest.raises(NetworkError):
+            async with guard:
+                raise exc
