@@ -6,13 +6,25 @@ request (the sink has consumed exactly that many bytes); a server that answers 2
 206 makes the sink start over. A 401/403 from the storage host means the signature expired
 or was refused: ask the resolver for a fresh URL. Credentials are never sent (``Transport.
 open_stream``).
+
+Every body is bounded in size and time. Size: a ``ByteBudget`` per job caps each file at the
+smaller of ``harvest.max_file_bytes`` and what is left of ``harvest.max_job_bytes``, counted in
+decoded bytes; more is a protocol error, not retried. (A size the provider declared is the
+sink's to hold: a Bentley blob's listing, ``harvest.FileSink``; a PCD's ``POINTS``, its
+decoder.) Time: besides the gap between chunks
+(``request_timeout_s``), the whole body must arrive by ``request_timeout_s + bytes received /
+min_bytes_per_s``, so a server trickling a byte at a time is cut off (and resumed, then
+given up on) instead of holding the download for ever.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from typing import Protocol
+
+import anyio
 
 from harvester.clock import Clock
 from harvester.errors import NetworkError, ProtocolError, ProviderUnavailable, RetryableError
@@ -24,6 +36,29 @@ from harvester.transport import Transport, safe_url
 
 log = get_logger("harvester.download")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True, slots=True)
+class ByteCap:
+    limit: int  #: decoded bytes a file may have
+    why: str  #: which rule set it, for the error
+
+
+@dataclass(slots=True)
+class ByteBudget:
+    """What one job's downloads may still receive: per file, and all files together."""
+
+    max_file: int
+    max_job: int
+    spent: int = 0  #: decoded bytes of the job's completed downloads
+
+    def cap(self) -> ByteCap:
+        left = self.max_job - self.spent
+        if self.max_file <= left:
+            return ByteCap(self.max_file, "harvest.max_file_bytes")
+        return ByteCap(
+            left, f"what harvest.max_job_bytes leaves after {self.spent} bytes of this job"
+        )
 
 
 class StorageRefused(ProviderUnavailable):
@@ -76,12 +111,14 @@ async def stream_into(
     what: str,
     job: str | None,
     clock: Clock,
+    budget: ByteBudget,
     chunk_bytes: int = 1 << 20,
     max_failures: int = 5,
     max_resolves: int = 5,
     rng: random.Random | None = None,
 ) -> None:
-    """Download the body behind ``resolve()`` into ``sink``."""
+    """Download the body behind ``resolve()`` into ``sink``, at most ``budget.cap()`` decoded
+    bytes; the bytes are spent from ``budget`` once the body is complete."""
     rng = rng or random.Random()
     url = await resolve()
     resolves, failures = 1, 0
@@ -139,10 +176,33 @@ async def stream_into(
                         job=job,
                         status=status,
                     )
-                async for chunk in resp.content.iter_chunked(chunk_bytes):
-                    sink.feed(chunk)
-                    metric.inc(len(chunk))
-                    failpoint("download.chunk")
+                cap = budget.cap()
+                allowance = transport.cfg.request_timeout_s
+                rate = transport.cfg.min_bytes_per_s
+                start = anyio.current_time()
+                received = 0
+                with anyio.CancelScope(deadline=start + allowance) as body_deadline:
+                    while chunk := await resp.content.read(chunk_bytes):
+                        if sink.offset + len(chunk) > cap.limit:
+                            raise ProtocolError(
+                                f"{what} is larger than {cap.limit} bytes ({cap.why})",
+                                provider=transport.name,
+                                job=job,
+                            )
+                        received += len(chunk)
+                        sink.feed(chunk)
+                        metric.inc(len(chunk))
+                        failpoint("download.chunk")
+                        body_deadline.deadline = start + allowance + received / rate
+                if body_deadline.cancelled_caught:
+                    raise NetworkError(
+                        f"{what} too slow: {received} bytes in"
+                        f" {anyio.current_time() - start:.1f} s from {safe_url(url)}, below"
+                        f" providers.{transport.name}.min_bytes_per_s = {rate:g}",
+                        provider=transport.name,
+                        job=job,
+                    )
+            budget.spent += sink.offset
             return
         except StorageRefused:
             raise
@@ -161,6 +221,7 @@ async def stream_into(
                 error=str(exc),
                 delay_s=round(delay, 3),
             )
-            await clock.sleep_until(clock.monotonic() + delay)
+            # A resume not yet sent is dropped at once when the process stops.
+            await transport.limiter.pause_until(clock.monotonic() + delay)
         except RetryableError:
             raise

@@ -34,10 +34,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from harvester.clock import Clock, SystemClock
 from harvester.config import Config
+from harvester.download import ByteBudget
 from harvester.errors import (
     FatalError,
     HarvesterError,
     JobError,
+    NotSent,
     NotYetAvailable,
     RateLimited,
     RetryableError,
@@ -235,6 +237,9 @@ class Engine:
         self.draining = True
         for lane in self.lanes.values():
             lane.wake.set()
+            # Requests not sent yet (queued at a gate closed for a day, in a retry's
+            # backoff) have nothing to finish: they are dropped now, not after the grace.
+            lane.transport.limiter.stop()
         log.info("draining", in_flight=self._busy, grace_s=self.drain_grace_s)
         if self._busy:
             with anyio.move_on_after(self.drain_grace_s):
@@ -760,6 +765,9 @@ class Engine:
                 label_dtype=self.config.output.label_dtype,
                 chunk_bytes=self.config.harvest.chunk_bytes,
                 rng=self.rng,
+                budget=ByteBudget(
+                    self.config.harvest.max_file_bytes, self.config.harvest.max_job_bytes
+                ),
             )
             await lane.provider.harvest(job, status, out)
             self.metrics.decode_seconds.labels(lane.name).inc(out.decode_s)
@@ -767,6 +775,8 @@ class Engine:
                 # Only the lease holder completes an output: proven just before the rename.
                 job = await self.replica.confirm(job)
             relative = out.write_manifest(harvested_at=self.clock.wall())
+        except NotSent:
+            return  # stopping: the job stays harvesting, and the next run harvests it
         except RetryableError as exc:
             # "Not published yet" is no failure, up to results_wait_s; everything else spends
             # an attempt.
@@ -878,7 +888,7 @@ class _Transports:
 def _refused_before_processing(exc: RetryableError) -> bool:
     """429 and 503 say "not now" before the request is handled (throttling, overload), so a
     create that got one was not made. Other 5xx, resets and timeouts are ambiguous."""
-    return isinstance(exc, RateLimited) or exc.status == 503
+    return isinstance(exc, RateLimited | NotSent) or exc.status == 503
 
 
 def _identity(resp: Response) -> Response:

@@ -22,8 +22,9 @@ import numpy as np
 import orjson
 
 from harvester.clock import Clock
+from harvester.config import HarvestConfig
 from harvester.decode import MaskDecoder, PcdLabelDecoder, smallest_uint_dtype
-from harvester.download import BufferSink, stream_into
+from harvester.download import BufferSink, ByteBudget, stream_into
 from harvester.errors import CorruptDownload, DecodeError, HarvesterError, ProtocolError
 from harvester.failpoints import failpoint
 from harvester.fsutil import AtomicFile, sweep_temporaries, tmp_name, write_atomic
@@ -260,6 +261,7 @@ class JobOutput:
         chunk_bytes: int,
         payload: Mapping[str, Any] | None = None,
         rng: random.Random | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.job = job
         self.input_urls = frozenset(_urls_in(payload))
@@ -270,6 +272,9 @@ class JobOutput:
         self.label_dtype = label_dtype
         self.chunk_bytes = chunk_bytes
         self.rng = rng or random.Random()
+        self.budget = budget or ByteBudget(
+            HarvestConfig.max_file_bytes, HarvestConfig.max_job_bytes
+        )
         self.entries: dict[str, ManifestEntry] = {}
         self.decode_s = 0.0
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -298,6 +303,7 @@ class JobOutput:
             what=what,
             job=self.job.key,
             clock=self.clock,
+            budget=self.budget,
             chunk_bytes=self.chunk_bytes,
             rng=self.rng,
         )
@@ -327,6 +333,7 @@ class JobOutput:
                 what=relpath,
                 job=self.job.key,
                 clock=self.clock,
+                budget=self.budget,
                 chunk_bytes=self.chunk_bytes,
                 rng=self.rng,
             )
@@ -360,6 +367,7 @@ class JobOutput:
                 what=relpath,
                 job=self.job.key,
                 clock=self.clock,
+                budget=self.budget,
                 chunk_bytes=self.chunk_bytes,
                 rng=self.rng,
             )

@@ -13,7 +13,10 @@ A request starts only when all three agree at the same instant:
 
 Waiters queue in FIFO order. Only the head of the queue ever sleeps on the clock, so a thousand
 waiting requests cost one timer, not a thousand polling tasks; everybody behind it waits on an
-event until it becomes the head. The arithmetic (``parse_retry_after``, ``backoff_delay``,
+event until it becomes the head. ``stop()`` (the process is shutting down) drops every waiter,
+and every later request, with ``NotSent`` at once: a request that has not left yet has nothing
+to finish, so a drain must not wait a day for a gate to open. Retry backoffs sleep through
+``pause_until`` for the same reason. The arithmetic (``parse_retry_after``, ``backoff_delay``,
 ``TokenBucket``) is pure and takes time as an argument.
 """
 
@@ -33,6 +36,7 @@ import anyio
 import anyio.lowlevel
 
 from harvester.clock import Clock
+from harvester.errors import NotSent
 
 __all__ = [
     "MAX_RETRY_AFTER_S",
@@ -228,6 +232,8 @@ class ProviderLimiter:
         "_probing",
         "_rate_limited",
         "_rng",
+        "_sleeps",
+        "_stopped",
         "_waiters",
         "name",
     )
@@ -277,6 +283,10 @@ class ProviderLimiter:
         self._probing = False
         self._probe_out = False
         self._closures = 0  #: gate closures so far: a probe counts only if none came after it
+        #: set by stop(): nothing is admitted any more
+        self._stopped = False
+        #: the clock sleeps (head waiter, retry backoffs) that stop() must cut short
+        self._sleeps: set[anyio.CancelScope] = set()
 
     # -- admission -------------------------------------------------------------------------
 
@@ -286,6 +296,8 @@ class ProviderLimiter:
 
     async def _acquire(self) -> int:
         """Wait for admission; returns the gate closure count if admitted as a probe."""
+        if self._stopped:
+            raise self._not_sent()
         now = self._clock.monotonic()
         closed_at_entry = self._closed_total(now)
         if not self._waiters and self._admissible(now):
@@ -300,6 +312,8 @@ class ProviderLimiter:
                 # below is never lost: it changed the state first, then set the old event.
                 if me.event.is_set():
                     me.event = anyio.Event()
+                if self._stopped:
+                    raise self._not_sent()
                 if next(iter(self._waiters)) is not me:
                     await me.event.wait()
                     continue
@@ -309,7 +323,7 @@ class ProviderLimiter:
                     continue
                 ready_at = self._ready_at(now)
                 if ready_at > now:
-                    await self._clock.sleep_until(ready_at)
+                    await self._sleep(ready_at)
                     continue
                 # No await between this check and the caller's request: nothing starts inside
                 # a window that closed while we slept.
@@ -319,6 +333,39 @@ class ProviderLimiter:
             del self._waiters[me]
             if was_head:
                 self._nudge_head()
+
+    # -- shutting down ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Admit nothing from now on: every waiter, and every later request, gets ``NotSent``."""
+        self._stopped = True
+        for waiter in self._waiters:
+            waiter.event.set()
+        for scope in self._sleeps:
+            scope.cancel()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    async def pause_until(self, deadline: float) -> None:
+        """Sleep until ``deadline`` (a retry's backoff); ``NotSent`` at once on ``stop()``."""
+        if self._stopped:
+            raise self._not_sent()
+        await self._sleep(deadline)
+        if self._stopped:
+            raise self._not_sent()
+
+    async def _sleep(self, deadline: float) -> None:
+        with anyio.CancelScope() as scope:
+            self._sleeps.add(scope)
+            try:
+                await self._clock.sleep_until(deadline)
+            finally:
+                self._sleeps.discard(scope)
+
+    def _not_sent(self) -> NotSent:
+        return NotSent("stopping: request dropped before it was sent", provider=self.name)
 
     def _release(self, probe: int, *, answered: bool) -> None:
         self._in_use -= 1
