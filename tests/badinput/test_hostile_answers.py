@@ -31,10 +31,12 @@ from typing import Any
 import anyio
 import pytest
 
+from harvester.config import parse_config
 from harvester.decode import PcdLabelDecoder
-from harvester.errors import DecodeError
+from harvester.errors import ConfigError, DecodeError
 from harvester.jobs import JobState
 from harvester.logs import configure
+from harvester.netguard import url_reason
 from harvester.verify import verify_outputs
 
 from .helpers import SECRET_ENV
@@ -221,3 +223,21 @@ def test_pcd_body_is_bounded_by_its_points() -> None:
             fed += 64 << 10
     assert fed < 1 * MiB
     assert info.value.offset is not None and info.value.offset < len(head) + 1 * MiB
+
+
+def test_allow_link_local_is_the_only_way_there(tmp_path: Path) -> None:
+    """A private deployment serving from a link-local address says so in its config; without
+    the switch such a base URL is a config error naming the key. Non-HTTP schemes stay
+    refused either way."""
+    metadata = "http://169.254.169.254/latest/meta-data/"
+    assert url_reason(metadata, allow_link_local=False) is not None
+    assert url_reason(metadata, allow_link_local=True) is None
+    assert url_reason("http://127.0.0.1:8080/x", allow_link_local=False) is None
+    assert url_reason("http://10.1.2.3/x", allow_link_local=False) is None
+    assert url_reason("file:///etc/passwd", allow_link_local=True) is not None
+    section = {"base_url": "http://169.254.10.1/playment", "project_id": "p",
+               "api_key_env": "BI_PLAYMENT_KEY"}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"providers\.playment\.base_url is a link-local"):
+        parse_config({"providers": {"playment": section}}, source=tmp_path / "c.toml")
+    allowed = {"providers": {"playment": {**section, "allow_link_local": True}}}
+    assert parse_config(allowed, source=tmp_path / "c.toml").providers["playment"].base_url

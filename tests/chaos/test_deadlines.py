@@ -23,9 +23,9 @@ import anyio
 import pytest
 from aiohttp import web
 
-from harvester.clock import SystemClock
+from harvester.clock import FakeClock, SystemClock
 from harvester.config import PlaymentConfig, SecretRef
-from harvester.errors import NetworkError
+from harvester.errors import NetworkError, NotSent
 from harvester.jobs import JobState
 from harvester.logs import configure
 from harvester.metrics import Metrics
@@ -198,3 +198,42 @@ max_retries = 5
     summary = json.loads(done.stdout)
     assert summary["interrupted"] is True
     assert summary["providers"] == {"playment": {"running": 1}}, summary
+
+
+@pytest.mark.anyio
+async def test_stop_drops_gate_waiters_and_backoffs_at_once() -> None:
+    """The limiter on its own, on an injected clock: a request queued behind a day-long gate
+    and a retry sleeping through its backoff both get ``NotSent`` the moment ``stop()`` is
+    called, with the clock not moved at all; later requests are refused at once too."""
+    clock = FakeClock()
+    limiter = ProviderLimiter("p", rate_per_s=0, burst=1, max_concurrency=4, clock=clock)
+    limiter.close_gate(86_400.0)
+    outcomes: list[str] = []
+
+    async def queued() -> None:
+        try:
+            async with limiter.slot():
+                outcomes.append("sent")
+        except NotSent:
+            outcomes.append("dropped")
+
+    async def backing_off() -> None:
+        try:
+            await limiter.pause_until(clock.monotonic() + 60.0)
+            outcomes.append("woke")
+        except NotSent:
+            outcomes.append("dropped")
+
+    start = clock.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(queued)
+        tg.start_soon(queued)
+        tg.start_soon(backing_off)
+        await clock.settle()
+        assert outcomes == [] and limiter.stats().waiting == 2
+        limiter.stop()
+    assert outcomes == ["dropped", "dropped", "dropped"]
+    assert clock.monotonic() == start
+    with pytest.raises(NotSent):
+        async with limiter.slot():
+            pass
