@@ -11,7 +11,8 @@ the proxy, with the test's config overrides, and returns every job as stored.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,21 @@ def trickle(body: bytes, *, every_s: float, step: int = 1) -> Serve:
         return resp
 
     return serve
+
+
+@asynccontextmanager
+async def serving(handle: Serve) -> AsyncIterator[str]:
+    """A server on a free loopback port answering every request with ``handle``; its origin."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from harvester.providers.base import RequestSpec
 from harvester.ratelimit import ProviderLimiter
 from harvester.transport import Transport
 from tests.badinput.helpers import SECRET_ENV
-from tests.badinput.hostile import GOOD_JOBS, Case, harvest_through, trickle
+from tests.badinput.hostile import GOOD_JOBS, Case, harvest_through, serving, trickle
 
 REPO = Path(__file__).resolve().parents[2]
 #: a valid mask of 300 bytes, sent one byte every 0.1 s: 30 s for the whole body
@@ -83,16 +83,8 @@ async def slow_api() -> AsyncIterator[str]:
         body = b'{"success": true, "data": {"status": "in_progress"}}' + b" " * 200
         return await trickle(body, every_s=0.05)(request)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(handle) as origin:
+        yield origin
 
 
 @pytest.mark.anyio
@@ -143,16 +135,8 @@ async def throttling_api() -> AsyncIterator[tuple[str, list[str]]]:
             headers={"Retry-After": "86400"},
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/playment", seen
-    finally:
-        await runner.cleanup()
+    async with serving(handle) as origin:
+        yield f"{origin}/playment", seen
 
 
 @pytest.mark.anyio
