@@ -237,9 +237,9 @@ class Engine:
         self.draining = True
         for lane in self.lanes.values():
             lane.wake.set()
-            # Requests not sent yet (queued at a gate closed for a day, in a retry's
-            # backoff) have nothing to finish: they are dropped now, not after the grace.
-            lane.transport.limiter.stop()
+            # Requests not sent yet that could not start within the grace (queued at a gate
+            # closed for a day, in a long backoff) have nothing to finish: dropped now.
+            lane.transport.limiter.stop(self.clock.monotonic() + self.drain_grace_s)
         log.info("draining", in_flight=self._busy, grace_s=self.drain_grace_s)
         if self._busy:
             with anyio.move_on_after(self.drain_grace_s):

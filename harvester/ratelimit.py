@@ -13,11 +13,13 @@ A request starts only when all three agree at the same instant:
 
 Waiters queue in FIFO order. Only the head of the queue ever sleeps on the clock, so a thousand
 waiting requests cost one timer, not a thousand polling tasks; everybody behind it waits on an
-event until it becomes the head. ``stop()`` (the process is shutting down) drops every waiter,
-and every later request, with ``NotSent`` at once: a request that has not left yet has nothing
-to finish, so a drain must not wait a day for a gate to open. Retry backoffs sleep through
-``pause_until`` for the same reason. The arithmetic (``parse_retry_after``, ``backoff_delay``,
-``TokenBucket``) is pure and takes time as an argument.
+event until it becomes the head. ``stop(deadline)`` (the process is draining until
+``deadline``) drops with ``NotSent``, at once, every request that could not start before that
+deadline: one queued behind a gate closed for a day has nothing to finish, so a drain must not
+wait for it, while the next request of a harvest still in flight, admitted now, goes ahead.
+Retry backoffs sleep through ``pause_until`` for the same reason. The arithmetic
+(``parse_retry_after``, ``backoff_delay``, ``TokenBucket``) is pure and takes time as an
+argument.
 """
 
 from __future__ import annotations
@@ -233,7 +235,7 @@ class ProviderLimiter:
         "_rate_limited",
         "_rng",
         "_sleeps",
-        "_stopped",
+        "_stop_at",
         "_waiters",
         "name",
     )
@@ -283,8 +285,8 @@ class ProviderLimiter:
         self._probing = False
         self._probe_out = False
         self._closures = 0  #: gate closures so far: a probe counts only if none came after it
-        #: set by stop(): nothing is admitted any more
-        self._stopped = False
+        #: set by stop(): a request that cannot start before this is dropped
+        self._stop_at = math.inf
         #: the clock sleeps (head waiter, retry backoffs) that stop() must cut short
         self._sleeps: set[anyio.CancelScope] = set()
 
@@ -296,8 +298,6 @@ class ProviderLimiter:
 
     async def _acquire(self) -> int:
         """Wait for admission; returns the gate closure count if admitted as a probe."""
-        if self._stopped:
-            raise self._not_sent()
         now = self._clock.monotonic()
         closed_at_entry = self._closed_total(now)
         if not self._waiters and self._admissible(now):
@@ -312,8 +312,6 @@ class ProviderLimiter:
                 # below is never lost: it changed the state first, then set the old event.
                 if me.event.is_set():
                     me.event = anyio.Event()
-                if self._stopped:
-                    raise self._not_sent()
                 if next(iter(self._waiters)) is not me:
                     await me.event.wait()
                     continue
@@ -323,6 +321,8 @@ class ProviderLimiter:
                     continue
                 ready_at = self._ready_at(now)
                 if ready_at > now:
+                    if ready_at > self._stop_at:
+                        raise self._not_sent()
                     await self._sleep(ready_at)
                     continue
                 # No await between this check and the caller's request: nothing starts inside
@@ -336,25 +336,20 @@ class ProviderLimiter:
 
     # -- shutting down ---------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Admit nothing from now on: every waiter, and every later request, gets ``NotSent``."""
-        self._stopped = True
-        for waiter in self._waiters:
-            waiter.event.set()
+    def stop(self, deadline: float) -> None:
+        """The process stops at ``deadline`` (monotonic): from now on a request that could not
+        start before it (a closed gate, a long backoff) gets ``NotSent`` at once."""
+        self._stop_at = min(self._stop_at, deadline)
         for scope in self._sleeps:
-            scope.cancel()
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped
+            scope.cancel()  # each sleeper looks again at what it waits for
 
     async def pause_until(self, deadline: float) -> None:
-        """Sleep until ``deadline`` (a retry's backoff); ``NotSent`` at once on ``stop()``."""
-        if self._stopped:
-            raise self._not_sent()
-        await self._sleep(deadline)
-        if self._stopped:
-            raise self._not_sent()
+        """Sleep until ``deadline`` (a retry's backoff); ``NotSent`` at once if that is past
+        the stop deadline, now or once ``stop()`` is called."""
+        while self._clock.monotonic() < deadline:
+            if deadline > self._stop_at:
+                raise self._not_sent()
+            await self._sleep(deadline)
 
     async def _sleep(self, deadline: float) -> None:
         with anyio.CancelScope() as scope:

@@ -185,39 +185,52 @@ max_retries = 5
 
 
 @pytest.mark.anyio
-async def test_stop_drops_gate_waiters_and_backoffs_at_once() -> None:
-    """The limiter on its own, on an injected clock: a request queued behind a day-long gate
-    and a retry sleeping through its backoff both get ``NotSent`` the moment ``stop()`` is
-    called, with the clock not moved at all; later requests are refused at once too."""
+async def test_stop_drops_what_cannot_start_before_the_deadline_at_once() -> None:
+    """The limiter on its own, on an injected clock, told at t0 that the process stops at
+    t0 + 30 s: the requests queued behind a day-long gate and a retry whose backoff ends after
+    the deadline get ``NotSent`` at once, the clock not moved at all; a backoff that ends in
+    time sleeps on and its request goes out; a request admissible now goes ahead (the next
+    request of a harvest still in flight)."""
     clock = FakeClock()
-    limiter = ProviderLimiter("p", rate_per_s=0, burst=1, max_concurrency=4, clock=clock)
-    limiter.close_gate(86_400.0)
-    outcomes: list[str] = []
+    gated = ProviderLimiter("gated", rate_per_s=0, burst=1, max_concurrency=4, clock=clock)
+    gated.close_gate(86_400.0)
+    free = ProviderLimiter("free", rate_per_s=0, burst=1, max_concurrency=4, clock=clock)
+    outcomes: dict[str, str] = {}
+    t0 = clock.monotonic()
 
-    async def queued() -> None:
+    async def queued(name: str) -> None:
         try:
-            async with limiter.slot():
-                outcomes.append("sent")
+            async with gated.slot():
+                outcomes[name] = "sent"
         except NotSent:
-            outcomes.append("dropped")
+            outcomes[name] = f"dropped at +{clock.monotonic() - t0:g}"
 
-    async def backing_off() -> None:
+    async def backing_off(name: str, delay: float) -> None:
         try:
-            await limiter.pause_until(clock.monotonic() + 60.0)
-            outcomes.append("woke")
+            await free.pause_until(t0 + delay)
+            outcomes[name] = f"woke at +{clock.monotonic() - t0:g}"
         except NotSent:
-            outcomes.append("dropped")
+            outcomes[name] = f"dropped at +{clock.monotonic() - t0:g}"
 
-    start = clock.monotonic()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(queued)
-        tg.start_soon(queued)
-        tg.start_soon(backing_off)
+        tg.start_soon(queued, "gate-1")
+        tg.start_soon(queued, "gate-2")
+        tg.start_soon(backing_off, "backoff-60", 60.0)
+        tg.start_soon(backing_off, "backoff-5", 5.0)
         await clock.settle()
-        assert outcomes == [] and limiter.stats().waiting == 2
-        limiter.stop()
-    assert outcomes == ["dropped", "dropped", "dropped"]
-    assert clock.monotonic() == start
+        assert outcomes == {} and gated.stats().waiting == 2
+        gated.stop(t0 + 30.0)
+        free.stop(t0 + 30.0)
+        await clock.settle()
+        assert outcomes == {
+            "gate-1": "dropped at +0",
+            "gate-2": "dropped at +0",
+            "backoff-60": "dropped at +0",
+        }
+        await clock.advance_to_next()
+    assert outcomes["backoff-5"] == "woke at +5"
+    async with free.slot():
+        pass  # admissible now: not dropped
     with pytest.raises(NotSent):
-        async with limiter.slot():
+        async with gated.slot():
             pass
