@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 from urllib.parse import urlsplit
 
 from harvester.errors import ConfigError
+from harvester.netguard import host_reason
 
 _T = TypeVar("_T")
 
@@ -76,6 +77,13 @@ class ProviderConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     on_lost_create: Literal["fail", "resubmit"] = "fail"
+    #: an API answer larger than this once decoded (gzip included) is a protocol error
+    max_answer_bytes: int = 16 << 20
+    #: a download must average this after a request_timeout_s allowance, or it is cut
+    min_bytes_per_s: float = 65536.0
+    #: connect to link-local and cloud-metadata addresses (refused by default: a redirect
+    #: or signed URL there is how a hostile answer reaches instance credentials)
+    allow_link_local: bool = False
 
     def secrets(self) -> list[SecretRef]:
         return [v for v in vars(self).values() if isinstance(v, SecretRef)]
@@ -174,6 +182,10 @@ class HarvestConfig:
     #: how long a finished job's results may stay unpublished (Modzy's 404 / ``finished:
     #: false``) before the job ends in error; counted from the first "not yet" of this process
     results_wait_s: float = 3600.0
+    #: decoded bytes one downloaded file (mask, result, blob) may have
+    max_file_bytes: int = 4 << 30
+    #: decoded bytes all of one job's downloads together may have
+    max_job_bytes: int = 32 << 30
 
 
 @dataclass(frozen=True)
@@ -294,7 +306,15 @@ _URL_FROM_ENV: dict[str, tuple[str, ...]] = {
 def _check_provider(cfg: ProviderConfig, ctx: _Ctx, where: str) -> None:
     if not cfg.base_url.startswith(("http://", "https://")):
         ctx.fail(f"{where}.base_url must start with http:// or https://, got {cfg.base_url!r}")
-    positive = ("burst", "max_concurrency", "poll_min_s", "poll_max_s", "request_timeout_s")
+    positive = (
+        "burst",
+        "max_concurrency",
+        "poll_min_s",
+        "poll_max_s",
+        "request_timeout_s",
+        "max_answer_bytes",
+        "min_bytes_per_s",
+    )
     for name in positive:
         if getattr(cfg, name) <= 0:
             ctx.fail(f"{where}.{name} must be > 0")
@@ -308,6 +328,14 @@ def _check_provider(cfg: ProviderConfig, ctx: _Ctx, where: str) -> None:
         ctx.fail(f"{where}.backoff_base_s must be > 0")
     if cfg.backoff_max_s < cfg.backoff_base_s:
         ctx.fail(f"{where}.backoff_max_s must be >= backoff_base_s")
+    if not cfg.allow_link_local:
+        for key in ("base_url", "token_url"):
+            refused = host_reason(getattr(cfg, key, ""))
+            if refused is not None:
+                ctx.fail(
+                    f"{where}.{key} is {refused}; set {where}.allow_link_local = true if"
+                    " this deployment really serves it there"
+                )
 
 
 def _check_harvest(harvest: HarvestConfig, ctx: _Ctx) -> None:
@@ -317,6 +345,8 @@ def _check_harvest(harvest: HarvestConfig, ctx: _Ctx) -> None:
         "chunk_bytes",
         "frame_concurrency",
         "results_wait_s",
+        "max_file_bytes",
+        "max_job_bytes",
     ):
         if not getattr(harvest, name) > 0:
             ctx.fail(f"harvest.{name} must be > 0, got {getattr(harvest, name)!r}")

@@ -6,13 +6,25 @@ request (the sink has consumed exactly that many bytes); a server that answers 2
 206 makes the sink start over. A 401/403 from the storage host means the signature expired
 or was refused: ask the resolver for a fresh URL. Credentials are never sent (``Transport.
 open_stream``).
+
+Every body is bounded in size and time. Size: a ``ByteBudget`` per job caps each file at the
+smaller of ``harvest.max_file_bytes`` and what is left of ``harvest.max_job_bytes``, counted in
+decoded bytes; more is a protocol error, not retried. (A size the provider declared is the
+sink's to hold: a Bentley blob's listing, ``harvest.FileSink``; a PCD's ``POINTS``, its
+decoder.) Time: besides the gap between chunks
+(``request_timeout_s``), the whole body must arrive by ``request_timeout_s + bytes received /
+min_bytes_per_s``, so a server trickling a byte at a time is cut off (and resumed, then
+given up on) instead of holding the download for ever.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from typing import Protocol
+
+import anyio
 
 from harvester.clock import Clock
 from harvester.errors import NetworkError, ProtocolError, ProviderUnavailable, RetryableError
@@ -24,6 +36,38 @@ from harvester.transport import Transport, safe_url
 
 log = get_logger("harvester.download")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True, slots=True)
+class ByteCap:
+    limit: int  #: decoded bytes a file may have
+    why: str  #: which rule set it, for the error
+
+
+@dataclass(slots=True)
+class ByteBudget:
+    """What one job's downloads may still receive: per file, and all files together.
+
+    A job's frames download concurrently, so the job-wide rule counts bytes as they arrive
+    (``received``), not only once a file is complete: otherwise each of N concurrent files
+    would see the whole remainder and together receive N times it."""
+
+    max_file: int
+    max_job: int
+    received: int = 0  #: decoded bytes held by the job's downloads, complete or in progress
+
+    def exceeded(self, file_bytes: int, more: int) -> ByteCap | None:
+        """The rule that ``more`` bytes for a file already holding ``file_bytes`` would
+        break, or None."""
+        if file_bytes + more > self.max_file:
+            return ByteCap(self.max_file, "harvest.max_file_bytes")
+        if self.received + more > self.max_job:
+            others = self.received - file_bytes
+            return ByteCap(
+                self.max_job - others,
+                f"what harvest.max_job_bytes leaves after {others} bytes of this job's other files",
+            )
+        return None
 
 
 class StorageRefused(ProviderUnavailable):
@@ -76,91 +120,126 @@ async def stream_into(
     what: str,
     job: str | None,
     clock: Clock,
+    budget: ByteBudget,
     chunk_bytes: int = 1 << 20,
     max_failures: int = 5,
     max_resolves: int = 5,
     rng: random.Random | None = None,
 ) -> None:
-    """Download the body behind ``resolve()`` into ``sink``."""
+    """Download the body behind ``resolve()`` into ``sink``, within ``budget`` (decoded
+    bytes); what the sink holds stays counted in the budget once the body is complete."""
     rng = rng or random.Random()
     url = await resolve()
     resolves, failures = 1, 0
     metric = transport.metrics.bytes_downloaded.labels(transport.name)
-    while True:
-        try:
-            offset = sink.offset
-            async with transport.open_stream(url, offset=offset, job=job) as resp:
-                status = resp.status
-                if status in (401, 403):
-                    if resolves >= max_resolves:
-                        # Transient for the job: the harvest is retried later (with its own
-                        # attempt budget) rather than hammering the resolver now.
-                        raise StorageRefused(
-                            f"storage refused {what} {resolves} times in a row (HTTP {status})"
-                            f" at {safe_url(url)}",
+    held = 0  # what this download counts in budget.received: what its sink holds
+    try:
+        while True:
+            try:
+                offset = sink.offset
+                async with transport.open_stream(url, offset=offset, job=job) as resp:
+                    status = resp.status
+                    if status in (401, 403):
+                        if resolves >= max_resolves:
+                            # Transient for the job: the harvest is retried later (with its own
+                            # attempt budget) rather than hammering the resolver now.
+                            raise StorageRefused(
+                                f"storage refused {what} {resolves} times in a row (HTTP {status})"
+                                f" at {safe_url(url)}",
+                                provider=transport.name,
+                                job=job,
+                                status=status,
+                            )
+                        log.info(
+                            "signed URL refused, re-resolving",
+                            provider=transport.name,
+                            job=job,
+                            what=what,
+                            status=status,
+                            url=safe_url(url),
+                        )
+                        url = await resolve()
+                        resolves += 1
+                        continue
+                    if status >= 500 or status == 429:
+                        raise ProviderUnavailable(
+                            f"storage answered HTTP {status} for {what}",
                             provider=transport.name,
                             job=job,
                             status=status,
                         )
-                    log.info(
-                        "signed URL refused, re-resolving",
-                        provider=transport.name,
-                        job=job,
-                        what=what,
-                        status=status,
-                        url=safe_url(url),
-                    )
-                    url = await resolve()
-                    resolves += 1
-                    continue
-                if status >= 500 or status == 429:
-                    raise ProviderUnavailable(
-                        f"storage answered HTTP {status} for {what}",
-                        provider=transport.name,
-                        job=job,
-                        status=status,
-                    )
-                if status == 206 and offset:
-                    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-                    if not match or int(match.group(1)) != offset:
+                    if status == 206 and offset:
+                        match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                        if not match or int(match.group(1)) != offset:
+                            raise ProtocolError(
+                                f"storage resumed {what} at the wrong offset",
+                                provider=transport.name,
+                                job=job,
+                                status=status,
+                            )
+                    elif status == 200:
+                        if offset:
+                            sink.reset()  # the server ignored Range: start over
+                    else:
                         raise ProtocolError(
-                            f"storage resumed {what} at the wrong offset",
+                            f"storage answered HTTP {status} for {what} at {safe_url(url)}",
                             provider=transport.name,
                             job=job,
                             status=status,
                         )
-                elif status == 200:
-                    if offset:
-                        sink.reset()  # the server ignored Range: start over
-                else:
-                    raise ProtocolError(
-                        f"storage answered HTTP {status} for {what} at {safe_url(url)}",
-                        provider=transport.name,
-                        job=job,
-                        status=status,
-                    )
-                async for chunk in resp.content.iter_chunked(chunk_bytes):
-                    sink.feed(chunk)
-                    metric.inc(len(chunk))
-                    failpoint("download.chunk")
-            return
-        except StorageRefused:
-            raise
-        except (NetworkError, ProviderUnavailable) as exc:
-            failures += 1
-            if failures > max_failures:
+                    # this attempt may have started over (sink.reset): hold what it holds
+                    budget.received += sink.offset - held
+                    held = sink.offset
+                    allowance = transport.cfg.request_timeout_s
+                    rate = transport.cfg.min_bytes_per_s
+                    start = anyio.current_time()
+                    received = 0
+                    with anyio.CancelScope(deadline=start + allowance) as body_deadline:
+                        while chunk := await resp.content.read(chunk_bytes):
+                            cap = budget.exceeded(sink.offset, len(chunk))
+                            if cap is not None:
+                                raise ProtocolError(
+                                    f"{what} is larger than {cap.limit} bytes ({cap.why})",
+                                    provider=transport.name,
+                                    job=job,
+                                )
+                            budget.received += len(chunk)
+                            held += len(chunk)
+                            received += len(chunk)
+                            sink.feed(chunk)
+                            metric.inc(len(chunk))
+                            failpoint("download.chunk")
+                            body_deadline.deadline = start + allowance + received / rate
+                    if body_deadline.cancelled_caught:
+                        raise NetworkError(
+                            f"{what} too slow: {received} bytes in"
+                            f" {anyio.current_time() - start:.1f} s from {safe_url(url)}, below"
+                            f" providers.{transport.name}.min_bytes_per_s = {rate:g}",
+                            provider=transport.name,
+                            job=job,
+                        )
+                return
+            except StorageRefused:
                 raise
-            delay = backoff_delay(failures - 1, base=0.2, cap=10.0, rng=rng)
-            log.info(
-                "download interrupted, resuming",
-                provider=transport.name,
-                job=job,
-                what=what,
-                offset=sink.offset,
-                attempt=f"#{failures + 1}/{max_failures + 1}",
-                error=str(exc),
-                delay_s=round(delay, 3),
-            )
-            await clock.sleep_until(clock.monotonic() + delay)
-        except RetryableError:
-            raise
+            except (NetworkError, ProviderUnavailable) as exc:
+                failures += 1
+                if failures > max_failures:
+                    raise
+                delay = backoff_delay(failures - 1, base=0.2, cap=10.0, rng=rng)
+                log.info(
+                    "download interrupted, resuming",
+                    provider=transport.name,
+                    job=job,
+                    what=what,
+                    offset=sink.offset,
+                    attempt=f"#{failures + 1}/{max_failures + 1}",
+                    error=str(exc),
+                    delay_s=round(delay, 3),
+                )
+                # A resume not yet sent is dropped at once when the process stops.
+                await transport.limiter.pause_until(clock.monotonic() + delay)
+            except RetryableError:
+                raise
+    except BaseException:
+        budget.received -= held  # the partial file is removed: its bytes are free again
+        raise

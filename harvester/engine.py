@@ -34,10 +34,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from harvester.clock import Clock, SystemClock
 from harvester.config import Config
+from harvester.download import ByteBudget
 from harvester.errors import (
     FatalError,
     HarvesterError,
     JobError,
+    NotSent,
     NotYetAvailable,
     OutputError,
     RateLimited,
@@ -254,6 +256,9 @@ class Engine:
         self.draining = True
         for lane in self.lanes.values():
             lane.wake.set()
+            # Requests not sent yet that could not start within the grace (queued at a gate
+            # closed for a day, in a long backoff) have nothing to finish: dropped now.
+            lane.transport.limiter.stop(self.clock.monotonic() + self.drain_grace_s)
         log.info("draining", in_flight=self._busy, grace_s=self.drain_grace_s)
         if self._busy:
             with anyio.move_on_after(self.drain_grace_s):
@@ -853,6 +858,9 @@ class Engine:
                 chunk_bytes=self.config.harvest.chunk_bytes,
                 rng=self.rng,
                 frame_concurrency=self.config.harvest.frame_concurrency,
+                budget=ByteBudget(
+                    self.config.harvest.max_file_bytes, self.config.harvest.max_job_bytes
+                ),
             )
             await lane.provider.harvest(job, status, out)
             if out.frames_kept:
@@ -868,6 +876,8 @@ class Engine:
                 # Only the lease holder completes an output: proven just before the rename.
                 job = await self.replica.confirm(job)
             relative = out.write_manifest(harvested_at=self.clock.wall())
+        except NotSent:
+            return  # stopping: the job stays harvesting, and the next run harvests it
         except RetryableError as exc:
             # "Not published yet" is no failure, up to results_wait_s; everything else spends
             # an attempt.
@@ -990,9 +1000,9 @@ class _Transports:
 
 def _refused_before_processing(exc: RetryableError) -> bool:
     """429 and 503 say "not now" before the request is handled (throttling, overload), so a
-    create that got one was not made; so does an answer the provider marked safe to resend.
-    Other 5xx, resets and timeouts are ambiguous."""
-    return isinstance(exc, RateLimited) or exc.status == 503 or exc.resend_safe
+    create that got one was not made; so does an answer the provider marked safe to resend,
+    and a request dropped before it was sent. Other 5xx, resets and timeouts are ambiguous."""
+    return isinstance(exc, RateLimited | NotSent) or exc.status == 503 or exc.resend_safe
 
 
 def _identity(resp: Response) -> Response:

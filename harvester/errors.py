@@ -21,7 +21,8 @@ line a user sees (where it came from: file:line, provider, job, request id).
     │   ├── RateLimited         429 (or a provider's equivalent)
     │   ├── ProviderUnavailable 5xx and provider-side transient error codes
     │   ├── NotYetAvailable     a finished job's results are not published yet
-    │   └── CorruptDownload     a body's size or MD5 is not what its listing announced
+    │   ├── CorruptDownload     a body's size or MD5 is not what its listing announced
+    │   └── NotSent             stopping: a request was dropped before it was sent
     └── IllegalTransition       a state change the job state machine forbids (a bug)
 
 Foreign exceptions are mapped to this tree in exactly two places: the network's (aiohttp,
@@ -179,6 +180,12 @@ class NotYetAvailable(RetryableError):
 class CorruptDownload(RetryableError):
     """A downloaded body differs from what storage listed for it (Content-Length, Content-MD5):
     damaged on the way, or replaced meanwhile. Fetched again on the job's next attempt."""
+
+
+class NotSent(RetryableError):
+    """The process is stopping: a request still waiting (for the limiter's gate, a token, a
+    slot or a retry's backoff) was dropped without being sent. Nothing reached the provider,
+    so the job is left as stored for the next run; it spends no attempt."""
 
 
 class IllegalTransition(HarvesterError):

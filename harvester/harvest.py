@@ -27,8 +27,9 @@ import numpy as np
 import orjson
 
 from harvester.clock import Clock
+from harvester.config import HarvestConfig
 from harvester.decode import MaskDecoder, PcdLabelDecoder, smallest_uint_dtype
-from harvester.download import BufferSink, stream_into
+from harvester.download import BufferSink, ByteBudget, stream_into
 from harvester.errors import CorruptDownload, DecodeError, HarvesterError, ProtocolError
 from harvester.failpoints import failpoint
 from harvester.fsutil import (
@@ -310,6 +311,7 @@ class JobOutput:
         payload: Mapping[str, Any] | None = None,
         rng: random.Random | None = None,
         frame_concurrency: int = 1,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.job = job
         self.input_urls = frozenset(_urls_in(payload))
@@ -324,6 +326,9 @@ class JobOutput:
         self.chunk_bytes = chunk_bytes
         self.frame_concurrency = max(1, frame_concurrency)
         self.rng = rng or random.Random()
+        self.budget = budget or ByteBudget(
+            HarvestConfig.max_file_bytes, HarvestConfig.max_job_bytes
+        )
         self.entries: dict[str, ManifestEntry] = {}
         self.decode_s = 0.0
         #: frames kept from an earlier attempt / fetched by this one
@@ -413,6 +418,7 @@ class JobOutput:
             what=what,
             job=self.job.key,
             clock=self.clock,
+            budget=self.budget,
             chunk_bytes=self.chunk_bytes,
             rng=self.rng,
         )
@@ -477,6 +483,7 @@ class JobOutput:
                         what=relpath,
                         job=self.job.key,
                         clock=self.clock,
+                        budget=self.budget,
                         chunk_bytes=self.chunk_bytes,
                         rng=self.rng,
                     )
@@ -524,6 +531,7 @@ class JobOutput:
                     what=relpath,
                     job=self.job.key,
                     clock=self.clock,
+                    budget=self.budget,
                     chunk_bytes=self.chunk_bytes,
                     rng=self.rng,
                 )

@@ -13,8 +13,13 @@ A request starts only when all three agree at the same instant:
 
 Waiters queue in FIFO order. Only the head of the queue ever sleeps on the clock, so a thousand
 waiting requests cost one timer, not a thousand polling tasks; everybody behind it waits on an
-event until it becomes the head. The arithmetic (``parse_retry_after``, ``backoff_delay``,
-``TokenBucket``) is pure and takes time as an argument.
+event until it becomes the head. ``stop(deadline)`` (the process is draining until
+``deadline``) drops with ``NotSent``, at once, every request that could not start before that
+deadline: one queued behind a gate closed for a day has nothing to finish, so a drain must not
+wait for it, while the next request of a harvest still in flight, admitted now, goes ahead.
+Retry backoffs sleep through ``pause_until`` for the same reason. The arithmetic
+(``parse_retry_after``, ``backoff_delay``, ``TokenBucket``) is pure and takes time as an
+argument.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import anyio
 import anyio.lowlevel
 
 from harvester.clock import Clock
+from harvester.errors import NotSent
 
 __all__ = [
     "MAX_RETRY_AFTER_S",
@@ -228,6 +234,8 @@ class ProviderLimiter:
         "_probing",
         "_rate_limited",
         "_rng",
+        "_sleeps",
+        "_stop_at",
         "_waiters",
         "name",
     )
@@ -277,6 +285,10 @@ class ProviderLimiter:
         self._probing = False
         self._probe_out = False
         self._closures = 0  #: gate closures so far: a probe counts only if none came after it
+        #: set by stop(): a request that cannot start before this is dropped
+        self._stop_at = math.inf
+        #: the clock sleeps (head waiter, retry backoffs) that stop() must cut short
+        self._sleeps: set[anyio.CancelScope] = set()
 
     # -- admission -------------------------------------------------------------------------
 
@@ -309,7 +321,9 @@ class ProviderLimiter:
                     continue
                 ready_at = self._ready_at(now)
                 if ready_at > now:
-                    await self._clock.sleep_until(ready_at)
+                    if ready_at > self._stop_at:
+                        raise self._not_sent()
+                    await self._sleep(ready_at)
                     continue
                 # No await between this check and the caller's request: nothing starts inside
                 # a window that closed while we slept.
@@ -319,6 +333,34 @@ class ProviderLimiter:
             del self._waiters[me]
             if was_head:
                 self._nudge_head()
+
+    # -- shutting down ---------------------------------------------------------------------
+
+    def stop(self, deadline: float) -> None:
+        """The process stops at ``deadline`` (monotonic): from now on a request that could not
+        start before it (a closed gate, a long backoff) gets ``NotSent`` at once."""
+        self._stop_at = min(self._stop_at, deadline)
+        for scope in self._sleeps:
+            scope.cancel()  # each sleeper looks again at what it waits for
+
+    async def pause_until(self, deadline: float) -> None:
+        """Sleep until ``deadline`` (a retry's backoff); ``NotSent`` at once if that is past
+        the stop deadline, now or once ``stop()`` is called."""
+        while self._clock.monotonic() < deadline:
+            if deadline > self._stop_at:
+                raise self._not_sent()
+            await self._sleep(deadline)
+
+    async def _sleep(self, deadline: float) -> None:
+        with anyio.CancelScope() as scope:
+            self._sleeps.add(scope)
+            try:
+                await self._clock.sleep_until(deadline)
+            finally:
+                self._sleeps.discard(scope)
+
+    def _not_sent(self) -> NotSent:
+        return NotSent("stopping: request dropped before it was sent", provider=self.name)
 
     def _release(self, probe: int, *, answered: bool) -> None:
         self._in_use -= 1

@@ -8,6 +8,10 @@ Retries: only specs marked ``idempotent`` are retried automatically. A create PO
 the engine records intent first and reconciles a lost answer instead. A 429 (or 503) closes
 the provider's gate for every request, in flight or future, until its Retry-After deadline
 (or an adaptive, jittered backoff when the provider sends none).
+
+Every answer is bounded: an API answer is read in pieces up to ``max_answer_bytes`` of decoded
+body (a gzip bomb inflates a piece at a time, never whole) within ``request_timeout_s`` for the
+whole exchange, and no connection goes to a link-local or metadata address (``netguard``).
 """
 
 from __future__ import annotations
@@ -30,13 +34,16 @@ from harvester.errors import (
     CredentialsError,
     HarvesterError,
     NetworkError,
+    NotSent,
     NotYetAvailable,
+    ProtocolError,
     ProviderUnavailable,
     RateLimited,
     RetryableError,
 )
 from harvester.logs import get_logger, redact_text
 from harvester.metrics import Metrics
+from harvester.netguard import GuardedResolver, RefusedAddress, url_reason
 from harvester.providers.base import RequestSpec, Response
 from harvester.ratelimit import ProviderLimiter, backoff_delay, parse_retry_after
 
@@ -44,6 +51,9 @@ T = TypeVar("T")
 log = get_logger("harvester.transport")
 _REQUEST_ID_HEADERS = ("x-request-id", "x-amz-request-id", "request-id", "x-ms-request-id")
 _MAX_REDIRECTS = 5
+_LIFT = " (only providers.%s.allow_link_local = true lets harvester connect there)"
+#: decoded bytes asked of the body per read: what one gzip step may inflate to at most
+_READ_BYTES = 1 << 16
 
 
 def safe_url(url: str) -> str:
@@ -87,8 +97,14 @@ class map_exceptions:
         return False
 
 
-def _mapped(exc: BaseException, provider: str, where: str, job: str | None) -> NetworkError:
+def _mapped(exc: BaseException, provider: str, where: str, job: str | None) -> HarvesterError:
     """The ``NetworkError`` for a foreign exception, most specific match first."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, RefusedAddress):
+        return ProtocolError(
+            f"refusing to connect to {where}: {exc.os_error}{_LIFT % provider}",
+            provider=provider,
+            job=job,
+        )
     if isinstance(exc, TimeoutError):
         text = f"timed out talking to {where}"
     elif isinstance(exc, aiohttp.ClientPayloadError):
@@ -154,7 +170,10 @@ class Transport:
             connect=self.cfg.request_timeout_s,
             sock_read=self.cfg.request_timeout_s,
         )
-        connector = aiohttp.TCPConnector(limit=max(self.cfg.max_concurrency * 2, 16))
+        connector = aiohttp.TCPConnector(
+            limit=max(self.cfg.max_concurrency * 2, 16),
+            resolver=None if self.cfg.allow_link_local else GuardedResolver(),
+        )
         self._session = aiohttp.ClientSession(
             timeout=timeout,
             connector=connector,
@@ -217,7 +236,10 @@ class Transport:
             body = orjson.dumps(spec.json)
             content_type = "application/json"
         with_credentials = bool(auth)
+        cap = self.cfg.max_answer_bytes
         for _hop in range(_MAX_REDIRECTS + 1):
+            if not url.startswith(self._api_prefix):
+                self.check_target(url, job=job)
             headers = dict(spec.headers)
             if content_type is not None:
                 headers.setdefault("Content-Type", content_type)
@@ -236,7 +258,7 @@ class Transport:
                     timeout=self._request_timeout,
                 ) as resp,
             ):
-                payload = await resp.read()
+                payload = await _read_at_most(resp, cap)
                 status = resp.status
                 rheaders = resp.headers
             # params travel separately, so ``url`` is what was asked for, without its query
@@ -244,6 +266,16 @@ class Transport:
             self._observe(spec.endpoint, self.clock.monotonic() - start)
             self._count(spec.endpoint, status)
             request_id = next((rheaders[h] for h in _REQUEST_ID_HEADERS if h in rheaders), None)
+            if payload is None:
+                # Not retried: the same request would get the same endless or inflating body.
+                raise ProtocolError(
+                    f"{spec.endpoint}: answer from {safe_url(real_url)} is larger than {cap}"
+                    f" bytes decoded (providers.{self.name}.max_answer_bytes)",
+                    provider=self.name,
+                    job=job,
+                    status=status,
+                    request_id=request_id,
+                )
             shown = real_url if "?" not in real_url else safe_url(real_url)
             response = Response(status, rheaders, payload, shown, request_id)
             if spec.follow_redirects and status in (301, 302, 303, 307, 308):
@@ -346,8 +378,8 @@ class Transport:
                         attempt -= 1
                         continue
                 result = parse(resp)
-            except NotYetAvailable:
-                raise  # asked too early: the caller decides when to ask again
+            except (NotYetAvailable, NotSent):
+                raise  # asked too early, or stopping: the caller decides what comes next
             except RetryableError as exc:
                 self._on_retryable(exc)
                 # Only what is safe to send twice is sent again: idempotent requests, and any
@@ -366,7 +398,7 @@ class Transport:
                     delay_s=round(delay, 3),
                 )
                 if delay > 0:
-                    await self.clock.sleep_until(self.clock.monotonic() + delay)
+                    await self.limiter.pause_until(self.clock.monotonic() + delay)
                 continue
             except CredentialsError:
                 raise
@@ -393,12 +425,25 @@ class Transport:
             attempt - 1, base=self.cfg.backoff_base_s, cap=self.cfg.backoff_max_s, rng=self.rng
         )
 
+    def check_target(self, url: str, *, job: str | None) -> None:
+        """Refuse, before connecting, a URL harvester must not fetch (``netguard``)."""
+        reason = url_reason(url, allow_link_local=self.cfg.allow_link_local)
+        if reason is not None:
+            lift = "" if reason.startswith("not an") else _LIFT % self.name
+            raise ProtocolError(
+                f"refusing to fetch {safe_url(url)}: {reason}{lift}",
+                provider=self.name,
+                job=job,
+            )
+
     # -- signed URLs --------------------------------------------------------------------
     @asynccontextmanager
     async def open_stream(
         self, url: str, *, offset: int = 0, job: str | None = None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """GET a signed URL with no credentials, for streaming (caller checks status)."""
+        """GET a signed URL with no credentials, for streaming (caller checks status and
+        reads the body under its own size cap and deadline: ``download.stream_into``)."""
+        self.check_target(url, job=job)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         start = self.clock.monotonic()
         guard = map_exceptions(self.name, url, job=job)
@@ -408,7 +453,7 @@ class Transport:
                 url,
                 headers=headers,
                 allow_redirects=False,
-                # Only the gap between chunks is bounded: a big file may take long overall.
+                # The gap between chunks; the whole body's deadline is the reader's.
                 timeout=aiohttp.ClientTimeout(
                     total=None,
                     sock_connect=self.cfg.request_timeout_s,
@@ -423,6 +468,26 @@ class Transport:
             yield resp
             guard.in_caller = False
         self._observe("download", self.clock.monotonic() - start)  # the whole body streamed
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The decoded body, or None as soon as it is known to exceed ``limit`` bytes.
+
+    Read in bounded pieces: ``resp.read()`` would lift aiohttp's per-step decompression limit
+    and inflate a gzip bomb whole before anything could look at its size.
+    """
+    declared = resp.content_length
+    if declared is not None and declared > limit and "Content-Encoding" not in resp.headers:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    content = resp.content
+    while chunk := await content.read(_READ_BYTES):
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _origin(url: str) -> tuple[str, str]:

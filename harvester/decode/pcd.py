@@ -9,6 +9,11 @@ gathered position by position for all rows at once.
 
 Only the label column is validated as a number; the other columns are only counted.
 Blank lines in the body are skipped, as PCL's reader does.
+
+The header bounds the body: ``POINTS`` rows of ``columns`` values, each given
+``_BYTES_PER_VALUE`` bytes (a float with every digit it can need, its sign, exponent and the
+blanks around it fit several times over). A body that goes on past that is refused as soon as
+it does, so an endless or inflating file costs at most that much, not a full disk.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ _HEADER_MAX: Final = 1 << 20
 _ROW_MAX: Final = 1 << 16
 #: spaces after each block: forward gathers of finished labels may run past the last row
 _PAD: Final = 32
+#: body bytes allowed per value the header declares (see the module docstring)
+_BYTES_PER_VALUE: Final = 64
+#: ... plus this much for blank lines and comments at the end
+_BODY_SLACK: Final = 1 << 16
 
 _KEYWORDS: Final = (
     "VERSION",
@@ -98,6 +107,7 @@ class PcdLabelDecoder(StreamDecoder):
     """
 
     __slots__ = (
+        "_body_max",
         "_carry",
         "_column",
         "_columns",
@@ -130,6 +140,7 @@ class PcdLabelDecoder(StreamDecoder):
         self._columns = 0
         self._carry: U8 = np.empty(0, dtype=np.uint8)
         self._work = np.empty(0, dtype=np.uint8)
+        self._body_max = 0  #: the offset the body may not go past, once the header is read
 
     @property
     def header(self) -> PcdHeader | None:
@@ -149,11 +160,21 @@ class PcdLabelDecoder(StreamDecoder):
             if used < 0:
                 return self._empty()
             data, base = data[used:], base + used
+            assert self._header is not None
+            row_max = self._header.columns * _BYTES_PER_VALUE + 2
+            self._body_max = base + self._header.points * row_max + _BODY_SLACK
         out: list[Labels] = []
         for start in range(0, len(data), BLOCK):
             labels = self._block(data[start : start + BLOCK], base + start)
             if len(labels):
                 out.append(labels)
+        if self._offset > self._body_max:
+            assert self._header is not None
+            raise DecodeError(
+                f"PCD: the body goes on past the {self._body_max} bytes that POINTS"
+                f" {self._header.points} of {self._header.columns} values allows",
+                offset=self._body_max,
+            )
         if not out:
             return self._empty()
         return out[0] if len(out) == 1 else np.concatenate(out)

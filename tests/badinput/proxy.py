@@ -7,14 +7,16 @@ Everything is forwarded to the emulator unchanged, except:
   remote id (read from the emulator's answer);
 - a request for that job at the case's *place* (its status, its results, its result file or
   one of its mask files) gets the case's body instead. File bodies are served by the proxy
-  itself, at ``/_bad/<case>``, where the attachments redirect points.
+  itself, at ``/_bad/<case>``, where the attachments redirect points (or a case's own
+  ``location``). A case with ``serve`` answers through it instead of a fixed body: endless,
+  trickling or gzip-bombed answers.
 """
 
 from __future__ import annotations
 
 import gzip
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -45,6 +47,7 @@ _PLACES: dict[str, Callable[[str], re.Pattern[str]]] = {
     "results": lambda rid: re.compile(rf"^/modzy/api/results/{re.escape(rid)}$"),
     "result-file": lambda rid: re.compile(rf"/{re.escape(rid)}/result\.json$"),
     "mask-file": lambda rid: re.compile(rf"/{re.escape(rid)}/masks/1\.txt$"),
+    "mask-files": lambda rid: re.compile(rf"/{re.escape(rid)}/masks/\d+\.txt$"),
 }
 
 
@@ -56,6 +59,10 @@ class Malformed:
     place: str  #: a key of _PLACES
     body: bytes
     status: int = 200
+    #: answers the request instead of ``body`` (streamed, slow or encoded answers)
+    serve: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+    #: where the attachments endpoint redirects for this case's file, instead of /_bad/
+    location: str | None = None
 
 
 class Proxy:
@@ -99,6 +106,8 @@ class Proxy:
         if path.startswith("/_bad/"):
             case = self._case(path.removeprefix("/_bad/"))
             self.served[case.name] = self.served.get(case.name, 0) + 1
+            if case.serve is not None:
+                return await case.serve(request)
             return web.Response(status=case.status, body=case.body)
         for case in self.cases:
             rid = self.remote.get(case.name)
@@ -106,12 +115,17 @@ class Proxy:
                 continue
             if case.place in ("poll", "results") and _PLACES[case.place](rid).search(path):
                 self.served[case.name] = self.served.get(case.name, 0) + 1
+                if case.serve is not None:
+                    return await case.serve(request)
                 return web.Response(
                     status=case.status, body=case.body, content_type="application/json"
                 )
             target = unquote(request.query.get("url", ""))
             if path == "/playment/v1/attachments" and _PLACES[case.place](rid).search(target):
-                return web.Response(status=302, headers={"Location": f"/_bad/{case.name}"})
+                if case.location is not None:
+                    self.served[case.name] = self.served.get(case.name, 0) + 1
+                location = case.location or f"/_bad/{case.name}"
+                return web.Response(status=302, headers={"Location": location})
         body = await request.read()
         headers = {
             k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
