@@ -34,6 +34,8 @@ from harvester.errors import ConfigError, FatalError, HarvesterError
 from harvester.logs import get_logger
 from harvester.store import make_store
 from harvester.store.base import Store
+from harvester.store.binding import bind_output, store_name
+from harvester.store.lock import engine_lock
 
 log = get_logger("harvester.daemon")
 
@@ -54,13 +56,17 @@ async def serve(config: Config) -> int:
     if not config.providers:
         log.warning("no providers configured: the daemon will not become ready")
     store = make_store(config.store)
-    await store.open()
-    try:
-        return await Daemon(config, store).run()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await store.close()
-        log.info("store closed")
+    # One engine per sqlite store (a second one would take our in-flight creates for lost).
+    with engine_lock(config.store):
+        await store.open()
+        try:
+            # Before anything is sent: a store that is not the output's is refused.
+            await bind_output(store, config.output.dir, store_name(config.store))
+            return await Daemon(config, store).run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.close()
+            log.info("store closed")
 
 
 class Daemon:
