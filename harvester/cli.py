@@ -24,6 +24,7 @@ from harvester.errors import FatalError, HarvesterError, OutputError
 from harvester.jobs import UNSUCCESSFUL, JobState
 from harvester.logs import configure, get_logger
 from harvester.store.base import NewJob
+from harvester.store.lock import engine_lock
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 log = get_logger("harvester.cli")
@@ -82,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-config", required=True, type=Path, help="the config whose store is copied"
     )
 
+    p = sub.add_parser(
+        "bind-output",
+        help="make output.dir belong to this config's store (after replacing the store on purpose)",
+        description=(
+            "harvest and run refuse a job store that is not the one output.dir was harvested"
+            " with (a deleted, emptied or replaced store would submit every job again). After"
+            " replacing the store on purpose, this records the configured store as the owner"
+            " of output.dir. Jobs the new store does not know will be submitted again."
+        ),
+    )
+    add_config(p)
+
     p = sub.add_parser("emulator", help="serve the built-in emulator of the provider APIs")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -113,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_status, config, args)
         if args.command == "copy-store":
             return anyio.run(_copy_store, config, args)
+        if args.command == "bind-output":
+            return anyio.run(_bind_output, config, args)
         if args.command == "run":
             from harvester.daemon import serve
 
@@ -171,15 +186,17 @@ async def _copy_store(config: Config, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    source = await _open_store(old)
-    try:
-        target = await _open_store(config)
+    # Nobody may harvest from the old store while it is copied (nor into a sqlite target).
+    with engine_lock(old.store), engine_lock(config.store):
+        source = await _open_store(old)
         try:
-            result = await copy_store(source, target, target_name=config.store.url)
+            target = await _open_store(config)
+            try:
+                result = await copy_store(source, target, target_name=config.store.url)
+            finally:
+                await target.close()
         finally:
-            await target.close()
-    finally:
-        await source.close()
+            await source.close()
     states = ", ".join(
         f"{provider} {state.value}: {n}" for (provider, state), n in sorted(result.by_state.items())
     )
@@ -187,6 +204,20 @@ async def _copy_store(config: Config, args: argparse.Namespace) -> int:
         f"copied {result.jobs} jobs ({states or 'none'}) and {result.meta} meta values"
         f" from {old.store.url} to {config.store.url}; the old store is marked as moved"
     )
+    return EXIT_OK
+
+
+async def _bind_output(config: Config, args: argparse.Namespace) -> int:
+    from harvester.store.binding import rebind_output, store_name
+
+    with engine_lock(config.store):
+        store = await _open_store(config)
+        try:
+            before, now = await rebind_output(store, config.output.dir, store_name(config.store))
+        finally:
+            await store.close()
+    was = f"job store {before}" if before else "no store"
+    print(f"{config.output.dir} now belongs to job store {now} (it belonged to {was})")
     return EXIT_OK
 
 
@@ -200,7 +231,10 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
         failures = await store.jobs(states=sorted(UNSUCCESSFUL))
         unknown = await store.unknown_statuses()
         if args.check:
-            problems = await store.check()
+            from harvester.store.binding import binding_problem, store_name
+
+            bound = await binding_problem(store, config.output.dir, store_name(config.store))
+            problems = ([bound] if bound else []) + await store.check()
             everything = await store.jobs()
             report = await anyio.to_thread.run_sync(verify_outputs, config.output.dir, everything)
             problems += report.problems
@@ -234,9 +268,6 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _harvest(config: Config, args: argparse.Namespace) -> int:
-    from harvester.engine import Engine
-    from harvester.summary import Progress, render_run, render_status, status_json
-
     providers = args.provider or None
     if providers:
         unknown = [p for p in providers if p not in config.providers]
@@ -250,16 +281,31 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
     from harvester.fsutil import check_writable
     from harvester.jobsfile import read_jobs_files
 
-    jobs = read_jobs_files(args.jobs, config) if args.jobs else None  # bad: nothing changed
+    # Read first: a bad jobs file changes nothing, not even the lock file.
+    jobs = read_jobs_files(args.jobs, config) if args.jobs else []
     # Before the jobs are added or anything is sent: an unwritable output is found now, not
     # after creates went out.
     await anyio.to_thread.run_sync(check_writable, config.output.dir)
-    if jobs is not None:
-        added, duplicates = await _store_jobs(config, jobs)
-        log.info("jobs added", added=added, already_present=duplicates)
+    with engine_lock(config.store):
+        return await _harvest_locked(config, args, providers, jobs)
+
+
+async def _harvest_locked(
+    config: Config, args: argparse.Namespace, providers: list[str] | None, jobs: list[NewJob]
+) -> int:
+    from harvester.clock import SystemClock
+    from harvester.engine import Engine
+    from harvester.store.binding import bind_output, store_name
+    from harvester.summary import Progress, render_run, render_status, status_json
+
     store = await _open_store(config)
     interrupted = False
     try:
+        # Before anything is added or sent: a store that is not the output's is refused.
+        await bind_output(store, config.output.dir, store_name(config.store))
+        if jobs:
+            added = await store.add_jobs(jobs, now=SystemClock().wall())
+            log.info("jobs added", added=len(added.added), already_present=len(added.duplicates))
         selected = providers or sorted(config.providers)
         counts = await store.counts()
         stray = sorted(

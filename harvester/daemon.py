@@ -20,6 +20,7 @@ be bound or a fatal error at run time; 3 when a second signal cut the drain shor
 
 from __future__ import annotations
 
+import functools
 import signal
 from typing import Any
 
@@ -34,6 +35,8 @@ from harvester.errors import ConfigError, FatalError, HarvesterError
 from harvester.logs import get_logger
 from harvester.store import make_store
 from harvester.store.base import Store
+from harvester.store.binding import ensure_marker, store_binding, store_name
+from harvester.store.lock import engine_lock
 
 log = get_logger("harvester.daemon")
 
@@ -54,13 +57,24 @@ async def serve(config: Config) -> int:
     if not config.providers:
         log.warning("no providers configured: the daemon will not become ready")
     store = make_store(config.store)
-    await store.open()
-    try:
-        return await Daemon(config, store).run()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await store.close()
-        log.info("store closed")
+    # One engine per sqlite store (a second one would take our in-flight creates for lost).
+    with engine_lock(config.store):
+        await store.open()
+        try:
+            # Before anything is sent: a store that is not the output's is refused. The
+            # marker is written by the engine once output.dir proves writable (the daemon may
+            # start on a read-only or full disk and wait for it, not ready).
+            where = store_name(config.store)
+            store_id = await store_binding(store, config.output.dir, where)
+            daemon = Daemon(config, store)
+            daemon.engine.output_ready = functools.partial(
+                ensure_marker, config.output.dir, store_id, where
+            )
+            return await daemon.run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.close()
+            log.info("store closed")
 
 
 class Daemon:

@@ -26,6 +26,7 @@ import functools
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -158,6 +159,9 @@ class Engine:
         self._unknown_told: set[tuple[str, str]] = set()
         #: why output.dir cannot be written now (daemon: not ready, harvests paused)
         self.output_problem: str | None = None
+        #: run (in a worker thread) each time output.dir has just proved writable, before
+        #: anything is sent; the daemon writes the store's marker there (store/binding.py)
+        self.output_ready: Callable[[], None] | None = None
         self._output_blocked = anyio.Event()
         #: finished jobs waiting for output.dir to be writable again
         self._parked: set[tuple[str, str]] = set()
@@ -288,12 +292,12 @@ class Engine:
         (``OutputError``); the daemon waits, not ready, and False means it was stopped."""
         root = self.config.output.dir
         if self.burst:
-            await anyio.to_thread.run_sync(check_writable, root)
+            await anyio.to_thread.run_sync(self._prove_output, root)
             return True
         delay = OUTPUT_RETRY_MIN_S
         while True:
             try:
-                await anyio.to_thread.run_sync(check_writable, root)
+                await anyio.to_thread.run_sync(self._prove_output, root)
             except OutputError as exc:
                 if self.output_problem != str(exc):
                     log.error("output directory not writable; waiting", error=str(exc))
@@ -306,6 +310,11 @@ class Engine:
             if stop is not None and stop.is_set():
                 return False
             delay = min(delay * 2, OUTPUT_RETRY_MAX_S)
+
+    def _prove_output(self, root: Path) -> None:
+        check_writable(root)
+        if self.output_ready is not None:
+            self.output_ready()
 
     def _output_failed(self, exc: OutputError) -> None:
         if self.output_problem is None:

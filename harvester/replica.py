@@ -12,11 +12,14 @@ Why this is safe whatever replica dies when:
   and version in the same UPDATE). A replica whose job was taken over is refused, drops the
   job and never retries it blindly; the new owner resumes from the stored state, so a job
   found in ``submitting`` is reconciled, never re-POSTed (the engine's normal path).
-- The renewer knows, on its own clock, until when its lease surely holds: ``deadline`` is the
-  moment it *sent* its last successful renewal plus ``lease_s``. If renewals fail until
+- Leases are timed by the database's clock alone (the store reads and writes every lease
+  time with ``now()``), so replicas whose wall clocks disagree, even by minutes, still agree
+  on whose lease holds. The renewer knows, on its own monotonic clock, until when its lease
+  surely holds: ``deadline`` is the moment it *sent* its last successful renewal plus
+  ``lease_s`` (the database started the lease later than that). If renewals fail until
   ``deadline - margin``, it drops every job and stops every harvest itself, before anybody
-  else may claim them (clocks of replicas must agree to better than ``margin`` = lease_s / 6;
-  NTP does).
+  else may claim them (``margin`` = lease_s / 6 covers clocks *running* at different rates,
+  not set to different times).
 - A harvest checks both, ownership in the store and the local deadline, just before its
   manifest is renamed into place (``confirm``), so two replicas never complete the same
   output at the same time. (A process frozen for longer than the lease between that check and
@@ -133,7 +136,7 @@ class Replica:
             self.held.setdefault(name, {})
         clock = self.engine.clock
         sent = clock.monotonic()
-        await self.store.join(self.owner, lease_s=self.lease_s, now=clock.wall())
+        await self.store.join(self.owner, lease_s=self.lease_s)
         self.deadline = sent + self.lease_s
         # Read at scrape time: a value set at each renewal would be stale in between.
         self.engine.metrics.lease_left.set_function(
@@ -202,7 +205,7 @@ class Replica:
     async def renew_once(self) -> None:
         clock = self.engine.clock
         sent = clock.monotonic()
-        renewal = await self.store.renew(now=clock.wall())
+        renewal = await self.store.renew()
         self.deadline = sent + self.lease_s
         if renewal.lapsed:
             log.warning(
@@ -314,7 +317,7 @@ class Replica:
                 and clock.monotonic() >= self._hold_back.get(lane.name, 0.0)
             ):
                 try:
-                    jobs = await self.store.claim(lane.name, limit=room, now=clock.wall())
+                    jobs = await self.store.claim(lane.name, limit=room)
                 except StoreError as exc:
                     failures += 1
                     delay = backoff_delay(

@@ -170,19 +170,23 @@ class SharedStore(Store, Protocol):
     renewing (it died, hung or lost the database) its deadline passes and its jobs become
     claimable by the others; a job whose owner is gone keeps its state, so the next owner
     resumes it from the store like a restart would.
+
+    Every lease time ("now", "until") is the store's own clock, never the caller's: replicas
+    whose clocks disagree must still agree on whose lease holds, or one of them takes over
+    jobs whose creates another still has in flight.
     """
 
-    async def join(self, owner: str, *, lease_s: float, now: float) -> None:
+    async def join(self, owner: str, *, lease_s: float) -> None:
         """Become replica ``owner`` (unique per process) with a lease of ``lease_s``.
 
         From here on every job write by this store object requires that ``owner`` owns the
         job. The replica counts as live once this returns.
         """
 
-    async def renew(self, *, now: float) -> Renewal:
+    async def renew(self) -> Renewal:
         """Extend this replica's lease to ``now + lease_s`` in one write, and report."""
 
-    async def claim(self, provider: str, *, limit: int, now: float) -> list[Job]:
+    async def claim(self, provider: str, *, limit: int) -> list[Job]:
         """Take up to ``limit`` active jobs of ``provider`` that nobody holds a live lease
         on, oldest first, and make them this replica's. Concurrent claimers never get the
         same job."""

@@ -71,6 +71,12 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore", "display_url"]
 #: pg_advisory_xact_lock key for migrations ("HRVS", as sqlite's application_id)
 _MIGRATION_LOCK = 0x48525653
 
+#: the database's clock, as Unix seconds: every lease time is read and written on it, never on
+#: a replica's own clock, so replicas whose clocks disagree still agree on whose lease holds.
+#: ``now()`` is the start of the transaction, which a renewal begins after its sender noted
+#: ``sent`` (the replica's own deadline, ``harvester.replica``, stays on the safe side).
+_DB_NOW = "extract(epoch FROM now())::float8"
+
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE))
 _TERMINAL = sorted(s.value for s in TERMINAL)
 
@@ -155,12 +161,12 @@ WITH picked AS (
     SELECT j.provider, j.key FROM jobs AS j
     WHERE j.provider = $1 AND j.state IN ({_ACTIVE_SQL})
       AND (j.owner IS NULL OR NOT EXISTS (
-          SELECT 1 FROM replicas AS r WHERE r.id = j.owner AND r.lease_until >= $2))
+          SELECT 1 FROM replicas AS r WHERE r.id = j.owner AND r.lease_until >= {_DB_NOW}))
     ORDER BY j.seq
-    LIMIT $3
+    LIMIT $2
     FOR UPDATE OF j SKIP LOCKED
 )
-UPDATE jobs AS j SET owner = $4, claimed_at = $2
+UPDATE jobs AS j SET owner = $3, claimed_at = {_DB_NOW}
 FROM picked WHERE j.provider = picked.provider AND j.key = picked.key
 RETURNING j.seq, {", ".join(f"j.{c.strip()}" for c in _JOB_COLUMNS.split(","))}
 """
@@ -660,21 +666,21 @@ class PostgresStore:
 
     # --- leases (SharedStore) -------------------------------------------------------------
 
-    async def join(self, owner: str, *, lease_s: float, now: float) -> None:
+    # Lease times are the database's (``_DB_NOW``): a replica's clock never reaches a lease.
+    _UPSERT_REPLICA = (
+        "INSERT INTO replicas (id, host, started_at, heartbeat_at, lease_until)"
+        f" VALUES ($1, $2, {_DB_NOW}, {_DB_NOW}, {_DB_NOW} + $3::float8)"
+        " ON CONFLICT (id) DO UPDATE SET"
+        " heartbeat_at = excluded.heartbeat_at, lease_until = excluded.lease_until"
+    )
+
+    async def join(self, owner: str, *, lease_s: float) -> None:
         if not owner:
             raise ValueError("a replica needs a non-empty owner id")
         if not (math.isfinite(lease_s) and lease_s > 0):
             raise ValueError(f"lease_s must be > 0, got {lease_s!r}")
         async with self._connection() as conn:
-            await conn.execute(
-                "INSERT INTO replicas (id, host, started_at, heartbeat_at, lease_until)"
-                " VALUES ($1, $2, $3, $3, $3 + $4::float8) ON CONFLICT (id) DO UPDATE SET"
-                " heartbeat_at = excluded.heartbeat_at, lease_until = excluded.lease_until",
-                owner,
-                socket.gethostname(),
-                now,
-                lease_s,
-            )
+            await conn.execute(self._UPSERT_REPLICA, owner, socket.gethostname(), lease_s)
         self._owner = owner
         self._lease_s = lease_s
 
@@ -683,29 +689,24 @@ class PostgresStore:
             raise StoreError(f"{self._where}: this store has not joined as a replica")
         return self._owner
 
-    async def renew(self, *, now: float) -> Renewal:
+    async def renew(self) -> Renewal:
         owner = self._joined()
         async with self._connection() as conn, conn.transaction():
-            previous = await conn.fetchval(
-                "SELECT lease_until FROM replicas WHERE id = $1 FOR UPDATE", owner
+            # One transaction, so one ``now()``: every comparison below uses the same instant.
+            still = await conn.fetchval(
+                f"SELECT lease_until >= {_DB_NOW} FROM replicas WHERE id = $1 FOR UPDATE", owner
             )
             # A missing row (deleted as long dead) is re-created: the replica is back.
-            await conn.execute(
-                "INSERT INTO replicas (id, host, started_at, heartbeat_at, lease_until)"
-                " VALUES ($1, $2, $3, $3, $3 + $4::float8) ON CONFLICT (id) DO UPDATE SET"
-                " heartbeat_at = excluded.heartbeat_at, lease_until = excluded.lease_until",
-                owner,
-                socket.gethostname(),
-                now,
-                self._lease_s,
-            )
+            await conn.execute(self._UPSERT_REPLICA, owner, socket.gethostname(), self._lease_s)
             # Active only: a finished job gives its lease up with its last write, but one
             # finished behind our back must not come back to us at every renewal.
             held = await conn.fetch(
                 f"SELECT provider, key FROM jobs WHERE owner = $1 AND state IN ({_ACTIVE_SQL})",
                 owner,
             )
-            live = await conn.fetchval("SELECT count(*) FROM replicas WHERE lease_until >= $1", now)
+            live = await conn.fetchval(
+                f"SELECT count(*) FROM replicas WHERE lease_until >= {_DB_NOW}"
+            )
             active = await conn.fetch(
                 f"SELECT provider, count(*) FROM jobs WHERE state IN ({_ACTIVE_SQL})"
                 " GROUP BY provider"
@@ -713,21 +714,22 @@ class PostgresStore:
             # Rows of replicas dead for ten leases only make the table longer; their jobs
             # were claimable since their first lease ran out, row or no row.
             await conn.execute(
-                "DELETE FROM replicas WHERE lease_until < $1", now - 10 * self._lease_s
+                f"DELETE FROM replicas WHERE lease_until < {_DB_NOW} - $1::float8",
+                10 * self._lease_s,
             )
         return Renewal(
             live_replicas=max(1, int(live)),
             held=frozenset((str(p), str(k)) for p, k in held),
-            lapsed=previous is None or previous < now,
+            lapsed=not still,
             active={str(p): int(n) for p, n in active},
         )
 
-    async def claim(self, provider: str, *, limit: int, now: float) -> list[Job]:
+    async def claim(self, provider: str, *, limit: int) -> list[Job]:
         owner = self._joined()
         if limit <= 0:
             return []
         async with self._connection() as conn:
-            rows = await conn.fetch(_CLAIM, provider, now, limit, owner)
+            rows = await conn.fetch(_CLAIM, provider, limit, owner)
         # RETURNING comes in no particular order; oldest first, as promised.
         return [_job_from_row(tuple(r)[1:]) for r in sorted(rows, key=lambda r: r[0])]
 

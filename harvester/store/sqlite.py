@@ -204,6 +204,17 @@ def _same_payload(stored: bytes | None, new: bytes | None) -> bool:
     )
 
 
+def _damaged(exc: BaseException) -> str:
+    """What to do about a file SQLite finds damaged (truncated, overwritten): not a retry."""
+    if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return _damaged_hint()
+    return ""
+
+
+def _damaged_hint() -> str:
+    return " (the file is damaged: restore it from a backup)"
+
+
 class _Db:
     """The synchronous half: one connection, only ever called from the store's worker thread."""
 
@@ -231,6 +242,7 @@ class _Db:
             conn.execute("PRAGMA foreign_keys = ON")
             db = cls(conn)
             db.migrate(path)
+            db.quick_check(path)
         except BaseException:
             conn.close()
             raise
@@ -297,6 +309,19 @@ class _Db:
                 for statement in step:
                     self.conn.execute(statement)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def quick_check(self, path: Path) -> None:
+        """Refuse a file cut short or overwritten before anybody works from it: a damaged
+        page otherwise surfaces only when some job's row is read, after the process may
+        already have written (or sent) something. Reads the whole file once (about a
+        second per GB), at open only."""
+        try:
+            found = self.conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            found = str(exc)
+        if found != "ok":
+            detail = " ".join(str(found).split())[:200]  # one line, however SQLite words it
+            raise StoreError(f"{path}: {detail}{_damaged_hint()}")
 
     def _check_application_id(self, path: Path) -> None:
         app_id = self._pragma("application_id")
@@ -684,7 +709,9 @@ class SqliteStore:
             self._reader = _Db.connect_reader(self._path, self._busy_timeout_s)
             moved = self._reader.get_meta(MOVED_META)
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"{self._path}: cannot open the job store: {exc}") from exc
+            raise StoreError(
+                f"{self._path}: cannot open the job store: {exc}{_damaged(exc)}"
+            ) from exc
         if moved is not None:
             await self.close()
             raise moved_error(str(self._path), moved)
@@ -731,7 +758,7 @@ class SqliteStore:
         try:
             return await anyio.to_thread.run_sync(fn, db, limiter=self._limiter)
         except sqlite3.Error as exc:
-            hint = ""
+            hint = _damaged(exc)
             if getattr(exc, "sqlite_errorname", "") == "SQLITE_BUSY":
                 hint = f" (another process held it longer than {self._busy_timeout_s:g} s)"
             raise StoreError(f"{self._path}: {exc}{hint}") from exc
@@ -749,7 +776,7 @@ class SqliteStore:
         try:
             return fn(self._reader)
         except sqlite3.Error as exc:
-            raise StoreError(f"{self._path}: {exc}") from exc
+            raise StoreError(f"{self._path}: {exc}{_damaged(exc)}") from exc
 
     async def get(self, provider: str, key: str) -> Job | None:
         return self._read(lambda db: db.get(provider, key))

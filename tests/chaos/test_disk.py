@@ -27,6 +27,7 @@ import pytest
 
 from harvester.cli import main as cli_main
 from harvester.config import load_config
+from harvester.store.binding import MARKER
 from tests.daemon.helpers import free_port
 
 from .disk import fill, remount, temporaries, tmpfs
@@ -222,6 +223,8 @@ def _daemon_phases(
 
     wait_until(all_harvested, within=40, what="every job harvested")
     assert proc.poll() is None
+    # started read-only, the output learns its store once it can be written
+    assert (out / MARKER).is_file()
     assert "Traceback" not in log.read_text()
     assert temporaries(out) == []
     check_final(config, emu, lines, crashed=False)

@@ -154,7 +154,7 @@ async def test_jobs_taken_from_an_engine_are_dropped_not_written_then_finished(
                     while len(engine.replica.held.get("playment", {})) < 20:  # noqa: ASYNC110
                         await anyio.sleep(0.1)
                 # Another replica takes half of them, as if this one's lease had expired.
-                await thief.join("thief", lease_s=60.0, now=engine.clock.wall())
+                await thief.join("thief", lease_s=60.0)
                 stolen = sorted(engine.replica.held["playment"])[:10]
                 async with thief._connection() as conn:
                     await conn.execute(

@@ -57,8 +57,8 @@ async def measure(
         )
         jobs = await store.jobs(provider="bench")
         if joined:
-            await store.join("bench-replica", lease_s=30.0, now=time.time())
-            jobs = await store.claim("bench", limit=tasks, now=time.time())
+            await store.join("bench-replica", lease_s=30.0)
+            jobs = await store.claim("bench", limit=tasks)
         start = time.perf_counter()
         async with anyio.create_task_group() as tg:
             for job in jobs:
