@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from harvester.errors import ConfigError
 from harvester.netguard import host_reason
+from harvester.secrets_io import secret_from_env, secret_from_file
 
 _T = TypeVar("_T")
 
@@ -39,20 +40,9 @@ class SecretRef:
 
     def reveal(self) -> str:
         if self.env is not None:
-            value = os.environ.get(self.env)
-            if not value:
-                raise ConfigError(f"{self.key}: environment variable {self.env} is not set")
-            return value.strip()
+            return secret_from_env(self.key, self.env)
         assert self.file is not None
-        try:
-            value = self.file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"{self.key}: cannot read secret file {self.file}: {exc.strerror}"
-            ) from None
-        if not value:
-            raise ConfigError(f"{self.key}: secret file {self.file} is empty")
-        return value
+        return secret_from_file(self.key, self.file)
 
     def __repr__(self) -> str:
         where = f"env {self.env}" if self.env is not None else f"file {self.file}"
