@@ -161,6 +161,11 @@ class ServerConfig:
     listen: str = "127.0.0.1:8080"
     token: SecretRef | None = None
     drain_grace_s: float = 30.0
+    #: bounds on what HTTP clients can hold (harvester.httpserver)
+    max_connections: int = 512
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    idle_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,9 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
     _check_harvest(harvest, ctx)
     if server.drain_grace_s < 0:
         ctx.fail(f"server.drain_grace_s must be >= 0, got {server.drain_grace_s:g}")
+    for name in ("max_connections", "header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+        if not getattr(server, name) > 0:
+            ctx.fail(f"server.{name} must be > 0, got {getattr(server, name)!r}")
     log = ctx.build(LogConfig, ctx.table(data, "log"), "log")
 
     providers: dict[str, ProviderConfig] = {}
