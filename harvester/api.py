@@ -39,8 +39,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from harvester.config import Config
 from harvester.engine import Engine
 from harvester.errors import HarvesterError, JobsFileError
+from harvester.httpserver import reading_body
 from harvester.jobs import Job, JobState, job_key
-from harvester.jobsfile import parse_jobs_text
+from harvester.jobsfile import TOO_DEEP, parse_jobs_text
 from harvester.logs import get_logger, redact_text
 from harvester.providers.base import Provider
 from harvester.store.base import NewJob, Store
@@ -132,6 +133,8 @@ def body_as_json_lines(body: bytes) -> bytes:
                 _, end = decoder.raw_decode(text, i)
             except json.JSONDecodeError as exc:
                 raise BadBody(f"item {len(items) + 1} is not valid JSON: {exc.msg}") from None
+            except RecursionError:
+                raise BadBody(f"item {len(items) + 1} is {TOO_DEEP}") from None
             # Outside strings JSON whitespace may include newlines; inside them it cannot.
             items.append(text[i:end].replace("\r", " ").replace("\n", " "))
             i = _skip_ws(text, end)
@@ -234,8 +237,10 @@ class Api:
         stopping: Callable[[], bool],
         jobs_added: Callable[[], None],
         token: str | None,
+        on_body_timeout: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
+        self.on_body_timeout = on_body_timeout
         self.store = store
         self.engine = engine
         self.stopping = stopping
@@ -300,7 +305,22 @@ class Api:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_BODY_BYTES, actual_size=request.content_length
             )
-        body = await request.read()
+        refused = _refused_content_type(request)
+        if refused is not None:
+            return json_response({"error": refused, "errors": []}, 415)
+        timeout = self.config.server.body_timeout_s
+        try:
+            with reading_body(request), anyio.fail_after(timeout):
+                body = await request.read()
+        except TimeoutError:
+            self.on_body_timeout()
+            answer = json_response(
+                {"error": f"request body not received within {timeout:g} s", "errors": []}, 408
+            )
+            answer.force_close()
+            return answer
+        except web.RequestPayloadError as exc:  # a malformed chunk, a cut connection
+            return json_response({"error": f"bad request body: {exc}", "errors": []}, 400)
         # Parsing and validating a large body is CPU work; the probes must keep answering.
         try:
             parsed = await anyio.to_thread.run_sync(
@@ -428,6 +448,34 @@ class Api:
         for provider in sorted(providers):
             for state in JobState:
                 gauge.labels(provider, state.value).set(counts.get((provider, state), 0))
+
+
+#: what a jobs body may be labelled: JSON, JSON Lines, or what curl and clients send by
+#: default for raw bytes (``--data-binary`` says form-urlencoded)
+_BODY_TYPES = {
+    "application/json",
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/jsonlines",
+    "application/x-jsonlines",
+    "text/plain",
+    "application/octet-stream",
+    "application/x-www-form-urlencoded",
+}
+
+
+def _refused_content_type(request: web.Request) -> str | None:
+    if "Content-Type" not in request.headers:
+        return None
+    if request.content_type not in _BODY_TYPES:
+        return (
+            f"Content-Type {request.content_type} is not accepted; send JSON Lines or a JSON"
+            " array (application/json, application/x-ndjson)"
+        )
+    charset = request.charset
+    if charset is not None and charset.lower() not in ("utf-8", "utf8", "us-ascii"):
+        return f"charset {charset} is not accepted; send UTF-8"
+    return None
 
 
 def _needs_token(path: str) -> bool:

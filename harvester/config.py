@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from harvester.errors import ConfigError
 from harvester.netguard import host_reason
+from harvester.secrets_io import secret_from_env, secret_from_file
 
 _T = TypeVar("_T")
 
@@ -39,20 +40,9 @@ class SecretRef:
 
     def reveal(self) -> str:
         if self.env is not None:
-            value = os.environ.get(self.env)
-            if not value:
-                raise ConfigError(f"{self.key}: environment variable {self.env} is not set")
-            return value.strip()
+            return secret_from_env(self.key, self.env)
         assert self.file is not None
-        try:
-            value = self.file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"{self.key}: cannot read secret file {self.file}: {exc.strerror}"
-            ) from None
-        if not value:
-            raise ConfigError(f"{self.key}: secret file {self.file} is empty")
-        return value
+        return secret_from_file(self.key, self.file)
 
     def __repr__(self) -> str:
         where = f"env {self.env}" if self.env is not None else f"file {self.file}"
@@ -171,6 +161,11 @@ class ServerConfig:
     listen: str = "127.0.0.1:8080"
     token: SecretRef | None = None
     drain_grace_s: float = 30.0
+    #: bounds on what HTTP clients can hold (harvester.httpserver)
+    max_connections: int = 512
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    idle_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -251,6 +246,9 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
     _check_harvest(harvest, ctx)
     if server.drain_grace_s < 0:
         ctx.fail(f"server.drain_grace_s must be >= 0, got {server.drain_grace_s:g}")
+    for name in ("max_connections", "header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+        if not getattr(server, name) > 0:
+            ctx.fail(f"server.{name} must be > 0, got {getattr(server, name)!r}")
     log = ctx.build(LogConfig, ctx.table(data, "log"), "log")
 
     providers: dict[str, ProviderConfig] = {}

@@ -25,13 +25,13 @@ import signal
 from typing import Any
 
 import anyio
-from aiohttp import web
 from anyio.abc import TaskStatus
 
 from harvester.api import Api
 from harvester.config import Config
 from harvester.engine import Engine
 from harvester.errors import ConfigError, FatalError, HarvesterError
+from harvester.httpserver import serve_http
 from harvester.logs import get_logger
 from harvester.store import make_store
 from harvester.store.base import Store
@@ -41,8 +41,6 @@ from harvester.store.lock import engine_lock
 log = get_logger("harvester.daemon")
 
 EXIT_OK, EXIT_INTERRUPTED = 0, 3
-#: how long stopping the HTTP server may take (it waits for in-flight requests)
-HTTP_SHUTDOWN_S = 3.0
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -99,6 +97,7 @@ class Daemon:
             stopping=self.stop.is_set,
             jobs_added=self._request_refresh,
             token=token,
+            on_body_timeout=self.engine.metrics.http_closed.labels("body_timeout").inc,
         )
 
     async def run(self) -> int:
@@ -148,24 +147,17 @@ class Daemon:
                 return
 
     async def _http_server(self, *, task_status: TaskStatus[str]) -> None:
-        runner = web.AppRunner(
+        closed = self.engine.metrics.http_closed
+        async with serve_http(
             self.api.build_app(),
-            handle_signals=False,  # signals are ours: the first one drains, not exits
-            access_log=None,  # probes every few seconds would drown the job events
-            shutdown_timeout=HTTP_SHUTDOWN_S,
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, self.port)
-            await site.start()
-            host, port = runner.addresses[0][:2]
-            url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            self.config.server,
+            self.host,
+            self.port,
+            on_close=lambda reason: closed.labels(reason).inc(),
+        ) as url:
             log.info("http server listening", url=url)
             task_status.started(url)
             await anyio.sleep_forever()
-        finally:
-            with anyio.move_on_after(HTTP_SHUTDOWN_S + 1, shield=True):
-                await runner.cleanup()
 
     async def _engine(self, scope: anyio.CancelScope) -> None:
         try:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from harvester.config import Config
 from harvester.errors import InvalidPayload, JobsFileError
 from harvester.jobs import job_key
@@ -30,11 +32,21 @@ class _LineError(Exception):
     pass
 
 
+#: what the store's serialiser (orjson) can nest; Python's parser stops at about 1,000
+MAX_DEPTH = 254
+TOO_DEEP = f"nested too deeply (a line may nest at most {MAX_DEPTH} arrays and objects)"
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """``text`` for an error message: a 20,000-character key is not echoed back whole."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise _LineError(f"key {key!r} appears twice")
+            raise _LineError(f"key {_shown(key)!r} appears twice")
         obj[key] = value
     return obj
 
@@ -46,16 +58,14 @@ def _no_constants(name: str) -> Any:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400: json would make it inf, storing it null
-        shown = text if len(text) <= 40 else f"{text[:40]}..."
-        raise _LineError(f"number {shown} is out of range for a JSON number")
+        raise _LineError(f"number {_shown(text)} is out of range for a JSON number")
     return value
 
 
 def _int64(text: str) -> int:
     value = int(text)
     if not -(2**63) <= value < 2**64:  # what the store (orjson) can keep
-        shown = text if len(text) <= 40 else f"{text[:40]}..."
-        raise _LineError(f"integer {shown} is beyond the 64-bit range")
+        raise _LineError(f"integer {_shown(text)} is beyond the 64-bit range")
     return value
 
 
@@ -109,13 +119,21 @@ def _parse_line(line: bytes, where: str, config: Config, validators: dict[str, P
         )
     except _LineError:
         raise
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise _LineError(f"not valid JSON here: {TOO_DEEP}") from None
+    except ValueError as exc:
         raise _LineError(f"not valid JSON: {exc}") from None
+    try:
+        orjson.dumps(obj)  # what the store will do: refuse now what it could not keep
+    except TypeError as exc:  # orjson.JSONEncodeError
+        raise _LineError(_unstorable(str(exc))) from None
     if not isinstance(obj, dict):
         raise _LineError(f"expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - _KEYS)
     if unknown:
-        raise _LineError(f"unknown key {unknown[0]!r} (a line takes {', '.join(sorted(_KEYS))})")
+        raise _LineError(
+            f"unknown key {_shown(unknown[0])!r} (a line takes {', '.join(sorted(_KEYS))})"
+        )
     provider = obj.get("provider")
     if not isinstance(provider, str) or not provider:
         raise _LineError("'provider' is missing or not a string")
@@ -166,6 +184,14 @@ def _parse_line(line: bytes, where: str, config: Config, validators: dict[str, P
         payload=payload,
         source=where,
     )
+
+
+def _unstorable(reason: str) -> str:
+    if "Recursion" in reason:
+        return TOO_DEEP
+    if "surrogates" in reason:
+        return "a string holds a lone surrogate (an unpaired \\ud800-\\udfff escape)"
+    return f"cannot be stored as JSON: {reason}"
 
 
 def _identifier(obj: Mapping[str, Any], name: str, *, where: str | None = None) -> str | None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -58,6 +60,60 @@ def redact_processor(
     return event_dict
 
 
+class Throttle:
+    """At most ``burst`` log lines per key in any ``window_s``: a flood of the same event (a
+    port under attack, a disk that keeps failing) costs a few lines a minute, not megabytes.
+
+    ``admit(key)`` answers None for a line to drop, else how many were dropped since the
+    last one let through, so the line that is written can say so.
+    """
+
+    def __init__(
+        self, burst: int = 5, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self.clock = clock
+        self._sent: dict[Hashable, deque[float]] = {}
+        self._dropped: dict[Hashable, int] = {}
+
+    def admit(self, key: Hashable) -> int | None:
+        now = self.clock()
+        sent = self._sent.setdefault(key, deque())
+        while sent and now - sent[0] >= self.window_s:
+            sent.popleft()
+        if len(sent) >= self.burst:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return None
+        sent.append(now)
+        return self._dropped.pop(key, 0)
+
+
+class _StdlibBridge(logging.Handler):
+    """Records of the standard ``logging`` module (asyncio, aiohttp's server) as structlog
+    events: one JSON line each, the exception as its type and message instead of a
+    traceback, throttled per logger and message."""
+
+    def __init__(self, throttle: Throttle) -> None:
+        super().__init__(logging.WARNING)
+        self.throttle = throttle
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            suppressed = self.throttle.admit((record.name, str(record.msg)))
+            if suppressed is None:
+                return
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                fields["error"] = f"{type(exc).__name__}: {exc}"
+            if suppressed:
+                fields["suppressed"] = suppressed
+            structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **fields)
+        except Exception:  # a logging failure must never become a traceback of its own
+            pass
+
+
 def _orjson_dumps(obj: Any, **_kw: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
@@ -86,6 +142,13 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    # Libraries log through the standard module; without a handler Python prints those
+    # records (with tracebacks) as plain text, the one thing on stderr that is not JSON.
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibBridge)]:
+        root.removeHandler(old)
+    root.addHandler(_StdlibBridge(Throttle()))
+    root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))
 
 
 def get_logger(name: str) -> Any:

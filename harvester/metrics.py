@@ -120,6 +120,13 @@ class Metrics:
             ["provider", "queue"],
             registry=r,
         )
+        self.http_closed = Counter(
+            "harvester_http_connections_closed",
+            "daemon API connections the server closed: header_timeout, body_timeout,"
+            " evicted or refused (over server.max_connections)",
+            ["reason"],
+            registry=r,
+        )
 
         self.unknown_status = Counter(
             "harvester_unknown_status_jobs",

@@ -3,6 +3,7 @@ file and the key (exit 2), and the store and output directory unchanged."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ def add(extra: str) -> Callable[[str], str]:
 
 
 PLAY_KEY = 'api_key_env = "BI_PLAYMENT_KEY"'
+LEAK = "bi-secret-LEAK-7f3a"  #: inside every bad secret: must never be printed
 CASES = [
     Case("not-toml", add("[store"), "not valid TOML"),
     Case("not-utf8", lambda t: t, "not valid TOML"),  # bytes written by the test
@@ -62,6 +64,14 @@ CASES = [
          "harvest.results_wait_s must be > 0, got nan"),
     Case("drain-grace-negative", add("[server]\ndrain_grace_s = -1"),
          "server.drain_grace_s must be >= 0, got -1"),
+    Case("max-connections-zero", add("[server]\nmax_connections = 0"),
+         "server.max_connections must be > 0, got 0"),
+    Case("header-timeout-negative", add("[server]\nheader_timeout_s = -1"),
+         "server.header_timeout_s must be > 0, got -1.0"),
+    Case("body-timeout-string", add('[server]\nbody_timeout_s = "1m"'),
+         "server.body_timeout_s must be a number, got '1m'"),
+    Case("idle-timeout-zero", add("[server]\nidle_timeout_s = 0"),
+         "server.idle_timeout_s must be > 0, got 0.0"),
     Case("backoff-base-zero", sub(PLAY_KEY, PLAY_KEY + "\nbackoff_base_s = 0"),
          "providers.playment.backoff_base_s must be > 0"),
     Case("backoff-max-below-base",
@@ -105,9 +115,35 @@ CASES = [
     Case("secret-file-missing", sub(PLAY_KEY, 'api_key_file = "no-such-secret"'),
          "providers.playment.api_key: cannot read secret file", "harvest"),
     Case("secret-file-is-directory", sub(PLAY_KEY, 'api_key_file = "."'),
-         "Is a directory", "harvest"),
+         "secret file {inputs} is not a regular file (a directory)", "harvest"),
     Case("secret-file-empty", sub(PLAY_KEY, 'api_key_file = "empty-secret"'),
          "providers.playment.api_key: secret file", "harvest"),
+    # A secret file must be a small regular file holding one line of UTF-8 text.
+    Case("secret-file-fifo", sub(PLAY_KEY, 'api_key_file = "fifo-secret"'),
+         "providers.playment.api_key: secret file {inputs}/fifo-secret is not a regular file"
+         " (a FIFO)", "harvest"),
+    Case("secret-file-dev-zero", sub(PLAY_KEY, 'api_key_file = "/dev/zero"'),
+         "providers.playment.api_key: secret file /dev/zero is not a regular file"
+         " (a character device)", "harvest"),
+    Case("secret-file-huge", sub(PLAY_KEY, 'api_key_file = "huge-secret"'),
+         "secret file {inputs}/huge-secret is 65537 bytes; a secret may have 64 KiB at most",
+         "harvest"),
+    Case("secret-file-two-lines", sub(PLAY_KEY, 'api_key_file = "two-line-secret"'),
+         "providers.playment.api_key: secret file {inputs}/two-line-secret holds more than one"
+         " line", "harvest"),
+    Case("secret-file-two-newlines", sub(PLAY_KEY, 'api_key_file = "two-newline-secret"'),
+         "secret file {inputs}/two-newline-secret holds more than one line", "harvest"),
+    Case("secret-file-control-char", sub(PLAY_KEY, 'api_key_file = "control-secret"'),
+         "secret file {inputs}/control-secret contains a control character (U+0000)", "harvest"),
+    Case("secret-file-not-utf8", sub(PLAY_KEY, 'api_key_file = "binary-secret"'),
+         "providers.playment.api_key: secret file {inputs}/binary-secret is not UTF-8 text",
+         "harvest"),
+    Case("secret-env-newline", sub(PLAY_KEY, 'api_key_env = "BI_NEWLINE_KEY"'),
+         "providers.playment.api_key: environment variable BI_NEWLINE_KEY holds more than one"
+         " line", "harvest"),
+    Case("secret-env-control-char", sub(PLAY_KEY, 'api_key_env = "BI_CONTROL_KEY"'),
+         "providers.playment.api_key: environment variable BI_CONTROL_KEY contains a control"
+         " character (U+001B)", "harvest"),
     Case("base-url-env-unset", sub('base_url = "http://127.0.0.1:9/modzy"',
                                    'base_url_env = "BI_NO_SUCH_URL"'),
          "providers.modzy.base_url_env: environment variable BI_NO_SUCH_URL is not set"),
@@ -121,8 +157,17 @@ def test_bad_config_is_one_clear_line_and_changes_nothing(
     for name, value in SECRET_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("BI_NOT_SET_ANYWHERE", raising=False)
+    monkeypatch.setenv("BI_NEWLINE_KEY", f"{LEAK}-1\n{LEAK}-2")
+    monkeypatch.setenv("BI_CONTROL_KEY", f"{LEAK}\x1b[2J")
     ws = Workspace(tmp_path)
     ws.write("empty-secret", "  \n")
+    ws.write("huge-secret", (LEAK.encode() * 4000)[: (64 << 10) + 1])
+    assert ws.inputs.joinpath("huge-secret").stat().st_size == (64 << 10) + 1
+    ws.write("two-line-secret", f"{LEAK}\nsecond line\n")
+    ws.write("two-newline-secret", f"{LEAK}\n\n")
+    ws.write("control-secret", f"{LEAK}\x00\n")
+    ws.write("binary-secret", LEAK.encode() + b"\xff\xfe\n")
+    os.mkfifo(ws.inputs / "fifo-secret")
     good = ws.config.read_text()
     bad = ws.write("bad.toml", "")
     if case.id == "not-utf8":
@@ -137,7 +182,8 @@ def test_bad_config_is_one_clear_line_and_changes_nothing(
     assert len(done.lines) == 1, done.lines
     (message,) = done.lines
     assert message.startswith("harvester: "), message
-    assert case.says in message, message
+    assert case.says.format(inputs=ws.inputs) in message, message
+    assert LEAK not in done.err + done.out  # the secret itself is never shown
     if not case.id.startswith("secret-file") and not case.id.startswith("secret-env"):
         assert str(bad) in message, message  # names the file
     assert ws.snapshot() == before

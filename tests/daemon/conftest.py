@@ -44,8 +44,10 @@ async def start_daemon(session: aiohttp.ClientSession) -> AsyncIterator[StartDae
     still running at the end of the test is killed."""
     started: list[DaemonProcess] = []
 
-    async def start(config: Path, port: int, **env: str) -> DaemonProcess:
-        daemon = DaemonProcess(config, port, session, child_env(**env))
+    async def start(
+        config: Path, port: int, *, nofile: int | None = None, **env: str
+    ) -> DaemonProcess:
+        daemon = DaemonProcess(config, port, session, child_env(**env), nofile=nofile)
         started.append(daemon)
         await daemon.start()
         return daemon

@@ -66,6 +66,7 @@ def write_config(
     token_env: str | None = None,
     drain_grace_s: float = 10.0,
     harvest_concurrency: int = 4,
+    server_extra: str = "",
 ) -> Path:
     token = f'token_env = "{token_env}"\n' if token_env else ""
     config = folder / "harvester.toml"
@@ -80,7 +81,7 @@ dir = "output"
 [server]
 listen = "127.0.0.1:{port}"
 drain_grace_s = {drain_grace_s}
-{token}
+{token}{server_extra}
 [harvest]
 concurrency = {harvest_concurrency}
 
@@ -109,13 +110,33 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def daemon_argv(config: Path, nofile: int | None = None) -> list[str]:
+    """``harvester run -c CONFIG``; with ``nofile``, under that open-files limit (soft and
+    hard), set in the child before harvester is imported, as a container runtime would."""
+    if nofile is None:
+        return [sys.executable, "-m", "harvester.cli", "run", "-c", str(config)]
+    code = (
+        "import resource, runpy, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile}))\n"
+        "sys.argv[0] = 'harvester'\n"
+        "runpy.run_module('harvester.cli', run_name='__main__', alter_sys=True)\n"
+    )
+    return [sys.executable, "-c", code, "run", "-c", str(config)]
+
+
 class DaemonProcess:
     """``harvester run`` in a subprocess, its stderr in a file, its API at ``self.base``."""
 
     def __init__(
-        self, config: Path, port: int, session: aiohttp.ClientSession, env: dict[str, str]
+        self,
+        config: Path,
+        port: int,
+        session: aiohttp.ClientSession,
+        env: dict[str, str],
+        nofile: int | None = None,
     ) -> None:
         self.config = config
+        self.nofile = nofile
         self.base = f"http://127.0.0.1:{port}"
         self.session = session
         self.env = env
@@ -130,7 +151,7 @@ class DaemonProcess:
     async def start(self) -> None:
         self._log_file = self._open_log()
         self.proc = await anyio.open_process(
-            [sys.executable, "-m", "harvester.cli", "run", "-c", str(self.config)],
+            daemon_argv(self.config, self.nofile),
             stdin=None,
             stdout=self._log_file,
             stderr=self._log_file,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import orjson
 import pytest
 
 from harvester.config import PlaymentConfig, config_path, load_config
 from harvester.errors import ConfigError
+from harvester.logs import configure
 
 GOOD = """
 [store]
@@ -96,6 +99,32 @@ def test_secret_file(tmp_path: Path) -> None:
     (tmp_path / "key").unlink()
     with pytest.raises(ConfigError, match="cannot read secret file"):
         p.api_key.reveal()
+
+
+def test_a_secret_file_others_can_read_works_with_one_warning(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("shared-secret-marker\r\n")
+    cfg = load_config(
+        write(tmp_path, GOOD.replace('api_key_env = "TEST_PLAYMENT_KEY"', 'api_key_file = "key"'))
+    )
+    buf = io.StringIO()
+    configure("info", "json", stream=buf)
+    for mode, warned in ((0o600, False), (0o640, True), (0o604, True)):
+        key.chmod(mode)
+        cfg.check_secrets()
+        cfg.check_secrets()  # read again (a token refresh): no second warning for the same mode
+        events = [orjson.loads(line) for line in buf.getvalue().splitlines()]
+        buf.seek(0), buf.truncate()
+        assert [e["event"].startswith("secret file is readable") for e in events] == (
+            [True] if warned else []
+        ), (mode, events)
+        if warned:
+            assert events[0]["config_key"] == "providers.playment.api_key"
+            assert events[0]["file"] == str(key) and events[0]["mode"] == f"{mode:04o}"
+            assert events[0]["level"] == "warning"
+    p = cfg.providers["playment"]
+    assert isinstance(p, PlaymentConfig) and p.api_key is not None
+    assert p.api_key.reveal() == "shared-secret-marker"  # one CRLF dropped
 
 
 def test_base_url_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import orjson
 
-from harvester.logs import configure, get_logger, redact_text
+from harvester.logs import Throttle, configure, get_logger, redact_text
 
 
 def test_redact_text_drops_query_strings() -> None:
@@ -34,3 +35,36 @@ def test_logged_events_are_redacted() -> None:
     event = orjson.loads(line)
     assert event["headers"]["Accept"] == "json"
     assert event["url"] == "http://storage/x?***"
+
+
+def test_the_throttle_lets_a_burst_through_then_counts_what_it_drops() -> None:
+    now = [0.0]
+    throttle = Throttle(burst=2, window_s=10.0, clock=lambda: now[0])
+    assert [throttle.admit("a") for _ in range(5)] == [0, 0, None, None, None]
+    assert throttle.admit("b") == 0  # another key has its own budget
+    now[0] = 9.9
+    assert throttle.admit("a") is None
+    now[0] = 10.0  # the first two have left the window: the next line says 4 were dropped
+    assert throttle.admit("a") == 4
+    assert throttle.admit("a") == 0
+    assert throttle.admit("a") is None
+
+
+def test_library_log_records_become_json_lines_without_tracebacks() -> None:
+    buf = io.StringIO()
+    configure("info", "json", stream=buf)
+    try:
+        raise OSError(24, "Too many open files")
+    except OSError:
+        for _ in range(50):  # asyncio logs this for every failed accept()
+            logging.getLogger("asyncio").error(
+                "socket.accept() out of system resource", exc_info=True
+            )
+    logging.getLogger("aiohttp.access").info("not shown: below warning")
+    lines = buf.getvalue().splitlines()
+    events = [orjson.loads(line) for line in lines]  # every line is JSON
+    assert len(events) == 5, events  # the default throttle: 5 a minute per message
+    assert events[0]["event"] == "socket.accept() out of system resource"
+    assert events[0]["logger"] == "asyncio" and events[0]["level"] == "error"
+    assert events[0]["error"] == "OSError: [Errno 24] Too many open files"
+    assert "Traceback" not in buf.getvalue()
