@@ -57,7 +57,7 @@ def secret_from_file(key: str, path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start})") from None
     value = _one_line(_drop_one_newline(text).strip(" "), where)
-    _warn_if_shared(st.st_mode, key, path)
+    _warn_if_shared(st, key, path)
     return value
 
 
@@ -109,12 +109,18 @@ def _one_line(value: str, where: str) -> str:
     return value
 
 
-def _warn_if_shared(mode: int, key: str, path: Path) -> None:
-    if not mode & (stat.S_IRGRP | stat.S_IROTH) or (path, mode) in _warned:
+def _warn_if_shared(st: os.stat_result, key: str, path: Path) -> None:
+    """Everyone may read it, or a group this process is not in. A file readable by our own
+    group is not shared: that is how Kubernetes mounts a Secret for a non-root pod (owner
+    root, group fsGroup = the pod's group, mode 0440)."""
+    mode = st.st_mode
+    own_group = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+    shared = mode & stat.S_IROTH or (mode & stat.S_IRGRP and not own_group)
+    if not shared or (path, mode) in _warned:
         return
     _warned.add((path, mode))
     log.warning(
-        "secret file is readable by its group or by everyone; chmod 600 it",
+        "secret file is readable by another group or by everyone; chmod 600 it",
         config_key=key,
         file=str(path),
         mode=f"{stat.S_IMODE(mode):04o}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import orjson
@@ -109,15 +110,22 @@ def test_a_secret_file_others_can_read_works_with_one_warning(tmp_path: Path) ->
     )
     buf = io.StringIO()
     configure("info", "json", stream=buf)
-    for mode, warned in ((0o600, False), (0o640, True), (0o604, True)):
+    own, other = os.getegid(), os.getegid() + 4242
+    for mode, group, warned in (
+        (0o600, own, False),
+        (0o640, own, False),  # Kubernetes' Secret volume for a non-root pod: 0440, fsGroup
+        (0o640, other, True),
+        (0o604, own, True),
+    ):
         key.chmod(mode)
+        os.chown(key, -1, group)
         cfg.check_secrets()
         cfg.check_secrets()  # read again (a token refresh): no second warning for the same mode
         events = [orjson.loads(line) for line in buf.getvalue().splitlines()]
         buf.seek(0), buf.truncate()
         assert [e["event"].startswith("secret file is readable") for e in events] == (
             [True] if warned else []
-        ), (mode, events)
+        ), (mode, group, events)
         if warned:
             assert events[0]["config_key"] == "providers.playment.api_key"
             assert events[0]["file"] == str(key) and events[0]["mode"] == f"{mode:04o}"
@@ -162,3 +170,26 @@ client_secret_env = "CS"
         load_config(write(tmp_path, text + 'token_url = "http://x"\n'))
     with pytest.raises(ConfigError, match=r"unknown key providers\.playment\.token_url_env"):
         load_config(write(tmp_path, GOOD + 'token_url_env = "EMU_TOKEN"\n'))
+
+
+def test_a_secret_file_mounted_the_kubernetes_way_is_read_without_warning(
+    tmp_path: Path,
+) -> None:
+    """A Secret volume holds each key as a symlink into a timestamped folder (``key ->
+    ..data/key``, ``..data -> ..2026_12_04...``), mode 0440, group = the pod's group."""
+    real = tmp_path / "..2026_12_04_19_00_00.1" / "key"
+    real.parent.mkdir()
+    real.write_text("mounted-secret-marker\n")
+    real.chmod(0o440)
+    os.chown(real, -1, os.getegid())
+    (tmp_path / "..data").symlink_to(real.parent.name)
+    (tmp_path / "key").symlink_to("..data/key")
+    cfg = load_config(
+        write(tmp_path, GOOD.replace('api_key_env = "TEST_PLAYMENT_KEY"', 'api_key_file = "key"'))
+    )
+    buf = io.StringIO()
+    configure("info", "json", stream=buf)
+    p = cfg.providers["playment"]
+    assert isinstance(p, PlaymentConfig) and p.api_key is not None
+    assert p.api_key.reveal() == "mounted-secret-marker"
+    assert buf.getvalue() == ""
