@@ -118,9 +118,24 @@ def _orjson_dumps(obj: Any, **_kw: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a line is written, not when logging was configured: a
+    stream swapped in and closed later (a test runner's capture, a daemoniser) would
+    otherwise turn every later log line into ``ValueError: I/O operation on closed file``."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Set up structlog: JSON lines unless ``fmt`` is console (or auto on a tty)."""
-    out = stream or sys.stderr
+    out: Any = stream or _CurrentStderr()
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=out.isatty())

@@ -189,7 +189,10 @@ def test_a_secret_file_mounted_the_kubernetes_way_is_read_without_warning(
     )
     buf = io.StringIO()
     configure("info", "json", stream=buf)
-    p = cfg.providers["playment"]
-    assert isinstance(p, PlaymentConfig) and p.api_key is not None
-    assert p.api_key.reveal() == "mounted-secret-marker"
-    assert buf.getvalue() == ""
+    try:
+        p = cfg.providers["playment"]
+        assert isinstance(p, PlaymentConfig) and p.api_key is not None
+        assert p.api_key.reveal() == "mounted-secret-marker"
+        assert buf.getvalue() == ""
+    finally:
+        configure("info", "json")  # later tests must not log into this test's buffer

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 
 import orjson
+import pytest
 
 from harvester.logs import Throttle, configure, get_logger, redact_text
 
@@ -68,3 +70,19 @@ def test_library_log_records_become_json_lines_without_tracebacks() -> None:
     assert events[0]["logger"] == "asyncio" and events[0]["level"] == "error"
     assert events[0]["error"] == "OSError: [Errno 24] Too many open files"
     assert "Traceback" not in buf.getvalue()
+
+
+def test_default_logging_follows_sys_stderr_when_it_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Configured while one stderr was in place, logging writes to the stderr of the moment:
+    the one it saw at configure time may be closed since (it was, by pytest's capture, and
+    every later log line raised ``ValueError: I/O operation on closed file``)."""
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure("info", "json")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    get_logger("t").info("after the swap")
+    assert orjson.loads(second.getvalue())["event"] == "after the swap"
