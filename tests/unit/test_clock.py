@@ -72,7 +72,6 @@ async def test_advance_to_next_jumps_exactly_to_each_deadline() -> None:
         await clock.sleep_until(deadline)
         woke.append(clock.monotonic())
 
-    real_start = time.monotonic()
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             for d in (1007.0, 1000.5, 1003.0):
@@ -82,8 +81,7 @@ async def test_advance_to_next_jumps_exactly_to_each_deadline() -> None:
             assert await clock.advance_to_next() == 1007.0
             with pytest.raises(RuntimeError, match="no task is sleeping"):
                 await clock.advance_to_next()
-    assert woke == [1000.5, 1003.0, 1007.0]
-    assert time.monotonic() - real_start < 1.0
+    assert woke == [1000.5, 1003.0, 1007.0]  # in virtual time: fail_after(5) bounds the real
 
 
 async def test_sleep_until_a_past_deadline_does_not_register_a_sleeper() -> None:
