@@ -7,10 +7,15 @@ Routes (every answer is JSON except ``/metrics``):
     GET  /healthz                200 while the event loop answers (liveness)
     GET  /readyz                 200 when ready for work, else 503 with the reason
     GET  /metrics                Prometheus text format
+    GET  /                       the status page, HTML (``harvester.statuspage``)
+    GET  /status.json            the status page's document
+    GET  /login, POST /login     the status page's login form; POST /logout ends a session
+    GET  /static/{name}          the status page's stylesheet and script
 
 When ``server.token`` is configured the two job routes need ``Authorization: Bearer
-<token>``. The probes and metrics stay open because kubelets and scrapers carry no token, so
-they never show a payload, a job key or a secret.
+<token>``; the status page and ``/status.json`` take that header or a session cookie from
+the login form (``harvester.websession``). The probes and metrics stay open because kubelets
+and scrapers carry no token, so they never show a payload, a job key or a secret.
 
 Probes are cheap by construction: the store check behind ``/readyz`` and the job counts behind
 ``/metrics`` are cached for a second or two behind a lock, so a burst of probes or several
@@ -44,7 +49,26 @@ from harvester.jobs import Job, JobState, job_key
 from harvester.jobsfile import TOO_DEEP, parse_jobs_text
 from harvester.logs import get_logger, redact_text
 from harvester.providers.base import Provider
-from harvester.store.base import NewJob, Store
+from harvester.statuspage import (
+    SECURITY_HEADERS,
+    STATIC_TYPES,
+    STATUS_CACHE_S,
+    Throughput,
+    recent_failures,
+    render_login,
+    render_page,
+    snapshot,
+    static_file,
+)
+from harvester.store.base import NewJob, ReplicaInfo, SharedStore, Store
+from harvester.websession import (
+    COOKIE,
+    MAX_LOGIN_BODY,
+    Sessions,
+    clear_cookie_header,
+    set_cookie_header,
+    token_from_form,
+)
 
 log = get_logger("harvester.api")
 _T = TypeVar("_T")
@@ -66,6 +90,11 @@ JOB_PATH = "/jobs/{provider}/{key}"
 HEALTHZ_PATH = "/healthz"
 READYZ_PATH = "/readyz"
 METRICS_PATH = "/metrics"
+STATUS_PATH = "/"
+STATUS_JSON_PATH = "/status.json"
+LOGIN_PATH = "/login"
+LOGOUT_PATH = "/logout"
+STATIC_PATH = "/static/{name}"
 
 
 class BadBody(Exception):
@@ -247,8 +276,13 @@ class Api:
         self.jobs_added = jobs_added
         # Hashing both sides makes the comparison constant-time whatever their lengths.
         self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
+        self._sessions = Sessions(token) if token else None
         self._store_ok = Cached(READY_CACHE_S, self._probe_store)
-        self._counts = Cached(METRICS_CACHE_S, self._refresh_job_gauge)
+        self._counts = Cached(METRICS_CACHE_S, self._read_counts)
+        self._status = Cached(STATUS_CACHE_S, self._status_document)
+        #: request and harvest rates for the status page; the daemon runs its sampler
+        self.throughput = Throughput(engine.metrics, engine.clock)
+        self._started_wall = engine.clock.wall()
 
     def build_app(self) -> web.Application:
         app = web.Application(
@@ -261,6 +295,12 @@ class Api:
         r.add_get(HEALTHZ_PATH, self.healthz)
         r.add_get(READYZ_PATH, self.readyz)
         r.add_get(METRICS_PATH, self.metrics)
+        r.add_get(STATUS_PATH, self.status_page)
+        r.add_get(STATUS_JSON_PATH, self.status_json)
+        r.add_get(LOGIN_PATH, self.login_form)
+        r.add_post(LOGIN_PATH, self.login)
+        r.add_post(LOGOUT_PATH, self.logout)
+        r.add_get(STATIC_PATH, self.static)
         return app
 
     # -- metrics of the API itself -------------------------------------------------------
@@ -297,7 +337,27 @@ class Api:
                     401,
                     headers={"WWW-Authenticate": 'Bearer realm="harvester"'},
                 )
+        elif (
+            self._sessions is not None
+            and request.path in (STATUS_PATH, STATUS_JSON_PATH)
+            and not self._status_allowed(request)
+        ):
+            if request.path == STATUS_PATH:
+                return _redirect(LOGIN_PATH)
+            return json_response(
+                {"error": "log in at /login, or send 'Authorization: Bearer <token>'"},
+                401,
+                headers={"WWW-Authenticate": 'Bearer realm="harvester"'},
+            )
         return await handler(request)
+
+    def _status_allowed(self, request: web.Request) -> bool:
+        """The status page takes the bearer header, or a session cookie from /login."""
+        assert self._sessions is not None
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and self._sessions.token_ok(given.strip()):
+            return True
+        return self._sessions.valid(request.cookies.get(COOKIE), self.engine.clock.wall())
 
     # -- jobs ---------------------------------------------------------------------------
     async def post_jobs(self, request: web.Request) -> web.Response:
@@ -428,18 +488,24 @@ class Api:
         return None
 
     async def metrics(self, request: web.Request) -> web.Response:
-        await self._counts.get()
+        counts = await self._counts.get()
+        if counts is not None:  # else the gauge keeps its last values
+            self._set_job_gauge(counts)
         return web.Response(
             body=self.engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    async def _refresh_job_gauge(self) -> None:
+    async def _read_counts(self) -> dict[tuple[str, JobState], int] | None:
+        """Jobs by (provider, state), shared by /metrics and the status page; None if the
+        store did not answer."""
         try:
             with anyio.fail_after(STORE_PROBE_TIMEOUT_S):
-                counts = await self.store.counts()
-        except Exception as exc:  # keep serving the other metrics; the gauge stays as it was
+                return await self.store.counts()
+        except Exception as exc:  # keep serving the other metrics
             log.warning("metrics: job counts unavailable", error=str(exc))
-            return
+            return None
+
+    def _set_job_gauge(self, counts: dict[tuple[str, JobState], int]) -> None:
         gauge = self.engine.metrics.jobs
         providers = set(self.config.providers) | {p for p, _ in counts}
         # Every (provider, state) pair, zeros included: a state that empties must read 0,
@@ -448,6 +514,104 @@ class Api:
         for provider in sorted(providers):
             for state in JobState:
                 gauge.labels(provider, state.value).set(counts.get((provider, state), 0))
+
+    # -- the status page ----------------------------------------------------------------
+    async def _status_document(self) -> dict[str, Any]:
+        failures: list[dict[str, Any]] = []
+        replicas: list[ReplicaInfo] | None = None
+        try:
+            with anyio.fail_after(STORE_PROBE_TIMEOUT_S):
+                failures = [
+                    job_document(job, self.config) for job in await recent_failures(self.engine)
+                ]
+                if isinstance(self.store, SharedStore):
+                    replicas = await self.store.replicas()
+        except Exception as exc:  # the page still shows what this process knows
+            log.warning("status page: store unavailable", error=str(exc))
+        return await snapshot(
+            engine=self.engine,
+            counts=await self._counts.get(),
+            failures=failures,
+            replicas=replicas,
+            throughput=self.throughput,
+            not_ready=await self.not_ready_reason(),
+            started_wall=self._started_wall,
+        )
+
+    async def status_json(self, request: web.Request) -> web.Response:
+        return json_response(
+            await self._status.get(), headers={"Cache-Control": "no-store", **SECURITY_HEADERS}
+        )
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        page = render_page(await self._status.get(), logout=self._sessions is not None)
+        return _html(page)
+
+    async def login_form(self, request: web.Request) -> web.Response:
+        if self._sessions is None:
+            return _redirect(STATUS_PATH)  # nothing to log in to
+        return _html(render_login())
+
+    async def login(self, request: web.Request) -> web.Response:
+        if self._sessions is None:
+            return _redirect(STATUS_PATH)
+        if not _same_origin(request):
+            return _html(render_login(error="This form must be sent from this page."), 403)
+        if request.content_length is not None and request.content_length > MAX_LOGIN_BODY:
+            return _html(render_login(error="That is not a token."), 413)
+        body = await request.content.read(MAX_LOGIN_BODY + 1)
+        given = token_from_form(body) if len(body) <= MAX_LOGIN_BODY else None
+        if given is None or not self._sessions.token_ok(given):
+            log.warning("status page: login refused", remote=request.remote)
+            return _html(render_login(error="Wrong token."), 401)
+        log.info("status page: logged in", remote=request.remote)
+        session = self._sessions.issue(self.engine.clock.wall())
+        return _redirect(STATUS_PATH, cookie=set_cookie_header(session, secure=request.secure))
+
+    async def logout(self, request: web.Request) -> web.Response:
+        if not _same_origin(request):
+            return _html(render_login(error="This form must be sent from this page."), 403)
+        return _redirect(
+            LOGIN_PATH if self._sessions is not None else STATUS_PATH,
+            cookie=clear_cookie_header(secure=request.secure),
+        )
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = static_file(name)
+        if body is None:
+            return json_response({"error": "no such route"}, 404)
+        return web.Response(
+            body=body,
+            content_type=STATIC_TYPES[name],
+            charset="utf-8",
+            headers={"Cache-Control": "max-age=300", **SECURITY_HEADERS},
+        )
+
+
+def _html(page: str, status: int = 200) -> web.Response:
+    return web.Response(
+        text=page,
+        status=status,
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Cache-Control": "no-store", **SECURITY_HEADERS},
+    )
+
+
+def _redirect(location: str, *, cookie: str | None = None) -> web.Response:
+    headers = {"Location": location, "Cache-Control": "no-store"}
+    if cookie is not None:
+        headers["Set-Cookie"] = cookie
+    return web.Response(status=303, headers=headers)
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A form POST from another site's page carries that site's Origin: refused. (The
+    cookie's SameSite=Strict keeps it off such a request anyway; this also stops a page
+    elsewhere from logging a browser in, and a POST with no Origin is not a browser's.)"""
+    origin = request.headers.get("Origin")
+    return origin is None or origin == f"{request.scheme}://{request.host}"
 
 
 #: what a jobs body may be labelled: JSON, JSON Lines, or what curl and clients send by

@@ -8,6 +8,7 @@ One task group holds the daemon's root tasks, each named for its role:
     engine        ``Engine.run(stop=...)`` in daemon mode (``burst=False``)
     refresher     tells the engine about jobs the API added, bursts coalesced
     announcer     logs "ready" once the engine has loaded the store
+    throughput-sampler  samples two counters every few seconds for the status page's rates
 
 When the engine returns (drained after a stop, or a fatal error) the group is cancelled: the
 HTTP server stops last among the tasks, so ``/readyz`` answers 503 for the whole drain, then
@@ -123,6 +124,7 @@ class Daemon:
                 tg.start_soon(self._engine, tg.cancel_scope, name="engine")
                 tg.start_soon(self._refresher, name="refresher")
                 tg.start_soon(self._announce, name="announcer")
+                tg.start_soon(self.api.throughput.run, name="throughput-sampler")
         if self.fatal is not None:
             raise self.fatal if isinstance(self.fatal, FatalError) else FatalError(str(self.fatal))
         log.info("daemon stopped", forced=self.forced, unfinished=len(self.engine.remaining))

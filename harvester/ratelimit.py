@@ -42,6 +42,7 @@ from harvester.errors import NotSent
 
 __all__ = [
     "MAX_RETRY_AFTER_S",
+    "GateState",
     "LimiterStats",
     "ProviderLimiter",
     "TokenBucket",
@@ -175,6 +176,26 @@ class LimiterStats:
     consecutive_failures: int  #: the adaptive backoff's attempt number
 
 
+@dataclass(frozen=True, slots=True)
+class GateState:
+    """A read-only view of the gate, for the status page: open or closed, until when, why."""
+
+    open: bool
+    #: seconds until it opens (0 when open); the caller turns it into a wall-clock time
+    seconds_left: float
+    #: reopened after a closure, letting one probe request through until one is answered
+    probing: bool
+    #: what closed it last: the HTTP status (429, 503) and the Retry-After it carried, in
+    #: seconds (None: the server sent none, so the delay was our own backoff)
+    last_status: int | None
+    last_retry_after_s: float | None
+    #: how long the last closure was set for, and how long ago it began
+    last_closed_for_s: float | None
+    last_closed_ago_s: float | None
+    consecutive_failures: int
+    rate_limited: int  #: closures so far (429/503 answers)
+
+
 class _Waiter:
     __slots__ = ("event",)
 
@@ -225,7 +246,9 @@ class ProviderLimiter:
         "_closed_before",
         "_closures",
         "_failures",
+        "_gate_retry_after",
         "_gate_since",
+        "_gate_status",
         "_gate_until",
         "_gate_wait_s",
         "_in_use",
@@ -289,6 +312,8 @@ class ProviderLimiter:
         self._stop_at = math.inf
         #: the clock sleeps (head waiter, retry backoffs) that stop() must cut short
         self._sleeps: set[anyio.CancelScope] = set()
+        self._gate_status: int | None = None  #: the answer that closed the gate last ...
+        self._gate_retry_after: float | None = None  #: ... and its Retry-After (s), if any
 
     # -- admission -------------------------------------------------------------------------
 
@@ -433,7 +458,7 @@ class ProviderLimiter:
 
     # -- the gate --------------------------------------------------------------------------
 
-    def close_gate(self, retry_after: float | None) -> float:
+    def close_gate(self, retry_after: float | None, *, status: int | None = None) -> float:
         """Stop all requests of this provider after a 429/503; return the gate's deadline.
 
         With ``retry_after`` the gate stays closed that many seconds (capped); without it the
@@ -447,6 +472,8 @@ class ProviderLimiter:
         now = self._clock.monotonic()
         self._rate_limited += 1
         self._closures += 1
+        self._gate_status = status
+        self._gate_retry_after = retry_after
         self._probing = True
         gate_open = now >= self._gate_until
         if retry_after is not None and not math.isnan(retry_after):
@@ -482,6 +509,22 @@ class ProviderLimiter:
         return self._closed_before + min(now, self._gate_until) - self._gate_since
 
     # -- introspection ---------------------------------------------------------------------
+
+    def gate_state(self) -> GateState:
+        now = self._clock.monotonic()
+        closed = now < self._gate_until
+        since = self._gate_since if self._gate_since > -math.inf else None
+        return GateState(
+            open=not closed,
+            seconds_left=self._gate_until - now if closed else 0.0,
+            probing=self._probing and not closed,
+            last_status=self._gate_status,
+            last_retry_after_s=self._gate_retry_after,
+            last_closed_for_s=None if since is None else self._gate_until - since,
+            last_closed_ago_s=None if since is None else now - since,
+            consecutive_failures=self._failures,
+            rate_limited=self._rate_limited,
+        )
 
     def stats(self) -> LimiterStats:
         return LimiterStats(

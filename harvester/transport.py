@@ -409,7 +409,7 @@ class Transport:
         if isinstance(exc, RateLimited) or (
             isinstance(exc, ProviderUnavailable) and exc.status == 503
         ):
-            deadline = self.limiter.close_gate(exc.retry_after)
+            deadline = self.limiter.close_gate(exc.retry_after, status=exc.status)
             log.warning(
                 "gate closed",
                 provider=self.name,

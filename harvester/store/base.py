@@ -64,6 +64,20 @@ class Renewal:
     active: Mapping[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaInfo:
+    """One replica's row of a shared store, as the status page shows it."""
+
+    id: str
+    host: str
+    started_at: float  #: Unix seconds
+    #: since its last renewal, and until its lease runs out (negative: it has), both on the
+    #: database's clock like the leases themselves
+    heartbeat_ago_s: float
+    lease_left_s: float
+    held: int  #: active jobs it owns
+
+
 #: the meta entry ``copy_store`` leaves in a store it copied from: opening it again is refused
 MOVED_META = "moved_to"
 
@@ -131,6 +145,10 @@ class Store(Protocol):
     async def unknown_statuses(self) -> dict[tuple[str, str], int]:
         """Active jobs whose provider status is not a documented one, per (provider, raw)."""
 
+    async def recent(self, states: Sequence[JobState], *, limit: int) -> list[Job]:
+        """At most ``limit`` jobs in ``states``, most recently changed first (the status
+        page's recent failures: bounded whatever the table holds)."""
+
     async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         """Active jobs added after ``cursor`` (0: all), and the cursor to pass next time.
 
@@ -197,6 +215,9 @@ class SharedStore(Store, Protocol):
 
     async def leave(self) -> None:
         """Release every job this replica owns and stop counting as live (a clean exit)."""
+
+    async def replicas(self) -> list[ReplicaInfo]:
+        """Every replica row (live or not yet swept), with the active jobs each owns."""
 
     async def add_meta(self, name: str, value: str) -> str:
         """Store ``value`` under ``name`` unless a value is there already; return the one

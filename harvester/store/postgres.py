@@ -46,6 +46,7 @@ from harvester.store.base import (
     JobRef,
     NewJob,
     Renewal,
+    ReplicaInfo,
     moved_error,
     not_empty_error,
 )
@@ -503,6 +504,18 @@ class PostgresStore:
             rows = await conn.fetch(sql, *params)
         return [_job_from_row(tuple(r)) for r in rows]
 
+    async def recent(self, states: Sequence[JobState], *, limit: int) -> list[Job]:
+        if not states or limit <= 0:
+            return []
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"{_SELECT_JOBS} WHERE state = ANY($1::text[])"
+                " ORDER BY updated_at DESC, seq DESC LIMIT $2",
+                [JobState(s).value for s in states],
+                limit,
+            )
+        return [_job_from_row(tuple(r)) for r in rows]
+
     async def counts(self) -> dict[tuple[str, JobState], int]:
         async with self._connection() as conn:
             rows = await conn.fetch(
@@ -723,6 +736,18 @@ class PostgresStore:
             lapsed=not still,
             active={str(p): int(n) for p, n in active},
         )
+
+    async def replicas(self) -> list[ReplicaInfo]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT r.id, r.host, r.started_at, {_DB_NOW} - r.heartbeat_at,"
+                f" r.lease_until - {_DB_NOW}, (SELECT count(*) FROM jobs j WHERE j.owner = r.id"
+                f" AND j.state IN ({_ACTIVE_SQL})) FROM replicas r ORDER BY r.started_at, r.id"
+            )
+        return [
+            ReplicaInfo(str(i), str(h), float(s), float(b), float(u), int(n))
+            for i, h, s, b, u, n in rows
+        ]
 
     async def claim(self, provider: str, *, limit: int) -> list[Job]:
         owner = self._joined()

@@ -508,6 +508,16 @@ class _Db:
         sql = _SELECT_JOBS + (f" WHERE {' AND '.join(where)}" if where else "") + _ORDER
         return [_job_from_row(row) for row in self.conn.execute(sql, params)]
 
+    def recent(self, states: Sequence[JobState], limit: int) -> list[Job]:
+        if not states or limit <= 0:
+            return []
+        sql = (
+            f"{_SELECT_JOBS} WHERE state IN ({_placeholders(len(states))})"
+            " ORDER BY updated_at DESC, rowid DESC LIMIT ?"
+        )
+        params = [*(JobState(s).value for s in states), limit]
+        return [_job_from_row(row) for row in self.conn.execute(sql, params)]
+
     def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         # Rows enter the table only through add_jobs and are never deleted, so rowids only
         # grow and a rowid cursor sees every new row. One statement: one snapshot, so a row
@@ -806,6 +816,9 @@ class SqliteStore:
 
     async def unknown_statuses(self) -> dict[tuple[str, str], int]:
         return await self._call(_Db.unknown_statuses)
+
+    async def recent(self, states: Sequence[JobState], *, limit: int) -> list[Job]:
+        return await self._call(lambda db: db.recent(states, limit))
 
     async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         return await self._call(lambda db: db.added_since(cursor))
