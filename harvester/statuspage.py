@@ -281,9 +281,10 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
-def _gate_cell(gate: Mapping[str, Any] | None) -> str:
+def _gate_cell(gate: Mapping[str, Any] | None, *, configured: bool) -> str:
     if gate is None:
-        return '<td class="gate"><span class="badge muted">not configured</span></td>'
+        text = "not started yet" if configured else "not configured"
+        return f'<td class="gate"><span class="badge muted">{text}</span></td>'
     if gate["open"]:
         label = "half-open (probing)" if gate["probing"] else "open"
         cls = "warn" if gate["probing"] else "ok"
@@ -340,7 +341,7 @@ def render_page(doc: Mapping[str, Any], *, logout: bool) -> str:
     window = f"over the last {doc['window_s']:.0f} s" if doc["window_s"] else "no rate measured yet"
     gate_rows = "".join(
         f'<tr data-provider="{e(p["name"])}"><th scope="row">{e(p["name"])}</th>'
-        f"{_gate_cell(p['gate'])}"
+        f"{_gate_cell(p['gate'], configured=p['configured'])}"
         f'<td class="num">{e(_rate(p["requests_per_s"]))}</td>'
         f'<td class="num">{e(_rate(p["harvested_per_min"]))}</td>'
         f'<td class="num">{e(p["in_flight"])}</td><td class="num">{e(p["queued"])}</td></tr>'

@@ -234,3 +234,19 @@ async def test_add_meta_agrees_on_the_first_value(replica: Replica) -> None:
     assert len(set(answers)) == 1
     assert await stores[0].get_meta("playment.batch.p") == answers[0]
     assert await stores[1].add_meta("playment.batch.p", "another") == answers[0]
+
+
+async def test_replicas_lists_every_row_with_the_jobs_it_holds(replica: Replica) -> None:
+    a, b = await replica("a"), await replica("b")
+    await a.add_jobs(lines(5), now=NOW)
+    await a.claim("playment", limit=3, now=NOW)
+    await b.claim("playment", limit=10, now=NOW + 1)
+    await b.renew(now=NOW + 5)
+    rows = {r.id: r for r in await a.replicas()}
+    assert set(rows) == {"a", "b"}
+    assert (rows["a"].held, rows["b"].held) == (3, 2)
+    assert rows["a"].heartbeat_at == NOW and rows["b"].heartbeat_at == NOW + 5
+    assert rows["b"].lease_until == NOW + 5 + LEASE
+    assert rows["a"].host  # the host name the replica runs on
+    await b.leave()
+    assert [r.id for r in await a.replicas()] == ["a"]

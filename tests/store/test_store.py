@@ -527,3 +527,22 @@ async def test_added_since_reports_only_new_active_jobs(store: Store) -> None:
     assert [j.key for j in jobs] == ["k3"] and later > cursor
     everything, _ = await store.added_since(0)
     assert [j.key for j in everything] == ["k0", "k2", "k3"]
+
+
+async def test_recent_lists_the_newest_changes_first_and_no_more_than_asked(store: Store) -> None:
+    await store.add_jobs([new(f"r-{i}") for i in range(6)], now=NOW)
+    # r-0 .. r-4 end in error one after the other; r-5 stays new.
+    for i in range(5):
+        job = await store.get("playment", f"r-{i}")
+        assert job is not None
+        await store.transition(job, Event.GIVE_UP, now=NOW + 10 + i, reason=f"reason {i}")
+    recent = await store.recent([JobState.ERROR, JobState.FAILED], limit=3)
+    assert [(j.key, j.reason) for j in recent] == [
+        ("r-4", "reason 4"),
+        ("r-3", "reason 3"),
+        ("r-2", "reason 2"),
+    ]
+    assert [j.key for j in await store.recent([JobState.NEW], limit=10)] == ["r-5"]
+    assert await store.recent([JobState.FAILED], limit=10) == []
+    assert await store.recent([], limit=10) == []
+    assert await store.recent([JobState.ERROR], limit=0) == []
