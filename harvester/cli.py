@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import orjson
 
-from harvester import __version__
+from harvester import __version__, tracing
 from harvester.config import Config, config_path, load_config
 from harvester.errors import FatalError, HarvesterError, OutputError
 from harvester.jobs import UNSUCCESSFUL, JobState
@@ -116,7 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HarvesterError as exc:
         print(f"harvester: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    tracing_warning = tracing.setup_from_env()  # first: log lines then carry trace ids
     configure(config.log.level, config.log.format)
+    if tracing_warning is not None:
+        log.warning(tracing_warning)
     try:
         if args.command == "harvest":
             return anyio.run(_harvest, config, args)
@@ -137,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    finally:
+        tracing.shutdown()  # flushes the spans still batched
     parser.error(f"unknown command {args.command}")
 
 

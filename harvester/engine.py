@@ -33,6 +33,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from harvester import tracing
 from harvester.clock import Clock, SystemClock
 from harvester.config import Config
 from harvester.download import ByteBudget
@@ -558,10 +559,12 @@ class Engine:
             state=new.state.value,
             via=event.value,
             reason=new.reason,
+            **tracing.log_ids(new),
         )
         if self.on_change is not None:
             self.on_change(new)
         if new.terminal:
+            tracing.job_finished(new)
             lane = self.lanes.get(new.provider)
             if lane is not None:
                 lane.forget(new.key)
@@ -629,9 +632,10 @@ class Engine:
         pinned = job
         failpoint("submit.before_post")
         try:
-            result = await lane.transport.call(
-                spec, lambda r: lane.provider.parse_create(r, pinned), job=job.key
-            )
+            with tracing.step("submit", job):
+                result = await lane.transport.call(
+                    spec, lambda r: lane.provider.parse_create(r, pinned), job=job.key
+                )
         except RetryableError as exc:
             if _refused_before_processing(exc):
                 # A 429 or 503 is a refusal before processing: nothing was created.
@@ -671,9 +675,10 @@ class Engine:
                 await self._lost_create_policy(lane, job, exists=exists)
                 return
             try:
-                found = await lane.transport.call(
-                    spec, functools.partial(lane.provider.parse_find, job=job), job=job.key
-                )
+                with tracing.step("reconcile", job):
+                    found = await lane.transport.call(
+                        spec, functools.partial(lane.provider.parse_find, job=job), job=job.key
+                    )
             except JobError as exc:
                 await self._transition(job, Event.GIVE_UP, reason=f"reconciliation: {exc}")
                 return
@@ -736,7 +741,8 @@ class Engine:
     # -- poll ---------------------------------------------------------------------------
     async def _poll(self, lane: Lane, job: Job) -> None:
         try:
-            result = await lane.provider.poll(job, _JobClient(lane.transport, job.key))
+            with tracing.step("poll", job):
+                result = await lane.provider.poll(job, _JobClient(lane.transport, job.key))
         except JobError as exc:
             await self._transition(job, Event.GIVE_UP, reason=str(exc))
             return
@@ -871,7 +877,8 @@ class Engine:
                     self.config.harvest.max_file_bytes, self.config.harvest.max_job_bytes
                 ),
             )
-            await lane.provider.harvest(job, status, out)
+            with tracing.step("harvest", job):
+                await lane.provider.harvest(job, status, out)
             if out.frames_kept:
                 log.info(
                     "frames kept from an earlier attempt",

@@ -26,6 +26,7 @@ import anyio.to_thread
 import numpy as np
 import orjson
 
+from harvester import tracing
 from harvester.clock import Clock
 from harvester.config import HarvestConfig
 from harvester.decode import MaskDecoder, PcdLabelDecoder, smallest_uint_dtype
@@ -411,17 +412,18 @@ class JobOutput:
 
     async def fetch(self, resolve: Resolver, *, what: str) -> bytes:
         sink = BufferSink(MAX_FETCH_BYTES, what)
-        await stream_into(
-            self.transport,
-            resolve,
-            sink,
-            what=what,
-            job=self.job.key,
-            clock=self.clock,
-            budget=self.budget,
-            chunk_bytes=self.chunk_bytes,
-            rng=self.rng,
-        )
+        with tracing.span("download", file=what):
+            await stream_into(
+                self.transport,
+                resolve,
+                sink,
+                what=what,
+                job=self.job.key,
+                clock=self.clock,
+                budget=self.budget,
+                chunk_bytes=self.chunk_bytes,
+                rng=self.rng,
+            )
         return sink.value()
 
     async def label_frames(self, frames: Sequence[LabelFrame]) -> None:
@@ -468,7 +470,10 @@ class JobOutput:
         parts = self._path(relpath)
         shown = f"{self.dir}/{relpath}"
         try:
-            with self.tree.folder(self.parts + parts[:-1]) as dir_fd:
+            with (
+                tracing.span("decode", file=relpath),
+                self.tree.folder(self.parts + parts[:-1]) as dir_fd,
+            ):
                 if relpath in self._journal and await anyio.to_thread.run_sync(
                     self._kept, relpath, source, dir_fd, parts[-1]
                 ):
@@ -513,7 +518,10 @@ class JobOutput:
         self, relpath: str, resolve: Resolver, *, size: int | None = None, md5: bytes | None = None
     ) -> None:
         parts = self._path(relpath)
-        with self.tree.folder(self.parts + parts[:-1]) as dir_fd:
+        with (
+            tracing.span("download", file=relpath),
+            self.tree.folder(self.parts + parts[:-1]) as dir_fd,
+        ):
             sink = FileSink(
                 dir_fd,
                 parts[-1],
@@ -542,7 +550,10 @@ class JobOutput:
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
         parts = self._path(relpath)
-        with self.tree.folder(self.parts + parts[:-1]) as dir_fd:
+        with (
+            tracing.span("write", file=relpath),
+            self.tree.folder(self.parts + parts[:-1]) as dir_fd,
+        ):
             size, digest = write_atomic(dir_fd, parts[-1], data, shown=f"{self.dir}/{relpath}")
         self.entries[relpath] = ManifestEntry(size, digest)
 
@@ -558,7 +569,7 @@ class JobOutput:
             "harvested_at": harvested_at,
             "files": {k: self.entries[k].as_json() for k in sorted(self.entries)},
         }
-        with self.tree.folder(self.parts) as fd:
+        with tracing.step("write", self.job, file=MANIFEST), self.tree.folder(self.parts) as fd:
             with disk_errors(f"{self.dir}/{JOURNAL}"), contextlib.suppress(FileNotFoundError):
                 os.unlink(JOURNAL, dir_fd=fd)
             failpoint("harvest.before_manifest")

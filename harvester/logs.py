@@ -142,9 +142,13 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         if use_console
         else structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     )
+    from harvester import tracing  # here: tracing imports this module
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            # only while tracing is on: off, a log line costs nothing more
+            *([tracing.log_processor] if tracing.enabled() else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_processor,
