@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -528,7 +529,7 @@ class Api:
                     replicas = await self.store.replicas()
         except Exception as exc:  # the page still shows what this process knows
             log.warning("status page: store unavailable", error=str(exc))
-        return await snapshot(
+        return snapshot(
             engine=self.engine,
             counts=await self._counts.get(),
             failures=failures,
@@ -559,21 +560,26 @@ class Api:
             return _html(render_login(error="This form must be sent from this page."), 403)
         if request.content_length is not None and request.content_length > MAX_LOGIN_BODY:
             return _html(render_login(error="That is not a token."), 413)
-        body = await request.content.read(MAX_LOGIN_BODY + 1)
+        body = b""
+        while len(body) <= MAX_LOGIN_BODY:  # a chunked body has no length to check first
+            chunk = await request.content.read(MAX_LOGIN_BODY + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
         given = token_from_form(body) if len(body) <= MAX_LOGIN_BODY else None
         if given is None or not self._sessions.token_ok(given):
             log.warning("status page: login refused", remote=request.remote)
             return _html(render_login(error="Wrong token."), 401)
         log.info("status page: logged in", remote=request.remote)
         session = self._sessions.issue(self.engine.clock.wall())
-        return _redirect(STATUS_PATH, cookie=set_cookie_header(session, secure=request.secure))
+        return _redirect(STATUS_PATH, cookie=set_cookie_header(session, secure=_https(request)))
 
     async def logout(self, request: web.Request) -> web.Response:
         if not _same_origin(request):
             return _html(render_login(error="This form must be sent from this page."), 403)
         return _redirect(
             LOGIN_PATH if self._sessions is not None else STATUS_PATH,
-            cookie=clear_cookie_header(secure=request.secure),
+            cookie=clear_cookie_header(secure=_https(request)),
         )
 
     async def static(self, request: web.Request) -> web.Response:
@@ -609,9 +615,18 @@ def _redirect(location: str, *, cookie: str | None = None) -> web.Response:
 def _same_origin(request: web.Request) -> bool:
     """A form POST from another site's page carries that site's Origin: refused. (The
     cookie's SameSite=Strict keeps it off such a request anyway; this also stops a page
-    elsewhere from logging a browser in, and a POST with no Origin is not a browser's.)"""
+    elsewhere from logging a browser in, and a POST with no Origin is not a browser's.)
+    Only the host is compared: behind a proxy that ends TLS the browser's scheme is https
+    and ours is http."""
     origin = request.headers.get("Origin")
-    return origin is None or origin == f"{request.scheme}://{request.host}"
+    return origin is None or urlsplit(origin).netloc.lower() == request.host.lower()
+
+
+def _https(request: web.Request) -> bool:
+    """Did the browser use HTTPS (to us, or to the proxy in front)? Then the cookie is
+    ``Secure``. Trusting the header can only add the flag, never take it away."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return request.secure or forwarded == "https"
 
 
 #: what a jobs body may be labelled: JSON, JSON Lines, or what curl and clients send by

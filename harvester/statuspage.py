@@ -46,8 +46,7 @@ STATUS_CACHE_S = 2.0
 MAX_FAILURES = 20
 #: characters of a failure reason shown (the job route has all of it)
 MAX_REASON_CHARS = 600
-#: the page's script fetches it again this often; without script it reloads this often
-REFRESH_S = 5
+#: without JavaScript the page reloads this often (status.js fetches it every 5 s)
 NOSCRIPT_REFRESH_S = 10
 #: throughput is measured over this window from samples taken this often
 WINDOW_S = 60.0
@@ -180,7 +179,7 @@ def replica_document(r: ReplicaInfo, *, me: str | None) -> dict[str, Any]:
     }
 
 
-async def snapshot(
+def snapshot(
     *,
     engine: Engine,
     counts: Mapping[tuple[str, JobState], int] | None,

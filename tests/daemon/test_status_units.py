@@ -133,6 +133,15 @@ async def test_the_login_form_trades_the_token_for_a_cookie(
     async with client.get(base + "/jobs/playment/x") as r:
         assert r.status == 401
 
+    # Behind a proxy that ends TLS: the browser's origin is https, the cookie gets Secure.
+    async with await login(
+        client,
+        base,
+        TOKEN,
+        headers={"Origin": base.replace("http://", "https://"), "X-Forwarded-Proto": "https"},
+    ) as r:
+        assert r.status == 303 and "Secure" in r.headers["Set-Cookie"]
+
     async with client.post(base + "/logout", allow_redirects=False) as r:
         assert r.status == 303
     async with client.get(base + "/", allow_redirects=False) as r:
