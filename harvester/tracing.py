@@ -320,7 +320,10 @@ def setup_from_env(env: Mapping[str, str] | None = None) -> str | None:
         exporter = ConsoleSpanExporter()
     elif exporter_name == "otlp":
         try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            # (not in the dev environment: its protobuf >= 5 conflicts with modzy-sdk's pin)
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
+                OTLPSpanExporter,
+            )
         except ImportError:
             return (
                 "tracing requested (otlp) but opentelemetry-exporter-otlp-proto-http is not"
