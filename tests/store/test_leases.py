@@ -236,17 +236,26 @@ async def test_add_meta_agrees_on_the_first_value(replica: Replica) -> None:
     assert await stores[1].add_meta("playment.batch.p", "another") == answers[0]
 
 
-async def test_replicas_lists_every_row_with_the_jobs_it_holds(replica: Replica) -> None:
+async def test_replicas_lists_every_row_with_the_jobs_it_holds(
+    replica: Replica, shared_backend: PostgresBackend
+) -> None:
     a, b = await replica("a"), await replica("b")
     await a.add_jobs(lines(5), now=NOW)
-    await a.claim("playment", limit=3, now=NOW)
-    await b.claim("playment", limit=10, now=NOW + 1)
-    await b.renew(now=NOW + 5)
+    await a.claim("playment", limit=3)
+    await b.claim("playment", limit=10)
+    # a last renewed 7 s ago, by the database's clock; then b renews now.
+    shared_backend.raw(
+        "UPDATE replicas SET heartbeat_at = extract(epoch FROM now()) - 7 WHERE id = 'a'"
+    )
+    await b.renew()
     rows = {r.id: r for r in await a.replicas()}
     assert set(rows) == {"a", "b"}
     assert (rows["a"].held, rows["b"].held) == (3, 2)
-    assert rows["a"].heartbeat_at == NOW and rows["b"].heartbeat_at == NOW + 5
-    assert rows["b"].lease_until == NOW + 5 + LEASE
+    assert 7 <= rows["a"].heartbeat_ago_s < 7 + LEASE / 2
+    assert 0 <= rows["b"].heartbeat_ago_s < LEASE / 2
+    assert LEASE / 2 < rows["b"].lease_left_s <= LEASE
     assert rows["a"].host  # the host name the replica runs on
+    expire(shared_backend, "a")
+    assert next(r for r in await b.replicas() if r.id == "a").lease_left_s < 0
     await b.leave()
     assert [r.id for r in await a.replicas()] == ["a"]
