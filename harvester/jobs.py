@@ -109,6 +109,9 @@ ACTIVE: frozenset[JobState] = frozenset(JobState) - TERMINAL
 _NEEDS_REMOTE_ID = {_E.TRACK, _E.ACCEPTED, _E.FOUND_REMOTE}
 _NEEDS_REASON = {_E.GIVE_UP, _E.PROVIDER_FAILED, _E.PROVIDER_CANCELLED, _E.CANCEL}
 _NEEDS_OUTPUT = {_E.HARVESTED}
+# "Cancelled by us" and "cancelled by the provider" are one state (neither is retried without
+# --resubmit, both end a run) told apart in ``Job.cancelled_by`` for the user.
+_CANCELLED_BY = {_E.CANCEL: "user", _E.PROVIDER_CANCELLED: "provider"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +179,10 @@ def apply(job: Job, event: Event, *, now: float, **changes: Any) -> Job:
     for field in ("state", "version", "updated_at", "provider", "key", "created_at"):
         if field in changes:
             raise ValueError(f"apply() does not take {field!r}")
+    if target == JobState.RUNNING and job.state != JobState.RUNNING:
+        changes.setdefault("started_at", now)  # the deadline (job_timeout_s) counts from here
+    if event in _CANCELLED_BY:
+        changes.setdefault("cancelled_by", _CANCELLED_BY[event])
     new = dataclasses.replace(job, state=target, updated_at=now, version=job.version + 1, **changes)
     if event in _NEEDS_REMOTE_ID and not new.remote_id:
         raise ValueError(f"{event.value} needs a remote_id ({job.label})")

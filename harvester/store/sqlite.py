@@ -37,8 +37,8 @@ from harvester.jobs import ACTIVE, Event, Job, JobState, apply, update
 from harvester.store.base import (
     MOVED_META,
     AddResult,
-    JobPage,
     DumpedJob,
+    JobPage,
     JobRef,
     NewJob,
     decode_past_ids,
