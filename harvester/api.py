@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import anyio
 import anyio.to_thread
@@ -43,8 +43,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from harvester.config import Config
+from harvester.control import retry_job
 from harvester.engine import Engine
-from harvester.errors import HarvesterError, JobsFileError
+from harvester.errors import ControlError, HarvesterError, JobsFileError
 from harvester.httpserver import reading_body
 from harvester.jobs import Job, JobState, job_key
 from harvester.jobsfile import TOO_DEEP, parse_jobs_text
@@ -83,6 +84,11 @@ METRICS_CACHE_S = 2.0
 STORE_PROBE_TIMEOUT_S = 2.0
 #: ``source`` of jobs added over HTTP; errors read ``request:3: ...`` like ``jobs.jsonl:3: ...``
 SOURCE = "request"
+#: jobs per page of ``GET /jobs`` unless ``limit`` says otherwise, and the most it may say
+LIST_PAGE = 100
+LIST_PAGE_MAX = 1000
+#: how long ``DELETE /jobs/...`` waits for the provider's answer before a 202
+CANCEL_WAIT_S = 20.0
 _ERROR_LINE = re.compile(rf"^{SOURCE}:(\d+): (.*)$")
 _PROBE_META = "daemon.readiness-probe"
 
@@ -134,6 +140,10 @@ def job_document(job: Job, config: Config) -> dict[str, Any]:
         "updated_at": iso(job.updated_at),
         "due_at": iso(job.due_at),
         "output": str(config.output.dir / job.output) if job.output else None,
+        "cancelled_by": job.cancelled_by,
+        "remote_attempt": job.remote_attempt,
+        "past_remote_ids": list(job.past_remote_ids),
+        "started_at": iso(job.started_at),
     }
 
 
@@ -293,6 +303,9 @@ class Api:
         r = app.router
         r.add_post(JOBS_PATH, self.post_jobs)
         r.add_get(JOB_PATH, self.get_job)
+        r.add_get(JOBS_PATH, self.list_jobs)
+        r.add_delete(JOB_PATH, self.cancel_job)
+        r.add_post(JOB_PATH + "/retry", self.retry_job)
         r.add_get(HEALTHZ_PATH, self.healthz)
         r.add_get(READYZ_PATH, self.readyz)
         r.add_get(METRICS_PATH, self.metrics)
@@ -437,6 +450,80 @@ class Api:
             {"added": len(added), "already_present": len(result.duplicates), "jobs": jobs},
             201 if added else 200,
         )
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        """``GET /jobs?provider=&state=&after=&limit=``: one page, and the next page's href."""
+        q = request.query
+        provider = q.get("provider") or None
+        try:
+            states = [JobState(s) for s in q.getall("state", [])] or None
+            after = int(q.get("after", "0"))
+            limit = int(q.get("limit", str(LIST_PAGE)))
+            if after < 0 or not 1 <= limit <= LIST_PAGE_MAX:
+                raise ValueError
+        except ValueError:
+            return json_response(
+                {
+                    "error": "state must be a job state"
+                    f" ({', '.join(s.value for s in JobState)}), after a cursor from"
+                    f" next, limit 1..{LIST_PAGE_MAX}"
+                },
+                400,
+            )
+        if provider is not None and provider not in self.config.providers:
+            return json_response({"error": f"provider {provider!r} is not configured"}, 400)
+        page = await self.store.page(provider=provider, states=states, after=after, limit=limit)
+        nxt = None
+        if page.next_after is not None:
+            params = [("after", str(page.next_after)), ("limit", str(limit))]
+            params += [("provider", provider)] if provider else []
+            params += [("state", s.value) for s in states or []]
+            nxt = f"{JOBS_PATH}?{urlencode(params)}"
+        return json_response(
+            {"jobs": [job_document(j, self.config) for j in page.jobs], "next": nxt}
+        )
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        """``DELETE /jobs/{provider}/{key}``: 200 cancelled; 409 refused (ended, finished,
+        or the provider said no), nothing changed; 202 still waiting for the provider."""
+        job = await self._find(request)
+        if job is None:
+            return _no_job(request)
+        try:
+            req = await self.engine.cancel(job.provider, job.key, wait_s=CANCEL_WAIT_S)
+        except ControlError as exc:
+            return json_response({"error": str(exc)}, 409)
+        if req.job is not None:
+            return json_response(job_document(req.job, self.config))
+        if req.error is not None:
+            return json_response({"error": req.error}, 409)
+        return json_response(
+            {"pending": True, "href": f"{JOBS_PATH}/{job.provider}/{job.key}"}, 202
+        )
+
+    async def retry_job(self, request: web.Request) -> web.Response:
+        """``POST /jobs/{provider}/{key}/retry[?resubmit=1]``: 200 back to work, 409 not
+        retryable (nothing changed)."""
+        job = await self._find(request)
+        if job is None:
+            return _no_job(request)
+        resubmit = request.query.get("resubmit", "") in ("1", "true")
+        try:
+            job = await retry_job(self.store, job, resubmit=resubmit, now=self.engine.clock.wall())
+        except ControlError as exc:
+            return json_response({"error": str(exc)}, 409)
+        self.engine.resume(job)
+        return json_response(job_document(job, self.config))
+
+    async def _find(self, request: web.Request) -> Job | None:
+        provider = request.match_info["provider"]
+        key = request.match_info["key"]
+        job = await self.store.get(provider, key)
+        if job is None:
+            derived = job_key(key)
+            if derived != key:
+                job = await self.store.get(provider, derived)
+        return job
 
     async def get_job(self, request: web.Request) -> web.Response:
         provider = request.match_info["provider"]
@@ -641,6 +728,11 @@ _BODY_TYPES = {
     "application/octet-stream",
     "application/x-www-form-urlencoded",
 }
+
+
+def _no_job(request: web.Request) -> web.Response:
+    label = f"{request.match_info['provider']}/{request.match_info['key']}"
+    return json_response({"error": f"no job {label}"}, 404)
 
 
 def _refused_content_type(request: web.Request) -> str | None:

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config(p)
 
+    from harvester.cli_control import add_parsers
+
+    add_parsers(sub, add_config)
+
     p = sub.add_parser("emulator", help="serve the built-in emulator of the provider APIs")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -131,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_copy_store, config, args)
         if args.command == "bind-output":
             return anyio.run(_bind_output, config, args)
+        if args.command in ("cancel", "retry", "jobs"):
+            from harvester.cli_control import run as control_run
+
+            return anyio.run(control_run, config, args)
         if args.command == "run":
             from harvester.daemon import serve
 

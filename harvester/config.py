@@ -74,6 +74,8 @@ class ProviderConfig:
     #: connect to link-local and cloud-metadata addresses (refused by default: a redirect
     #: or signed URL there is how a hostile answer reaches instance credentials)
     allow_link_local: bool = False
+    #: a job still running this long after it started is cancelled and ends in error (0: off)
+    job_timeout_s: float = 0.0
 
     def secrets(self) -> list[SecretRef]:
         return [v for v in vars(self).values() if isinstance(v, SecretRef)]
@@ -320,6 +322,8 @@ def _check_provider(cfg: ProviderConfig, ctx: _Ctx, where: str) -> None:
         ctx.fail(f"{where}.rate_per_s must be >= 0 (0 = unlimited)")
     if cfg.max_retries < 0:
         ctx.fail(f"{where}.max_retries must be >= 0")
+    if not cfg.job_timeout_s >= 0:
+        ctx.fail(f"{where}.job_timeout_s must be >= 0 (0 = no deadline)")
     if cfg.poll_max_s < cfg.poll_min_s:
         ctx.fail(f"{where}.poll_max_s must be >= poll_min_s")
     if not cfg.backoff_base_s > 0:

@@ -33,11 +33,13 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from harvester import tracing
+from harvester import control, tracing
 from harvester.clock import Clock, SystemClock
 from harvester.config import Config
+from harvester.control import CancelRequest
 from harvester.download import ByteBudget
 from harvester.errors import (
+    ControlError,
     FatalError,
     HarvesterError,
     JobError,
@@ -106,6 +108,8 @@ class Lane:
     unpublished_since: dict[str, float] = field(default_factory=dict)
     #: the stored row of running jobs waiting for their next poll (``Engine._remember``)
     cache: dict[str, Job] = field(default_factory=dict)
+    #: cancels waiting for their job's next step (``harvester.control``)
+    cancels: dict[str, CancelRequest] = field(default_factory=dict)
 
     def schedule(self, key: str, due: float) -> None:
         self.queue.schedule(key, due)
@@ -347,6 +351,40 @@ class Engine:
             for provider, key in sorted(parked):
                 self.lanes[provider].schedule(key, now)
 
+    # -- control (harvester.control) -----------------------------------------------------
+    async def cancel(self, provider: str, key: str, *, wait_s: float) -> CancelRequest:
+        """Ask the job's worker to cancel it; wait up to ``wait_s`` for the answer (a request
+        not answered by then is still carried out, once the provider lets it)."""
+        lane = self.lanes.get(provider)
+        if lane is None:
+            raise ControlError(f"{provider}/{key}: provider {provider!r} is not worked here")
+        job = await self.store.get(provider, key)
+        if job is None:
+            raise ControlError(f"{provider}/{key}: no such job")
+        if job.terminal:
+            raise ControlError(control.ended(job))
+        if self.replica is not None and not self.replica.holds(lane, key):
+            raise ControlError(f"{job.label} is worked by another replica; ask that one")
+        if (provider, key) not in self.remaining:
+            await self.refresh()  # added since the last look at the store
+        req = lane.cancels.setdefault(key, CancelRequest())
+        if key not in lane.in_flight:
+            lane.schedule(key, self.clock.monotonic())
+        with anyio.move_on_after(wait_s):
+            await req.done.wait()
+        return req
+
+    def resume(self, job: Job) -> None:
+        """Take up a job a retry made active again (the store has it already)."""
+        lane = self.lanes.get(job.provider)
+        if lane is None or self.draining:
+            return
+        if self.replica is not None:
+            self.replica.wake()  # claimed like any other unheld active job
+            return
+        self.remaining.add((job.provider, job.key))
+        lane.schedule(job.key, self.clock.monotonic())
+
     # -- start-up -----------------------------------------------------------------------
     async def _setup_until_done(self, lane: Lane, stop: anyio.Event | None) -> bool:
         """Provider setup, retried while the provider is unreachable (a daemon must not
@@ -494,6 +532,8 @@ class Engine:
                 finally:
                     lane.in_flight.discard(key)
                     self._leave()
+                    if key in lane.cancels:  # asked for while this step ran
+                        lane.schedule(key, self.clock.monotonic())
 
     def _store_failed(self, lane: Lane, key: str, exc: StoreError) -> None:
         if self.replica is None:
@@ -508,6 +548,11 @@ class Engine:
             lane.forget(key)  # dropped while it waited in the queue
             return
         job = lane.cache.pop(key, None) or await self.store.get(lane.name, key)
+        req = lane.cancels.pop(key, None)
+        if req is not None and await control.serve_cancel(self, lane, job, req):
+            return
+        if job is not None and await control.expire(self, lane, job):
+            return
         if job is None or job.terminal:
             lane.forget(key)
             self._finished(lane.name, key)

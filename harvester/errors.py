@@ -131,6 +131,11 @@ class DecodeError(JobError):
         self.offset = offset
 
 
+class ControlError(HarvesterError):
+    """A cancel or retry that cannot be done (unknown job, wrong state, refused by the
+    provider): one line naming the job; nothing stored was changed."""
+
+
 class OutputError(HarvesterError):
     """Writing under ``output.dir`` failed: the disk is full or read-only, the folder is a
     file... Nothing is wrong with the job, so it is not charged an attempt: ``harvest``

@@ -48,13 +48,23 @@ class Event(StrEnum):
     HARVESTED = "harvested"  #: every output written and the manifest renamed into place
     HARVEST_RETRY = "harvest_retry"  #: a transient failure while harvesting: try again later
     GIVE_UP = "give_up"  #: terminal on our side; reason required
+    CANCEL = "cancel"  #: a user cancelled it (at the provider when its API can)
+    RETRY_SUBMIT = "retry_submit"  #: an error job never created remotely: create it again
+    RETRY_RECONCILE = "retry_reconcile"  #: an error job whose create may have landed: look first
+    RETRY_POLL = "retry_poll"  #: an error job with a remote id: poll (and harvest) it again
+    RESUBMIT = "resubmit"  #: a failed/cancelled remote job: a new remote attempt, on request
 
 
 _S = JobState
 _E = Event
 
 TRANSITIONS: Mapping[JobState, Mapping[Event, JobState]] = {
-    _S.NEW: {_E.SUBMIT: _S.SUBMITTING, _E.TRACK: _S.RUNNING, _E.GIVE_UP: _S.ERROR},
+    _S.NEW: {
+        _E.SUBMIT: _S.SUBMITTING,
+        _E.TRACK: _S.RUNNING,
+        _E.GIVE_UP: _S.ERROR,
+        _E.CANCEL: _S.CANCELLED,
+    },
     _S.SUBMITTING: {
         _E.ACCEPTED: _S.RUNNING,
         _E.FOUND_REMOTE: _S.RUNNING,
@@ -66,6 +76,7 @@ TRANSITIONS: Mapping[JobState, Mapping[Event, JobState]] = {
         _E.PROVIDER_FAILED: _S.FAILED,
         _E.PROVIDER_CANCELLED: _S.CANCELLED,
         _E.GIVE_UP: _S.ERROR,
+        _E.CANCEL: _S.CANCELLED,
     },
     _S.SUCCEEDED: {_E.HARVEST: _S.HARVESTING, _E.GIVE_UP: _S.ERROR},
     _S.HARVESTING: {
@@ -74,12 +85,21 @@ TRANSITIONS: Mapping[JobState, Mapping[Event, JobState]] = {
         _E.GIVE_UP: _S.ERROR,
     },
     _S.HARVESTED: {},
-    _S.FAILED: {},
-    _S.CANCELLED: {},
-    _S.ERROR: {},
+    _S.FAILED: {_E.RESUBMIT: _S.NEW},
+    _S.CANCELLED: {_E.RESUBMIT: _S.NEW},
+    _S.ERROR: {
+        _E.RETRY_SUBMIT: _S.NEW,
+        _E.RETRY_RECONCILE: _S.SUBMITTING,
+        _E.RETRY_POLL: _S.RUNNING,
+    },
 }
 
-TERMINAL: frozenset[JobState] = frozenset(s for s, moves in TRANSITIONS.items() if not moves)
+#: events only a user's request makes (``harvester retry``): the engine never sends them, so
+#: the states they leave still end a run
+RESTARTS = frozenset({_E.RESUBMIT, _E.RETRY_SUBMIT, _E.RETRY_RECONCILE, _E.RETRY_POLL})
+TERMINAL: frozenset[JobState] = frozenset(
+    s for s, moves in TRANSITIONS.items() if not set(moves) - RESTARTS
+)
 #: terminal states that count as "not harvested" for the exit code
 UNSUCCESSFUL: frozenset[JobState] = TERMINAL - {JobState.HARVESTED}
 ACTIVE: frozenset[JobState] = frozenset(JobState) - TERMINAL
@@ -87,8 +107,11 @@ ACTIVE: frozenset[JobState] = frozenset(JobState) - TERMINAL
 # Events whose target state needs a remote id / a reason; checked in ``apply`` so an
 # inconsistent job can never be produced.
 _NEEDS_REMOTE_ID = {_E.TRACK, _E.ACCEPTED, _E.FOUND_REMOTE}
-_NEEDS_REASON = {_E.GIVE_UP, _E.PROVIDER_FAILED, _E.PROVIDER_CANCELLED}
+_NEEDS_REASON = {_E.GIVE_UP, _E.PROVIDER_FAILED, _E.PROVIDER_CANCELLED, _E.CANCEL}
 _NEEDS_OUTPUT = {_E.HARVESTED}
+# "Cancelled by us" and "cancelled by the provider" are one state (neither is retried without
+# --resubmit, both end a run) told apart in ``Job.cancelled_by`` for the user.
+_CANCELLED_BY = {_E.CANCEL: "user", _E.PROVIDER_CANCELLED: "provider"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +135,26 @@ class Job:
     version: int = 0  #: bumped on every write; the store refuses a stale version
     #: ``remote_status`` is outside the provider's documented set (still polled as running)
     status_unknown: bool = False
+    #: who ended it ``cancelled``: "user" (harvester cancel) or "provider" (its verdict)
+    cancelled_by: str | None = None
+    #: remote ids of earlier remote attempts (``harvester retry --resubmit``), oldest first
+    past_remote_ids: tuple[str, ...] = ()
+    #: wall time the current remote attempt started (submit, track or retry): deadlines
+    started_at: float | None = None
+
+    @property
+    def remote_attempt(self) -> int:
+        """1 for the first remote job, n for the n-th (after n-1 resubmissions)."""
+        return len(self.past_remote_ids) + 1
+
+    @property
+    def remote_reference(self) -> str | None:
+        """The reference id the provider sees: the job's own on the first attempt, suffixed
+        ``~n`` on the n-th, so reconciliation by reference id finds this attempt's remote job
+        and never an earlier, failed one."""
+        if self.reference_id is None or not self.past_remote_ids:
+            return self.reference_id
+        return f"{self.reference_id}~{self.remote_attempt}"
 
     @property
     def terminal(self) -> bool:
@@ -136,6 +179,10 @@ def apply(job: Job, event: Event, *, now: float, **changes: Any) -> Job:
     for field in ("state", "version", "updated_at", "provider", "key", "created_at"):
         if field in changes:
             raise ValueError(f"apply() does not take {field!r}")
+    if target == JobState.RUNNING and job.state != JobState.RUNNING:
+        changes.setdefault("started_at", now)  # the deadline (job_timeout_s) counts from here
+    if event in _CANCELLED_BY:
+        changes.setdefault("cancelled_by", _CANCELLED_BY[event])
     new = dataclasses.replace(job, state=target, updated_at=now, version=job.version + 1, **changes)
     if event in _NEEDS_REMOTE_ID and not new.remote_id:
         raise ValueError(f"{event.value} needs a remote_id ({job.label})")

@@ -262,6 +262,12 @@ class Provider(Protocol):
 
     def parse_find(self, resp: Response, job: Job) -> FindResult: ...
 
+    def build_cancel(self, job: Job) -> RequestSpec | None:
+        """How to cancel a running job at the provider; None: its API has no cancel."""
+
+    def parse_cancel(self, resp: Response, job: Job) -> None:
+        """Raise unless the provider accepted the cancel (a refusal is a ``JobError``)."""
+
     async def poll(self, job: Job, client: Client) -> PollResult:
         """The job's current status: one request for most providers, a few for some
         (Bentley: state, progress, and the messages of a failed job). Built only from the

@@ -145,7 +145,7 @@ class BentleyProvider(NoSetup):
         body = self._create_body(payload)
         # Named after the reference id (a payload's own name is replaced): the name is how a
         # lost create answer is found again.
-        body["name"] = job_name(job.reference_id or job.key)
+        body["name"] = job_name(job.remote_reference or job.key)
         return RequestSpec(
             "POST",
             self.jobs,
@@ -164,7 +164,7 @@ class BentleyProvider(NoSetup):
 
     # -- reconciliation: the job listing, by name ---------------------------------------
     def build_find(self, job: Job, cursor: str | None) -> RequestSpec | None:
-        name = job_name(job.reference_id or job.key).replace("'", "''")  # an OData literal
+        name = job_name(job.remote_reference or job.key).replace("'", "''")  # an OData literal
         params = {"$filter": f"name eq '{name}'", "$top": str(FIND_PAGE)}
         if cursor:
             params["continuationToken"] = cursor
@@ -180,7 +180,7 @@ class BentleyProvider(NoSetup):
         jobs = body.get("jobs")
         if not isinstance(jobs, list):
             raise _protocol(resp, "job listing has no jobs list", job)
-        name = job_name(job.reference_id or job.key)
+        name = job_name(job.remote_reference or job.key)
         ids = [j.get("id") for j in jobs if isinstance(j, dict) and j.get("name") == name]
         if len(ids) > 1 or (ids and (not isinstance(ids[0], str) or not ids[0])):
             raise ProviderJobFailed(
@@ -204,6 +204,15 @@ class BentleyProvider(NoSetup):
     # -- poll ---------------------------------------------------------------------------
     def _job_url(self, job: Job) -> str:
         return f"{self.jobs}/{quote(str(job.remote_id), safe='')}"
+
+    # -- cancel: DELETE /jobs/{id} (200 with the job, 422 when it cannot be cancelled) ----
+    def build_cancel(self, job: Job) -> RequestSpec | None:
+        return RequestSpec(
+            "DELETE", self._job_url(job), endpoint="cancel", headers={"Accept": ACCEPT}
+        )
+
+    def parse_cancel(self, resp: Response, job: Job) -> None:
+        _job_object(self._ok(resp, job, "cancel"), resp, job)
 
     def build_get(self, job: Job) -> RequestSpec:
         return RequestSpec("GET", self._job_url(job), endpoint="poll", headers={"Accept": ACCEPT})

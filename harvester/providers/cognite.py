@@ -147,6 +147,13 @@ class CogniteProvider(NoSetup):
     def parse_find(self, resp: Response, job: Job) -> FindResult:
         return NotFound()
 
+    # -- cancel: the vision segmentation API has create and retrieve only -------------
+    def build_cancel(self, job: Job) -> RequestSpec | None:
+        return None
+
+    def parse_cancel(self, resp: Response, job: Job) -> None:
+        return None
+
     # -- poll ---------------------------------------------------------------------------
     def build_poll(self, job: Job) -> RequestSpec:
         return RequestSpec(

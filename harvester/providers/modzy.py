@@ -131,6 +131,15 @@ class ModzyProvider(NoSetup):
     def parse_find(self, resp: Response, job: Job) -> FindResult:
         return NotFound()
 
+    # -- cancel: DELETE /api/jobs/{id} answers the job (the SDK's ``jobs.cancel``) -------
+    def build_cancel(self, job: Job) -> RequestSpec | None:
+        return RequestSpec(
+            "DELETE", f"{self.jobs}/{quote(str(job.remote_id), safe='')}", endpoint="cancel"
+        )
+
+    def parse_cancel(self, resp: Response, job: Job) -> None:
+        self._ok(resp, job, "cancel")
+
     # -- poll ---------------------------------------------------------------------------
     def build_poll(self, job: Job) -> RequestSpec:
         return RequestSpec(

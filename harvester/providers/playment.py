@@ -150,7 +150,7 @@ class PlaymentProvider:
 
     # -- create -------------------------------------------------------------------------
     def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:
-        body: dict[str, Any] = {"reference_id": job.reference_id, "data": payload["data"]}
+        body: dict[str, Any] = {"reference_id": job.remote_reference, "data": payload["data"]}
         flow = payload.get("work_flow_id") or self.cfg.work_flow_id
         if flow:
             body["work_flow_id"] = flow
@@ -175,6 +175,13 @@ class PlaymentProvider:
             raise self._protocol(resp, "create answer has no data.job_id", job)
         return Accepted(job_id)
 
+    # -- cancel: Playment's API documents none -----------------------------------------
+    def build_cancel(self, job: Job) -> RequestSpec | None:
+        return None
+
+    def parse_cancel(self, resp: Response, job: Job) -> None:
+        return None
+
     # -- reconciliation -----------------------------------------------------------------
     def build_find(self, job: Job, cursor: str | None) -> RequestSpec | None:
         if self.batch_id is None:
@@ -190,7 +197,7 @@ class PlaymentProvider:
         if not isinstance(jobs, list):
             raise self._protocol(resp, "batch listing has no data.jobs list", job)
         for item in jobs:
-            if isinstance(item, dict) and item.get("reference_id") == job.reference_id:
+            if isinstance(item, dict) and item.get("reference_id") == job.remote_reference:
                 remote = item.get("id") or item.get("job_id")
                 if isinstance(remote, str) and remote:
                     return Found(remote)

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+import orjson
+
 from harvester.errors import StoreError
 from harvester.jobs import Event, Job, JobState
 
@@ -76,6 +78,27 @@ class ReplicaInfo:
     heartbeat_ago_s: float
     lease_left_s: float
     held: int  #: active jobs it owns
+
+
+class JobPage(NamedTuple):
+    """One page of ``Store.page``: the jobs, and the cursor of the next page (None: last)."""
+
+    jobs: list[Job]
+    next_after: int | None
+
+
+def encode_past_ids(ids: tuple[str, ...]) -> str | None:
+    """``Job.past_remote_ids`` as the stores keep it: a JSON array, NULL when empty."""
+    return orjson.dumps(list(ids)).decode() if ids else None
+
+
+def decode_past_ids(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    ids = orjson.loads(text)
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise StoreError(f"stored past_remote_ids {text[:80]!r} is not a list of ids")
+    return tuple(ids)
 
 
 #: the meta entry ``copy_store`` leaves in a store it copied from: opening it again is refused
@@ -157,6 +180,19 @@ class Store(Protocol):
         missed; a backend whose writers commit out of order (PostgreSQL) may report a job
         again, so callers ignore jobs they already know.
         """
+
+    async def page(
+        self,
+        *,
+        provider: str | None = None,
+        states: Sequence[JobState] | None = None,
+        since: float | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> JobPage:
+        """Up to ``limit`` jobs after the cursor ``after`` (0: from the start), in the order
+        they were added, filtered by provider, states and ``updated_at >= since``. One
+        indexed range read per page: a store of millions of jobs is paged, never loaded."""
 
     async def get_meta(self, name: str) -> str | None:
         """A small named value the program keeps (e.g. a provider batch id)."""

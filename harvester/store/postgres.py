@@ -43,10 +43,12 @@ from harvester.store.base import (
     MOVED_META,
     AddResult,
     DumpedJob,
+    JobPage,
     JobRef,
     NewJob,
     Renewal,
     ReplicaInfo,
+    encode_past_ids,
     moved_error,
     not_empty_error,
 )
@@ -128,6 +130,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: a status the provider does not document, so `harvester status` can name it
     ("ALTER TABLE jobs ADD COLUMN status_unknown boolean NOT NULL DEFAULT false",),
+    # 3: control (harvester cancel / retry / job_timeout_s); see the sqlite store
+    (
+        "ALTER TABLE jobs ADD COLUMN cancelled_by text",
+        "ALTER TABLE jobs ADD COLUMN past_remote_ids text",
+        "ALTER TABLE jobs ADD COLUMN started_at double precision",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _OUR_TABLES = ("jobs", "meta", "replicas")
@@ -144,14 +152,17 @@ UPDATE jobs AS j SET
     remote_status = v.remote_status, progress = v.progress, reason = v.reason,
     attempts = v.attempts, due_at = v.due_at, output = v.output,
     updated_at = v.updated_at, version = v.version, status_unknown = v.status_unknown,
+    cancelled_by = v.cancelled_by, past_remote_ids = v.past_remote_ids,
+    started_at = v.started_at,
     owner = CASE WHEN v.state = ANY($16::text[]) THEN NULL ELSE j.owner END,
     claimed_at = CASE WHEN v.state = ANY($16::text[]) THEN NULL ELSE j.claimed_at END
 FROM unnest(
     $1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::float8[], $9::text[], $10::int[], $11::float8[], $12::text[], $13::float8[],
-    $14::int[], $15::int[], $18::bool[]
+    $14::int[], $15::int[], $18::bool[], $19::text[], $20::text[], $21::float8[]
 ) AS v(i, provider, key, reference_id, remote_id, state, remote_status, progress, reason,
-       attempts, due_at, output, updated_at, version, base_version, status_unknown)
+       attempts, due_at, output, updated_at, version, base_version, status_unknown,
+       cancelled_by, past_remote_ids, started_at)
 WHERE j.provider = v.provider AND j.key = v.key AND j.version = v.base_version
     AND ($17::text IS NULL OR j.owner = $17::text)
 RETURNING v.i
@@ -516,6 +527,43 @@ class PostgresStore:
             )
         return [_job_from_row(tuple(r)) for r in rows]
 
+    async def page(
+        self,
+        *,
+        provider: str | None = None,
+        states: Sequence[JobState] | None = None,
+        since: float | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> JobPage:
+        """See the protocol. Keyset paging on ``seq`` (the unique index ``jobs_seq``): a
+        listing, not a feed, so a job whose insert commits behind a later one may be missed
+        by a walk already past its ``seq`` (``added_since`` is the feed)."""
+        where: list[str] = ["seq > $1"]
+        params: list[Any] = [after]
+        if provider is not None:
+            params.append(provider)
+            where.append(f"provider = ${len(params)}")
+        if states is not None:
+            if not states:
+                return JobPage([], None)
+            params.append([JobState(s).value for s in states])
+            where.append(f"state = ANY(${len(params)}::text[])")
+        if since is not None:
+            params.append(since)
+            where.append(f"updated_at >= ${len(params)}")
+        params.append(limit + 1)
+        sql = (
+            f"SELECT seq, {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)}"
+            f" ORDER BY seq LIMIT ${len(params)}"
+        )
+        async with self._connection() as conn:
+            rows = await conn.fetch(sql, *params)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        jobs = [_job_from_row(tuple(r)[1:]) for r in rows]
+        return JobPage(jobs, int(rows[-1][0]) if more else None)
+
     async def counts(self) -> dict[tuple[str, JobState], int]:
         async with self._connection() as conn:
             rows = await conn.fetch(
@@ -839,6 +887,9 @@ class PostgresStore:
             _TERMINAL,
             self._owner,
             [j.status_unknown for j in jobs],
+            [j.cancelled_by for j in jobs],
+            [encode_past_ids(j.past_remote_ids) for j in jobs],
+            [j.started_at for j in jobs],
         )
         return {int(r[0]) for r in rows}
 

@@ -38,8 +38,11 @@ from harvester.store.base import (
     MOVED_META,
     AddResult,
     DumpedJob,
+    JobPage,
     JobRef,
     NewJob,
+    decode_past_ids,
+    encode_past_ids,
     moved_error,
     not_empty_error,
 )
@@ -83,13 +86,21 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: a status the provider does not document, so `harvester status` can name it
     ("ALTER TABLE jobs ADD COLUMN status_unknown INTEGER NOT NULL DEFAULT 0",),
+    # 3: control (harvester cancel / retry / job_timeout_s): who cancelled, the remote ids of
+    # earlier remote attempts (a JSON array), and when the current attempt started
+    (
+        "ALTER TABLE jobs ADD COLUMN cancelled_by TEXT",
+        "ALTER TABLE jobs ADD COLUMN past_remote_ids TEXT",
+        "ALTER TABLE jobs ADD COLUMN started_at REAL",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 # The order of ``Job``'s constructor, so a row becomes a Job without a dict in between.
 _JOB_COLUMNS = (
     "provider, key, reference_id, remote_id, state, created_at, updated_at, remote_status,"
-    " progress, reason, attempts, due_at, output, version, status_unknown"
+    " progress, reason, attempts, due_at, output, version, status_unknown, cancelled_by,"
+    " past_remote_ids, started_at"
 )
 _SELECT_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs"
 _ORDER = " ORDER BY created_at, rowid"
@@ -100,7 +111,8 @@ _INSERT_JOB = (
 _UPDATE_JOB = (
     "UPDATE jobs SET reference_id = ?, remote_id = ?, state = ?, remote_status = ?,"
     " progress = ?, reason = ?, attempts = ?, due_at = ?, output = ?, updated_at = ?,"
-    " version = ?, status_unknown = ? WHERE provider = ? AND key = ? AND version = ?"
+    " version = ?, status_unknown = ?, cancelled_by = ?, past_remote_ids = ?, started_at = ?"
+    " WHERE provider = ? AND key = ? AND version = ?"
 )
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9._+-]{1,120}")
@@ -110,7 +122,8 @@ _NEED_REASON = ("failed", "cancelled", "error")
 
 def _job_from_row(row: tuple[Any, ...]) -> Job:
     (provider, key, reference_id, remote_id, state, created_at, updated_at, remote_status,
-     progress, reason, attempts, due_at, output, version, unknown) = row  # fmt: skip
+     progress, reason, attempts, due_at, output, version, unknown, cancelled_by, past,
+     started_at) = row  # fmt: skip
     return Job(
         provider,
         key,
@@ -127,6 +140,9 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         output,
         version,
         bool(unknown),  # sqlite keeps it as 0/1
+        cancelled_by,
+        decode_past_ids(past),
+        started_at,
     )
 
 
@@ -151,6 +167,9 @@ def _job_row(job: Job) -> tuple[Any, ...]:
         job.output,
         job.version,
         job.status_unknown,
+        job.cancelled_by,
+        encode_past_ids(job.past_remote_ids),
+        job.started_at,
     )
 
 
@@ -439,6 +458,9 @@ class _Db:
                             job.updated_at,
                             job.version,
                             job.status_unknown,
+                            job.cancelled_by,
+                            encode_past_ids(job.past_remote_ids),
+                            job.started_at,
                             job.provider,
                             job.key,
                             base_version,
@@ -517,6 +539,39 @@ class _Db:
         )
         params = [*(JobState(s).value for s in states), limit]
         return [_job_from_row(row) for row in self.conn.execute(sql, params)]
+
+    def page(
+        self,
+        provider: str | None,
+        states: Sequence[JobState] | None,
+        since: float | None,
+        after: int,
+        limit: int,
+    ) -> JobPage:
+        # Keyset paging on rowid: each page is one indexed range read, however many jobs the
+        # table holds, and a job added meanwhile lands after every cursor already handed out.
+        where: list[str] = ["rowid > ?"]
+        params: list[Any] = [after]
+        if provider is not None:
+            where.append("provider = ?")
+            params.append(provider)
+        if states is not None:
+            if not states:
+                return JobPage([], None)
+            where.append(f"state IN ({_placeholders(len(states))})")
+            params.extend(JobState(s).value for s in states)
+        if since is not None:
+            where.append("updated_at >= ?")
+            params.append(since)
+        rows = self.conn.execute(
+            f"SELECT rowid, {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)}"
+            " ORDER BY rowid LIMIT ?",
+            (*params, limit + 1),
+        ).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        jobs = [_job_from_row(row[1:]) for row in rows]
+        return JobPage(jobs, int(rows[-1][0]) if more else None)
 
     def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         # Rows enter the table only through add_jobs and are never deleted, so rowids only
@@ -822,6 +877,17 @@ class SqliteStore:
 
     async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         return await self._call(lambda db: db.added_since(cursor))
+
+    async def page(
+        self,
+        *,
+        provider: str | None = None,
+        states: Sequence[JobState] | None = None,
+        since: float | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> JobPage:
+        return await self._call(lambda db: db.page(provider, states, since, after, limit))
 
     async def get_meta(self, name: str) -> str | None:
         return await self._call(lambda db: db.get_meta(name))

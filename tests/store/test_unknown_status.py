@@ -81,5 +81,5 @@ async def test_a_store_of_schema_1_is_upgraded_with_its_jobs(tmp_path: Path) -> 
         await store.update(job, now=3.0, status_unknown=True)
         assert await store.unknown_statuses() == {("playment", "in_review"): 1}
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS) == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS)
     conn.close()

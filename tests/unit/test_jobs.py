@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from harvester.errors import IllegalTransition
 from harvester.jobs import (
     ACTIVE,
+    RESTARTS,
     TERMINAL,
     TRANSITIONS,
     Event,
@@ -112,11 +113,25 @@ def test_illegal_move(state: JobState, event: Event) -> None:
     assert job.label in str(caught.value)
 
 
-def test_terminal_states_have_no_way_out() -> None:
+def test_terminal_states_have_no_way_out_but_a_users_retry() -> None:
     for state in TERMINAL:
-        for event in Event:
+        for event in set(Event) - RESTARTS:
             with pytest.raises(IllegalTransition):
                 apply(job_in(state), event, now=1.0, reason="x")
+
+
+def test_harvested_is_final_and_retries_leave_only_failures() -> None:
+    assert not TRANSITIONS[JobState.HARVESTED]
+    for state, moves in TRANSITIONS.items():
+        for event in RESTARTS & set(moves):
+            assert state in (JobState.FAILED, JobState.CANCELLED, JobState.ERROR), (state, event)
+
+
+def test_a_user_cancel_ends_new_and_running_jobs_only() -> None:
+    sources = {s for s, moves in TRANSITIONS.items() if Event.CANCEL in moves}
+    assert sources == {JobState.NEW, JobState.RUNNING}
+    with pytest.raises(ValueError, match="reason"):
+        apply(job_in(JobState.RUNNING), Event.CANCEL, now=1.0, reason=None)
 
 
 @pytest.mark.parametrize("event", [Event.TRACK, Event.ACCEPTED, Event.FOUND_REMOTE])
