@@ -97,6 +97,9 @@ args=(--build-arg "PYTHON_IMAGE=$base" --build-arg "VERSION=$VERSION"
 if [ "$builder" = docker ]; then
     DOCKER_BUILDKIT=1 docker build "${args[@]}"
 else
-    buildah build --layers --pull=never --format docker "${args[@]}"
+    # No --layers: buildah 1.28 cannot bind-mount a stage that came whole from its layer
+    # cache (RUN --mount=...,from=builder finds no /wheels), so a second build of the same
+    # source failed. Each build starts from the (cached) base instead.
+    buildah build --pull=never --format docker "${args[@]}"
 fi
 say "built $IMAGE"
