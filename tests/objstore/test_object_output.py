@@ -13,6 +13,7 @@ import anyio
 import numpy as np
 import pytest
 
+from harvester.api import job_document
 from harvester.config import Config
 from harvester.emulator.server import Emulator
 from harvester.engine import Engine
@@ -99,6 +100,12 @@ async def test_harvest_to_object_store_equals_ground_truth_rerun_sends_nothing_c
         assert await harvest(config, jobs) == {JobState.HARVESTED: 4}
         assert len(emu.state.requests()) == seen  # the rerun sends nothing
         assert await check(config) == []
+        assert config.store.path is not None
+        async with SqliteStore(config.store.path) as store:
+            job = await store.get("playment", jobs[0].key)
+        assert job is not None
+        # GET /jobs/{provider}/{key} gives the output as its URL
+        assert job_document(job, config)["output"] == f"{backend.url}/playment/{jobs[0].key}"
 
         # --check reads the objects back: one changed byte, same size, is caught...
         rel = f"playment/{jobs[0].key}/labels/f-001.npy"
