@@ -139,12 +139,19 @@ def job_document(job: Job, config: Config) -> dict[str, Any]:
         "created_at": iso(job.created_at),
         "updated_at": iso(job.updated_at),
         "due_at": iso(job.due_at),
-        "output": str(config.output.dir / job.output) if job.output else None,
+        "output": output_url(config, job.output) if job.output else None,
         "cancelled_by": job.cancelled_by,
         "remote_attempt": job.remote_attempt,
         "past_remote_ids": list(job.past_remote_ids),
         "started_at": iso(job.started_at),
     }
+
+
+def output_url(config: Config, relative: str) -> str:
+    """A harvested job's output: its folder, or its URL in object storage."""
+    if config.output.url is not None:
+        return f"{config.output.url.rstrip('/')}/{relative}"
+    return str(config.output.dir / relative)
 
 
 # -- request bodies -----------------------------------------------------------------------

@@ -221,20 +221,23 @@ async def _copy_store(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _bind_output(config: Config, args: argparse.Namespace) -> int:
+    from harvester.objstore import output_place
     from harvester.store.binding import rebind_output, store_name
 
     with engine_lock(config.store):
         store = await _open_store(config)
         try:
-            before, now = await rebind_output(store, config.output.dir, store_name(config.store))
+            place = output_place(config.output)
+            before, now = await rebind_output(store, place, store_name(config.store))
         finally:
             await store.close()
     was = f"job store {before}" if before else "no store"
-    print(f"{config.output.dir} now belongs to job store {now} (it belonged to {was})")
+    print(f"{place} now belongs to job store {now} (it belonged to {was})")
     return EXIT_OK
 
 
 async def _status(config: Config, args: argparse.Namespace) -> int:
+    from harvester.objstore import output_place
     from harvester.verify import Report, verify_outputs
 
     store = await _open_store(config)
@@ -246,10 +249,11 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
         if args.check:
             from harvester.store.binding import binding_problem, store_name
 
-            bound = await binding_problem(store, config.output.dir, store_name(config.store))
+            place = output_place(config.output)
+            bound = await binding_problem(store, place, store_name(config.store))
             problems = ([bound] if bound else []) + await store.check()
             everything = await store.jobs()
-            report = await anyio.to_thread.run_sync(verify_outputs, config.output.dir, everything)
+            report = await anyio.to_thread.run_sync(verify_outputs, place, everything)
             problems += report.problems
         else:
             problems = []
@@ -291,14 +295,14 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
     config.check_secrets()
-    from harvester.fsutil import check_writable
     from harvester.jobsfile import read_jobs_files
+    from harvester.objstore import prove_output
 
     # Read first: a bad jobs file changes nothing, not even the lock file.
     jobs = read_jobs_files(args.jobs, config) if args.jobs else []
     # Before the jobs are added or anything is sent: an unwritable output is found now, not
     # after creates went out.
-    await anyio.to_thread.run_sync(check_writable, config.output.dir)
+    await anyio.to_thread.run_sync(prove_output, config.output)
     with engine_lock(config.store):
         return await _harvest_locked(config, args, providers, jobs)
 
@@ -308,6 +312,7 @@ async def _harvest_locked(
 ) -> int:
     from harvester.clock import SystemClock
     from harvester.engine import Engine
+    from harvester.objstore import output_place
     from harvester.store.binding import bind_output, store_name
     from harvester.summary import Progress, render_run, render_status, status_json
 
@@ -315,7 +320,7 @@ async def _harvest_locked(
     interrupted = False
     try:
         # Before anything is added or sent: a store that is not the output's is refused.
-        await bind_output(store, config.output.dir, store_name(config.store))
+        await bind_output(store, output_place(config.output), store_name(config.store))
         if jobs:
             added = await store.add_jobs(jobs, now=SystemClock().wall())
             log.info("jobs added", added=len(added.added), already_present=len(added.duplicates))

@@ -156,6 +156,21 @@ class OutputConfig:
     dir: Path = Path("harvest")
     #: "auto": the smallest unsigned type that holds the largest label of each array
     label_dtype: Literal["auto", "uint8", "uint16", "uint32", "uint64"] = "auto"
+    #: ``output.dir`` when it is ``s3://``, ``az://`` or ``gs://`` (harvester.objstore); ``dir``
+    #: is then the local staging folder (``staging_dir``, by default one in the temp folder)
+    url: str | None = None
+    staging_dir: Path | None = None
+    #: object stores: an S3-compatible store's or an emulator's address, the S3 region
+    endpoint: str | None = None
+    region: str | None = None
+    access_key_id: SecretRef | None = None
+    secret_access_key: SecretRef | None = None
+    account_name: str | None = None
+    account_key: SecretRef | None = None
+    service_account_key: SecretRef | None = None
+    #: object stores: a file above this is sent as a multipart upload of parts this big
+    #: (S3 takes 5 MiB at least); two parts are in flight at once, the memory a file costs
+    part_bytes: int = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -206,7 +221,9 @@ class Config:
         for provider in self.providers.values():
             for ref in provider.secrets():
                 ref.reveal()
-        for optional in (self.store.password, self.server.token):
+        out = self.output
+        refs = (out.access_key_id, out.secret_access_key, out.account_key, out.service_account_key)
+        for optional in (self.store.password, self.server.token, *refs):
             if optional is not None:
                 optional.reveal()
 
@@ -241,7 +258,7 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
     store = ctx.build(StoreConfig, store_table, "store", skip=frozenset({"path"}))
     store = dataclasses.replace(store, path=_sqlite_path(store.url, base, ctx))
     _check_store(store, ctx)
-    output = ctx.build(OutputConfig, ctx.table(data, "output"), "output")
+    output = _output(ctx, dict(ctx.table(data, "output")))
     server = ctx.build(ServerConfig, ctx.table(data, "server"), "server")
     _check_listen(server.listen, ctx)
     harvest = ctx.build(HarvestConfig, ctx.table(data, "harvest"), "harvest")
@@ -286,7 +303,7 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
     return Config(
         source=source,
         store=store,
-        output=dataclasses.replace(output, dir=ctx.path(output.dir)),
+        output=output,
         server=server,
         harvest=harvest,
         log=log,
@@ -406,6 +423,32 @@ def _sqlite_path(url: str, base: Path, ctx: _Ctx) -> Path | None:
         ctx.fail("store.url names no sqlite file")
     # sqlite:///abs/path.db is absolute; sqlite://rel.db is relative to the config file.
     return Path(rest) if rest.startswith("/") else base / rest
+
+
+def _output(ctx: _Ctx, table: dict[str, Any]) -> OutputConfig:
+    raw = table.get("dir")
+    url = raw if isinstance(raw, str) and "://" in raw else None
+    if url is not None:
+        from harvester.objstore import default_staging, parse_location
+
+        try:
+            parse_location(url)
+        except ValueError as exc:
+            ctx.fail(f"output.dir: {exc}")
+        del table["dir"]
+    output = ctx.build(OutputConfig, table, "output", skip=frozenset({"url"}))
+    if url is None:
+        if output.staging_dir is not None:
+            ctx.fail("output.staging_dir is for an object-store output.dir (s3://, az://, gs://)")
+        return dataclasses.replace(output, dir=ctx.path(output.dir))
+    if output.endpoint is not None and not output.endpoint.startswith(("http://", "https://")):
+        ctx.fail(f"output.endpoint must be an http:// or https:// URL, got {output.endpoint!r}")
+    if (output.access_key_id is None) != (output.secret_access_key is None):
+        ctx.fail("output: set both access_key_id and secret_access_key, or neither")
+    if not 5 << 20 <= output.part_bytes <= 512 << 20:
+        ctx.fail(f"output.part_bytes must be 5 MiB..512 MiB, got {output.part_bytes}")
+    staging = ctx.path(output.staging_dir) if output.staging_dir else default_staging(url)
+    return dataclasses.replace(output, url=url, dir=staging, staging_dir=staging)
 
 
 class _Ctx:

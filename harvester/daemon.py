@@ -34,6 +34,7 @@ from harvester.engine import Engine
 from harvester.errors import ConfigError, FatalError, HarvesterError
 from harvester.httpserver import serve_http
 from harvester.logs import get_logger
+from harvester.objstore import output_place
 from harvester.store import make_store
 from harvester.store.base import Store
 from harvester.store.binding import ensure_marker, store_binding, store_name
@@ -64,11 +65,10 @@ async def serve(config: Config) -> int:
             # marker is written by the engine once output.dir proves writable (the daemon may
             # start on a read-only or full disk and wait for it, not ready).
             where = store_name(config.store)
-            store_id = await store_binding(store, config.output.dir, where)
+            place = output_place(config.output)
+            store_id = await store_binding(store, place, where)
             daemon = Daemon(config, store)
-            daemon.engine.output_ready = functools.partial(
-                ensure_marker, config.output.dir, store_id, where
-            )
+            daemon.engine.output_ready = functools.partial(ensure_marker, place, store_id, where)
             return await daemon.run()
         finally:
             with anyio.CancelScope(shield=True):

@@ -52,11 +52,12 @@ from harvester.errors import (
     brief,
 )
 from harvester.failpoints import failpoint
-from harvester.fsutil import check_writable
 from harvester.harvest import JobOutput
 from harvester.jobs import Event, Job, JobState
 from harvester.logs import get_logger
 from harvester.metrics import Metrics
+from harvester.objoutput import ObjectJobOutput
+from harvester.objstore import bucket_for, prove_output
 from harvester.providers import make_auth, make_provider
 from harvester.providers.base import (
     Accepted,
@@ -317,7 +318,7 @@ class Engine:
             delay = min(delay * 2, OUTPUT_RETRY_MAX_S)
 
     def _prove_output(self, root: Path) -> None:
-        check_writable(root)
+        prove_output(self.config.output)
         if self.output_ready is not None:
             self.output_ready()
 
@@ -338,7 +339,7 @@ class Engine:
             while True:
                 await self.clock.sleep_until(self.clock.monotonic() + delay)
                 try:
-                    await anyio.to_thread.run_sync(check_writable, self.config.output.dir)
+                    await anyio.to_thread.run_sync(prove_output, self.config.output)
                     break
                 except OutputError as exc:
                     self.output_problem = str(exc)
@@ -908,7 +909,8 @@ class Engine:
                 raise RetryableErrorInHarvest(
                     f"job is not finished any more (provider status {brief(raw, 80)!r})"
                 )
-            out = JobOutput(
+            bucket = bucket_for(self.config.output)
+            out = (JobOutput if bucket is None else functools.partial(ObjectJobOutput, bucket))(
                 self.config.output.dir,
                 job,
                 payload=await self.store.load_payload(job),
@@ -936,7 +938,7 @@ class Engine:
             if self.replica is not None:
                 # Only the lease holder completes an output: proven just before the rename.
                 job = await self.replica.confirm(job)
-            relative = out.write_manifest(harvested_at=self.clock.wall())
+            relative = await out.publish(harvested_at=self.clock.wall())
         except NotSent:
             return  # stopping: the job stays harvesting, and the next run harvests it
         except RetryableError as exc:

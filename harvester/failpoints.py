@@ -38,6 +38,9 @@ The points (``POINTS``), in the order a job meets them:
 ``harvest.before_manifest`` / ``harvest.after_manifest``
     harvest ``JobOutput.write_manifest``: every other file is in place, ``MANIFEST.json`` not
     yet written / written and renamed, the job not yet marked ``harvested``.
+``upload.part``
+    objstore ``_Verified``: an object-store ``output.dir`` only: a part of a file being
+    published was handed to the upload, the upload not yet committed.
 """
 
 from __future__ import annotations
@@ -49,7 +52,15 @@ import os
 import signal
 from dataclasses import dataclass
 
-__all__ = ["COUNTS_ENV", "ENV", "POINTS", "FailpointSpecError", "failpoint", "parse"]
+__all__ = [
+    "COUNTS_ENV",
+    "ENV",
+    "OBJECT_STORE_POINTS",
+    "POINTS",
+    "FailpointSpecError",
+    "failpoint",
+    "parse",
+]
 
 ENV = "HARVESTER_FAILPOINTS"
 COUNTS_ENV = "HARVESTER_FAILPOINTS_COUNTS"
@@ -67,6 +78,9 @@ POINTS: tuple[str, ...] = (
     "harvest.before_manifest",
     "harvest.after_manifest",
 )
+#: points only an object-store ``output.dir`` reaches (kept out of ``POINTS``, which the
+#: crash tests of a local output calibrate and draw from)
+OBJECT_STORE_POINTS: tuple[str, ...] = ("upload.part",)
 
 
 class FailpointSpecError(ValueError):
@@ -88,9 +102,10 @@ def parse(spec: str) -> dict[str, int]:
             continue
         name, sep, action = item.partition("=")
         name, action = name.strip(), action.strip()
-        if name not in POINTS:
+        if name not in POINTS + OBJECT_STORE_POINTS:
             raise FailpointSpecError(
-                f"{ENV}: unknown failpoint {name!r} (known: {', '.join(POINTS)})"
+                f"{ENV}: unknown failpoint {name!r} (known:"
+                f" {', '.join(POINTS + OBJECT_STORE_POINTS)})"
             )
         verb, _, count = action.partition("@")
         if not sep or verb != "kill":
@@ -108,7 +123,7 @@ def _arm() -> dict[str, _Point]:
     armed = {name: _Point(kill_at=n) for name, n in parse(os.environ.get(ENV, "")).items()}
     counts_file = os.environ.get(COUNTS_ENV)
     if counts_file:
-        for name in POINTS:
+        for name in POINTS + OBJECT_STORE_POINTS:
             armed.setdefault(name, _Point())
         atexit.register(_write_counts, counts_file, armed)
     return armed

@@ -560,7 +560,7 @@ class JobOutput:
     def write_json(self, relpath: str, obj: Any) -> None:
         self.write_bytes(relpath, orjson.dumps(obj, option=orjson.OPT_INDENT_2))
 
-    def write_manifest(self, *, harvested_at: float) -> Path:
+    def manifest_bytes(self, *, harvested_at: float) -> bytes:
         manifest = {
             "provider": self.job.provider,
             "job_key": self.job.key,
@@ -569,6 +569,15 @@ class JobOutput:
             "harvested_at": harvested_at,
             "files": {k: self.entries[k].as_json() for k in sorted(self.entries)},
         }
+        return orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
+
+    async def publish(self, *, harvested_at: float) -> Path:
+        """Complete the output (``MANIFEST.json`` last); returns its folder relative to
+        ``output.dir``. An object-store output uploads the folder here (``objoutput``)."""
+        return self.write_manifest(harvested_at=harvested_at)
+
+    def write_manifest(self, *, harvested_at: float) -> Path:
+        data = self.manifest_bytes(harvested_at=harvested_at)
         with tracing.step("write", self.job, file=MANIFEST), self.tree.folder(self.parts) as fd:
             with disk_errors(f"{self.dir}/{JOURNAL}"), contextlib.suppress(FileNotFoundError):
                 os.unlink(JOURNAL, dir_fd=fd)
@@ -576,7 +585,7 @@ class JobOutput:
             write_atomic(
                 fd,
                 MANIFEST,
-                orjson.dumps(manifest, option=orjson.OPT_INDENT_2),
+                data,
                 shown=f"{self.dir}/{MANIFEST}",
             )
         failpoint("harvest.after_manifest")

@@ -31,6 +31,7 @@ import orjson
 
 from harvester.fsutil import TMP_MARK, sha256_file
 from harvester.jobs import Job, JobState
+from harvester.objstore import Bucket
 
 MANIFEST = "MANIFEST.json"
 _MIN_MAX_BLOCK = 1 << 22  # elements per step when checking an array's min and max
@@ -47,9 +48,15 @@ class Report:
         return {"harvested_jobs": self.jobs, "files": self.files, "bytes": self.bytes}
 
 
-def verify_outputs(root: Path, jobs: Iterable[Job]) -> Report:
+def verify_outputs(root: Path | Bucket, jobs: Iterable[Job]) -> Report:
     """Check the output folder of every job in ``jobs`` under ``root`` (``output.dir``)."""
     report = Report()
+    if isinstance(root, Bucket):
+        from harvester.verify_objects import verify_objects
+
+        for job in jobs:
+            verify_objects(root, job, report)
+        return report
     base = root.resolve()
     for job in jobs:
         _Job(job, root, base, report).check()
@@ -158,28 +165,9 @@ class _Job:
             self._array(rel, path, entry)
 
     def _array(self, rel: str, path: Path, entry: dict[str, Any]) -> None:
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            self.problem(f"{rel} is not a loadable .npy: {exc}")
-            return
-        if str(arr.dtype) != entry.get("dtype") or list(arr.shape) != entry.get("shape"):
-            self.problem(
-                f"{rel} is {arr.dtype}{list(arr.shape)}, {MANIFEST} says"
-                f" {entry.get('dtype')}{entry.get('shape')}"
-            )
-            return
-        low = high = None
-        for start in range(0, arr.size, _MIN_MAX_BLOCK):
-            block = arr.reshape(-1)[start : start + _MIN_MAX_BLOCK]
-            lo, hi = int(block.min()), int(block.max())
-            low = lo if low is None else min(low, lo)
-            high = hi if high is None else max(high, hi)
-        if (low, high) != (entry.get("min"), entry.get("max")):
-            self.problem(
-                f"{rel} holds labels {low}..{high}, {MANIFEST} says"
-                f" {entry.get('min')}..{entry.get('max')}"
-            )
+        problem = array_problem(rel, path, entry)
+        if problem:
+            self.problem(problem)
 
     def _whole(self, on_disk: Iterable[str]) -> None:
         """No manifest to compare with: files under final names must at least be whole."""
@@ -227,3 +215,28 @@ def _npy_problem(path: Path) -> str | None:
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     size = path.stat().st_size
     return None if size == expected else f"{size} bytes, its header promises {expected}"
+
+
+def array_problem(rel: str, path: Path, entry: dict[str, Any]) -> str | None:
+    """Why the ``.npy`` at ``path`` is not the array its manifest ``entry`` describes."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        return f"{rel} is not a loadable .npy: {exc}"
+    if str(arr.dtype) != entry.get("dtype") or list(arr.shape) != entry.get("shape"):
+        return (
+            f"{rel} is {arr.dtype}{list(arr.shape)}, {MANIFEST} says"
+            f" {entry.get('dtype')}{entry.get('shape')}"
+        )
+    low = high = None
+    for start in range(0, arr.size, _MIN_MAX_BLOCK):
+        block = arr.reshape(-1)[start : start + _MIN_MAX_BLOCK]
+        lo, hi = int(block.min()), int(block.max())
+        low = lo if low is None else min(low, lo)
+        high = hi if high is None else max(high, hi)
+    if (low, high) != (entry.get("min"), entry.get("max")):
+        return (
+            f"{rel} holds labels {low}..{high}, {MANIFEST} says"
+            f" {entry.get('min')}..{entry.get('max')}"
+        )
+    return None

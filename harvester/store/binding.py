@@ -26,8 +26,9 @@ from pathlib import Path
 import orjson
 
 from harvester.config import StoreConfig
-from harvester.errors import StoreError
+from harvester.errors import OutputError, StoreError
 from harvester.fsutil import Tree, write_atomic
+from harvester.objstore import Bucket
 from harvester.store.base import SharedStore, Store
 
 __all__ = [
@@ -55,16 +56,30 @@ def store_name(cfg: StoreConfig) -> str:
     return str(cfg.path) if cfg.path is not None else cfg.url
 
 
-def read_marker(output: Path) -> Marker | None:
+#: a local output folder, or an object-store bucket (``output.dir = "s3://..."``)
+Output = Path | Bucket
+
+
+def read_marker(output: Output) -> Marker | None:
     """The marker in ``output`` (None if there is none); ``StoreError`` if it is unreadable."""
-    path = output / MARKER
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(_MAX_MARKER + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if isinstance(output, Bucket):
+        path = output.url(MARKER)
+        try:
+            got = output.read(MARKER, _MAX_MARKER + 1)
+        except OutputError as exc:
+            raise StoreError(str(exc)) from None
+        if got is None:
+            return None
+        data = got
+    else:
+        path = str(output / MARKER)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(_MAX_MARKER + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
         doc = orjson.loads(data) if len(data) <= _MAX_MARKER else None
     except orjson.JSONDecodeError:
@@ -77,7 +92,7 @@ def read_marker(output: Path) -> Marker | None:
     return Marker(doc["store_id"], str(doc.get("store", "?")))
 
 
-async def binding_problem(store: Store, output: Path, where: str) -> str | None:
+async def binding_problem(store: Store, output: Output, where: str) -> str | None:
     """Why ``store`` (named ``where``) must not harvest into ``output``; None if it may."""
     try:
         marker = read_marker(output)
@@ -101,7 +116,7 @@ async def binding_problem(store: Store, output: Path, where: str) -> str | None:
     )
 
 
-async def bind_output(store: Store, output: Path, where: str) -> str:
+async def bind_output(store: Store, output: Output, where: str) -> str:
     """Refuse (``StoreError``) a store that does not match ``output``; otherwise make sure
     both record the same id, and return it. Call before anything is added or sent."""
     store_id = await store_binding(store, output, where)
@@ -109,7 +124,7 @@ async def bind_output(store: Store, output: Path, where: str) -> str:
     return store_id
 
 
-async def store_binding(store: Store, output: Path, where: str) -> str:
+async def store_binding(store: Store, output: Output, where: str) -> str:
     """The store's id, once it is known not to contradict ``output`` (else ``StoreError``);
     the marker is left to ``ensure_marker``, which the daemon calls once output.dir can be
     written (it may start on a read-only or full disk and wait, not ready)."""
@@ -119,7 +134,7 @@ async def store_binding(store: Store, output: Path, where: str) -> str:
     return await _ensure_id(store)
 
 
-def ensure_marker(output: Path, store_id: str, where: str) -> None:
+def ensure_marker(output: Output, store_id: str, where: str) -> None:
     """Write ``output``'s marker naming ``store_id`` unless it already does (blocking I/O;
     ``OutputError`` when output.dir cannot be written)."""
     marker = read_marker(output)
@@ -127,7 +142,7 @@ def ensure_marker(output: Path, store_id: str, where: str) -> None:
         _write_marker(output, store_id, where)
 
 
-async def rebind_output(store: Store, output: Path, where: str) -> tuple[str | None, str]:
+async def rebind_output(store: Store, output: Output, where: str) -> tuple[str | None, str]:
     """Make ``output`` belong to ``store`` whatever its marker said; returns (the id the
     marker had, the store's id)."""
     try:
@@ -152,19 +167,23 @@ async def _ensure_id(store: Store) -> str:
     return new
 
 
-def _write_marker(output: Path, store_id: str, where: str) -> None:
+def _write_marker(output: Output, store_id: str, where: str) -> None:
     doc = {
         "store_id": store_id,
         "store": where,
         "bound_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "about": "the harvester job store this output belongs to; see harvester bind-output",
     }
+    data = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+    if isinstance(output, Bucket):
+        output.put_bytes(MARKER, data)
+        return
     # Through output.dir's own descriptor like every other write there (no symlink followed);
     # a failure is an OutputError naming the file.
     with Tree(output).folder(()) as fd:
         write_atomic(
             fd,
             MARKER,
-            orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n",
+            data,
             shown=str(output / MARKER),
         )

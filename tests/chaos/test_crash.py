@@ -25,7 +25,7 @@ import pytest
 
 from harvester.cli import main as cli_main
 from harvester.config import load_config
-from harvester.failpoints import COUNTS_ENV, POINTS
+from harvester.failpoints import COUNTS_ENV, OBJECT_STORE_POINTS, POINTS
 from harvester.jobs import TERMINAL, JobState
 from tests.daemon.helpers import free_port
 
@@ -243,9 +243,9 @@ def test_failpoints_are_documented_and_placed() -> None:
     for path in sorted(root.rglob("*.py")):
         for name in re.findall(r'failpoint\("([^"]+)"\)', path.read_text()):
             calls.setdefault(name, []).append(path.name)
-    assert set(calls) == set(POINTS), calls
+    assert set(calls) == set(POINTS + OBJECT_STORE_POINTS), calls
     doc = fp.__doc__ or ""
-    for name in POINTS:
+    for name in POINTS + OBJECT_STORE_POINTS:
         assert f"``{name}" in doc, name
 
 

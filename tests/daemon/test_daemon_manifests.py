@@ -33,7 +33,13 @@ from harvester.store import make_store
 from .helpers import REPO
 
 K8S = REPO / "configs" / "k8s"
-VARIANTS = {"single": K8S, "replicas": K8S / "replicas"}
+VARIANTS = {
+    "single": K8S,
+    "replicas": K8S / "replicas",
+    "replicas-objstore": K8S / "replicas-objstore",
+}
+#: where each variant's own manifest files are (an overlay's are its base's)
+SOURCES = {**VARIANTS, "replicas-objstore": K8S / "replicas"}
 #: the Kubernetes release the manifests are validated against (strict: unknown fields fail)
 KUBERNETES_VERSION = "1.33.0"
 NAMESPACE = "harvester"
@@ -96,7 +102,7 @@ def config(manifests: Manifests, variant: str) -> Config:
     text = only(manifests, "ConfigMap")["data"]["config.toml"]
     # Parsing reads no secret, so the config loads here exactly as it will in the pod, with
     # the environment the Deployment gives it (the example Secrets' placeholder values).
-    secrets = example_secrets(VARIANTS[variant])
+    secrets = example_secrets(SOURCES[variant])
     env = {
         e["name"]: secrets[e["valueFrom"]["secretKeyRef"]["name"]]["stringData"][
             e["valueFrom"]["secretKeyRef"]["key"]
@@ -126,7 +132,10 @@ def test_every_resource_is_valid_for_a_current_kubernetes(manifests: Manifests) 
 
 
 def test_the_kustomization_applies_every_manifest_but_the_examples(variant: str) -> None:
-    folder = VARIANTS[variant]
+    if SOURCES[variant] != VARIANTS[variant]:  # an overlay: its base applies the files
+        overlay = yaml.safe_load((VARIANTS[variant] / "kustomization.yaml").read_text())
+        assert overlay["resources"] == [f"../{SOURCES[variant].name}"]
+    folder = SOURCES[variant]
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
     on_disk = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
     # servicemonitor.yaml needs the Prometheus Operator's CRD: applied by hand where present
@@ -215,11 +224,17 @@ def test_the_pod_runs_non_root_read_only_and_outlives_its_drain(
     if variant == "single":
         assert deployment["spec"]["replicas"] == 1  # the sqlite store has one writer
         assert deployment["spec"]["strategy"]["type"] == "Recreate"
-    else:
+    elif config.output.url is None:
         assert deployment["spec"]["replicas"] > 1
         assert only(manifests, "PersistentVolumeClaim")["spec"]["accessModes"] == [
             "ReadWriteMany"  # any replica may finish any job
         ]
+    else:
+        # Output in object storage: any replica may finish any job with no shared volume;
+        # each pod stages on its own emptyDir.
+        assert deployment["spec"]["replicas"] > 1
+        assert "PersistentVolumeClaim" not in manifests
+        assert config.output.dir.is_relative_to(DATA_DIR)
     pod = deployment["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > config.server.drain_grace_s
     assert pod["automountServiceAccountToken"] is False
@@ -241,10 +256,11 @@ def test_the_pod_runs_non_root_read_only_and_outlives_its_drain(
     assert config_mount["readOnly"] is True
     assert volumes[config_mount["name"]]["configMap"]["name"] == "harvester-config"
     data = volumes[mounts[DATA_DIR]["name"]]
-    assert (
-        data["persistentVolumeClaim"]["claimName"]
-        == only(manifests, "PersistentVolumeClaim")["metadata"]["name"]
-    )
+    if "PersistentVolumeClaim" in manifests:
+        claim = only(manifests, "PersistentVolumeClaim")["metadata"]["name"]
+        assert data["persistentVolumeClaim"]["claimName"] == claim
+    else:
+        assert set(data) == {"name", "emptyDir"}
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
     assert container.get("args", dockerfile_cmd()) == dockerfile_cmd()
 
@@ -257,7 +273,7 @@ def test_every_secret_the_config_names_is_a_file_mounted_from_a_secret(
     assert refs
     pod = only(manifests, "Deployment")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    secrets = example_secrets(VARIANTS[variant])
+    secrets = example_secrets(SOURCES[variant])
     for ref in refs:
         # Files, not environment variables: they stay out of `kubectl describe`, of crash
         # reports and of every child process's environment (scanners flag env secrets).
@@ -311,13 +327,13 @@ def test_the_network_policy_admits_the_api_and_keeps_metadata_out(
     for address in METADATA:
         assert not allowed(address, 443) and not allowed(address, 80), address
     assert not allowed("203.0.113.7", 22)
-    assert allowed("10.0.0.5", 5432) == (variant == "replicas")
+    assert allowed("10.0.0.5", 5432) == (variant != "single")
 
 
 def test_the_service_monitor_scrapes_the_daemons_metrics(
     manifests: Manifests, variant: str
 ) -> None:
-    monitor = yaml.safe_load((VARIANTS[variant] / "servicemonitor.yaml").read_text())
+    monitor = yaml.safe_load((SOURCES[variant] / "servicemonitor.yaml").read_text())
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["kind"] == "ServiceMonitor"
     assert monitor["metadata"]["namespace"] == NAMESPACE

@@ -56,7 +56,9 @@ def scenario(**playment: Any) -> Scenario:
     return parse_scenario({"seed": 7, "playment": base, "storage": storage})
 
 
-def make_config(tmp_path: Path, emulator: Emulator, **provider: Any) -> Config:
+def make_config(
+    tmp_path: Path, emulator: Emulator, *, output: dict[str, Any] | None = None, **provider: Any
+) -> Config:
     section: dict[str, Any] = {
         "base_url": emulator.urls["playment"],
         "api_key_env": "IT_PLAYMENT_KEY",
@@ -73,7 +75,7 @@ def make_config(tmp_path: Path, emulator: Emulator, **provider: Any) -> Config:
     section.update(provider)
     doc = {
         "store": {"url": "sqlite://state.db"},
-        "output": {"dir": "out"},
+        "output": output or {"dir": "out"},
         "harvest": {"concurrency": 4, "chunk_bytes": 4096},
         "log": {"level": "warning", "format": "json"},
         "providers": {"playment": section},

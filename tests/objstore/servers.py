@@ -1,0 +1,133 @@
+"""Real object-store servers on loopback for the ``output.dir = "s3://..." / "az://..."`` tests.
+
+- ``az://``: Azurite, Microsoft's own Azure Storage emulator (``tests/azurite/server.py``).
+- ``s3://``: moto's threaded server (``moto[server]``), started in this process on a free
+  loopback port. Chosen over MinIO because it is a pip package (CI installs it with the dev
+  extra; MinIO is a prebuilt binary this project's machines cannot download) and because it
+  implements the multipart-upload API harvester relies on (create / upload part / complete /
+  abort).
+
+Each backend also offers a client that is not harvester's (boto3, azure-storage-blob) to read
+what was written, so the tests do not trust harvester's own reads.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from tests.azurite.server import ACCOUNT, ACCOUNT_KEY, shared_azurite
+
+S3_KEY_ID = "it-s3-key-id"
+S3_SECRET = "it-s3-secret-0123456789"  # moto accepts any; never printed by harvester
+REGION = "us-east-1"
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str  #: output.dir
+    output: dict[str, Any]  #: the rest of [output]
+    env: dict[str, str] = field(default_factory=dict)  #: secrets, by reference
+    client: Any = None
+    bucket: str = ""
+    prefix: str = ""
+
+    def objects(self) -> dict[str, bytes]:
+        """Every object under the prefix, by key relative to it (read by the other client)."""
+        out: dict[str, bytes] = {}
+        if self.name == "s3":
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + "/"
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    body = self.client.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"]
+                    out[obj["Key"][len(self.prefix) + 1 :]] = body.read()
+        else:
+            for blob in self.client.list_blobs(name_starts_with=self.prefix + "/"):
+                data = self.client.download_blob(blob.name).readall()
+                out[blob.name[len(self.prefix) + 1 :]] = data
+        return out
+
+    def put(self, rel: str, data: bytes) -> None:
+        key = f"{self.prefix}/{rel}"
+        if self.name == "s3":
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        else:
+            self.client.upload_blob(key, data, overwrite=True)
+
+
+_MOTO: Any = None
+
+
+def _moto_endpoint(config: pytest.Config) -> str:
+    global _MOTO
+    if _MOTO is None:
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        config.add_cleanup(server.stop)
+        _MOTO = server
+    host, port = _MOTO.get_host_and_port()
+    return f"http://{host}:{port}"
+
+
+def make_backend(name: str, config: pytest.Config) -> Iterator[Backend]:
+    """A fresh bucket/container and prefix on the named backend's server."""
+    tag = secrets.token_hex(4)
+    if name == "s3":
+        import boto3
+
+        endpoint = _moto_endpoint(config)
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=S3_KEY_ID,
+            aws_secret_access_key=S3_SECRET,
+            region_name=REGION,
+        )
+        bucket = f"harvest-{tag}"
+        client.create_bucket(Bucket=bucket)
+        yield Backend(
+            "s3",
+            f"s3://{bucket}/runs/a",
+            {
+                "endpoint": endpoint,
+                "region": REGION,
+                "access_key_id_env": "IT_S3_KEY_ID",
+                "secret_access_key_env": "IT_S3_SECRET",
+            },
+            {"IT_S3_KEY_ID": S3_KEY_ID, "IT_S3_SECRET": S3_SECRET},
+            client,
+            bucket,
+            "runs/a",
+        )
+        return
+    from azure.storage.blob import BlobServiceClient
+
+    server = shared_azurite(config)
+    service = BlobServiceClient(server.account_url, credential=ACCOUNT_KEY)
+    container = f"harvest-{tag}"
+    client = service.create_container(container)
+    try:
+        yield Backend(
+            "az",
+            f"az://{container}/runs/a",
+            {
+                "endpoint": server.account_url,
+                "account_name": ACCOUNT,
+                "account_key_env": "IT_AZ_KEY",
+            },
+            {"IT_AZ_KEY": ACCOUNT_KEY},
+            client,
+            container,
+            "runs/a",
+        )
+    finally:
+        client.delete_container()

@@ -1,0 +1,144 @@
+"""output.dir in object storage through the CLI, as a user runs it: a crash mid-upload, a
+rerun, ``status --check``, and bad input refused before anything is sent."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from harvester.emulator.server import Emulator
+from tests.integration.helpers import API_KEY, REPO, jobs_file, new_jobs, scenario
+
+from .servers import Backend
+
+pytestmark = pytest.mark.anyio
+
+
+def toml_value(v: Any) -> str:
+    return json.dumps(v)  # strings, ints and bools are spelled alike in TOML and JSON
+
+
+def write_config(tmp_path: Path, emu: Emulator, output: dict[str, Any]) -> Path:
+    lines = ["[store]", 'url = "sqlite://state.db"', "[output]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in output.items()]
+    lines += ["[log]", 'level = "warning"', 'format = "json"', "[providers.playment]"]
+    provider = {
+        "base_url": emu.urls["playment"],
+        "api_key_env": "IT_PLAYMENT_KEY",
+        "project_id": "it-project",
+        "rate_per_s": 0,
+        "poll_min_s": 0.1,
+        "poll_max_s": 0.5,
+        "backoff_base_s": 0.05,
+        "backoff_max_s": 0.5,
+    }
+    lines += [f"{k} = {toml_value(v)}" for k, v in provider.items()]
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """``python -m harvester.cli ARGS``; (exit code, stderr + stdout). Run without blocking
+    the event loop: the emulator serving it lives in this process."""
+    full = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HARVESTER_")},
+        "PYTHONPATH": str(REPO),
+        "IT_PLAYMENT_KEY": API_KEY,
+        **env,
+    }
+    with anyio.fail_after(90):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "harvester.cli", *args], env=full, cwd=cwd, check=False
+        )
+    return done.returncode, done.stderr.decode() + done.stdout.decode()
+
+
+def output_of(backend: Backend, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "dir": backend.url,
+        "staging_dir": str(tmp_path / "staging"),
+        **backend.output,
+        **extra,
+    }
+
+
+async def test_a_crash_mid_upload_leaves_no_final_object_and_a_rerun_completes(
+    tmp_path: Path, backend: Backend
+) -> None:
+    # One frame of 6 M points: a 6 MB .npy, sent as a multipart upload of 5 MiB parts.
+    async with Emulator(scenario(points_per_frame=[6_000_000, 6_000_000])) as emu:
+        config = write_config(tmp_path, emu, output_of(backend, tmp_path, part_bytes=5 << 20))
+        jobs = new_jobs(1, frames=1)
+        jobs_path = jobs_file(tmp_path / "jobs.jsonl", jobs)
+        args = ("harvest", "-c", str(config), str(jobs_path), "--no-progress")
+
+        code, log = await cli(
+            *args, env={**backend.env, "HARVESTER_FAILPOINTS": "upload.part=kill@1"}, cwd=tmp_path
+        )
+        assert code == -9 and "failpoint upload.part hit 1: SIGKILL" in log, log
+        folder = f"playment/{jobs[0].key}"
+        written = {k for k in backend.objects() if k.startswith(folder)}
+        # The first part was handed over; the upload was never committed: no object under
+        # the array's final name, and no manifest.
+        assert f"{folder}/labels/f-000.npy" not in written
+        assert f"{folder}/MANIFEST.json" not in written
+
+        code, log = await cli(*args, env=backend.env, cwd=tmp_path)
+        assert code == 0, log
+        objects = backend.objects()
+        assert f"{folder}/MANIFEST.json" in objects
+        manifest = json.loads(objects[f"{folder}/MANIFEST.json"])
+        entry = manifest["files"]["labels/f-000.npy"]
+        assert entry["shape"] == [6_000_000]
+        assert len(objects[f"{folder}/labels/f-000.npy"]) == entry["bytes"] > 5 << 20
+
+        code, log = await cli("status", "-c", str(config), "--check", env=backend.env, cwd=tmp_path)
+        assert code == 0 and "check: no problems found" in log, log
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"dir": "ftp://bucket/x"}, "unknown scheme ftp://"),
+        ({"bucket": "no-such-bucket"}, "does not exist"),
+        ({"secret": "IT_UNSET_SECRET"}, "IT_UNSET_SECRET"),
+    ],
+)
+async def test_bad_output_is_one_error_before_anything_is_sent(
+    tmp_path: Path, backend: Backend, change: dict[str, str], expected: str
+) -> None:
+    async with Emulator(scenario()) as emu:
+        output = output_of(backend, tmp_path)
+        if "dir" in change:
+            output["dir"] = change["dir"]
+        if "bucket" in change:
+            output["dir"] = f"{backend.name}://{change['bucket']}/x"
+        if "secret" in change:
+            key = "secret_access_key_env" if backend.name == "s3" else "account_key_env"
+            output[key] = change["secret"]
+        config = write_config(tmp_path, emu, output)
+        jobs_path = jobs_file(tmp_path / "jobs.jsonl", new_jobs(2, frames=1))
+        code, log = await cli(
+            "harvest",
+            "-c",
+            str(config),
+            str(jobs_path),
+            "--no-progress",
+            env=backend.env,
+            cwd=tmp_path,
+        )
+        assert code == 2, log
+        assert expected in log, log
+        errors = [line for line in log.splitlines() if line.strip()]
+        assert len(errors) == 1, log
+        assert emu.state.requests() == []
+        assert not (tmp_path / "state.db").exists()  # no job was even added
+        for secret in backend.env.values():
+            assert secret not in log
