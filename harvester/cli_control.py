@@ -179,13 +179,17 @@ async def cancel(config: Config, store: Store, args: argparse.Namespace) -> int:
     return _print_outcome(config, args, done, refused)
 
 
-async def retry(config: Config, store: Store, args: argparse.Namespace) -> int:
+async def retry(
+    config: Config, store: Store, args: argparse.Namespace, *, check_only: bool = False
+) -> int:
     from harvester.control import retry_job, retry_problem
 
     jobs = await select(config, store, args)
     problems = [p for j in jobs if (p := await retry_problem(store, j, resubmit=args.resubmit))]
     if problems:
         raise ControlError("; ".join(problems[:_MAX_PROBLEMS]) + "; nothing was changed")
+    if check_only:
+        return EXIT_OK
     now = SystemClock().wall()
     done = [await retry_job(store, j, resubmit=args.resubmit, now=now) for j in jobs]
     return _print_outcome(config, args, done, [])
@@ -216,6 +220,13 @@ async def list_jobs(config: Config, store: Store, args: argparse.Namespace) -> i
     return EXIT_OK
 
 
+async def _precheck(config: Config, store: Store, args: argparse.Namespace) -> None:
+    if args.command == "retry":
+        await retry(config, store, args, check_only=True)
+    else:
+        await select(config, store, args)
+
+
 async def run(config: Config, args: argparse.Namespace) -> int:
     """One of the three commands; ControlError is bad input (exit 2, nothing changed)."""
     from harvester.store import make_store
@@ -230,6 +241,9 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         try:
             if args.command == "jobs":
                 return await list_jobs(config, store, args)
+            # Bad input is found before the lock, whose file records its holder: an unknown
+            # key changes nothing, not even that file. Under the lock it is checked again.
+            await _precheck(config, store, args)
             # A running engine works these jobs: it alone may cancel them (the daemon's
             # DELETE /jobs/...) and it would not see a retried job before its restart.
             with engine_lock(config.store, " ".join(["harvester", *sys.argv[1:]])):

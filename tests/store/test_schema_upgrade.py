@@ -1,0 +1,81 @@
+"""A job store written by schema 2 (before cancel/retry) opens under schema 3 with every job
+intact: the new columns empty, the jobs pageable, cancellable and retryable."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import orjson
+import pytest
+
+from harvester.control import retry_job
+from harvester.jobs import Event, JobState
+from harvester.store.sqlite import _APPLICATION_ID, _MIGRATIONS, SCHEMA_VERSION, SqliteStore
+
+pytestmark = pytest.mark.anyio
+
+#: a schema-2 row: (key, remote_id, state, reason, attempts)
+ROWS = [
+    ("run-1", "r-1", "running", None, 1),
+    ("err-1", "r-2", "error", "harvest failed: disk full", 3),
+    ("new-1", None, "new", None, 0),
+    ("done-1", "r-3", "harvested", None, 1),
+]
+
+
+def schema_2_store(path: Path) -> None:
+    """The file schema 2 of harvester wrote (its migrations are append-only)."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+        for step in _MIGRATIONS[:2]:
+            for statement in step:
+                conn.execute(statement)
+        for key, remote_id, state, reason, attempts in ROWS:
+            conn.execute(
+                "INSERT INTO jobs (provider, key, reference_id, remote_id, payload, state,"
+                " reason, attempts, created_at, updated_at, status_unknown)"
+                " VALUES ('modzy', ?, ?, ?, ?, ?, ?, ?, 1.0, 2.0, 0)",
+                (key, key, remote_id, orjson.dumps({"k": key}), state, reason, attempts),
+            )
+        conn.execute("PRAGMA user_version = 2")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_a_schema_2_sqlite_store_upgrades_to_3(tmp_path: Path) -> None:
+    assert SCHEMA_VERSION == 3  # this test is about exactly this step
+    path = tmp_path / "state.db"
+    schema_2_store(path)
+    async with SqliteStore(path) as store:
+        page = await store.page(provider="modzy", after=0, limit=10)
+        got = {j.key: j for j in page.jobs}
+        assert sorted(got) == sorted(r[0] for r in ROWS) and page.next_after is None
+        for key, remote_id, state, reason, attempts in ROWS:
+            job = got[key]
+            assert (job.remote_id, job.state.value, job.reason, job.attempts) == (
+                remote_id,
+                state,
+                reason,
+                attempts,
+            )
+            assert job.cancelled_by is None and job.past_remote_ids == ()
+            assert job.started_at is None and job.remote_attempt == 1
+            assert await store.load_payload(job) == {"k": key}
+        # The new columns work on the old rows.
+        again = await retry_job(store, got["err-1"], resubmit=False, now=3.0)
+        assert again.state == JobState.RUNNING and again.remote_id == "r-2"
+        cancelled = await store.transition(
+            got["run-1"], Event.CANCEL, now=3.0, reason="cancelled by user"
+        )
+        assert (await store.get("modzy", "run-1")) == cancelled
+        assert cancelled.cancelled_by == "user"
+        resubmitted = await retry_job(store, cancelled, resubmit=True, now=4.0)
+        assert resubmitted.past_remote_ids == ("r-1",) and resubmitted.remote_attempt == 2
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    finally:
+        conn.close()
