@@ -369,17 +369,23 @@ def harvester_config(
     poll_max_s: float = 4.0,
     harvest_concurrency: int = 8,
     max_retries: int = 5,
+    output: dict[str, str | int] | None = None,
 ) -> Path:
-    """A config for a fresh store under ``work/name``; returns its path."""
+    """A config for a fresh store under ``work/name``; returns its path. ``output``: the
+    ``[output]`` table (default: a local ``output`` folder beside the store)."""
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "harvester.toml"
+    # json.dumps spells strings and ints as TOML does
+    output_toml = "\n".join(
+        f"{k} = {json.dumps(v)}" for k, v in (output or {"dir": "output"}).items()
+    )
     path.write_text(
         f"""[store]
 url = "sqlite://state.db"
 
 [output]
-dir = "output"
+{output_toml}
 
 [providers.playment]
 base_url = "{emu.urls["playment"]}"

@@ -64,6 +64,7 @@ BENCHES = (
     Bench("harvest", "bench_harvest.py", "Harvesting 1,000 jobs vs the SDK way", 600),
     Bench("store", "bench_store.py", "Store throughput", 300),
     Bench("limiter", "bench_limiter.py", "Limiter accuracy", 300),
+    Bench("objstore", "bench_objstore.py", "Harvesting to object storage vs local disk", 900),
 )
 #: issue 8's target for the decoder's streaming memory, which bench_decode.py reports
 #: without one: peak RSS growth below 64 MB (10**6 bytes)
@@ -124,6 +125,11 @@ def main() -> int:
         "benchmarks": runs,
         "figures": figures,
     }
+    if write and names:
+        # A partial run replaces its own benchmarks' figures and keeps the others' (each
+        # benchmark keeps the date of the run that measured it).
+        doc = merge_results(doc, BENCH / "results.json")
+        selected = [b for b in BENCHES if any(r["name"] == b.name for r in doc["benchmarks"])]
     markdown = render_markdown(doc, selected)
     print(render_table(figures))
     if write:
@@ -140,7 +146,13 @@ def main() -> int:
 
 def run_bench(bench: Bench, *, quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     script = BENCH / bench.script
-    info: dict[str, Any] = {"name": bench.name, "script": f"bench/{bench.script}", "ok": False}
+    info: dict[str, Any] = {
+        "name": bench.name,
+        "script": f"bench/{bench.script}",
+        "ok": False,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "load_average_at_start": _loadavg(),
+    }
     if not script.exists():
         info["error"] = f"bench/{bench.script} does not exist"
         return [_failed(bench, info["error"])], info
@@ -264,6 +276,31 @@ def _normalise(raw: dict[str, Any], bench: Bench) -> dict[str, Any]:
             f"{mb:.1f} MB (10^6 bytes) of VmHWM growth; target from issue 8, applied by run.py."
         )
     return fig
+
+
+def merge_results(doc: dict[str, Any], previous: Path) -> dict[str, Any]:
+    """``doc`` (a partial run) over the results in ``previous``: the benchmarks it ran are
+    replaced, the others kept with their figures, in ``BENCHES`` order."""
+    try:
+        old = orjson.loads(previous.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return doc
+    ran = {r["name"] for r in doc["benchmarks"]}
+    runs = {r["name"]: {"date": old.get("date"), **r} for r in old.get("benchmarks", [])}
+    runs.update({r["name"]: r for r in doc["benchmarks"]})
+    figures = [f for f in old.get("figures", []) if f.get("benchmark") not in ran]
+    figures += doc["figures"]
+    order = {b.name: i for i, b in enumerate(BENCHES)}
+    figures.sort(key=lambda f: order.get(f.get("benchmark", ""), len(order)))
+    merged = dict(doc)
+    merged["benchmarks"] = sorted(runs.values(), key=lambda r: order.get(r["name"], len(order)))
+    merged["figures"] = figures
+    merged["partial_of"] = {
+        "date": old.get("date"),
+        "command": old.get("command"),
+        "ran": sorted(ran),
+    }
+    return merged
 
 
 # -- the machine -----------------------------------------------------------------------------
@@ -407,6 +444,15 @@ def render_markdown(doc: dict[str, Any], selected: list[Bench]) -> str:
         f"- **Software:** Python {m['python']}, numpy {m['numpy']}, aiohttp {m['aiohttp']},"
         f" orjson {m['orjson']}, anyio {m['anyio']}, SQLite {m['sqlite']}",
         f"- **Code:** git {m['git']}",
+        *(
+            [
+                f"- **Merged:** only {', '.join(doc['partial_of']['ran'])} ran with this command;"
+                f" the other figures are from `{doc['partial_of']['command']}` of"
+                f" {doc['partial_of']['date']} (each benchmark's date is under its heading)."
+            ]
+            if doc.get("partial_of")
+            else []
+        ),
         "",
         f"**Targets met: {len(with_target) - len(missed)} of {len(with_target)}.**",
         "",
@@ -426,6 +472,9 @@ def render_markdown(doc: dict[str, Any], selected: list[Bench]) -> str:
     for bench in selected:
         mine = [f for f in figures if f.get("benchmark") == bench.name]
         out += [f"### {bench.title} (`bench/{bench.script}`)", ""]
+        run_of = next((r for r in doc["benchmarks"] if r["name"] == bench.name), {})
+        if doc.get("partial_of") and run_of.get("date"):
+            out += [f"Measured {run_of['date']}.", ""]
         summary = _docstring(BENCH / bench.script)
         if summary:
             out += [summary, ""]
