@@ -298,7 +298,7 @@ def _upload_memory(t: Target, mb: int) -> Figure:
             f"`Bucket.upload` in its own process: VmHWM reset just before the upload, then"
             f" {growth_mb:.1f} MB above the {got['before_kib'] * 1024 / 1e6:.0f} MB before;"
             f" {got['bytes'] / got['seconds'] / 1e6:.0f} MB/s ({got['seconds']:.2f} s), parts of"
-            f" {got['part_bytes'] >> 20} MiB, the object read back with the same size."
+            f" {got['part_bytes'] >> 20} MiB, the stored object listed at the same size."
         ),
         detail=got,
     ).with_ratio()

@@ -298,6 +298,7 @@ def merge_results(doc: dict[str, Any], previous: Path) -> dict[str, Any]:
     merged["partial_of"] = {
         "date": old.get("date"),
         "command": old.get("command"),
+        "machine": old.get("machine", {}).get("cpu"),
         "ran": sorted(ran),
     }
     return merged
@@ -448,7 +449,8 @@ def render_markdown(doc: dict[str, Any], selected: list[Bench]) -> str:
             [
                 f"- **Merged:** only {', '.join(doc['partial_of']['ran'])} ran with this command;"
                 f" the other figures are from `{doc['partial_of']['command']}` of"
-                f" {doc['partial_of']['date']} (each benchmark's date is under its heading)."
+                f" {doc['partial_of']['date']} on {doc['partial_of'].get('machine') or 'unknown'}"
+                " (each benchmark's date is under its heading)."
             ]
             if doc.get("partial_of")
             else []
