@@ -10,6 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.daemon.test_daemon_run import metric_samples
+
 from .helpers import (
     DaemonProcess,
     StartDaemon,
@@ -104,3 +106,19 @@ async def test_cancel_retry_and_list_jobs_over_http(
     stats = await emulator_stats(emu, session)
     per_reference = stats["playment"]["creates_by_reference"]["proj-daemon"]
     assert per_reference == {**{k: 1 for k in keys}, "ctl-0~2": 1}
+
+    # The controls are counted: one local cancel, one refused (already ended), one resubmit;
+    # the refused retries changed nothing and count nothing.
+    async with daemon.session.get(daemon.base + "/metrics") as r:
+        text = await r.text()
+    cancels = {
+        (s["provider"], s["where"], s["result"]): v
+        for s, v in metric_samples(text, "harvester_job_cancels_total")
+    }
+    assert cancels == {("playment", "local", "cancelled"): 1, ("playment", "local", "refused"): 1}
+    retries = {
+        (s["provider"], s["kind"]): v
+        for s, v in metric_samples(text, "harvester_job_retries_total")
+    }
+    assert retries == {("playment", "resubmit"): 1}
+    assert metric_samples(text, "harvester_job_timeouts_total") == []
