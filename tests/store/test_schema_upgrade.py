@@ -6,14 +6,25 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import anyio
 import orjson
 import pytest
 
 from harvester.control import retry_job
+from harvester.emulator.server import Emulator
+from harvester.engine import Engine
 from harvester.jobs import Event, JobState
 from harvester.store.sqlite import _APPLICATION_ID, _MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from tests.integration.test_all_providers import SECRETS, config, scenario
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+
 
 #: a schema-2 row: (key, remote_id, state, reason, attempts)
 ROWS = [
@@ -24,7 +35,9 @@ ROWS = [
 ]
 
 
-def schema_2_store(path: Path) -> None:
+def schema_2_store(
+    path: Path, rows: list[tuple[str, str | None, str, str | None, int]] = ROWS
+) -> None:
     """The file schema 2 of harvester wrote (its migrations are append-only)."""
     conn = sqlite3.connect(path)
     try:
@@ -32,7 +45,7 @@ def schema_2_store(path: Path) -> None:
         for step in _MIGRATIONS[:2]:
             for statement in step:
                 conn.execute(statement)
-        for key, remote_id, state, reason, attempts in ROWS:
+        for key, remote_id, state, reason, attempts in rows:
             conn.execute(
                 "INSERT INTO jobs (provider, key, reference_id, remote_id, payload, state,"
                 " reason, attempts, created_at, updated_at, status_unknown)"
@@ -62,7 +75,9 @@ async def test_a_schema_2_sqlite_store_upgrades_to_3(tmp_path: Path) -> None:
                 attempts,
             )
             assert job.cancelled_by is None and job.past_remote_ids == ()
-            assert job.started_at is None and job.remote_attempt == 1
+            # a running job's deadline counts from its last change (updated_at, 2.0)
+            assert job.started_at == (2.0 if state == "running" else None)
+            assert job.remote_attempt == 1
             assert await store.load_payload(job) == {"k": key}
         # The new columns work on the old rows.
         again = await retry_job(store, got["err-1"], resubmit=False, now=3.0)
@@ -79,3 +94,17 @@ async def test_a_schema_2_sqlite_store_upgrades_to_3(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     finally:
         conn.close()
+
+
+async def test_a_job_running_before_the_upgrade_still_times_out(tmp_path: Path) -> None:
+    """Schema 2 kept no start time: without one, job_timeout_s would never end such a job."""
+    async with Emulator(scenario()) as emu:
+        cfg = config(tmp_path, emu, modzy={"job_timeout_s": 60})
+        assert cfg.store.path is not None
+        schema_2_store(cfg.store.path, [("run-1", "r-1", "running", None, 1)])
+        async with SqliteStore(cfg.store.path) as store:
+            with anyio.fail_after(30):
+                await Engine(cfg, store, providers=["modzy"]).run()
+            (job,) = await store.jobs()
+    assert job.state == JobState.ERROR, job
+    assert job.reason is not None and job.reason.startswith("timed out after")
