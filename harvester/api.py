@@ -43,7 +43,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from harvester.config import Config
-from harvester.control import retry_job
+from harvester.control import retry_resume
 from harvester.engine import Engine
 from harvester.errors import ControlError, HarvesterError, JobsFileError
 from harvester.httpserver import reading_body
@@ -516,10 +516,9 @@ class Api:
             return _no_job(request)
         resubmit = request.query.get("resubmit", "") in ("1", "true")
         try:
-            job = await retry_job(self.store, job, resubmit=resubmit, now=self.engine.clock.wall())
+            job = await retry_resume(self.engine, job, resubmit=resubmit)
         except ControlError as exc:
             return json_response({"error": str(exc)}, 409)
-        self.engine.resume(job)
         return json_response(job_document(job, self.config))
 
     async def _find(self, request: web.Request) -> Job | None:

@@ -213,12 +213,10 @@ class Harvester:
     async def retry(self, provider: str, key: str, *, resubmit: bool = False) -> Job:
         """Put an ended job back to work (see ``harvester retry``); ``ControlError`` if its
         state does not allow it (nothing changed)."""
-        from harvester.control import retry_job
+        from harvester.control import retry_resume
 
         job = await self.get(provider, key)
-        job = await retry_job(self.store, job, resubmit=resubmit, now=self.engine.clock.wall())
-        self.engine.resume(job)
-        return job
+        return await retry_resume(self.engine, job, resubmit=resubmit)
 
     # -- results ---------------------------------------------------------------------------
     async def files(self, provider: str, key: str) -> dict[str, Path]:

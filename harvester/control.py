@@ -30,6 +30,7 @@ from harvester.store.base import Store
 
 if TYPE_CHECKING:
     from harvester.engine import Engine, Lane
+    from harvester.metrics import Metrics
 
 log = get_logger("harvester.control")
 
@@ -59,12 +60,15 @@ async def serve_cancel(engine: Engine, lane: Lane, job: Job | None, req: CancelR
     """Cancel ``job`` for ``req``. True when the job's step is used up (it was cancelled or
     must wait); False lets the step go on as usual (the cancel was refused, job unchanged)."""
     if job is None:
+        refused(engine, lane.name)
         req.answer(error=f"{lane.name}: no such job")
         return False  # the step forgets it
     if job.terminal:
+        refused(engine, lane.name)
         req.answer(error=ended(job))
         return False
     if job.state in _FINISHED:
+        refused(engine, lane.name)
         req.answer(
             error=f"{job.label} has already finished at the provider and is being harvested;"
             " nothing to cancel"
@@ -79,28 +83,40 @@ async def serve_cancel(engine: Engine, lane: Lane, job: Job | None, req: CancelR
             raise
         fresh = await engine.store.get(job.provider, job.key)
         if fresh is None or fresh.state not in (JobState.NEW, JobState.RUNNING):
+            refused(engine, lane.name)
             req.answer(error=ended(fresh) if fresh and fresh.terminal else f"{job.label}: moved")
             return True
         job = fresh
     if job.state == JobState.NEW:
         req.answer(job=await engine._transition(job, Event.CANCEL, reason="cancelled by user"))
+        engine.metrics.cancels.labels(lane.name, "local", "cancelled").inc()
         return True
-    reason = await _cancel_remote(engine, lane, job, req)
-    if reason is None:
+    outcome = await _cancel_remote(engine, lane, job, req)
+    if outcome is None:
         return False  # refused; the answer says why, and the job is polled as before
+    reason, where = outcome
     req.answer(job=await engine._transition(job, Event.CANCEL, reason=reason))
+    engine.metrics.cancels.labels(lane.name, where, "cancelled").inc()
     return True
+
+
+def refused(engine: Engine, provider: str, where: str = "local") -> None:
+    """Count a cancel refused: by harvester (``local``: the job ended, is being harvested,
+    ...) or by the provider (``provider``: it said no or could not be reached)."""
+    engine.metrics.cancels.labels(provider, where, "refused").inc()
 
 
 async def _cancel_remote(
     engine: Engine, lane: Lane, job: Job, req: CancelRequest | None
-) -> str | None:
-    """Ask the provider to cancel; the reason to store, or None if it refused (answered)."""
+) -> tuple[str, str] | None:
+    """Ask the provider to cancel; the reason to store and where the cancel acted
+    (``provider`` or ``local``), or None if it refused (answered)."""
     spec = lane.provider.build_cancel(job)
     if spec is None:
         return (
             f"cancelled by user; {lane.name}'s API has no cancel, so the remote job"
-            f" {job.remote_id} may still run (harvester no longer polls or harvests it)"
+            f" {job.remote_id} may still run (harvester no longer polls or harvests it)",
+            "local",
         )
     try:
         await lane.transport.call(spec, lambda r: lane.provider.parse_cancel(r, job), job=job.key)
@@ -110,8 +126,9 @@ async def _cancel_remote(
         if req is not None:
             req.answer(error=message)
         log.warning("cancel not done", provider=lane.name, job=job.key, error=str(exc))
+        refused(engine, lane.name, "provider")
         return None
-    return f"cancelled by user at {lane.name} (remote job {job.remote_id})"
+    return f"cancelled by user at {lane.name} (remote job {job.remote_id})", "provider"
 
 
 async def expire(engine: Engine, lane: Lane, job: Job) -> bool:
@@ -139,6 +156,7 @@ async def expire(engine: Engine, lane: Lane, job: Job) -> bool:
         reason=f"timed out after {ran:.0f} s (providers.{lane.name}.job_timeout_s = {limit:g})"
         + note,
     )
+    engine.metrics.job_timeouts.labels(lane.name).inc()
     return True
 
 
@@ -199,31 +217,54 @@ async def retry_problem(store: Store, job: Job, *, resubmit: bool) -> str | None
     return f"{job.label} is {job.state.value}, still at work; nothing to retry"
 
 
-async def retry_job(store: Store, job: Job, *, resubmit: bool, now: float) -> Job:
-    """Put an ended job back to work (see the module docstring), in the store only."""
+#: ``harvester_job_retries_total``'s kind label, by the event a retry applies
+RETRY_KINDS = {
+    Event.RETRY_POLL: "harvest-again",
+    Event.RETRY_RECONCILE: "recheck",
+    Event.RETRY_SUBMIT: "submit",
+    Event.RESUBMIT: "resubmit",
+}
+
+
+async def retry_job(
+    store: Store, job: Job, *, resubmit: bool, now: float, metrics: Metrics | None = None
+) -> Job:
+    """Put an ended job back to work (see the module docstring), in the store only; counted
+    in ``metrics`` when given (a process that exports them: the daemon, the Python API)."""
     problem = await retry_problem(store, job, resubmit=resubmit)
     if problem is not None:
         raise ControlError(problem)
-    if job.state == JobState.ERROR:
-        if job.remote_id is not None:
-            return await store.transition(job, Event.RETRY_POLL, now=now, reason=None)
-        if job.attempts > 0:
-            return await store.transition(
-                job, Event.RETRY_RECONCILE, now=now, reason=None, attempts=0
-            )
-        return await store.transition(job, Event.RETRY_SUBMIT, now=now, reason=None)
-    past = job.past_remote_ids + ((job.remote_id,) if job.remote_id else ())
-    return await store.transition(
-        job,
-        Event.RESUBMIT,
-        now=now,
-        past_remote_ids=past,
-        remote_id=None,
-        remote_status=None,
-        progress=None,
-        reason=None,
-        attempts=0,
-        cancelled_by=None,
-        status_unknown=False,
-        started_at=None,
+    changes: dict[str, object] = {"reason": None}
+    if job.state != JobState.ERROR:
+        event = Event.RESUBMIT
+        past = job.past_remote_ids + ((job.remote_id,) if job.remote_id else ())
+        changes.update(
+            past_remote_ids=past,
+            remote_id=None,
+            remote_status=None,
+            progress=None,
+            attempts=0,
+            cancelled_by=None,
+            status_unknown=False,
+            started_at=None,
+        )
+    elif job.remote_id is not None:
+        event = Event.RETRY_POLL
+    elif job.attempts > 0:
+        event, changes["attempts"] = Event.RETRY_RECONCILE, 0
+    else:
+        event = Event.RETRY_SUBMIT
+    done = await store.transition(job, event, now=now, **changes)
+    if metrics is not None:
+        metrics.job_retries.labels(job.provider, RETRY_KINDS[event]).inc()
+    return done
+
+
+async def retry_resume(engine: Engine, job: Job, *, resubmit: bool) -> Job:
+    """``retry_job`` in a process that runs ``engine`` (the daemon, the Python API): counted
+    in its metrics and taken up by its workers at once."""
+    job = await retry_job(
+        engine.store, job, resubmit=resubmit, now=engine.clock.wall(), metrics=engine.metrics
     )
+    engine.resume(job)
+    return job

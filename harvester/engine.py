@@ -363,6 +363,7 @@ class Engine:
         if job is None:
             raise ControlError(f"{provider}/{key}: no such job")
         if job.terminal:
+            control.refused(self, provider)
             raise ControlError(control.ended(job))
         if self.replica is not None and not self.replica.holds(lane, key):
             raise ControlError(f"{job.label} is worked by another replica; ask that one")

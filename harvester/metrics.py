@@ -128,6 +128,27 @@ class Metrics:
             registry=r,
         )
 
+        # Controls (harvester.control): cancels, retries and job_timeout_s.
+        self.cancels = Counter(
+            "harvester_job_cancels",
+            "cancels by where they acted (provider: its API cancelled the remote job; local:"
+            " the store only) and result (cancelled, refused)",
+            ["provider", "where", "result"],
+            registry=r,
+        )
+        self.job_retries = Counter(
+            "harvester_job_retries",
+            "ended jobs put back to work, by kind (harvest-again, recheck, submit, resubmit)",
+            ["provider", "kind"],
+            registry=r,
+        )
+        self.job_timeouts = Counter(
+            "harvester_job_timeouts",
+            "running jobs ended in error after job_timeout_s",
+            ["provider"],
+            registry=r,
+        )
+
         self.unknown_status = Counter(
             "harvester_unknown_status_jobs",
             "jobs that answered a status their provider does not document (once per job)",

@@ -92,6 +92,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE jobs ADD COLUMN cancelled_by TEXT",
         "ALTER TABLE jobs ADD COLUMN past_remote_ids TEXT",
         "ALTER TABLE jobs ADD COLUMN started_at REAL",
+        # Jobs already running have no start on record; their last change is the best bound
+        # we have (never earlier than the start), or job_timeout_s would never end them.
+        "UPDATE jobs SET started_at = updated_at WHERE state = 'running'",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -15,6 +15,7 @@ from harvester.emulator.server import Emulator
 from harvester.engine import Engine
 from harvester.errors import ControlError
 from harvester.jobs import Job, JobState
+from harvester.metrics import Metrics
 from harvester.store.sqlite import SqliteStore
 from tests.integration.test_all_providers import SECRETS, config, jobs_for, scenario
 
@@ -25,6 +26,16 @@ pytestmark = pytest.mark.anyio
 def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
+
+
+def counts(metrics: Metrics, name: str) -> dict[tuple[str, ...], float]:
+    """The non-zero samples of counter ``name``, by their label values."""
+    return {
+        tuple(s.labels.values()): s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == name + "_total" and s.value
+    }
 
 
 async def modzy_status(emu: Emulator, remote_id: str) -> str:
@@ -91,6 +102,13 @@ async def test_cancel_running_jobs_at_the_provider_or_locally(tmp_path: Path) ->
             assert "at bentley" in (by_key["bentley-0"].reason or "")
             # never polled again after the cancel: the engine forgot them
             assert not any(lane.queue for lane in engine.lanes.values())
+            # counted by where the cancel acted; the second cancel as refused
+            assert counts(engine.metrics, "harvester_job_cancels") == {
+                ("bentley", "provider", "cancelled"): 1,
+                ("modzy", "provider", "cancelled"): 2,
+                ("modzy", "local", "refused"): 1,
+                ("playment", "local", "cancelled"): 1,
+            }
 
 
 async def test_job_timeout_cancels_at_the_provider_and_ends_in_error(tmp_path: Path) -> None:
@@ -99,10 +117,12 @@ async def test_job_timeout_cancels_at_the_provider_and_ends_in_error(tmp_path: P
         assert cfg.store.path is not None
         async with SqliteStore(cfg.store.path) as store:
             await store.add_jobs(jobs_for("modzy", 1), now=0.0)
+            engine = Engine(cfg, store, providers=["modzy"])
             with anyio.fail_after(30):
-                await Engine(cfg, store, providers=["modzy"]).run()
+                await engine.run()
             (job,) = await store.jobs()
             assert job.state == JobState.ERROR
+            assert counts(engine.metrics, "harvester_job_timeouts") == {("modzy",): 1}
             assert job.reason is not None and job.reason.startswith("timed out after")
             assert "cancelled at modzy" in job.reason
             assert job.remote_id is not None
@@ -123,7 +143,8 @@ async def test_retry_harvests_an_error_job_again_and_resubmits_only_on_request(
             assert job.state == JobState.ERROR and job.remote_id
             first = job.remote_id
             # error with a remote id: polled again, never re-created
-            again = await retry_job(store, job, resubmit=False, now=1.0)
+            metrics = Metrics()
+            again = await retry_job(store, job, resubmit=False, now=1.0, metrics=metrics)
             assert again.state == JobState.RUNNING and again.remote_id == first
         cfg2 = config(tmp_path, emu)  # no deadline now
         async with SqliteStore(cfg2.store.path) as store:  # type: ignore[arg-type]
@@ -134,8 +155,13 @@ async def test_retry_harvests_an_error_job_again_and_resubmits_only_on_request(
             assert job.cancelled_by == "provider"
             assert emu.state.stats()["modzy"]["creates"] == 1
             with pytest.raises(ControlError, match="--resubmit"):
-                await retry_job(store, job, resubmit=False, now=2.0)
+                await retry_job(store, job, resubmit=False, now=2.0, metrics=metrics)
             assert await store.get("modzy", job.key) == job
-            fresh = await retry_job(store, job, resubmit=True, now=2.0)
+            fresh = await retry_job(store, job, resubmit=True, now=2.0, metrics=metrics)
+            # a refused retry counts nothing
+            assert counts(metrics, "harvester_job_retries") == {
+                ("modzy", "harvest-again"): 1,
+                ("modzy", "resubmit"): 1,
+            }
             assert fresh.state == JobState.NEW and fresh.past_remote_ids == (first,)
             assert fresh.remote_attempt == 2 and fresh.remote_reference == "modzy-0~2"

@@ -4,11 +4,17 @@ a subprocess and the emulator."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+
+from harvester.fsutil import TMP_MARK
+from tests.daemon.test_daemon_drain import slow_storage, submit_and_wait_for_a_harvest
+from tests.daemon.test_daemon_run import metric_samples
 
 from .helpers import (
     DaemonProcess,
@@ -104,3 +110,56 @@ async def test_cancel_retry_and_list_jobs_over_http(
     stats = await emulator_stats(emu, session)
     per_reference = stats["playment"]["creates_by_reference"]["proj-daemon"]
     assert per_reference == {**{k: 1 for k in keys}, "ctl-0~2": 1}
+
+    # The controls are counted: one local cancel, one refused (already ended), one resubmit;
+    # the refused retries changed nothing and count nothing.
+    async with daemon.session.get(daemon.base + "/metrics") as r:
+        text = await r.text()
+    cancels = {
+        (s["provider"], s["where"], s["result"]): v
+        for s, v in metric_samples(text, "harvester_job_cancels_total")
+    }
+    assert cancels == {("playment", "local", "cancelled"): 1, ("playment", "local", "refused"): 1}
+    retries = {
+        (s["provider"], s["kind"]): v
+        for s, v in metric_samples(text, "harvester_job_retries_total")
+    }
+    assert retries == {("playment", "resubmit"): 1}
+    assert metric_samples(text, "harvester_job_timeouts_total") == []
+
+
+async def test_a_cancel_racing_the_daemons_own_harvest_is_refused_and_loses_nothing(
+    tmp_path: Path,
+    start_emulator: StartEmulator,
+    start_daemon: StartDaemon,
+    session: aiohttp.ClientSession,
+) -> None:
+    # Every download takes 2 s, so the DELETE lands while the daemon is harvesting the job.
+    emu = await start_emulator(slow_storage(2.0))
+    port = free_port()
+    config = write_config(tmp_path, emu, port)
+    daemon = await start_daemon(config, port)
+    await daemon.wait_ready()
+    await submit_and_wait_for_a_harvest(daemon, ["race-0"])
+    status, doc = await call(daemon, "DELETE", "/jobs/playment/race-0")
+    assert status == 409, doc
+    assert "already finished at the provider and is being harvested" in doc["error"]
+    status, during = await daemon.get("/jobs/playment/race-0")
+    assert status == 200 and during["state"] == "harvesting", during  # the race was real
+
+    job = await daemon.wait_job("race-0", "harvested")
+    assert job["cancelled_by"] is None and job["reason"] is None
+    stats = await emulator_stats(emu, session)
+    assert stats["playment"]["creates_by_reference"]["proj-daemon"] == {"race-0": 1}
+    # Whole: every file the MANIFEST names is there, nothing staged is left over.
+    folder = Path(job["output"])
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert manifest["files"]
+    for name, entry in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"], entry["sha256"])
+    assert [p for p in (tmp_path / "output").rglob(f"*{TMP_MARK}*")] == []
+    async with daemon.session.get(daemon.base + "/metrics") as r:
+        text = await r.text()
+    refused = metric_samples(text, "harvester_job_cancels_total")
+    assert refused == [({"provider": "playment", "where": "local", "result": "refused"}, 1.0)]

@@ -1,19 +1,36 @@
 """A job store written by schema 2 (before cancel/retry) opens under schema 3 with every job
-intact: the new columns empty, the jobs pageable, cancellable and retryable."""
+intact: the new columns empty (but a running job's start), the jobs pageable, cancellable and
+retryable; on sqlite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import anyio
 import orjson
 import pytest
 
 from harvester.control import retry_job
+from harvester.emulator.server import Emulator
+from harvester.engine import Engine
 from harvester.jobs import Event, JobState
+from harvester.store import postgres
+from harvester.store.base import Store
 from harvester.store.sqlite import _APPLICATION_ID, _MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from tests.integration.test_all_providers import SECRETS, config, scenario
+
+from .backends import PostgresBackend
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+
 
 #: a schema-2 row: (key, remote_id, state, reason, attempts)
 ROWS = [
@@ -24,7 +41,26 @@ ROWS = [
 ]
 
 
-def schema_2_store(path: Path) -> None:
+#: a row as schema 2 wrote it (status_unknown: its default), in either SQL dialect's "?" form
+INSERT = (
+    "INSERT INTO jobs (provider, key, reference_id, remote_id, payload, state,"
+    " reason, attempts, created_at, updated_at)"
+    " VALUES ('modzy', ?, ?, ?, ?, ?, ?, ?, 1.0, 2.0)"
+)
+
+
+def insert_params(
+    rows: list[tuple[str, str | None, str, str | None, int]],
+) -> list[tuple[Any, ...]]:
+    return [
+        (key, key, remote_id, orjson.dumps({"k": key}), state, reason, attempts)
+        for key, remote_id, state, reason, attempts in rows
+    ]
+
+
+def schema_2_store(
+    path: Path, rows: list[tuple[str, str | None, str, str | None, int]] = ROWS
+) -> None:
     """The file schema 2 of harvester wrote (its migrations are append-only)."""
     conn = sqlite3.connect(path)
     try:
@@ -32,17 +68,42 @@ def schema_2_store(path: Path) -> None:
         for step in _MIGRATIONS[:2]:
             for statement in step:
                 conn.execute(statement)
-        for key, remote_id, state, reason, attempts in ROWS:
-            conn.execute(
-                "INSERT INTO jobs (provider, key, reference_id, remote_id, payload, state,"
-                " reason, attempts, created_at, updated_at, status_unknown)"
-                " VALUES ('modzy', ?, ?, ?, ?, ?, ?, ?, 1.0, 2.0, 0)",
-                (key, key, remote_id, orjson.dumps({"k": key}), state, reason, attempts),
-            )
+        for params in insert_params(rows):
+            conn.execute(INSERT, params)
         conn.execute("PRAGMA user_version = 2")
         conn.commit()
     finally:
         conn.close()
+
+
+async def check_upgraded(store: Store) -> None:
+    """The rows of ``ROWS``, as a schema-3 store reads them, still cancellable and retryable."""
+    page = await store.page(provider="modzy", after=0, limit=10)
+    got = {j.key: j for j in page.jobs}
+    assert sorted(got) == sorted(r[0] for r in ROWS) and page.next_after is None
+    for key, remote_id, state, reason, attempts in ROWS:
+        job = got[key]
+        assert (job.remote_id, job.state.value, job.reason, job.attempts) == (
+            remote_id,
+            state,
+            reason,
+            attempts,
+        )
+        assert job.cancelled_by is None and job.past_remote_ids == ()
+        # a running job's deadline counts from its last change (updated_at, 2.0)
+        assert job.started_at == (2.0 if state == "running" else None)
+        assert job.remote_attempt == 1
+        assert await store.load_payload(job) == {"k": key}
+    # The new columns work on the old rows.
+    again = await retry_job(store, got["err-1"], resubmit=False, now=3.0)
+    assert again.state == JobState.RUNNING and again.remote_id == "r-2"
+    cancelled = await store.transition(
+        got["run-1"], Event.CANCEL, now=3.0, reason="cancelled by user"
+    )
+    assert (await store.get("modzy", "run-1")) == cancelled
+    assert cancelled.cancelled_by == "user"
+    resubmitted = await retry_job(store, cancelled, resubmit=True, now=4.0)
+    assert resubmitted.past_remote_ids == ("r-1",) and resubmitted.remote_attempt == 2
 
 
 async def test_a_schema_2_sqlite_store_upgrades_to_3(tmp_path: Path) -> None:
@@ -50,32 +111,47 @@ async def test_a_schema_2_sqlite_store_upgrades_to_3(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     schema_2_store(path)
     async with SqliteStore(path) as store:
-        page = await store.page(provider="modzy", after=0, limit=10)
-        got = {j.key: j for j in page.jobs}
-        assert sorted(got) == sorted(r[0] for r in ROWS) and page.next_after is None
-        for key, remote_id, state, reason, attempts in ROWS:
-            job = got[key]
-            assert (job.remote_id, job.state.value, job.reason, job.attempts) == (
-                remote_id,
-                state,
-                reason,
-                attempts,
-            )
-            assert job.cancelled_by is None and job.past_remote_ids == ()
-            assert job.started_at is None and job.remote_attempt == 1
-            assert await store.load_payload(job) == {"k": key}
-        # The new columns work on the old rows.
-        again = await retry_job(store, got["err-1"], resubmit=False, now=3.0)
-        assert again.state == JobState.RUNNING and again.remote_id == "r-2"
-        cancelled = await store.transition(
-            got["run-1"], Event.CANCEL, now=3.0, reason="cancelled by user"
-        )
-        assert (await store.get("modzy", "run-1")) == cancelled
-        assert cancelled.cancelled_by == "user"
-        resubmitted = await retry_job(store, cancelled, resubmit=True, now=4.0)
-        assert resubmitted.past_remote_ids == ("r-1",) and resubmitted.remote_attempt == 2
+        await check_upgraded(store)
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     finally:
         conn.close()
+
+
+async def test_a_job_running_before_the_upgrade_still_times_out(tmp_path: Path) -> None:
+    """Schema 2 kept no start time: without one, job_timeout_s would never end such a job."""
+    async with Emulator(scenario()) as emu:
+        cfg = config(tmp_path, emu, modzy={"job_timeout_s": 60})
+        assert cfg.store.path is not None
+        schema_2_store(cfg.store.path, [("run-1", "r-1", "running", None, 1)])
+        async with SqliteStore(cfg.store.path) as store:
+            with anyio.fail_after(30):
+                await Engine(cfg, store, providers=["modzy"]).run()
+            (job,) = await store.jobs()
+    assert job.state == JobState.ERROR, job
+    assert job.reason is not None and job.reason.startswith("timed out after")
+
+
+async def test_a_schema_2_postgres_store_upgrades_to_3(shared_backend: PostgresBackend) -> None:
+    assert postgres.SCHEMA_VERSION == 3
+    pg = shared_backend
+    # What schema 2 of harvester wrote: its migrations (append-only) and their record.
+    pg.raw(
+        "CREATE TABLE harvester_schema (version integer PRIMARY KEY,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    for version, step in enumerate(postgres._MIGRATIONS[:2], start=1):
+        for statement in step:
+            pg.raw(statement)
+        pg.raw("INSERT INTO harvester_schema (version) VALUES (?)", (version,))
+    for params in insert_params(ROWS):
+        pg.raw(INSERT, params)
+    store = pg.make()
+    await store.open()
+    try:
+        await check_upgraded(store)
+    finally:
+        await store.close()
+    applied = pg.raw("SELECT version FROM harvester_schema ORDER BY version")
+    assert applied == [(1,), (2,), (3,)]
