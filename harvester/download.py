@@ -30,9 +30,9 @@ from harvester.clock import Clock
 from harvester.errors import NetworkError, ProtocolError, ProviderUnavailable, RetryableError
 from harvester.failpoints import failpoint
 from harvester.logs import get_logger
-from harvester.providers.base import Resolver
 from harvester.ratelimit import backoff_delay
 from harvester.transport import Transport, safe_url
+from harvester.wire import Resolver
 
 log = get_logger("harvester.download")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")

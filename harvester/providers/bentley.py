@@ -59,15 +59,13 @@ from harvester.providers.base import (
     NotFound,
     PollResult,
     RemoteState,
-    RequestSpec,
-    Resolver,
-    Response,
     Status,
     Unsearchable,
     protocol_error,
 )
 from harvester.schedule import BENTLEY_LADDER
 from harvester.specs import bentley_v2
+from harvester.wire import RequestSpec, Resolver, Response
 
 NAME = "bentley"
 ACCEPT = "application/vnd.bentley.itwin-platform.v2+json"

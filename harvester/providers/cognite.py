@@ -49,12 +49,11 @@ from harvester.providers.base import (
     NotFound,
     PollResult,
     RemoteState,
-    RequestSpec,
-    Response,
     Status,
     protocol_error,
     snippet,
 )
+from harvester.wire import RequestSpec, Response
 
 NAME = "cognite"
 #: CDF ids are positive integers that fit a JSON double exactly

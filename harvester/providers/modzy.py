@@ -48,11 +48,10 @@ from harvester.providers.base import (
     NotFound,
     PollResult,
     RemoteState,
-    RequestSpec,
-    Response,
     Status,
     protocol_error,
 )
+from harvester.wire import RequestSpec, Response
 
 NAME = "modzy"
 #: every documented job status; anything else is polled on as running, marked unknown
