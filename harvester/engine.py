@@ -49,6 +49,7 @@ from harvester.errors import (
     OutputError,
     RateLimited,
     RetryableError,
+    RetryableErrorInHarvest,
     StoreError,
     brief,
 )
@@ -999,10 +1000,6 @@ class _JobClient:
 
     async def call(self, spec: RequestSpec, parse: Callable[[Response], T]) -> T:
         return await self.transport.call(spec, parse, job=self.job)
-
-
-class RetryableErrorInHarvest(RetryableError):
-    """The provider's job changed under us between finishing and harvesting."""
 
 
 class _Transports:
