@@ -25,8 +25,8 @@ from harvester.errors import (
     RetryableError,
 )
 from harvester.logs import get_logger
-from harvester.providers.base import RequestSpec, Response
 from harvester.ratelimit import parse_retry_after
+from harvester.wire import RequestSpec, Response
 
 log = get_logger("harvester.auth")
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import os
+import tempfile
 import tomllib
 import types
 from collections.abc import Mapping
@@ -429,8 +431,6 @@ def _output(ctx: _Ctx, table: dict[str, Any]) -> OutputConfig:
     raw = table.get("dir")
     url = raw if isinstance(raw, str) and "://" in raw else None
     if url is not None:
-        from harvester.objstore import default_staging, parse_location
-
         try:
             parse_location(url)
         except ValueError as exc:
@@ -449,6 +449,45 @@ def _output(ctx: _Ctx, table: dict[str, Any]) -> OutputConfig:
         ctx.fail(f"output.part_bytes must be 5 MiB..512 MiB, got {output.part_bytes}")
     staging = ctx.path(output.staging_dir) if output.staging_dir else default_staging(url)
     return dataclasses.replace(output, url=url, dir=staging, staging_dir=staging)
+
+
+#: ``output.dir`` URL schemes served by an object store (harvester.objstore)
+SCHEMES = ("s3", "az", "gs")
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    scheme: str
+    bucket: str
+    prefix: str  #: "" or "a/b" (no leading or trailing slash)
+
+    def url(self, rel: str = "") -> str:
+        key = "/".join(p for p in (self.prefix, rel) if p)
+        return f"{self.scheme}://{self.bucket}/{key}" if key else f"{self.scheme}://{self.bucket}"
+
+
+def parse_location(url: str) -> Location:
+    """``s3://bucket/prefix`` -> Location; ``ValueError`` with one line saying what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"{url!r} is not an object-store URL")
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"unknown scheme {scheme}:// in {url!r} (a local path, or one of"
+            f" {', '.join(s + '://' for s in SCHEMES)})"
+        )
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"{url!r} names no bucket or container")
+    parts = [p for p in prefix.split("/") if p]
+    if any(p in (".", "..") for p in parts) or any(c in url for c in "?#\\"):
+        raise ValueError(f"{url!r}: the prefix must be a plain path (no ., .., ?, # or \\)")
+    return Location(scheme, bucket, "/".join(parts))
+
+
+def default_staging(url: str) -> Path:
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"harvester-staging-{digest}"
 
 
 class _Ctx:

@@ -27,12 +27,18 @@ from typing import Protocol
 import anyio
 
 from harvester.clock import Clock
-from harvester.errors import NetworkError, ProtocolError, ProviderUnavailable, RetryableError
+from harvester.errors import (
+    NetworkError,
+    ProtocolError,
+    ProviderUnavailable,
+    RetryableError,
+    StorageRefused,
+)
 from harvester.failpoints import failpoint
 from harvester.logs import get_logger
-from harvester.providers.base import Resolver
 from harvester.ratelimit import backoff_delay
 from harvester.transport import Transport, safe_url
+from harvester.wire import Resolver
 
 log = get_logger("harvester.download")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -68,10 +74,6 @@ class ByteBudget:
                 f"what harvest.max_job_bytes leaves after {others} bytes of this job's other files",
             )
         return None
-
-
-class StorageRefused(ProviderUnavailable):
-    """The storage host refused several freshly signed URLs in a row."""
 
 
 class Sink(Protocol):

@@ -37,6 +37,7 @@ from harvester import control, tracing
 from harvester.clock import Clock, SystemClock
 from harvester.config import Config
 from harvester.control import CancelRequest
+from harvester.credentials import credentials_for
 from harvester.download import ByteBudget
 from harvester.errors import (
     ControlError,
@@ -48,6 +49,7 @@ from harvester.errors import (
     OutputError,
     RateLimited,
     RetryableError,
+    RetryableErrorInHarvest,
     StoreError,
     brief,
 )
@@ -58,7 +60,7 @@ from harvester.logs import get_logger
 from harvester.metrics import Metrics
 from harvester.objoutput import ObjectJobOutput
 from harvester.objstore import bucket_for, prove_output
-from harvester.providers import make_auth, make_provider
+from harvester.providers import make_provider
 from harvester.providers.base import (
     Accepted,
     AlreadyExists,
@@ -67,8 +69,6 @@ from harvester.providers.base import (
     NotReady,
     Provider,
     RemoteState,
-    RequestSpec,
-    Response,
     Status,
     Unsearchable,
 )
@@ -78,6 +78,7 @@ from harvester.schedule import DueQueue, PollPolicy
 from harvester.store.base import JobRef, SharedStore, Store
 from harvester.tracking import Remaining
 from harvester.transport import Transport
+from harvester.wire import RequestSpec, Response
 
 log = get_logger("harvester.engine")
 T = TypeVar("T")
@@ -1002,10 +1003,6 @@ class _JobClient:
         return await self.transport.call(spec, parse, job=self.job)
 
 
-class RetryableErrorInHarvest(RetryableError):
-    """The provider's job changed under us between finishing and harvesting."""
-
-
 class _Transports:
     """Opens one transport (session + limiter) per lane and closes them all on exit."""
 
@@ -1030,21 +1027,14 @@ class _Transports:
                     backoff_cap=cfg.backoff_max_s,
                     rng=e.rng,
                 )
-                holder: list[Transport] = []
-
-                async def post(spec: RequestSpec, holder: list[Transport] = holder) -> Response:
-                    # Token requests go through the provider's own limiter and retries.
-                    return await holder[0].call(spec, _identity)
-
                 transport = Transport(
                     cfg,
-                    auth=make_auth(cfg, post=post, clock=e.clock),
+                    credentials=credentials_for(cfg, e.clock),
                     limiter=limiter,
                     clock=e.clock,
                     metrics=e.metrics,
                     rng=e.rng,
                 )
-                holder.append(transport)
                 await transport.__aenter__()
                 self.opened.append(transport)
                 ladder = provider.ladder()
@@ -1067,7 +1057,3 @@ def _refused_before_processing(exc: RetryableError) -> bool:
     create that got one was not made; so does an answer the provider marked safe to resend,
     and a request dropped before it was sent. Other 5xx, resets and timeouts are ambiguous."""
     return isinstance(exc, RateLimited | NotSent) or exc.status == 503 or exc.resend_safe
-
-
-def _identity(resp: Response) -> Response:
-    return resp

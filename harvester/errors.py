@@ -177,6 +177,14 @@ class ProviderUnavailable(RetryableError):
     """The provider failed on its side (5xx, or a documented server-side error code)."""
 
 
+class StorageRefused(ProviderUnavailable):
+    """The storage host refused several freshly signed URLs in a row."""
+
+
+class RetryableErrorInHarvest(RetryableError):
+    """The provider's job changed under us between finishing and harvesting."""
+
+
 class NotYetAvailable(RetryableError):
     """Asked too early (e.g. Modzy's results 404 right after a job finishes): not a fault,
     so it spends neither request retries nor the job's harvest attempts."""

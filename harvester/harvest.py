@@ -44,8 +44,9 @@ from harvester.fsutil import (
     write_atomic,
 )
 from harvester.jobs import Job
-from harvester.providers.base import LabelFormat, LabelFrame, RequestSpec, Resolver, Response
+from harvester.providers.base import LabelFormat, LabelFrame
 from harvester.transport import Transport
+from harvester.wire import RequestSpec, Resolver, Response
 
 MANIFEST = "MANIFEST.json"
 #: finished frames of an unfinished harvest (``JobOutput``); never in a complete folder

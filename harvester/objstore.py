@@ -27,9 +27,7 @@ import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -43,7 +41,7 @@ from obstore.exceptions import (
 )
 from obstore.store import AzureStore, GCSStore, S3Store
 
-from harvester.config import OutputConfig
+from harvester.config import Location, OutputConfig, parse_location
 from harvester.errors import OutputError
 from harvester.failpoints import failpoint
 from harvester.logs import get_logger
@@ -60,48 +58,12 @@ if TYPE_CHECKING:  # typing only: these exist in obstore's stubs, not at run tim
 
 log = get_logger("harvester.objstore")
 
-SCHEMES = ("s3", "az", "gs")
 PART_CONCURRENCY = 2  #: parts of one file in flight at once
 PROBE = ".harvester-probe"
 _MAX_REASON = 300
 #: obstore raises its own classes and, for some, Python's (FileNotFoundError, PermissionError)
 _ERRORS = (BaseError, OSError)
 _MISSING = (NotFoundError, FileNotFoundError)
-
-
-@dataclass(frozen=True, slots=True)
-class Location:
-    scheme: str
-    bucket: str
-    prefix: str  #: "" or "a/b" (no leading or trailing slash)
-
-    def url(self, rel: str = "") -> str:
-        key = "/".join(p for p in (self.prefix, rel) if p)
-        return f"{self.scheme}://{self.bucket}/{key}" if key else f"{self.scheme}://{self.bucket}"
-
-
-def parse_location(url: str) -> Location:
-    """``s3://bucket/prefix`` -> Location; ``ValueError`` with one line saying what is wrong."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ValueError(f"{url!r} is not an object-store URL")
-    if scheme not in SCHEMES:
-        raise ValueError(
-            f"unknown scheme {scheme}:// in {url!r} (a local path, or one of"
-            f" {', '.join(s + '://' for s in SCHEMES)})"
-        )
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise ValueError(f"{url!r} names no bucket or container")
-    parts = [p for p in prefix.split("/") if p]
-    if any(p in (".", "..") for p in parts) or any(c in url for c in "?#\\"):
-        raise ValueError(f"{url!r}: the prefix must be a plain path (no ., .., ?, # or \\)")
-    return Location(scheme, bucket, "/".join(parts))
-
-
-def default_staging(url: str) -> Path:
-    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"harvester-staging-{digest}"
 
 
 def reason(exc: BaseException) -> str:

@@ -27,7 +27,7 @@ from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 import aiohttp
 import orjson
 
-from harvester.auth import Auth
+from harvester.auth import Auth, TokenPoster
 from harvester.clock import Clock
 from harvester.config import ProviderConfig
 from harvester.errors import (
@@ -44,8 +44,8 @@ from harvester.errors import (
 from harvester.logs import get_logger, redact_text
 from harvester.metrics import Metrics
 from harvester.netguard import GuardedResolver, RefusedAddress, url_reason
-from harvester.providers.base import RequestSpec, Response
 from harvester.ratelimit import ProviderLimiter, backoff_delay, parse_retry_after
+from harvester.wire import RequestSpec, Response
 
 T = TypeVar("T")
 log = get_logger("harvester.transport")
@@ -141,7 +141,8 @@ class Transport:
         self,
         cfg: ProviderConfig,
         *,
-        auth: Auth,
+        auth: Auth | None = None,
+        credentials: Callable[[TokenPoster], Auth] | None = None,
         limiter: ProviderLimiter,
         clock: Clock,
         metrics: Metrics,
@@ -149,6 +150,13 @@ class Transport:
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        if (auth is None) == (credentials is None):
+            raise TypeError("Transport needs exactly one of auth= and credentials=")
+        # OAuth posts its token requests through this transport (its limiter and retries):
+        # ``credentials`` builds the Auth around the transport's own sender.
+        if credentials is not None:
+            auth = credentials(self.post)
+        assert auth is not None
         self.auth = auth
         self.limiter = limiter
         self.clock = clock
@@ -353,6 +361,10 @@ class Transport:
         counter.inc()
 
     # -- with retries -------------------------------------------------------------------
+    async def post(self, spec: RequestSpec) -> Response:
+        """``call`` returning the answer as it came (a ``TokenPoster``: OAuth token requests)."""
+        return await self.call(spec, _identity)
+
     async def call(
         self,
         spec: RequestSpec,
@@ -513,3 +525,7 @@ def _body_hint(body: bytes) -> str:
 
 def json_body(obj: Any) -> bytes:
     return orjson.dumps(obj)
+
+
+def _identity(resp: Response) -> Response:
+    return resp

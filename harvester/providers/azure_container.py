@@ -22,7 +22,8 @@ from harvester.azure import (
     safe_blob_path,
 )
 from harvester.errors import ProtocolError
-from harvester.providers.base import HarvestIO, Resolver
+from harvester.providers.base import HarvestIO
+from harvester.wire import Resolver
 
 #: a listing that has not ended after this many pages (5000 blobs each) is looping
 MAX_LIST_PAGES = 10_000

@@ -9,58 +9,22 @@ adapter is ``harvest``, which talks to the outside world exclusively through the
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol, TypeVar
 
-import orjson
-
-from harvester.errors import ProtocolError
+from harvester.errors import (
+    CredentialsError,
+    HarvesterError,
+    InvalidPayload,
+    ProtocolError,
+    ProviderJobFailed,
+    ProviderUnavailable,
+    RateLimited,
+)
 from harvester.jobs import Job
-
-
-@dataclass(frozen=True, slots=True)
-class RequestSpec:
-    method: str
-    url: str
-    endpoint: str  #: a short name for logs and metrics: "create", "poll", "find", ...
-    params: Mapping[str, str] = field(default_factory=dict)
-    json: Any = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    #: safe to send twice; only idempotent requests are retried automatically
-    idempotent: bool = True
-    #: False for signed URLs on storage hosts: no auth header may go there
-    send_credentials: bool = True
-    follow_redirects: bool = False
-    #: an ``application/x-www-form-urlencoded`` body (OAuth token requests) instead of
-    #: ``json``; kept out of ``repr`` because it carries a client secret
-    form: Mapping[str, str] | None = field(default=None, repr=False)
-    #: a response header by which the provider marks a failed request as safe to send again
-    #: (value ``true``), even a create: the transport then retries it like an idempotent one
-    retry_header: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    status: int
-    headers: Mapping[str, str]  #: case-insensitive mapping
-    body: bytes
-    url: str  #: without query string (safe to log)
-    request_id: str | None = None
-
-    def json(self, *, provider: str | None = None, job: str | None = None) -> Any:
-        try:
-            return orjson.loads(self.body)
-        except orjson.JSONDecodeError:
-            snippet = self.body[:120].decode("utf-8", "replace")
-            raise ProtocolError(
-                f"answer to {self.url} is not JSON: {snippet!r}",
-                provider=provider,
-                job=job,
-                status=self.status,
-                request_id=self.request_id,
-            ) from None
+from harvester.wire import RequestSpec, Resolver, Response
 
 
 class RemoteState(StrEnum):
@@ -128,8 +92,6 @@ CreateResult = Accepted | AlreadyExists
 FindResult = Found | NotFound | NextPage | Unsearchable
 PollResult = Status | NotReady
 
-#: returns a fresh signed URL each time it is called (re-resolution after expiry)
-Resolver = Callable[[], Awaitable[str]]
 LabelFormat = Literal["mask", "pcd"]
 
 
@@ -278,3 +240,38 @@ class Provider(Protocol):
 
     async def harvest(self, job: Job, status: Status, io: HarvestIO) -> None:
         """Write the job's outputs through ``io`` (the manifest is the caller's)."""
+
+
+#: What an HTTP status means at every provider's API: the error class and its message
+#: (``{message}``: the provider's own text; ``{endpoint}``: ours). An adapter passes only
+#: its own codes to ``error_for_status``; 5xx are ``ProviderUnavailable``, the rest
+#: ``ProtocolError``.
+STATUS_ERRORS: Mapping[int, tuple[type[HarvesterError], str]] = {
+    400: (InvalidPayload, "{message}"),
+    401: (CredentialsError, "credentials refused: {message}"),
+    403: (CredentialsError, "credentials refused: {message}"),
+    404: (ProviderJobFailed, "not found: {message}"),
+    409: (InvalidPayload, "{message}"),
+    422: (InvalidPayload, "{message}"),
+    429: (RateLimited, "rate limited: {message}"),
+}
+
+
+def error_for_status(
+    status: int,
+    message: str,
+    *,
+    endpoint: str,
+    own: Mapping[int, tuple[type[HarvesterError], str]] | None = None,
+    **kw: Any,
+) -> HarvesterError:
+    """The typed error for a non-2xx answer: ``own`` (the adapter's codes), then the table."""
+    found = (own or {}).get(status) or STATUS_ERRORS.get(status)
+    if found is None:
+        found = (
+            (ProviderUnavailable, "server error: {message}")
+            if status >= 500
+            else (ProtocolError, "unexpected answer to {endpoint}: {message}")
+        )
+    cls, text = found
+    return cls(text.format(message=message, endpoint=endpoint), status=status, **kw)

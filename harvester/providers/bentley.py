@@ -36,13 +36,11 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from harvester.config import BentleyConfig
 from harvester.errors import (
-    CredentialsError,
     HarvesterError,
     InvalidPayload,
     JobError,
     ProtocolError,
     ProviderJobFailed,
-    ProviderUnavailable,
     RateLimited,
 )
 from harvester.jobs import Job, job_key
@@ -59,15 +57,14 @@ from harvester.providers.base import (
     NotFound,
     PollResult,
     RemoteState,
-    RequestSpec,
-    Resolver,
-    Response,
     Status,
     Unsearchable,
+    error_for_status,
     protocol_error,
 )
 from harvester.schedule import BENTLEY_LADDER
 from harvester.specs import bentley_v2
+from harvester.wire import RequestSpec, Resolver, Response
 
 NAME = "bentley"
 ACCEPT = "application/vnd.bentley.itwin-platform.v2+json"
@@ -406,27 +403,20 @@ def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError
     else:
         message = resp.body[:200].decode("utf-8", "replace").strip()
     message = message or f"HTTP {status} without a message"
-    kw: dict[str, Any] = {
-        "provider": NAME,
-        "job": job.key if job else None,
-        "status": status,
-        "code": code,
-        "request_id": resp.request_id,
-    }
-    if status in (401, 403):
-        return CredentialsError(f"credentials refused: {message}", **kw)
-    if status == 404:
-        what = "this job" if endpoint != "readaccess" else "this output's reality data"
-        return ProviderJobFailed(f"Bentley does not know {what} (404): {message}", **kw)
-    if status in (400, 409, 422):
-        return InvalidPayload(message, **kw)
-    if status == 429:
-        return RateLimited(
-            f"rate limited: {message}", retry_after=_seconds(resp.headers.get("Retry-After")), **kw
-        )
-    if status >= 500:
-        return ProviderUnavailable(f"server error: {message}", **kw)
-    return ProtocolError(f"unexpected answer to {endpoint}: {message}", **kw)
+    what = "this job" if endpoint != "readaccess" else "this output's reality data"
+    err = error_for_status(
+        status,
+        message,
+        endpoint=endpoint,
+        own={404: (ProviderJobFailed, f"Bentley does not know {what} (404): {{message}}")},
+        provider=NAME,
+        job=job.key if job else None,
+        code=code,
+        request_id=resp.request_id,
+    )
+    if isinstance(err, RateLimited):
+        err.retry_after = _seconds(resp.headers.get("Retry-After"))
+    return err
 
 
 def _message_text(entry: Any) -> str:

@@ -30,13 +30,10 @@ from urllib.parse import quote
 
 from harvester.config import CogniteConfig
 from harvester.errors import (
-    CredentialsError,
     HarvesterError,
     InvalidPayload,
     ProtocolError,
     ProviderJobFailed,
-    ProviderUnavailable,
-    RateLimited,
 )
 from harvester.jobs import Job
 from harvester.providers.base import (
@@ -49,12 +46,12 @@ from harvester.providers.base import (
     NotFound,
     PollResult,
     RemoteState,
-    RequestSpec,
-    Response,
     Status,
+    error_for_status,
     protocol_error,
     snippet,
 )
+from harvester.wire import RequestSpec, Response
 
 NAME = "cognite"
 #: CDF ids are positive integers that fit a JSON double exactly
@@ -232,25 +229,17 @@ def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError
     else:
         message = _snippet(resp.body)
     message = message or f"HTTP {status} without a message"
-    kw: dict[str, Any] = {
-        "provider": NAME,
-        "job": job.key if job else None,
-        "status": status,
-        "code": code,
-        "request_id": resp.request_id,
-    }
-    if status in (401, 403):
-        return CredentialsError(f"credentials refused: {message}", **kw)
-    if status in (400, 409, 422):
-        return InvalidPayload(message, **kw)
-    if status == 404:
-        what = "this job id" if endpoint == "poll" else "the segmentation endpoint"
-        return ProviderJobFailed(f"Cognite does not know {what} (404): {message}", **kw)
-    if status == 429:
-        return RateLimited(f"rate limited: {message}", **kw)
-    if status >= 500:
-        return ProviderUnavailable(f"server error: {message}", **kw)
-    return ProtocolError(f"unexpected answer to {endpoint}: {message}", **kw)
+    what = "this job id" if endpoint == "poll" else "the segmentation endpoint"
+    return error_for_status(
+        status,
+        message,
+        endpoint=endpoint,
+        own={404: (ProviderJobFailed, f"Cognite does not know {what} (404): {{message}}")},
+        provider=NAME,
+        job=job.key if job else None,
+        code=code,
+        request_id=resp.request_id,
+    )
 
 
 def failure_reason(body: Mapping[str, Any]) -> str:

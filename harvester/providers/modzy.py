@@ -34,8 +34,6 @@ from harvester.errors import (
     NotYetAvailable,
     ProtocolError,
     ProviderJobFailed,
-    ProviderUnavailable,
-    RateLimited,
 )
 from harvester.jobs import Job
 from harvester.providers.base import (
@@ -48,11 +46,11 @@ from harvester.providers.base import (
     NotFound,
     PollResult,
     RemoteState,
-    RequestSpec,
-    Response,
     Status,
+    error_for_status,
     protocol_error,
 )
+from harvester.wire import RequestSpec, Response
 
 NAME = "modzy"
 #: every documented job status; anything else is polled on as running, marked unknown
@@ -274,27 +272,26 @@ def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError
     else:
         message = resp.body[:200].decode("utf-8", "replace").strip()
     message = message or f"HTTP {status} without a message"
-    kw: dict[str, Any] = {
-        "provider": NAME,
-        "job": job.key if job else None,
-        "status": status,
-        "code": code,
-        "request_id": resp.request_id,
-    }
-    if status in (401, 403):
-        return CredentialsError(f"API key refused: {message}", **kw)
-    if status == 404:
-        if endpoint == "create":
-            # A create 404 names an unknown model or version: the payload's doing.
-            return InvalidPayload(f"not found: {message}", **kw)
-        return ProviderJobFailed(f"Modzy does not know this job (404): {message}", **kw)
-    if status in (400, 409, 422):
-        return InvalidPayload(message, **kw)
-    if status == 429:
-        return RateLimited(f"rate limited: {message}", **kw)
-    if status >= 500:
-        return ProviderUnavailable(f"server error: {message}", **kw)
-    return ProtocolError(f"unexpected answer to {endpoint}: {message}", **kw)
+    # A create 404 names an unknown model or version: the payload's doing.
+    not_found = (
+        (InvalidPayload, "not found: {message}")
+        if endpoint == "create"
+        else (ProviderJobFailed, "Modzy does not know this job (404): {message}")
+    )
+    return error_for_status(
+        status,
+        message,
+        endpoint=endpoint,
+        own={
+            401: (CredentialsError, "API key refused: {message}"),
+            403: (CredentialsError, "API key refused: {message}"),
+            404: not_found,
+        },
+        provider=NAME,
+        job=job.key if job else None,
+        code=code,
+        request_id=resp.request_id,
+    )
 
 
 def failure_reason(failures: Mapping[str, Any]) -> str:

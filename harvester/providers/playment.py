@@ -48,13 +48,11 @@ from harvester.providers.base import (
     NotFound,
     PollResult,
     RemoteState,
-    RequestSpec,
-    Resolver,
-    Response,
     Status,
     protocol_error,
     snippet,
 )
+from harvester.wire import RequestSpec, Resolver, Response
 
 NAME = "playment"
 _BAD_PAYLOAD = {"FS_0002", "FS_0003", "FS_0004", "FS_0005", "FS_0007", "GE_0001"}

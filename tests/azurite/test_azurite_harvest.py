@@ -34,9 +34,9 @@ from harvester.errors import CorruptDownload
 from harvester.harvest import JobOutput
 from harvester.jobs import Job, JobState
 from harvester.providers.azure_container import harvest_container, list_container
-from harvester.providers.base import Resolver
 from harvester.store.sqlite import SqliteStore
 from harvester.transport import Transport
+from harvester.wire import Resolver
 
 from .recorder import RecordingProxy
 from .server import ACCOUNT, ACCOUNT_KEY, Azurite

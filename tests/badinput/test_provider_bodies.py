@@ -31,10 +31,10 @@ from harvester.harvest import LabelSink
 from harvester.jobs import Job, JobState, job_key, new_job
 from harvester.logs import configure
 from harvester.providers import make_provider
-from harvester.providers.base import Response
 from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
 from harvester.verify import verify_outputs
+from harvester.wire import Response
 from tests.integration.helpers import payload
 
 from .helpers import CONFIG, SECRET_ENV

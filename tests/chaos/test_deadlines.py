@@ -25,14 +25,14 @@ from aiohttp import web
 
 from harvester.clock import FakeClock, SystemClock
 from harvester.config import PlaymentConfig, SecretRef
+from harvester.credentials import make_auth
 from harvester.errors import NetworkError, NotSent
 from harvester.jobs import JobState
 from harvester.logs import configure
 from harvester.metrics import Metrics
-from harvester.providers import make_auth
-from harvester.providers.base import RequestSpec
 from harvester.ratelimit import ProviderLimiter
 from harvester.transport import Transport
+from harvester.wire import RequestSpec
 from tests.badinput.helpers import SECRET_ENV
 from tests.badinput.hostile import GOOD_JOBS, Case, harvest_through, serving, trickle
 

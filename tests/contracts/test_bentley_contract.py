@@ -28,9 +28,10 @@ from harvester.emulator.scenario import parse_scenario
 from harvester.emulator.server import Emulator
 from harvester.errors import InvalidPayload
 from harvester.jobs import Job, JobState
-from harvester.providers.base import RemoteState, Response
+from harvester.providers.base import RemoteState
 from harvester.providers.bentley import BentleyProvider, job_name
 from harvester.specs import bentley_v2
+from harvester.wire import Response
 from tests.contracts.bentley_payloads import documented_payloads
 from tests.contracts.bentley_seed import (
     answer_examples,

@@ -22,8 +22,9 @@ from cognite.client.data_classes.contextualization import FileReference
 from cognite.client.data_classes.data_modeling.ids import NodeId
 from multidict import CIMultiDict
 
-from harvester.providers.base import Accepted, RemoteState, Response, Status
+from harvester.providers.base import Accepted, RemoteState, Status
 from harvester.providers.cognite import CogniteProvider
+from harvester.wire import Response
 
 from .common import WAIT_S, cognite, emulator, introspect, new_job
 from .seeds import cognite_job_example

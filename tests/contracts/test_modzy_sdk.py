@@ -19,8 +19,9 @@ from modzy import ApiClient
 from modzy.error import ResultsError
 from multidict import CIMultiDict
 
-from harvester.providers.base import RemoteState, Response, Status
+from harvester.providers.base import RemoteState, Status
 from harvester.providers.modzy import ModzyProvider, failure_reason
+from harvester.wire import Response
 
 from .common import WAIT_S, emulator, introspect, modzy, new_job
 

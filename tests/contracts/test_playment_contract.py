@@ -26,8 +26,9 @@ from harvester.decode import MaskDecoder
 from harvester.emulator import Emulator
 from harvester.emulator.scenario import parse_scenario
 from harvester.jobs import Job, JobState
-from harvester.providers.base import RemoteState, Response, Status
+from harvester.providers.base import RemoteState, Status
 from harvester.providers.playment import PlaymentProvider
+from harvester.wire import Response
 from tests.integration.test_cli import env, write_config
 
 from .playment_seed import PLACEHOLDER, example, examples, section, seed, shape_problems

@@ -24,9 +24,9 @@ from harvester.config import (
     PlaymentConfig,
     SecretRef,
 )
+from harvester.credentials import make_auth
 from harvester.errors import CredentialsError, NetworkError, ProviderUnavailable, RateLimited
-from harvester.providers import make_auth
-from harvester.providers.base import RequestSpec, Response
+from harvester.wire import RequestSpec, Response
 
 SECRET = "s3cr3t-value-42"
 TOKEN_URL = "https://login.example/tenant/oauth2/token"

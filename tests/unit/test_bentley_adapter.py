@@ -32,15 +32,13 @@ from harvester.providers.base import (
     NextPage,
     NotFound,
     RemoteState,
-    RequestSpec,
-    Resolver,
-    Response,
     Status,
     Unsearchable,
 )
 from harvester.providers.bentley import ACCEPT, ACCEPT_REALITY_DATA, BentleyProvider, job_name
 from harvester.schedule import BENTLEY_LADDER, PollPolicy
 from harvester.specs import bentley_v2
+from harvester.wire import RequestSpec, Resolver, Response
 
 T = TypeVar("T")
 BASE = "https://api.bentley.com"

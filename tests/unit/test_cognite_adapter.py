@@ -22,8 +22,9 @@ from harvester.errors import (
 )
 from harvester.jobs import Job, JobState
 from harvester.providers import make_provider
-from harvester.providers.base import Accepted, RemoteState, RequestSpec, Response, Status
+from harvester.providers.base import Accepted, RemoteState, Status
 from harvester.providers.cognite import CogniteProvider
+from harvester.wire import RequestSpec, Response
 
 T = TypeVar("T")
 CFG = CogniteConfig(

@@ -23,8 +23,9 @@ from harvester.errors import (
 )
 from harvester.jobs import Job, JobState
 from harvester.providers import make_provider
-from harvester.providers.base import Accepted, RemoteState, RequestSpec, Response, Status
+from harvester.providers.base import Accepted, RemoteState, Status
 from harvester.providers.modzy import RESULTS_RETRY_S, ModzyProvider, ResultsNotReady
+from harvester.wire import RequestSpec, Response
 
 T = TypeVar("T")
 BASE = "https://app.modzy.example"

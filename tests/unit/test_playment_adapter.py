@@ -26,10 +26,10 @@ from harvester.providers.base import (
     NextPage,
     NotFound,
     RemoteState,
-    Response,
     Status,
 )
 from harvester.providers.playment import PlaymentProvider, classes_from_annotations
+from harvester.wire import Response
 
 CFG = PlaymentConfig(
     name="playment",

@@ -11,8 +11,8 @@ from aiohttp.client_reqrep import ConnectionKey
 from multidict import CIMultiDict
 
 from harvester.errors import HarvesterError, InvalidPayload, NetworkError
-from harvester.providers.base import RequestSpec, Response
 from harvester.transport import _marked_retryable, map_exceptions, safe_url
+from harvester.wire import RequestSpec, Response
 
 KEY = ConnectionKey("h", 1, False, True, None, None, None)
 
