@@ -65,15 +65,6 @@ class ApiKeyAuth:
         return f"ApiKeyAuth({self._header}: ***)"
 
 
-class NoAuth:
-    async def headers(self) -> Mapping[str, str]:
-        return {}
-
-    async def unauthorized(self, sent: Mapping[str, str]) -> bool:
-        return False
-
-
-TokenFetcher = Callable[[], Awaitable[tuple[str, float]]]
 #: sends a token request (through the provider's limiter) and returns the raw answer
 TokenPoster = Callable[[RequestSpec], Awaitable[Response]]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -12,9 +13,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from harvester import __version__
 
@@ -77,12 +80,10 @@ class Metrics:
             ["provider", "endpoint"],
             registry=r,
         )
-        self.gate_wait = Counter(
-            "harvester_retry_after_wait_seconds",
-            "seconds the provider's gate stayed closed after a 429/503",
-            ["provider"],
-            registry=r,
-        )
+        # Read from each provider's limiter at scrape time: a gate closed for an hour counts
+        # its seconds as they pass, not all at once when it closes.
+        self._gates: dict[str, Callable[[], float]] = {}
+        r.register(_GateCollector(self._gates))
         self.poll_latency = Histogram(
             "harvester_poll_latency_seconds",
             "latency of job status requests",
@@ -199,6 +200,12 @@ class Metrics:
             registry=r,
         )
 
+    def watch_gate(self, provider: str, closed_s: Callable[[], float]) -> None:
+        """Report ``closed_s()`` (seconds ``provider``'s gate has been closed so far) as
+        ``harvester_retry_after_wait_seconds_total``; a later call for the same provider
+        replaces the earlier one."""
+        self._gates[provider] = closed_s
+
     def count_unknown_status(self, provider: str, raw: str) -> None:
         """One more job seen in ``raw``, a status ``provider`` does not document. The label
         is bounded: a provider answering a new string per job cannot grow the series."""
@@ -232,3 +239,21 @@ class Metrics:
             "downloaded_bytes": total("harvester_downloaded_bytes_total"),
             "decode_seconds": total("harvester_decode_seconds_total"),
         }
+
+
+class _GateCollector(Collector):
+    """``harvester_retry_after_wait_seconds_total``: seconds each provider's gate stayed
+    closed after a 429/503, as its limiter counts them."""
+
+    def __init__(self, gates: dict[str, Callable[[], float]]) -> None:
+        self._gates = gates
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "harvester_retry_after_wait_seconds",
+            "seconds the provider's gate stayed closed after a 429/503",
+            labels=["provider"],
+        )
+        for provider, closed_s in sorted(self._gates.items()):
+            family.add_metric([provider], closed_s())
+        yield family

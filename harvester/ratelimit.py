@@ -503,6 +503,11 @@ class ProviderLimiter:
         """Monotonic time the gate opens, or None if it is open."""
         return self._gate_until if self._clock.monotonic() < self._gate_until else None
 
+    def closed_s(self) -> float:
+        """Seconds the gate has been closed so far, over every closure (the one under way
+        counted up to now): ``harvester_retry_after_wait_seconds_total``."""
+        return self._closed_total(self._clock.monotonic())
+
     def _closed_total(self, now: float) -> float:
         if self._gate_since == -math.inf or now <= self._gate_since:
             return self._closed_before

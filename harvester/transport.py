@@ -161,6 +161,7 @@ class Transport:
         self.limiter = limiter
         self.clock = clock
         self.metrics = metrics
+        metrics.watch_gate(cfg.name, limiter.closed_s)
         self.rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
         # Built once: per request they are measurable CPU at thousands of polls per second.
@@ -521,10 +522,6 @@ def _marked_retryable(resp: Response, spec: RequestSpec) -> bool:
 def _body_hint(body: bytes) -> str:
     text = body[:256].decode("utf-8", "replace").strip()
     return f": {redact_text(text)}" if text else ""
-
-
-def json_body(obj: Any) -> bytes:
-    return orjson.dumps(obj)
 
 
 def _identity(resp: Response) -> Response:

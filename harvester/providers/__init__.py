@@ -17,7 +17,7 @@ from harvester.providers.cognite import CogniteProvider
 from harvester.providers.modzy import ModzyProvider
 from harvester.providers.playment import PlaymentProvider
 
-__all__ = ["make_provider", "validator_for"]
+__all__ = ["make_provider"]
 
 
 def make_provider(cfg: ProviderConfig) -> Provider:
@@ -30,8 +30,3 @@ def make_provider(cfg: ProviderConfig) -> Provider:
     if isinstance(cfg, ModzyConfig):
         return ModzyProvider(cfg)
     raise ConfigError(f"providers.{cfg.name}: this provider is not supported yet")
-
-
-def validator_for(cfg: ProviderConfig) -> Provider:
-    """An adapter used only to validate payloads (no secrets are read)."""
-    return make_provider(cfg)

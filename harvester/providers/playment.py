@@ -63,8 +63,6 @@ DOCUMENTED_STATUSES = frozenset({"completed"})
 #: joins a frame and a sensor in a label file name; never in a ``job_key`` output, so
 #: ``<frame>@<sensor>`` cannot be spelled like a single-sensor ``<frame>`` or another pair
 SENSOR_SEPARATOR = "@"
-#: result documents are JSON of modest size; a bigger one is a provider fault, not data
-MAX_RESULT_BYTES = 512 << 20
 #: image/video results: a walk deeper or a list of files longer than this is not a result
 MAX_RESULT_DEPTH = 64
 MAX_ATTACHMENTS = 100_000

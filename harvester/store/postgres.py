@@ -228,9 +228,6 @@ class PostgresStore:
         self._lease_s = 0.0
         self._group: GroupCommit | None = None  #: set by open()
 
-    #: several processes work this table at once: the engine claims work by lease
-    shared = True
-
     @property
     def commits(self) -> int:
         """Group commits done (each holds one or more job writes)."""

@@ -30,8 +30,11 @@ def _key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IT_PLAYMENT_KEY", API_KEY)
 
 
-async def harvest(config: Config, jobs: list, *, limit_s: float = 60.0) -> dict:  # type: ignore[type-arg]
-    """Add ``jobs`` and run the engine in burst mode; returns counts by state."""
+async def harvest(
+    config: Config, jobs: list, *, limit_s: float = 60.0, gate_wait: list[float] | None = None
+) -> dict:  # type: ignore[type-arg]
+    """Add ``jobs`` and run the engine in burst mode; returns counts by state (and appends
+    to ``gate_wait`` the seconds Playment's gate stayed closed, as the metric reports)."""
     assert config.store.path is not None
     async with SqliteStore(config.store.path) as store:
         if jobs:
@@ -39,6 +42,12 @@ async def harvest(config: Config, jobs: list, *, limit_s: float = 60.0) -> dict:
         engine = Engine(config, store, burst=True)
         with anyio.fail_after(limit_s):
             await engine.run()
+        if gate_wait is not None:
+            value = engine.metrics.registry.get_sample_value(
+                "harvester_retry_after_wait_seconds_total", {"provider": "playment"}
+            )
+            assert value is not None
+            gate_wait.append(value)
         counts = await store.counts()
     return {state: n for (_, state), n in counts.items()}
 
@@ -72,7 +81,8 @@ async def test_429_storm_holds_every_request_until_retry_after(tmp_path: Path) -
         emu.state.add_fault(
             parse_fault({"kind": "429", "retry_after_s": 1.0, "start_s": 0.3, "duration_s": 0.3})
         )
-        counts = await harvest(config, jobs)
+        gate_wait: list[float] = []
+        counts = await harvest(config, jobs, gate_wait=gate_wait)
         assert counts == {JobState.HARVESTED: 10}
         check_outputs(config, emu, jobs, frames=1)
 
@@ -87,6 +97,8 @@ async def test_429_storm_holds_every_request_until_retry_after(tmp_path: Path) -
         deadline = max(r["t"] for r in limited) + 1.0
         later = [r for r in api if r["t"] > first + 0.05 and r["status"] != 429]
         assert later and min(r["t"] for r in later) >= deadline - 0.02
+        # The gate stayed shut at least the 1 s Retry-After; the metric counts that time.
+        assert 1.0 <= gate_wait[0] < 30.0
 
 
 async def test_expired_signed_urls_are_resolved_again(tmp_path: Path) -> None:

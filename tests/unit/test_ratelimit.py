@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harvester.clock import FakeClock, SystemClock
+from harvester.metrics import Metrics
 from harvester.ratelimit import (
     MAX_RETRY_AFTER_S,
     ProviderLimiter,
@@ -737,3 +738,29 @@ async def test_a_probe_answered_after_a_newer_429_does_not_open_the_gate_fully()
     async with lim.slot():
         assert not lim.has_capacity()  # a new probe was needed
     assert lim.has_capacity()
+
+
+def test_gate_wait_metric_counts_the_seconds_the_gate_stays_closed() -> None:
+    """``harvester_retry_after_wait_seconds_total`` grows while the gate is shut, as time
+    passes (not all at once when it closes), and stops when it opens."""
+    clock = FakeClock()
+    lim = _limiter(clock)
+    metrics = Metrics()
+    metrics.watch_gate("test", lim.closed_s)
+
+    def reported() -> float | None:
+        return metrics.registry.get_sample_value(
+            "harvester_retry_after_wait_seconds_total", {"provider": "test"}
+        )
+
+    assert reported() == 0.0
+    lim.close_gate(5.0, status=429)
+    clock.advance(2.0)
+    assert reported() == pytest.approx(2.0)
+    clock.advance(1.0)
+    lim.close_gate(4.0, status=429)  # extended to 7 s in all
+    clock.advance(100.0)
+    assert reported() == pytest.approx(7.0)
+    lim.close_gate(3.0, status=503)  # a second closure adds its own
+    clock.advance(10.0)
+    assert reported() == pytest.approx(10.0)
