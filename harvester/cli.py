@@ -30,6 +30,10 @@ EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 log = get_logger("harvester.cli")
 
 
+#: commands that send nothing to a provider: they need neither its address nor its secrets
+OFFLINE = frozenset({"status", "submit", "copy-store", "bind-output"})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harvester",
@@ -116,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = emulator_main(args.host, args.port, args.scenario, args.storage_port)
         return code
     try:
-        config = load_config(config_path(args.config))
+        config = load_config(config_path(args.config), offline=args.command in OFFLINE)
     except HarvesterError as exc:
         print(f"harvester: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -187,7 +191,7 @@ async def _submit(config: Config, args: argparse.Namespace) -> int:
 async def _copy_store(config: Config, args: argparse.Namespace) -> int:
     from harvester.store.copy import copy_store
 
-    old = load_config(args.from_config)
+    old = load_config(args.from_config, offline=True)
     same = (
         old.store.path == config.store.path
         if old.store.path is not None

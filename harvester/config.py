@@ -217,9 +217,14 @@ class Config:
     harvest: HarvestConfig
     log: LogConfig
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    #: provider addresses left unresolved by ``load_config(..., offline=True)``: one error
+    #: line each, raised by ``check_secrets`` before anything could be sent
+    unresolved: tuple[str, ...] = ()
 
     def check_secrets(self) -> None:
         """Read every secret once so a missing one stops the program before any work."""
+        if self.unresolved:
+            raise ConfigError(self.unresolved[0])
         for provider in self.providers.values():
             for ref in provider.secrets():
                 ref.reveal()
@@ -238,7 +243,10 @@ def config_path(arg: str | None) -> Path:
     return Path(chosen)
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, offline: bool = False) -> Config:
+    """The config at ``path``. ``offline``: for commands that send nothing to a provider
+    (status, submit, copy-store, bind-output), a provider address whose environment variable
+    is unset is not an error; ``check_secrets`` refuses such a config."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -247,10 +255,10 @@ def load_config(path: Path) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, source=path)
+    return parse_config(data, source=path, offline=offline)
 
 
-def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
+def parse_config(data: Mapping[str, Any], *, source: Path, offline: bool = False) -> Config:
     base = source.resolve().parent
     ctx = _Ctx(source, base)
     sections = {"store", "output", "server", "harvest", "log", "providers"}
@@ -273,6 +281,7 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
     log = ctx.build(LogConfig, ctx.table(data, "log"), "log")
 
     providers: dict[str, ProviderConfig] = {}
+    unresolved: list[str] = []
     ptable = ctx.table(data, "providers")
     ctx.unknown(ptable, set(PROVIDERS), "providers.")
     for name in PROVIDERS:
@@ -290,7 +299,11 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
                 ctx.fail(f"{where}.{url_key}_env must be a string and excludes {url_key}")
             value = os.environ.get(env)
             if not value:
-                ctx.fail(f"{where}.{url_key}_env: environment variable {env} is not set")
+                problem = f"{where}.{url_key}_env: environment variable {env} is not set"
+                if not offline:
+                    ctx.fail(problem)
+                unresolved.append(f"{source}: {problem}")
+                value = UNRESOLVED_URL
             section[url_key] = value
         section.setdefault("base_url", _DEFAULT_BASE_URLS[name])
         for key, value in _PROVIDER_DEFAULTS.get(name, {}).items():
@@ -310,9 +323,13 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
         harvest=harvest,
         log=log,
         providers=providers,
+        unresolved=tuple(unresolved),
     )
 
 
+#: stands for an address an offline command does not need: ``.invalid`` never resolves
+#: (RFC 6761), so even a bug that sent to it would reach nobody
+UNRESOLVED_URL = "http://unresolved.invalid"
 _SECRET_FIELDS = {"api_key", "client_secret", "password", "token"}
 _URL_FROM_ENV: dict[str, tuple[str, ...]] = {
     "playment": ("base_url",),

@@ -3,6 +3,7 @@ file and the key (exit 2), and the store and output directory unchanged."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import CONFIG, SECRET_ENV, Workspace, cli
+from .helpers import CONFIG, GOOD_LINE, SECRET_ENV, Workspace, cli
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ CASES = [
          " character (U+001B)", "harvest"),
     Case("base-url-env-unset", sub('base_url = "http://127.0.0.1:9/modzy"',
                                    'base_url_env = "BI_NO_SUCH_URL"'),
-         "providers.modzy.base_url_env: environment variable BI_NO_SUCH_URL is not set"),
+         "providers.modzy.base_url_env: environment variable BI_NO_SUCH_URL is not set",
+         "harvest"),
 ]  # fmt: skip
 
 
@@ -223,3 +225,42 @@ def test_config_text_is_the_good_one() -> None:
     from harvester.config import parse_config
 
     parse_config(tomllib.loads(CONFIG), source=Path("/tmp/x.toml"))
+
+
+def test_offline_commands_need_no_provider_address_or_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status, submit, copy-store and bind-output send nothing to a provider: an unset secret
+    or address variable does not stop them; harvest still refuses, with one line."""
+    for name, value in SECRET_ENV.items():
+        monkeypatch.setenv(name, value)
+    ws = Workspace(tmp_path)
+    monkeypatch.delenv("BI_PLAYMENT_KEY")
+    monkeypatch.delenv("BI_NO_SUCH_URL", raising=False)
+    text = ws.config.read_text()
+    for old in (
+        'base_url = "http://127.0.0.1:9/playment"',
+        'token_url = "http://127.0.0.1:9/oauth2/token"',
+    ):
+        assert old in text
+        key = old.split(" = ")[0]
+        text = text.replace(old, f'{key}_env = "BI_NO_SUCH_URL"')
+    config = ws.write("offline.toml", text)
+    jobs = ws.write("jobs.jsonl", json.dumps({**GOOD_LINE, "reference_id": "good-2"}) + "\n")
+
+    done = cli("submit", "-c", str(config), str(jobs))
+    assert (done.code, done.out) == (0, "added 1 jobs (0 already in the store)\n"), done.err
+    done = cli("status", "-c", str(config), "--json")
+    assert done.code == 0, done.err
+    assert json.loads(done.out)["providers"] == {"playment": {"new": 2}}
+    target = ws.write(
+        "target.toml", text.replace(f"sqlite://{tmp_path}/state.db", f"sqlite://{tmp_path}/copy.db")
+    )
+    done = cli("copy-store", "-c", str(target), "--from-config", str(config))
+    assert done.code == 0 and done.out.startswith("copied 2 jobs"), done.err
+
+    before = ws.snapshot()
+    done = cli("harvest", "-c", str(config))
+    assert done.code == 2 and len(done.lines) == 1, done.lines
+    assert "BI_NO_SUCH_URL is not set" in done.lines[0] and str(config) in done.lines[0]
+    assert ws.snapshot() == before
