@@ -102,7 +102,19 @@ class CredentialsError(FatalError):
 
 
 class StoreError(FatalError):
-    """The durable job table cannot be opened or is inconsistent."""
+    """The durable job table cannot be opened, is inconsistent, or refused a write; the two
+    subclasses below tell a lost write from a broken store (``except StoreError`` catches
+    both)."""
+
+
+class StaleWrite(StoreError):
+    """One write refused because the row is not as its writer saw it: another version, another
+    replica's lease, a remote id already taken. The store is fine; nothing was written."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be used right now: closed or not open, unreachable, locked too long,
+    an I/O or driver error. Nothing of the failed call is written."""
 
 
 class JobError(HarvesterError):

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.lowlevel
 
-from harvester.errors import StoreError
+from harvester.errors import StaleWrite, StoreError
 from harvester.jobs import ACTIVE, Job
 from harvester.logs import get_logger
 from harvester.ratelimit import backoff_delay
@@ -434,7 +434,7 @@ class Replica:
         took the job over; the local deadline covers a store that could not tell us yet.
         """
         if not self.valid():
-            raise StoreError(
+            raise StaleWrite(
                 "this replica's lease may have run out; the manifest is not written",
                 job=job.label,
             )

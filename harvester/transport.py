@@ -93,6 +93,9 @@ class map_exceptions:
             return False  # e.g. its disk is full: not the network's doing
         if isinstance(exc, (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError)):
             # The URL is made safe only here: on the happy path this costs nothing per request.
+            # ``from None``, not ``from exc``: an aiohttp error's text and attributes carry the
+            # full URL (a signed URL's query is its credential), and a chained cause would put
+            # it in every traceback; ``_mapped`` keeps the cause's redacted text instead.
             raise _mapped(exc, self._provider, safe_url(self._url), self._job) from None
         return False
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.lowlevel
 
-from harvester.errors import StoreError
+from harvester.errors import StaleWrite, StoreUnavailable
 from harvester.jobs import Job
 
 WriteBatch = Callable[[Sequence[tuple[Job, int]]], Awaitable[list[str | None]]]
@@ -68,9 +68,9 @@ class GroupCommit:
                 # Cancelled before any transaction took it: it is never written.
                 self._pending.remove(item)
         if item.error is not None:
-            raise StoreError(f"not committed: {item.error}", job=new.label) from item.error
+            raise StoreUnavailable(f"not committed: {item.error}", job=new.label) from item.error
         if item.problem is not None:
-            raise StoreError(item.problem, job=new.label)
+            raise StaleWrite(item.problem, job=new.label)
         return new
 
     async def drain(self) -> None:

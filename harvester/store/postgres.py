@@ -37,7 +37,7 @@ import anyio.lowlevel
 import asyncpg
 import orjson
 
-from harvester.errors import JobsFileError, StoreError
+from harvester.errors import JobsFileError, StoreError, StoreUnavailable
 from harvester.jobs import ACTIVE, TERMINAL, Event, Job, JobState, apply, update
 from harvester.store.base import (
     MOVED_META,
@@ -269,7 +269,7 @@ class PostgresStore:
                 server_settings={"application_name": "harvester"},
             )
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            raise StoreError(f"{self._where}: cannot open the job store: {exc}") from exc
+            raise StoreUnavailable(f"{self._where}: cannot open the job store: {exc}") from exc
         except ValueError as exc:  # asyncpg's verdict on a malformed DSN
             raise StoreError(f"{self._where}: not a usable PostgreSQL URL: {exc}") from exc
         self._pool = pool
@@ -317,7 +317,7 @@ class PostgresStore:
     def _require_open(self) -> Any:
         if self._pool is None:
             state = "closed" if self._closed else "not open"
-            raise StoreError(f"{self._where}: job store is {state}")
+            raise StoreUnavailable(f"{self._where}: job store is {state}")
         return self._pool
 
     @asynccontextmanager
@@ -328,7 +328,7 @@ class PostgresStore:
             async with pool.acquire() as conn:
                 yield conn
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            raise StoreError(f"{self._where}: {type(exc).__name__}: {exc}") from exc
+            raise StoreUnavailable(f"{self._where}: {type(exc).__name__}: {exc}") from exc
 
     async def _migrate(self, conn: Any) -> None:
         async with conn.transaction():

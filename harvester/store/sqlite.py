@@ -32,7 +32,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import orjson
 
-from harvester.errors import JobsFileError, StoreError
+from harvester.errors import JobsFileError, StoreError, StoreUnavailable
 from harvester.jobs import ACTIVE, Event, Job, JobState, apply, update
 from harvester.store.base import (
     MOVED_META,
@@ -777,7 +777,7 @@ class SqliteStore:
             self._reader = _Db.connect_reader(self._path, self._busy_timeout_s)
             moved = self._reader.get_meta(MOVED_META)
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(
+            raise StoreUnavailable(
                 f"{self._path}: cannot open the job store: {exc}{_damaged(exc)}"
             ) from exc
         if moved is not None:
@@ -817,7 +817,7 @@ class SqliteStore:
     def _require_open(self) -> _Db:
         if self._db is None:
             state = "closed" if self._closed else "not open"
-            raise StoreError(f"{self._path}: job store is {state}")
+            raise StoreUnavailable(f"{self._path}: job store is {state}")
         return self._db
 
     async def _call(self, fn: Callable[[_Db], _T]) -> _T:
@@ -829,7 +829,7 @@ class SqliteStore:
             hint = _damaged(exc)
             if getattr(exc, "sqlite_errorname", "") == "SQLITE_BUSY":
                 hint = f" (another process held it longer than {self._busy_timeout_s:g} s)"
-            raise StoreError(f"{self._path}: {exc}{hint}") from exc
+            raise StoreUnavailable(f"{self._path}: {exc}{hint}") from exc
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -844,7 +844,7 @@ class SqliteStore:
         try:
             return fn(self._reader)
         except sqlite3.Error as exc:
-            raise StoreError(f"{self._path}: {exc}{_damaged(exc)}") from exc
+            raise StoreUnavailable(f"{self._path}: {exc}{_damaged(exc)}") from exc
 
     async def get(self, provider: str, key: str) -> Job | None:
         return self._read(lambda db: db.get(provider, key))

@@ -10,7 +10,13 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from harvester.errors import IllegalTransition, JobsFileError, StoreError
+from harvester.errors import (
+    IllegalTransition,
+    JobsFileError,
+    StaleWrite,
+    StoreError,
+    StoreUnavailable,
+)
 from harvester.jobs import ACTIVE, Event, Job, JobState, job_key
 from harvester.store.base import AddResult, NewJob, Store
 
@@ -239,6 +245,26 @@ async def test_a_stale_version_is_refused_and_nothing_is_written(store: Store) -
     with pytest.raises(StoreError, match="changed"):
         await store.update(job, now=NOW + 2, progress=99.0)
     assert await store.get("playment", "scan-0001") == submitted
+
+
+async def test_a_lost_write_is_told_apart_from_a_store_that_cannot_be_used(
+    backend: Backend, anyio_backend: str
+) -> None:
+    """Both are StoreErrors; a stale write is StaleWrite (the store is fine), a closed store
+    StoreUnavailable (nothing could be written)."""
+    store = backend.make()
+    await store.open()
+    try:
+        job = await add_one(store, new("scan-0001"))
+        await store.transition(job, Event.SUBMIT, now=NOW + 1, attempts=1)
+        with pytest.raises(StaleWrite, match="changed") as stale:
+            await store.update(job, now=NOW + 2, progress=99.0)
+        assert not isinstance(stale.value, StoreUnavailable)
+    finally:
+        await store.close()
+    with pytest.raises(StoreUnavailable, match="closed") as closed:
+        await store.get("playment", "scan-0001")
+    assert not isinstance(closed.value, StaleWrite)
 
 
 async def test_writing_a_job_that_is_not_stored(store: Store) -> None:
