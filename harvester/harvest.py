@@ -30,7 +30,7 @@ from harvester import tracing
 from harvester.clock import Clock
 from harvester.config import HarvestConfig
 from harvester.decode import MaskDecoder, PcdLabelDecoder, smallest_uint_dtype
-from harvester.download import BufferSink, ByteBudget, stream_into
+from harvester.download import BufferSink, ByteBudget, Sink, stream_into
 from harvester.errors import CorruptDownload, DecodeError, HarvesterError, ProtocolError
 from harvester.failpoints import failpoint
 from harvester.fsutil import (
@@ -407,6 +407,20 @@ class JobOutput:
         self.entries[relpath] = ManifestEntry(on_disk[0], on_disk[1], extra)
         return True
 
+    async def _stream(self, resolve: Resolver, sink: Sink, what: str) -> None:
+        """Download ``resolve()``'s body into ``sink`` under this job's budget and settings."""
+        await stream_into(
+            self.transport,
+            resolve,
+            sink,
+            what=what,
+            job=self.job.key,
+            clock=self.clock,
+            budget=self.budget,
+            chunk_bytes=self.chunk_bytes,
+            rng=self.rng,
+        )
+
     # -- HarvestIO ------------------------------------------------------------------------
     async def request(self, spec: RequestSpec) -> Response:
         return await self.transport.call(spec, lambda r: r, job=self.job.key)
@@ -414,17 +428,7 @@ class JobOutput:
     async def fetch(self, resolve: Resolver, *, what: str) -> bytes:
         sink = BufferSink(MAX_FETCH_BYTES, what)
         with tracing.span("download", file=what):
-            await stream_into(
-                self.transport,
-                resolve,
-                sink,
-                what=what,
-                job=self.job.key,
-                clock=self.clock,
-                budget=self.budget,
-                chunk_bytes=self.chunk_bytes,
-                rng=self.rng,
-            )
+            await self._stream(resolve, sink, what)
         return sink.value()
 
     async def label_frames(self, frames: Sequence[LabelFrame]) -> None:
@@ -482,17 +486,7 @@ class JobOutput:
                     return
                 sink = LabelSink(fmt, dir_fd, parts[-1], where, shown)
                 try:
-                    await stream_into(
-                        self.transport,
-                        resolve,
-                        sink,
-                        what=relpath,
-                        job=self.job.key,
-                        clock=self.clock,
-                        budget=self.budget,
-                        chunk_bytes=self.chunk_bytes,
-                        rng=self.rng,
-                    )
+                    await self._stream(resolve, sink, relpath)
                     # Converting, writing and fsyncing a big array would stall every other
                     # job's requests: a worker thread does it.
                     entry = await anyio.to_thread.run_sync(sink.finish, self.label_dtype)
@@ -533,17 +527,7 @@ class JobOutput:
                 job=self.job,
             )
             try:
-                await stream_into(
-                    self.transport,
-                    resolve,
-                    sink,
-                    what=relpath,
-                    job=self.job.key,
-                    clock=self.clock,
-                    budget=self.budget,
-                    chunk_bytes=self.chunk_bytes,
-                    rng=self.rng,
-                )
+                await self._stream(resolve, sink, relpath)
                 sink.check()
                 self.entries[relpath] = await anyio.to_thread.run_sync(sink.commit)
             finally:
