@@ -144,6 +144,7 @@ def job_document(job: Job, config: Config) -> dict[str, Any]:
         "remote_attempt": job.remote_attempt,
         "past_remote_ids": list(job.past_remote_ids),
         "started_at": iso(job.started_at),
+        "cancel_requested_at": iso(job.cancel_requested_at),
     }
 
 
@@ -492,7 +493,8 @@ class Api:
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         """``DELETE /jobs/{provider}/{key}``: 200 cancelled; 409 refused (ended, finished,
-        or the provider said no), nothing changed; 202 still waiting for the provider."""
+        or the provider said no), nothing changed; 202 still waiting for the provider, or
+        ``requested`` of the replica that holds the job."""
         job = await self._find(request)
         if job is None:
             return _no_job(request)
@@ -500,6 +502,11 @@ class Api:
             req = await self.engine.cancel(job.provider, job.key, wait_s=CANCEL_WAIT_S)
         except ControlError as exc:
             return json_response({"error": str(exc)}, 409)
+        if req.requested and req.job is not None:
+            # Another replica holds it: that one cancels it at its next lease renewal.
+            return json_response(
+                {"requested": True, "job": job_document(req.job, self.config)}, 202
+            )
         if req.job is not None:
             return json_response(job_document(req.job, self.config))
         if req.error is not None:

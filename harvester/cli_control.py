@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
+import anyio
 import orjson
 
 from harvester.api import job_document
@@ -135,13 +137,19 @@ async def select(config: Config, store: Store, args: argparse.Namespace) -> list
 
 
 def _print_outcome(
-    config: Config, args: argparse.Namespace, done: list[Job], refused: list[str]
+    config: Config,
+    args: argparse.Namespace,
+    done: list[Job],
+    refused: list[str],
+    requested: Sequence[Job] = (),
 ) -> int:
     if args.json:
         doc = {
             "done": [job_document(j, config) for j in done],
             "refused": refused,
         }
+        if requested:
+            doc["requested"] = [job_document(j, config) for j in requested]
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         verb = "cancelled" if args.command == "cancel" else "back to work"
@@ -149,34 +157,55 @@ def _print_outcome(
             print(
                 f"{job.label}: {verb} ({job.state.value}){': ' + job.reason if job.reason else ''}"
             )
+        for job in requested:
+            print(f"{job.label}: cancel requested (the replica holding it carries it out)")
         for line in refused:
             print(f"harvester: {line}", file=sys.stderr)
     return EXIT_FAILED if refused else EXIT_OK
 
 
 async def cancel(config: Config, store: Store, args: argparse.Namespace) -> int:
-    from harvester.control import cancel_now, offline
+    from harvester.control import cancel_now, offline, take_or_request
     from harvester.engine import Engine
 
-    if isinstance(store, SharedStore):
-        raise ControlError(
-            "with a shared (PostgreSQL) store, replicas hold the jobs: cancel through a"
-            " replica's HTTP API (DELETE /jobs/PROVIDER/KEY)"
-        )
     jobs = await select(config, store, args)
     names = sorted({j.provider for j in jobs})
     engine = Engine(config, store, providers=names, burst=True)
+    engine.replica = None  # no work loop here: the jobs it takes are served below
     submitting = sorted({j.provider for j in jobs if j.state == JobState.SUBMITTING})
     done: list[Job] = []
+    requested: list[Job] = []
     refused: list[str] = []
-    async with offline(engine, submitting):
+    async with _taking(config, store) as shared, offline(engine, submitting):
         for job in jobs:
-            req = await cancel_now(engine, job)
-            if req.job is not None:
+            # With replicas: a job another one holds is asked of it, one nobody holds is
+            # taken under the claim's lease rules and cancelled here.
+            answer = None if shared is None else await take_or_request(engine, shared, job)
+            req = answer or await cancel_now(engine, job)
+            if req.requested and req.job is not None:
+                requested.append(req.job)
+            elif req.job is not None:
                 done.append(req.job)
             else:
                 refused.append(req.error or f"{job.label}: not cancelled")
-    return _print_outcome(config, args, done, refused)
+    return _print_outcome(config, args, done, refused, requested)
+
+
+@asynccontextmanager
+async def _taking(config: Config, store: Store) -> AsyncIterator[SharedStore | None]:
+    """A shared store joined as a short-lived replica, so the jobs a cancel takes are leased
+    (no replica claims them meanwhile) and given back on the way out."""
+    if not isinstance(store, SharedStore):
+        yield None
+        return
+    from harvester.replica import replica_id
+
+    await store.join(f"cancel-{replica_id()}", lease_s=config.store.lease_s)
+    try:
+        yield store
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.leave()
 
 
 async def retry(

@@ -6,6 +6,11 @@ from ``Engine._step``), never beside it: the job's create, poll and harvest are 
 same worker, so a cancel cannot race them. The CLI, which runs no engine, holds the engine
 lock instead (``harvester.store.lock``) and serves the cancel itself.
 
+With replicas (a PostgreSQL store) the process asked may not hold the job: it takes a job
+nobody holds (``take_or_request``, under the claim's lease rules) and cancels it itself, or
+records the request on the row for the live holder, which serves it from its next renewal
+(``Replica.renew_once``).
+
 A retry writes only the store, and only jobs that ended: no engine touches an ended job, so
 it races nothing. Retrying an ``error`` job never creates a second remote job blindly: a job
 that has a remote id is polled (and harvested) again; one whose create may have landed is
@@ -26,7 +31,7 @@ import anyio
 from harvester.errors import ControlError, JobError, RetryableError, brief
 from harvester.jobs import Event, Job, JobState
 from harvester.logs import get_logger
-from harvester.store.base import Store
+from harvester.store.base import SharedStore, Store
 
 if TYPE_CHECKING:
     from harvester.engine import Engine, Lane
@@ -45,10 +50,32 @@ class CancelRequest:
     done: anyio.Event = field(default_factory=anyio.Event)
     job: Job | None = None
     error: str | None = None
+    #: recorded on the job for the replica that holds it (``job``), which carries it out
+    requested: bool = False
 
-    def answer(self, job: Job | None = None, error: str | None = None) -> None:
-        self.job, self.error = job, error
+    def answer(
+        self, job: Job | None = None, error: str | None = None, *, requested: bool = False
+    ) -> None:
+        self.job, self.error, self.requested = job, error, requested
         self.done.set()
+
+
+async def take_or_request(engine: Engine, store: SharedStore, job: Job) -> CancelRequest | None:
+    """A cancel of ``job`` from a process that does not hold it: None once it holds it now
+    (serve the cancel); else the answer: recorded for its live holder, or refused."""
+    fresh, taken = await store.take_or_request_cancel(job.provider, job.key)
+    if taken:
+        return None
+    req = CancelRequest()
+    if fresh is None:
+        req.answer(error=f"{job.label}: no such job")
+    elif fresh.terminal:
+        refused(engine, job.provider)
+        req.answer(error=ended(fresh))
+    else:
+        log.info("cancel requested of the replica holding it", provider=job.provider, job=job.key)
+        req.answer(job=fresh, requested=True)
+    return req
 
 
 def ended(job: Job) -> str:

@@ -367,7 +367,10 @@ class Engine:
             control.refused(self, provider)
             raise ControlError(control.ended(job))
         if self.replica is not None and not self.replica.holds(lane, key):
-            raise ControlError(f"{job.label} is worked by another replica; ask that one")
+            answer = await control.take_or_request(self, self.replica.store, job)
+            if answer is not None:
+                return answer
+            self.replica.adopt(lane, key)
         if (provider, key) not in self.remaining:
             await self.refresh()  # added since the last look at the store
         req = lane.cancels.setdefault(key, CancelRequest())

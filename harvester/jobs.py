@@ -141,6 +141,8 @@ class Job:
     past_remote_ids: tuple[str, ...] = ()
     #: wall time the current remote attempt started (submit, track or retry): deadlines
     started_at: float | None = None
+    #: wall time a cancel was asked of a job another replica holds; that one carries it out
+    cancel_requested_at: float | None = None
 
     @property
     def remote_attempt(self) -> int:

@@ -57,6 +57,7 @@ from harvester.ratelimit import backoff_delay
 from harvester.store.base import SharedStore
 
 if TYPE_CHECKING:
+    from harvester.control import CancelRequest
     from harvester.engine import Engine, Lane
 
 log = get_logger("harvester.replica")
@@ -107,6 +108,8 @@ class Replica:
         self._active: dict[str, int] = {}
         #: lane -> monotonic time before which its claimer leaves jobs to the others
         self._hold_back: dict[str, float] = {}
+        #: cancels recorded on held jobs by other processes, being served here
+        self._asked: dict[tuple[str, str], CancelRequest] = {}
 
     def __repr__(self) -> str:
         held = sum(len(keys) for keys in self.held.values())
@@ -241,6 +244,26 @@ class Replica:
                     self._take(lane, key)
         self._share(renewal.live_replicas)
         self._active = dict(renewal.active)
+        await self._serve_requests(renewal.cancels)
+
+    async def _serve_requests(self, asked: frozenset[tuple[str, str]]) -> None:
+        """Hand cancels other processes recorded on our jobs to the jobs' workers; clear a
+        request that was refused (its reason is logged), so it is not served again."""
+        from harvester.control import CancelRequest
+
+        for job, req in list(self._asked.items()):
+            if req.done.is_set():
+                del self._asked[job]
+                if req.error is not None:
+                    log.warning("requested cancel not done", job=job, error=req.error)
+                    await self.store.forget_cancel_request(*job)
+        for name, key in sorted(asked - self._asked.keys()):
+            lane = self.engine.lanes.get(name)
+            if lane is None or not self.holds(lane, key):
+                continue
+            self._asked[name, key] = lane.cancels.setdefault(key, CancelRequest())
+            if key not in lane.in_flight:
+                lane.schedule(key, self.engine.clock.monotonic())
 
     def _report(self) -> None:
         metrics = self.engine.metrics
@@ -374,6 +397,10 @@ class Replica:
         for name, event in self._wake.items():
             if provider is None or name == provider:
                 event.set()
+
+    def adopt(self, lane: Lane, key: str) -> None:
+        """Work ``key``, which the store made ours outside a claim (a cancel took it)."""
+        self._take(lane, key)
 
     def _take(self, lane: Lane, key: str) -> None:
         now = self.engine.clock.monotonic()

@@ -64,6 +64,8 @@ class Renewal:
     #: active jobs per provider in the whole table, whoever holds them: with
     #: ``live_replicas``, each replica's fair share (``harvester.replica`` rebalances on it)
     active: Mapping[str, int] = field(default_factory=dict)
+    #: the jobs of ``held`` someone asked to cancel (``SharedStore.take_or_request_cancel``)
+    cancels: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +246,16 @@ class SharedStore(Store, Protocol):
         """Take up to ``limit`` active jobs of ``provider`` that nobody holds a live lease
         on, oldest first, and make them this replica's. Concurrent claimers never get the
         same job."""
+
+    async def take_or_request_cancel(self, provider: str, key: str) -> tuple[Job | None, bool]:
+        """For a cancel of ``provider``/``key``: make an active job nobody holds a live
+        lease on this replica's, under the claim's own rules (True: ours now, cancel it);
+        record a cancel request on an active job another live replica holds, which that one
+        carries out at its next renewal (False). An ended job is returned unchanged (False);
+        None: no such job."""
+
+    async def forget_cancel_request(self, provider: str, key: str) -> None:
+        """Clear a cancel request the holder could not carry out (it said why)."""
 
     async def release(self, provider: str, keys: Sequence[str]) -> int:
         """Give up this replica's ownership of those jobs (others may claim them at once);

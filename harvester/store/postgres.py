@@ -139,6 +139,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # we have (never earlier than the start), or job_timeout_s would never end them.
         "UPDATE jobs SET started_at = updated_at WHERE state = 'running'",
     ),
+    # 4: a cancel asked of a job another replica holds; see the sqlite store
+    ("ALTER TABLE jobs ADD COLUMN cancel_requested_at double precision",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _OUR_TABLES = ("jobs", "meta", "replicas")
@@ -762,7 +764,8 @@ class PostgresStore:
             # Active only: a finished job gives its lease up with its last write, but one
             # finished behind our back must not come back to us at every renewal.
             held = await conn.fetch(
-                f"SELECT provider, key FROM jobs WHERE owner = $1 AND state IN ({_ACTIVE_SQL})",
+                "SELECT provider, key, cancel_requested_at IS NOT NULL FROM jobs"
+                f" WHERE owner = $1 AND state IN ({_ACTIVE_SQL})",
                 owner,
             )
             live = await conn.fetchval(
@@ -780,9 +783,10 @@ class PostgresStore:
             )
         return Renewal(
             live_replicas=max(1, int(live)),
-            held=frozenset((str(p), str(k)) for p, k in held),
+            held=frozenset((str(p), str(k)) for p, k, _ in held),
             lapsed=not still,
             active={str(p): int(n) for p, n in active},
+            cancels=frozenset((str(p), str(k)) for p, k, asked in held if asked),
         )
 
     async def replicas(self) -> list[ReplicaInfo]:
@@ -805,6 +809,50 @@ class PostgresStore:
             rows = await conn.fetch(_CLAIM, provider, limit, owner)
         # RETURNING comes in no particular order; oldest first, as promised.
         return [_job_from_row(tuple(r)[1:]) for r in sorted(rows, key=lambda r: r[0])]
+
+    async def take_or_request_cancel(self, provider: str, key: str) -> tuple[Job | None, bool]:
+        owner = self._joined()
+        async with self._connection() as conn, conn.transaction():
+            # The row lock keeps claimers (SKIP LOCKED) off it until this decision is in.
+            row = await conn.fetchrow(
+                f"SELECT j.owner = $3 OR j.owner IS NULL OR NOT EXISTS (SELECT 1 FROM replicas"
+                f" AS r WHERE r.id = j.owner AND r.lease_until >= {_DB_NOW}),"
+                f" j.state IN ({_ACTIVE_SQL}) FROM jobs AS j"
+                " WHERE j.provider = $1 AND j.key = $2 FOR UPDATE",
+                provider,
+                key,
+                owner,
+            )
+            if row is None:
+                return None, False
+            free, active = bool(row[0]), bool(row[1])
+            if not active:
+                change, taken = "", False
+            elif free:
+                change, taken = f"owner = $3, claimed_at = {_DB_NOW}", True
+            else:
+                change = f"cancel_requested_at = coalesce(cancel_requested_at, {_DB_NOW})"
+                taken = False
+            if change:
+                await conn.execute(
+                    f"UPDATE jobs SET {change} WHERE provider = $1 AND key = $2"
+                    + ("" if taken else " AND $3::text IS NOT NULL"),
+                    provider,
+                    key,
+                    owner,
+                )
+            got = await conn.fetchrow(
+                f"{_SELECT_JOBS} WHERE provider = $1 AND key = $2", provider, key
+            )
+        return _job_from_row(tuple(got)), taken
+
+    async def forget_cancel_request(self, provider: str, key: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE jobs SET cancel_requested_at = NULL WHERE provider = $1 AND key = $2",
+                provider,
+                key,
+            )
 
     async def release(self, provider: str, keys: Sequence[str]) -> int:
         owner = self._joined()

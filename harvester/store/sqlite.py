@@ -96,6 +96,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # we have (never earlier than the start), or job_timeout_s would never end them.
         "UPDATE jobs SET started_at = updated_at WHERE state = 'running'",
     ),
+    # 4: a cancel asked of a job another replica holds (kept by the row, never by a write)
+    ("ALTER TABLE jobs ADD COLUMN cancel_requested_at REAL",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -103,7 +105,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _JOB_COLUMNS = (
     "provider, key, reference_id, remote_id, state, created_at, updated_at, remote_status,"
     " progress, reason, attempts, due_at, output, version, status_unknown, cancelled_by,"
-    " past_remote_ids, started_at"
+    " past_remote_ids, started_at, cancel_requested_at"
 )
 _SELECT_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs"
 _ORDER = " ORDER BY created_at, rowid"
@@ -126,7 +128,7 @@ _NEED_REASON = ("failed", "cancelled", "error")
 def _job_from_row(row: tuple[Any, ...]) -> Job:
     (provider, key, reference_id, remote_id, state, created_at, updated_at, remote_status,
      progress, reason, attempts, due_at, output, version, unknown, cancelled_by, past,
-     started_at) = row  # fmt: skip
+     started_at, cancel_requested_at) = row  # fmt: skip
     return Job(
         provider,
         key,
@@ -146,6 +148,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         cancelled_by,
         decode_past_ids(past),
         started_at,
+        cancel_requested_at,
     )
 
 
@@ -173,6 +176,7 @@ def _job_row(job: Job) -> tuple[Any, ...]:
         job.cancelled_by,
         encode_past_ids(job.past_remote_ids),
         job.started_at,
+        job.cancel_requested_at,
     )
 
 

@@ -1,6 +1,7 @@
-"""A job store written by schema 2 (before cancel/retry) opens under schema 3 with every job
-intact: the new columns empty (but a running job's start), the jobs pageable, cancellable and
-retryable; on sqlite and on PostgreSQL."""
+"""A job store written by schema 2 (before cancel/retry) opens under schema 4 (3: cancel/retry,
+4: cancel requests across replicas) with every job intact: the new columns empty (but a
+running job's start), the jobs pageable, cancellable and retryable; on sqlite and on
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ async def check_upgraded(store: Store) -> None:
             attempts,
         )
         assert job.cancelled_by is None and job.past_remote_ids == ()
+        assert job.cancel_requested_at is None
         # a running job's deadline counts from its last change (updated_at, 2.0)
         assert job.started_at == (2.0 if state == "running" else None)
         assert job.remote_attempt == 1
@@ -106,15 +108,17 @@ async def check_upgraded(store: Store) -> None:
     assert resubmitted.past_remote_ids == ("r-1",) and resubmitted.remote_attempt == 2
 
 
-async def test_a_schema_2_sqlite_store_upgrades_to_3(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 3  # this test is about exactly this step
+async def test_a_schema_2_sqlite_store_upgrades_to_4(tmp_path: Path) -> None:
+    assert SCHEMA_VERSION == 4  # this test is about exactly these steps
     path = tmp_path / "state.db"
     schema_2_store(path)
     async with SqliteStore(path) as store:
         await check_upgraded(store)
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        assert "cancel_requested_at" in columns
     finally:
         conn.close()
 
@@ -133,8 +137,8 @@ async def test_a_job_running_before_the_upgrade_still_times_out(tmp_path: Path) 
     assert job.reason is not None and job.reason.startswith("timed out after")
 
 
-async def test_a_schema_2_postgres_store_upgrades_to_3(shared_backend: PostgresBackend) -> None:
-    assert postgres.SCHEMA_VERSION == 3
+async def test_a_schema_2_postgres_store_upgrades_to_4(shared_backend: PostgresBackend) -> None:
+    assert postgres.SCHEMA_VERSION == 4
     pg = shared_backend
     # What schema 2 of harvester wrote: its migrations (append-only) and their record.
     pg.raw(
@@ -154,4 +158,4 @@ async def test_a_schema_2_postgres_store_upgrades_to_3(shared_backend: PostgresB
     finally:
         await store.close()
     applied = pg.raw("SELECT version FROM harvester_schema ORDER BY version")
-    assert applied == [(1,), (2,), (3,)]
+    assert applied == [(1,), (2,), (3,), (4,)]
