@@ -219,9 +219,25 @@ class Harvester:
         return await retry_resume(self.engine, job, resubmit=resubmit)
 
     # -- results ---------------------------------------------------------------------------
-    async def files(self, provider: str, key: str) -> dict[str, Path]:
-        """A harvested job's files (relative path -> absolute path), from its MANIFEST."""
+    async def output(self, provider: str, key: str) -> str:
+        """Where a harvested job's folder is: its path, or its URL when ``output.dir`` is in
+        object storage (``s3://bucket/prefix/<provider>/<key>``), as ``GET /jobs/...`` says."""
         job = await self.get(provider, key)
+        if job.state != JobState.HARVESTED or job.output is None:
+            raise ControlError(f"{job.label} is {job.state.value}, not harvested: no output yet")
+        if self.config.output.url is not None:
+            return f"{self.config.output.url.rstrip('/')}/{job.output}"
+        return str(self.config.output.dir / job.output)
+
+    async def files(self, provider: str, key: str) -> dict[str, Path]:
+        """A harvested job's files (relative path -> absolute path), from its MANIFEST; for
+        output in object storage use ``output()`` (its URL) and the store's own client."""
+        job = await self.get(provider, key)
+        if self.config.output.url is not None:
+            raise ControlError(
+                f"{job.label}: output.dir is {self.config.output.url}, not a local folder:"
+                " read the job through its URL (Harvester.output)"
+            )
         return await anyio.to_thread.run_sync(_manifest_files, self.config, job)
 
     async def arrays(self, provider: str, key: str) -> dict[str, NDArray[Any]]:
@@ -341,6 +357,9 @@ class SyncHarvester:
 
     def retry(self, provider: str, key: str, *, resubmit: bool = False) -> Job:
         return self._call(self._client.retry(provider, key, resubmit=resubmit))
+
+    def output(self, provider: str, key: str) -> str:
+        return self._call(self._client.output(provider, key))
 
     def files(self, provider: str, key: str) -> dict[str, Path]:
         return self._call(self._client.files(provider, key))

@@ -51,6 +51,8 @@ async def test_async_client_submits_waits_reads_arrays_cancels_and_retries(
             assert [j.state for j in done] == [JobState.HARVESTED] * 2
             files = await h.files("playment", "nb-1")
             arrays = await h.arrays("playment", "nb-1")
+            folder = Path(await h.output("playment", "nb-1"))
+            assert {folder / r for r in files} == set(files.values())
             npy = sorted(r for r in files if r.endswith(".npy"))
             assert len(npy) == 2 and sorted(arrays) == npy
             for rel in npy:

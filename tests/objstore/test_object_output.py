@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from harvester.api import job_document
+from harvester.client import Harvester
 from harvester.config import Config
 from harvester.emulator.server import Emulator
 from harvester.engine import Engine
+from harvester.errors import ControlError
 from harvester.jobs import JobState
 from harvester.objstore import output_place
 from harvester.store.base import NewJob
@@ -104,8 +106,13 @@ async def test_harvest_to_object_store_equals_ground_truth_rerun_sends_nothing_c
         async with SqliteStore(config.store.path) as store:
             job = await store.get("playment", jobs[0].key)
         assert job is not None
-        # GET /jobs/{provider}/{key} gives the output as its URL
-        assert job_document(job, config)["output"] == f"{backend.url}/playment/{jobs[0].key}"
+        # GET /jobs/{provider}/{key} and the Python API give the output as its URL
+        url = f"{backend.url}/playment/{jobs[0].key}"
+        assert job_document(job, config)["output"] == url
+        async with Harvester(config) as h:
+            assert await h.output("playment", jobs[0].key) == url
+            with pytest.raises(ControlError, match="not a local folder"):
+                await h.files("playment", jobs[0].key)
 
         # --check reads the objects back: one changed byte, same size, is caught...
         rel = f"playment/{jobs[0].key}/labels/f-001.npy"
