@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import anyio
@@ -54,7 +55,10 @@ async def run_cli(
     async with opened(cfg, server) as store:
         assert await cli_cancel(cfg, store, args) == 0
     out = capsys.readouterr().out
-    return json.loads(out[out.index("\n{\n") + 1 :])  # type: ignore[no-any-return]  # after logs
+    # the JSON document starts at a line of its own, whether or not log lines precede it
+    start = re.search(r"^\{$", out, re.MULTILINE)
+    assert start is not None, out
+    return json.loads(out[start.start() :])  # type: ignore[no-any-return]
 
 
 async def owners(store: PostgresStore) -> dict[str, str | None]:
