@@ -22,8 +22,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+
+from tests.required import start_for_session, unavailable
 
 REQUIRE_ENV = "HARVESTER_REQUIRE_AZURITE"
 #: Azurite's well-known development account (public: it is printed in Microsoft's docs)
@@ -122,18 +125,9 @@ def shared_azurite(config: pytest.Config) -> Azurite:
     except ImportError:
         _missing("azure-storage-blob is not installed (pip install -e '.[dev]')")
     assert binary is not None
-    server = Azurite(binary)
-    try:
-        server.start()
-    except BaseException:
-        server.stop()
-        raise
-    config.add_cleanup(server.stop)
-    _SERVER = server
-    return server
+    _SERVER = start_for_session(Azurite(binary), config)
+    return _SERVER
 
 
-def _missing(why: str) -> None:
-    if os.environ.get(REQUIRE_ENV):
-        pytest.fail(f"Azurite is required here ({REQUIRE_ENV} is set) but {why}")
-    pytest.skip(f"needs Azurite: {why}")
+def _missing(why: str) -> NoReturn:
+    unavailable("Azurite", REQUIRE_ENV, why)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import os
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -24,8 +23,9 @@ from typing import Any, BinaryIO
 
 import aiohttp
 import anyio
-import pytest
 from anyio.abc import Process
+
+from tests.required import unavailable
 
 REQUIRE_ENV = "HARVESTER_REQUIRE_BROWSER"
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
@@ -39,12 +39,11 @@ def chromium_or_skip() -> str:
         path = shutil.which(name)
         if path:
             return path
-    message = (
-        "no headless browser: install Debian's chromium (apt-get install -y chromium); .ci/run does"
+    unavailable(
+        "a headless browser",
+        REQUIRE_ENV,
+        "none is installed: install Debian's chromium (apt-get install -y chromium); .ci/run does",
     )
-    if os.environ.get(REQUIRE_ENV):
-        pytest.fail(f"{REQUIRE_ENV} is set but {message}")
-    pytest.skip(message)
 
 
 class Page:

@@ -27,6 +27,8 @@ import aiohttp
 import anyio
 import pytest
 
+from tests.required import unavailable
+
 from .helpers import (
     API_KEY,
     REPO,
@@ -64,10 +66,9 @@ def runner() -> list[str] | None:
 def engine_cmd() -> list[str]:
     cmd = runner()
     if cmd is None:
-        reason = "no Docker engine and no buildah + podman: cannot build or run the image"
-        if os.environ.get(REQUIRE_ENV):
-            pytest.fail(f"{reason} ({REQUIRE_ENV} is set)")
-        pytest.skip(reason)
+        unavailable(
+            "a container engine", REQUIRE_ENV, "there is no Docker engine and no buildah + podman"
+        )
     return cmd
 
 

@@ -24,9 +24,11 @@ import subprocess
 import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
+
+from tests.required import start_for_session, unavailable
 
 REQUIRE_ENV = "HARVESTER_REQUIRE_POSTGRES"
 PASSWORD_ENV = "HARVESTER_TEST_DB_PASSWORD"
@@ -206,18 +208,9 @@ def shared_server(config: pytest.Config) -> PgServer:
             " /usr/lib/postgresql/*/bin; install them (Debian: apt-get install postgresql-15)"
         )
     assert bindir is not None
-    server = PgServer(bindir)
-    try:
-        server.start()
-    except BaseException:
-        server.stop()
-        raise
-    config.add_cleanup(server.stop)
-    _SERVER = server
-    return server
+    _SERVER = start_for_session(PgServer(bindir), config)
+    return _SERVER
 
 
-def _missing(why: str) -> None:
-    if os.environ.get(REQUIRE_ENV):
-        pytest.fail(f"PostgreSQL is required here ({REQUIRE_ENV} is set) but {why}")
-    pytest.skip(f"needs a PostgreSQL server: {why}")
+def _missing(why: str) -> NoReturn:
+    unavailable("a PostgreSQL server", REQUIRE_ENV, why)
