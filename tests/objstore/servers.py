@@ -54,6 +54,21 @@ class Backend:
                 out[blob.name[len(self.prefix) + 1 :]] = data
         return out
 
+    def unfinished(self, rel: str) -> list[str]:
+        """Keys under ``rel/`` with an upload begun and never committed, as the server itself
+        lists them: S3's open multipart uploads, Azure's blobs holding uncommitted blocks."""
+        key = f"{self.prefix}/{rel}/"
+        if self.name == "s3":
+            page = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+            assert not page.get("IsTruncated")
+            return sorted(u["Key"] for u in page.get("Uploads", []))
+        out = []
+        for blob in self.client.list_blobs(name_starts_with=key, include=["uncommittedblobs"]):
+            _, uncommitted = self.client.get_blob_client(blob.name).get_block_list("uncommitted")
+            if uncommitted:
+                out.append(blob.name)
+        return sorted(out)
+
     def put(self, rel: str, data: bytes) -> None:
         key = f"{self.prefix}/{rel}"
         if self.name == "s3":
