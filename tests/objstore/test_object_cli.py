@@ -121,8 +121,9 @@ async def test_a_crash_mid_upload_leaves_no_final_object_and_a_rerun_completes(
     ],
 )
 async def test_bad_output_is_one_error_before_anything_is_sent(
-    tmp_path: Path, backend: Backend, change: dict[str, str], expected: str
+    tmp_path: Path, any_backend: Backend, change: dict[str, str], expected: str
 ) -> None:
+    backend = any_backend
     async with Emulator(scenario()) as emu:
         output = output_of(backend, tmp_path)
         if "dir" in change:
@@ -130,7 +131,11 @@ async def test_bad_output_is_one_error_before_anything_is_sent(
         if "bucket" in change:
             output["dir"] = f"{backend.name}://{change['bucket']}/x"
         if "secret" in change:
-            key = "secret_access_key_env" if backend.name == "s3" else "account_key_env"
+            key = {
+                "s3": "secret_access_key_env",
+                "az": "account_key_env",
+                "gs": "service_account_key_env",
+            }[backend.name]
             output[key] = change["secret"]
         config = write_config(tmp_path, emu, output)
         jobs_path = jobs_file(tmp_path / "jobs.jsonl", new_jobs(2, frames=1))
