@@ -20,8 +20,9 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY harvester ./harvester
-# The postgres extra (asyncpg) too: the same image serves sqlite and Postgres stores.
-RUN pip wheel --wheel-dir /wheels --constraint constraints.txt ".[postgres]"
+# The postgres extra (asyncpg) too: the same image serves sqlite and Postgres stores; and the
+# s3 extra (boto3), which aborts the multipart uploads a killed replica left in an s3:// output.
+RUN pip wheel --wheel-dir /wheels --constraint constraints.txt ".[postgres,s3]"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG VERSION=0.1.0
@@ -44,7 +45,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # uid/gid 10001: numeric, so Kubernetes' runAsNonRoot can verify it, and above the range a
 # host's own users get, so files on a shared volume never belong to someone real.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels "harvester[postgres]" \
+    pip install --no-index --find-links=/wheels "harvester[postgres,s3]" \
     && groupadd --gid 10001 harvester \
     && useradd --uid 10001 --gid 10001 --home-dir /var/lib/harvester \
         --no-create-home --shell /usr/sbin/nologin harvester \

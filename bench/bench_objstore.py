@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -56,9 +57,14 @@ from bench_common import (
     tail,
 )
 
-sys.path.insert(0, str(ROOT / "tests"))  # tests/ is no package: reach azurite/ in it
+# The tests' Azurite (tests/azurite, which imports tests.required). tests/ is a namespace
+# package, and modzy-sdk's wheel installs a regular top-level ``tests`` package, which Python
+# prefers wherever it is on the path: name ours explicitly.
+_tests = types.ModuleType("tests")
+_tests.__path__ = [str(ROOT / "tests")]
+sys.modules["tests"] = _tests
 
-from azurite.server import ACCOUNT, ACCOUNT_KEY, Azurite
+from tests.azurite.server import ACCOUNT, ACCOUNT_KEY, Azurite  # noqa: E402
 
 POINTS = 100_000
 JOB_S = 2.0

@@ -40,7 +40,8 @@ The points (``POINTS``), in the order a job meets them:
     yet written / written and renamed, the job not yet marked ``harvested``.
 ``upload.part``
     objstore ``_Verified``: an object-store ``output.dir`` only: a part of a file being
-    published was handed to the upload, the upload not yet committed.
+    published with a multipart upload was handed to it (the upload begun on the store), the
+    upload not yet committed.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ class ObjectJobOutput(JobOutput):
     def _publish(self, harvested_at: float) -> Path:
         prefix = self.relative.as_posix()
         bucket = self.bucket
+        # Parts of an upload a killed attempt left open (never an object under a final name).
+        bucket.abort_orphans(prefix)
         # A MANIFEST.json of an earlier attempt (cut off before the store's commit) must not
         # vouch for objects about to be replaced.
         bucket.delete(f"{prefix}/{MANIFEST}")

@@ -14,7 +14,7 @@ How the guarantees of a local ``output.dir`` carry over (``ObjectJobOutput``):
   (Azure) upload for a large one, committed by the store only when the last part is in. A
   reader never sees a partial object under its final name, and a crash mid-upload leaves none
   (the upload is aborted on an error; after a SIGKILL the store keeps only uncommitted parts,
-  see README for the lifecycle rule that removes them).
+  which the job's next publish aborts on S3, see ``harvester.objorphans``).
 - The bytes uploaded are hashed while they stream and compared with what the staging copy
   recorded; a mismatch fails the part stream before the upload is committed.
 - Memory: a file is read and sent in ``output.part_bytes`` parts, at most ``PART_CONCURRENCY`` in
@@ -45,6 +45,7 @@ from harvester.config import Location, OutputConfig, parse_location
 from harvester.errors import OutputError
 from harvester.failpoints import failpoint
 from harvester.logs import get_logger
+from harvester.objorphans import S3Orphans
 
 if TYPE_CHECKING:  # typing only: these exist in obstore's stubs, not at run time
     from obstore.store import (
@@ -89,6 +90,7 @@ class Bucket:
         self.cfg = cfg
         self.loc = parse_location(cfg.url)
         self.store = _make_store(self.loc, cfg)
+        self.orphans = S3Orphans.for_output(self.loc, cfg) if self.loc.scheme == "s3" else None
 
     def __str__(self) -> str:
         return self.loc.url()
@@ -110,18 +112,24 @@ class Bucket:
         """Stream the open local file ``fh`` to ``rel``, committed only if its bytes are the
         ``size`` and ``sha256`` recorded when it was written (else ``OutputError``)."""
         part = self.cfg.part_bytes
-        parts = _Verified(fh, self.url(rel), size, sha256, part)
+        multipart = size > part
+        parts = _Verified(fh, self.url(rel), size, sha256, part, multipart=multipart)
         try:
             obs.put(
                 self.store,
                 rel,
                 iter(parts),
-                use_multipart=size > part,
+                use_multipart=multipart,
                 chunk_size=part,
                 max_concurrency=PART_CONCURRENCY,
             )
         except _ERRORS as exc:
             raise self._fail(exc, rel, "upload") from None
+
+    def abort_orphans(self, rel: str) -> int:
+        """Abort the multipart uploads an interrupted attempt left open under ``rel/`` (S3;
+        see ``harvester.objorphans``); how many."""
+        return self.orphans.abort_under(rel) if self.orphans is not None else 0
 
     def delete(self, rel: str) -> None:
         try:
@@ -181,8 +189,11 @@ class _Verified:
     """A file's bytes in parts, hashed as they go; the stream fails before its end (so the
     upload is never committed) if they are not the bytes recorded."""
 
-    def __init__(self, fh: IO[bytes], where: str, size: int, sha256: str, part: int) -> None:
+    def __init__(
+        self, fh: IO[bytes], where: str, size: int, sha256: str, part: int, *, multipart: bool
+    ) -> None:
         self.part = part
+        self.multipart = multipart
         self.fh = fh
         self.where = where
         self.size = size
@@ -200,7 +211,8 @@ class _Verified:
             if sent > self.size:
                 break
             yield block
-            failpoint("upload.part")
+            if self.multipart:  # a single PUT reads every block before it sends anything
+                failpoint("upload.part")
         if (sent, h.hexdigest()) != (self.size, self.sha256):
             raise OutputError(
                 f"cannot upload {self.where}: its staged copy changed since it was written"
@@ -240,7 +252,7 @@ def _make_store(loc: Location, cfg: OutputConfig) -> ObjectStore:
         )
     gs: GCSConfig = {}
     if cfg.endpoint:
-        client["allow_http"] = cfg.endpoint.startswith("http://")
+        gs["base_url"] = cfg.endpoint
     if cfg.service_account_key is not None:
         gs["service_account_key"] = cfg.service_account_key.reveal()
     return GCSStore(loc.bucket, prefix=prefix, config=gs, client_options=client, retry_config=retry)

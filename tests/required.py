@@ -5,6 +5,12 @@ skipped with the reason on a developer's machine that lacks it, a failure where 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
 
 import pytest
@@ -36,3 +42,43 @@ def start_for_session(server: S, config: pytest.Config) -> S:
         raise
     config.add_cleanup(server.stop)
     return server
+
+
+class ChildServer:
+    """A server the tests run as a child process: in a scratch folder of its own (``root``,
+    removed by ``stop``), its output in ``out``, in a session of its own so that ``stop``
+    ends its whole process group and nothing else."""
+
+    def __init__(self, prefix: str) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix=prefix))
+        self.out = self.root / "server.out"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        with open(self.out, "wb") as out:
+            self._proc = subprocess.Popen(
+                args, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return self._proc
+
+    def log(self) -> str:
+        return self.out.read_text(errors="replace") if self.out.exists() else ""
+
+    def stop(self) -> None:
+        try:
+            end_group(self._proc)
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def end_group(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """End a server started with ``start_new_session=True``: its whole process group, nothing
+    else; SIGTERM, then SIGKILL if it has not gone within ``timeout`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)

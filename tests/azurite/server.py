@@ -14,19 +14,14 @@ found the tests that need it are skipped with a message saying so, unless
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
-from tests.required import start_for_session, unavailable
+from tests.required import ChildServer, start_for_session, unavailable
 
 REQUIRE_ENV = "HARVESTER_REQUIRE_AZURITE"
 #: Azurite's well-known development account (public: it is printed in Microsoft's docs)
@@ -38,15 +33,13 @@ START_TIMEOUT_S = 60.0
 _LISTENING = re.compile(r"Blob service successfully listens on (http://127\.0\.0\.1:\d+)")
 
 
-class Azurite:
+class Azurite(ChildServer):
     """One ``azurite-blob`` process, running until ``stop()``."""
 
     def __init__(self, binary: str) -> None:
         self.binary = binary
-        self.root = Path(tempfile.mkdtemp(prefix="harvester-azurite-"))
-        self.out = self.root / "azurite.out"
+        super().__init__("harvester-azurite-")
         self.endpoint = ""  #: http://127.0.0.1:PORT; the account's URL is endpoint/ACCOUNT
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def account_url(self) -> str:
@@ -74,36 +67,17 @@ class Azurite:
             "--skipApiVersionCheck",
             "--silent",
         ]
-        with open(self.out, "wb") as out:
-            # A session of its own: stop() ends Azurite's whole process group, nothing else.
-            self._proc = subprocess.Popen(
-                args, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        proc = self.spawn(args)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             found = _LISTENING.search(self.log())
             if found:
                 self.endpoint = found.group(1)
                 return
-            if self._proc.poll() is not None:
+            if proc.poll() is not None:
                 break
             time.sleep(0.05)  # waiting for a child's start-up line; bounded by the deadline
         raise RuntimeError(f"Azurite did not start in {START_TIMEOUT_S:.0f} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.out.read_text(errors="replace") if self.out.exists() else ""
-
-    def stop(self) -> None:
-        try:
-            if self._proc is not None and self._proc.poll() is None:
-                os.killpg(self._proc.pid, signal.SIGTERM)
-                try:
-                    self._proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                    self._proc.wait(timeout=10)
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
 
 
 _SERVER: Azurite | None = None

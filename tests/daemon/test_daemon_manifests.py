@@ -407,7 +407,7 @@ def test_the_dockerfile_builds_a_small_non_root_image() -> None:
 
 
 def test_the_image_installs_only_pinned_versions_of_every_runtime_dependency() -> None:
-    """constraints.txt (`make lock`) pins harvester[postgres]'s whole runtime closure, each pin
+    """constraints.txt (`make lock`) pins harvester[postgres,s3]'s whole runtime closure, each pin
     within pyproject's bounds, and the builder stage builds with it (hadolint DL3013)."""
     from importlib.metadata import distribution
 
@@ -425,7 +425,8 @@ def test_the_image_installs_only_pinned_versions_of_every_runtime_dependency() -
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = [Requirement(r) for r in project["dependencies"]]
-    wanted += [Requirement(r) for r in project["optional-dependencies"]["postgres"]]
+    for extra in ("postgres", "s3"):  # the extras the image installs
+        wanted += [Requirement(r) for r in project["optional-dependencies"][extra]]
     seen: set[str] = set()
     while wanted:
         req = wanted.pop()

@@ -72,23 +72,29 @@ def output_of(backend: Backend, tmp_path: Path, **extra: Any) -> dict[str, Any]:
 async def test_a_crash_mid_upload_leaves_no_final_object_and_a_rerun_completes(
     tmp_path: Path, backend: Backend
 ) -> None:
-    # One frame of 6 M points: a 6 MB .npy, sent as a multipart upload of 5 MiB parts.
-    async with Emulator(scenario(points_per_frame=[6_000_000, 6_000_000])) as emu:
+    # One frame of 16 M points: a 16 MB .npy, sent as a multipart upload of four parts (5 MiB),
+    # at most PART_CONCURRENCY (2) in flight. Killed as the 4th part is handed over: obstore
+    # took it only once an earlier part was in, so the store holds parts of an upload never
+    # committed (on S3 the upload itself is created before any part is read).
+    points = 16_000_000
+    async with Emulator(scenario(points_per_frame=[points, points])) as emu:
         config = write_config(tmp_path, emu, output_of(backend, tmp_path, part_bytes=5 << 20))
         jobs = new_jobs(1, frames=1)
         jobs_path = jobs_file(tmp_path / "jobs.jsonl", jobs)
         args = ("harvest", "-c", str(config), str(jobs_path), "--no-progress")
 
         code, log = await cli(
-            *args, env={**backend.env, "HARVESTER_FAILPOINTS": "upload.part=kill@1"}, cwd=tmp_path
+            *args, env={**backend.env, "HARVESTER_FAILPOINTS": "upload.part=kill@4"}, cwd=tmp_path
         )
-        assert code == -9 and "failpoint upload.part hit 1: SIGKILL" in log, log
+        assert code == -9 and "failpoint upload.part hit 4: SIGKILL" in log, log
         folder = f"playment/{jobs[0].key}"
         written = {k for k in backend.objects() if k.startswith(folder)}
-        # The first part was handed over; the upload was never committed: no object under
-        # the array's final name, and no manifest.
+        # The upload was never committed: no object under the array's final name, no manifest.
         assert f"{folder}/labels/f-000.npy" not in written
         assert f"{folder}/MANIFEST.json" not in written
+        # What the kill does leave: the store's record of the unfinished upload.
+        array_key = f"{backend.prefix}/{folder}/labels/f-000.npy"
+        assert backend.unfinished(folder) == [array_key]
 
         code, log = await cli(*args, env=backend.env, cwd=tmp_path)
         assert code == 0, log
@@ -96,8 +102,11 @@ async def test_a_crash_mid_upload_leaves_no_final_object_and_a_rerun_completes(
         assert f"{folder}/MANIFEST.json" in objects
         manifest = json.loads(objects[f"{folder}/MANIFEST.json"])
         entry = manifest["files"]["labels/f-000.npy"]
-        assert entry["shape"] == [6_000_000]
+        assert entry["shape"] == [points]
         assert len(objects[f"{folder}/labels/f-000.npy"]) == entry["bytes"] > 5 << 20
+        # ... and nothing of the killed attempt is left open: on S3 the rerun aborted its
+        # multipart upload, on Azure committing the block list discarded the other blocks.
+        assert backend.unfinished(folder) == []
 
         code, log = await cli("status", "-c", str(config), "--check", env=backend.env, cwd=tmp_path)
         assert code == 0 and "check: no problems found" in log, log
@@ -112,8 +121,9 @@ async def test_a_crash_mid_upload_leaves_no_final_object_and_a_rerun_completes(
     ],
 )
 async def test_bad_output_is_one_error_before_anything_is_sent(
-    tmp_path: Path, backend: Backend, change: dict[str, str], expected: str
+    tmp_path: Path, any_backend: Backend, change: dict[str, str], expected: str
 ) -> None:
+    backend = any_backend
     async with Emulator(scenario()) as emu:
         output = output_of(backend, tmp_path)
         if "dir" in change:
@@ -121,7 +131,11 @@ async def test_bad_output_is_one_error_before_anything_is_sent(
         if "bucket" in change:
             output["dir"] = f"{backend.name}://{change['bucket']}/x"
         if "secret" in change:
-            key = "secret_access_key_env" if backend.name == "s3" else "account_key_env"
+            key = {
+                "s3": "secret_access_key_env",
+                "az": "account_key_env",
+                "gs": "service_account_key_env",
+            }[backend.name]
             output[key] = change["secret"]
         config = write_config(tmp_path, emu, output)
         jobs_path = jobs_file(tmp_path / "jobs.jsonl", new_jobs(2, frames=1))

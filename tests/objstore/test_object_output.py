@@ -125,3 +125,33 @@ async def test_harvest_to_object_store_equals_ground_truth_rerun_sends_nothing_c
         assert len(problems) == 2, problems
         assert "labels/f-001.npy: sha256" in problems[0]
         assert problems[1].endswith("does not list: labels/extra.npy")
+
+
+async def test_check_reads_objects_back_from_every_backend_and_catches_a_changed_one(
+    tmp_path: Path, any_backend: Backend
+) -> None:
+    """``status --check`` against objects that another client put in the bucket: the folders
+    of a harvest to local disk, copied as they are. The only test of gs:// reads, since
+    harvester cannot publish to the GCS emulator (see ``gcs_server``)."""
+    backend = any_backend
+    async with Emulator(scenario()) as emu:
+        local = make_config(tmp_path, emu, output={"dir": str(tmp_path / "local")})
+        jobs = new_jobs(3, frames=2)
+        assert await harvest(local, jobs) == {JobState.HARVESTED: 3}
+    files = [p for p in (tmp_path / "local").rglob("*") if p.is_file()]
+    assert len(files) > 3 * 3  # each job: its manifest, its arrays and more
+    for path in files:
+        backend.put(path.relative_to(tmp_path / "local").as_posix(), path.read_bytes())
+
+    config = config_for(tmp_path, emu, backend)  # the same store, output.dir the bucket
+    assert await check(config) == []
+
+    rel = f"playment/{jobs[2].key}/labels/f-000.npy"
+    data = bytearray(backend.objects()[rel])
+    data[len(data) // 2] ^= 0x40
+    backend.put(rel, bytes(data))
+    backend.put(f"playment/{jobs[0].key}/stray.bin", b"x")
+    problems = await check(config)
+    assert len(problems) == 2, problems
+    assert any("labels/f-000.npy: sha256" in p for p in problems), problems
+    assert any(p.endswith("does not list: stray.bin") for p in problems), problems
