@@ -34,7 +34,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from harvester import control, tracing
-from harvester.clock import Clock, SystemClock
+from harvester.clock import Clock, SystemClock, wait_for
 from harvester.config import Config
 from harvester.control import CancelRequest
 from harvester.credentials import credentials_for
@@ -53,6 +53,7 @@ from harvester.errors import (
     StoreError,
     brief,
 )
+from harvester.exchange import ExchangeFactory
 from harvester.failpoints import failpoint
 from harvester.harvest import JobOutput
 from harvester.jobs import Event, Job, JobState
@@ -138,8 +139,12 @@ class Engine:
         on_change: Callable[[Job], None] | None = None,
         rng: random.Random | None = None,
         drain_grace_s: float | None = None,
+        exchanges: ExchangeFactory | None = None,
     ) -> None:
         self.config = config
+        #: what carries each provider's bytes: the real network unless a test or simulator
+        #: passes another (``harvester.testing``); limiter, retries and the rest stay real
+        self.exchanges = exchanges
         self.drain_grace_s = config.server.drain_grace_s if drain_grace_s is None else drain_grace_s
         self.store = store
         self.names = sorted(providers) if providers is not None else sorted(config.providers)
@@ -272,8 +277,7 @@ class Engine:
             lane.transport.limiter.stop(self.clock.monotonic() + self.drain_grace_s)
         log.info("draining", in_flight=self._busy, grace_s=self.drain_grace_s)
         if self._busy:
-            with anyio.move_on_after(self.drain_grace_s):
-                await self._idle.wait()
+            await wait_for(self.clock, self._idle, self.drain_grace_s)
         log.info("drained" if not self._busy else "grace period over", in_flight=self._busy)
 
     def _enter(self) -> bool:
@@ -312,9 +316,7 @@ class Engine:
             else:
                 self.output_problem = None
                 return True
-            with anyio.move_on_after(delay):
-                await (stop or anyio.Event()).wait()
-            if stop is not None and stop.is_set():
+            if await wait_for(self.clock, stop or anyio.Event(), delay):
                 return False
             delay = min(delay * 2, OUTPUT_RETRY_MAX_S)
 
@@ -376,8 +378,7 @@ class Engine:
         req = lane.cancels.setdefault(key, CancelRequest())
         if key not in lane.in_flight:
             lane.schedule(key, self.clock.monotonic())
-        with anyio.move_on_after(wait_s):
-            await req.done.wait()
+        await wait_for(self.clock, req.done, wait_s)
         return req
 
     def resume(self, job: Job) -> None:
@@ -415,9 +416,7 @@ class Engine:
                     delay_s=round(delay, 2),
                     attempt=failures,
                 )
-                with anyio.move_on_after(delay):
-                    await (stop or anyio.Event()).wait()
-                if stop is not None and stop.is_set():
+                if await wait_for(self.clock, stop or anyio.Event(), delay):
                     return False
             except FatalError:
                 raise
@@ -480,7 +479,7 @@ class Engine:
 
     async def _feeder(self) -> None:
         while not self.draining:
-            await anyio.sleep(FEED_INTERVAL_S)
+            await self.clock.sleep(FEED_INTERVAL_S)
             try:
                 await self._load(initial=False)
             except FatalError as exc:
@@ -510,8 +509,8 @@ class Engine:
                         continue
                     lane.wake = anyio.Event()
                     nxt = lane.queue.next_due()
-                    wait = 3600.0 if nxt is None else max(0.0, nxt - self.clock.monotonic())
-                    with anyio.move_on_after(wait):
+                    until = self.clock.monotonic() + 3600.0 if nxt is None else nxt
+                    with self.clock.move_on_at(until):
                         await lane.wake.wait()
 
     async def _worker(self, lane: Lane, recv: MemoryObjectReceiveStream[str]) -> None:
@@ -1037,6 +1036,7 @@ class _Transports:
                     clock=e.clock,
                     metrics=e.metrics,
                     rng=e.rng,
+                    exchange=None if e.exchanges is None else e.exchanges(cfg),
                 )
                 await transport.__aenter__()
                 self.opened.append(transport)

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.lowlevel
 
+from harvester.clock import wait_for
 from harvester.errors import StaleWrite, StoreError
 from harvester.jobs import ACTIVE, Job
 from harvester.logs import get_logger
@@ -146,9 +147,7 @@ class Replica:
             lambda: max(0.0, self.deadline - self.engine.clock.monotonic())
         )
         log.info("replica joined", replica=self.owner, lease_s=self.lease_s)
-        with anyio.move_on_after(self.renew_every * SETTLE_PERIODS):
-            await (stop or anyio.Event()).wait()
-        if stop is not None and stop.is_set():
+        if await wait_for(clock, stop or anyio.Event(), self.renew_every * SETTLE_PERIODS):
             return False
         await self.renew_once()
         self._report()
@@ -162,7 +161,7 @@ class Replica:
         """Hand every job we still hold back at once, rather than after our lease expires."""
         if not self.joined:
             return
-        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+        with self.engine.clock.move_on_after(10, shield=True):
             try:
                 await self.store.leave()
                 log.info("replica left: its jobs are free for the others", replica=self.owner)
@@ -175,14 +174,15 @@ class Replica:
                 )
 
     async def renewer(self) -> None:
+        clock = self.engine.clock
         ok = True
         while True:
-            await anyio.sleep(self.renew_every if ok else min(1.0, self.renew_every))
+            await clock.sleep(self.renew_every if ok else min(1.0, self.renew_every))
             holding = any(self.held.values()) or bool(self._harvests)
             # While we hold jobs, a renewal that cannot finish before the deadline is as
             # good as failed: it must not keep us acting past the point others may claim.
             bound = self.deadline - self.margin - self.engine.clock.monotonic()
-            with anyio.move_on_after(max(bound, 0.0) if holding else self.lease_s) as scope:
+            with clock.move_on_after(max(bound, 0.0) if holding else self.lease_s) as scope:
                 try:
                     await self.renew_once()
                     ok = True
@@ -349,7 +349,7 @@ class Replica:
                     log.warning(
                         "claiming jobs failed", provider=lane.name, error=str(exc), retry_s=delay
                     )
-                    await anyio.sleep(delay)
+                    await clock.sleep(delay)
                     continue
                 failures = 0
                 if self._draining():
@@ -366,14 +366,12 @@ class Replica:
                     )
                     if len(jobs) == room:
                         # Maybe more waiting: once the dispatcher has taken these, look again.
-                        await anyio.sleep(0.05)
+                        await clock.sleep(0.05)
                         continue
                 elif self.engine.burst:
                     await self._check_done()
             wake = self._wake[lane.name] = anyio.Event()
-            with anyio.move_on_after(interval):
-                await wake.wait()
-            if wake.is_set():
+            if await wait_for(clock, wake, interval):
                 interval = CLAIM_INTERVAL_S
 
     def _draining(self) -> bool:
