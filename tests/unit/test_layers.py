@@ -20,8 +20,8 @@ From the bottom up; a module imports only from its own layer and the layers its 
     Adapters and this layer are siblings: neither imports the other; both import ``wire``.
 ``engine``
     one job's path and its helpers: ``engine`` (lanes: adapter + transport + limiter),
-    ``replica``, ``control``, ``harvest``, ``objoutput``, ``jobsfile``, ``statuspage``,
-    ``verify``.
+    ``lane``, ``ownership`` (``Solo``; ``replica``, which never imports ``engine``),
+    ``control``, ``harvest``, ``objoutput``, ``jobsfile``, ``statuspage``, ``verify``.
 ``surfaces``
     what a person or a program talks to: ``api``, ``daemon``, ``cli``, ``cli_control``,
     ``client`` (the Python API), ``httpserver``, ``websession``, ``summary``, and the emulator
@@ -79,7 +79,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "harvester.engine",
         "harvester.harvest",
         "harvester.jobsfile",
+        "harvester.lane",
         "harvester.objoutput",
+        "harvester.ownership",
         "harvester.replica",
         "harvester.statuspage",
         "harvester.verify",
@@ -115,10 +117,9 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     # PEP 562: ``harvester.Harvester`` loads the Python API on first use (and under
     # TYPE_CHECKING), so ``from harvester import __version__`` loads nothing above it.
     ("harvester", "harvester.client"): "lazy re-export of the Python API",
-    # The engine and its two helpers are one object across three files (issue 14, "one
-    # engine, two ownership policies"): they read each other's lanes and private state.
-    ("harvester.replica", "harvester.engine"): "replica reads the engine's lanes",
-    ("harvester.control", "harvester.engine"): "control reads the engine's lanes",
+    # Control serves a cancel inside the engine's own step (it reconciles and transitions
+    # the job with the engine's methods), so it takes the engine itself.
+    ("harvester.control", "harvester.engine"): "control steps a job with the engine",
     # ``logs.configure`` installs tracing's log processor; tracing redacts with logs' rules.
     ("harvester.logs", "harvester.tracing"): "imported at configure() time",
     # ``verify_outputs`` dispatches to the bucket checker, which shares its report and rules.
