@@ -23,18 +23,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import anyio
+from typing import TYPE_CHECKING, Protocol
 
 from harvester.errors import ControlError, JobError, RetryableError, brief
 from harvester.jobs import Event, Job, JobState
+from harvester.lane import CancelRequest, Lane
 from harvester.logs import get_logger
 from harvester.store.base import SharedStore, Store
 
 if TYPE_CHECKING:
-    from harvester.engine import Engine, Lane
+    from harvester.engine import Engine
     from harvester.metrics import Metrics
 
 log = get_logger("harvester.control")
@@ -43,24 +41,14 @@ log = get_logger("harvester.control")
 _FINISHED = (JobState.SUCCEEDED, JobState.HARVESTING)
 
 
-@dataclass
-class CancelRequest:
-    """A cancel waiting for its job's worker; ``done`` is set with ``job`` or ``error``."""
+class _Counts(Protocol):
+    """Whatever counts cancels (an engine, or a replica's view of one)."""
 
-    done: anyio.Event = field(default_factory=anyio.Event)
-    job: Job | None = None
-    error: str | None = None
-    #: recorded on the job for the replica that holds it (``job``), which carries it out
-    requested: bool = False
-
-    def answer(
-        self, job: Job | None = None, error: str | None = None, *, requested: bool = False
-    ) -> None:
-        self.job, self.error, self.requested = job, error, requested
-        self.done.set()
+    @property
+    def metrics(self) -> Metrics: ...
 
 
-async def take_or_request(engine: Engine, store: SharedStore, job: Job) -> CancelRequest | None:
+async def take_or_request(engine: _Counts, store: SharedStore, job: Job) -> CancelRequest | None:
     """A cancel of ``job`` from a process that does not hold it: None once it holds it now
     (serve the cancel); else the answer: recorded for its live holder, or refused."""
     fresh, taken = await store.take_or_request_cancel(job.provider, job.key)
@@ -127,7 +115,7 @@ async def serve_cancel(engine: Engine, lane: Lane, job: Job | None, req: CancelR
     return True
 
 
-def refused(engine: Engine, provider: str, where: str = "local") -> None:
+def refused(engine: _Counts, provider: str, where: str = "local") -> None:
     """Count a cancel refused: by harvester (``local``: the job ended, is being harvested,
     ...) or by the provider (``provider``: it said no or could not be reached)."""
     engine.metrics.cancels.labels(provider, where, "refused").inc()

@@ -24,8 +24,6 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-import anyio
-
 from harvester.clock import Clock
 from harvester.errors import (
     NetworkError,
@@ -194,9 +192,9 @@ async def stream_into(
                     held = sink.offset
                     allowance = transport.cfg.request_timeout_s
                     rate = transport.cfg.min_bytes_per_s
-                    start = anyio.current_time()
+                    start = clock.monotonic()
                     received = 0
-                    with anyio.CancelScope(deadline=start + allowance) as body_deadline:
+                    with clock.move_on_at(start + allowance) as body_deadline:
                         while chunk := await resp.content.read(chunk_bytes):
                             cap = budget.exceeded(sink.offset, len(chunk))
                             if cap is not None:
@@ -215,7 +213,7 @@ async def stream_into(
                     if body_deadline.cancelled_caught:
                         raise NetworkError(
                             f"{what} too slow: {received} bytes in"
-                            f" {anyio.current_time() - start:.1f} s from {safe_url(url)}, below"
+                            f" {clock.monotonic() - start:.1f} s from {safe_url(url)}, below"
                             f" providers.{transport.name}.min_bytes_per_s = {rate:g}",
                             provider=transport.name,
                             job=job,

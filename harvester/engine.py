@@ -13,19 +13,18 @@ blindly.
 ``burst=True`` (``harvester harvest``) stops when every job it works on is terminal; the
 daemon runs the same engine with ``burst=False`` until told to stop.
 
-With a store several processes share (``SharedStore``: PostgreSQL) the engine is one
-replica among several: instead of loading every active job, each lane claims jobs by lease
-as it has room, steps and harvests only jobs it holds, and treats a refused write as "this
-job is somebody else's now" (it drops the job) rather than as a fatal store error. The
-sqlite path is unchanged. See ``harvester.replica``.
+Which jobs this process works is its ``Ownership`` (``harvester.ownership``): ``Solo`` owns
+every job in the store; with a store several processes share (``SharedStore``: PostgreSQL)
+the engine is one ``Replica`` among several, which claims jobs by lease as its lanes have
+room and treats a refused write as "this job is somebody else's now" (it drops the job)
+rather than as a fatal store error. Everything else runs the same under both.
 """
 
 from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Set
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,9 +33,8 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from harvester import control, tracing
-from harvester.clock import Clock, SystemClock
+from harvester.clock import Clock, SystemClock, wait_for
 from harvester.config import Config
-from harvester.control import CancelRequest
 from harvester.credentials import credentials_for
 from harvester.download import ByteBudget
 from harvester.errors import (
@@ -53,13 +51,16 @@ from harvester.errors import (
     StoreError,
     brief,
 )
+from harvester.exchange import ExchangeFactory
 from harvester.failpoints import failpoint
 from harvester.harvest import JobOutput
 from harvester.jobs import Event, Job, JobState
+from harvester.lane import CancelRequest, Lane
 from harvester.logs import get_logger
 from harvester.metrics import Metrics
 from harvester.objoutput import ObjectJobOutput
 from harvester.objstore import bucket_for, prove_output
+from harvester.ownership import Ownership, Solo
 from harvester.providers import make_provider
 from harvester.providers.base import (
     Accepted,
@@ -67,14 +68,13 @@ from harvester.providers.base import (
     Found,
     NextPage,
     NotReady,
-    Provider,
     RemoteState,
     Status,
     Unsearchable,
 )
 from harvester.ratelimit import ProviderLimiter, backoff_delay
 from harvester.replica import Replica
-from harvester.schedule import DueQueue, PollPolicy
+from harvester.schedule import PollPolicy
 from harvester.store.base import JobRef, SharedStore, Store
 from harvester.tracking import Remaining
 from harvester.transport import Transport
@@ -85,44 +85,12 @@ T = TypeVar("T")
 
 #: create POSTs for one job before it ends in error (each one is recorded before it is sent)
 MAX_CREATE_ATTEMPTS = 8
-#: how often the daemon looks for jobs added by other processes
-FEED_INTERVAL_S = 2.0
 #: running jobs whose stored row is kept in memory between polls (about 400 bytes each), so
 #: polling them needs no store read; beyond this many the row is read before each poll
 CACHED_JOBS_MAX = 10_000
 #: bounds of the backoff between checks of an output directory that could not be written
 OUTPUT_RETRY_MIN_S = 0.5
 OUTPUT_RETRY_MAX_S = 10.0
-
-
-@dataclass
-class Lane:
-    name: str
-    provider: Provider
-    transport: Transport
-    policy: PollPolicy
-    queue: DueQueue[str] = field(default_factory=DueQueue)
-    wake: anyio.Event = field(default_factory=anyio.Event)
-    interval: dict[str, float] = field(default_factory=dict)
-    failures: dict[str, int] = field(default_factory=dict)
-    in_flight: set[str] = field(default_factory=set)
-    #: monotonic time of each finished job's first "results not published yet"
-    unpublished_since: dict[str, float] = field(default_factory=dict)
-    #: the stored row of running jobs waiting for their next poll (``Engine._remember``)
-    cache: dict[str, Job] = field(default_factory=dict)
-    #: cancels waiting for their job's next step (``harvester.control``)
-    cancels: dict[str, CancelRequest] = field(default_factory=dict)
-
-    def schedule(self, key: str, due: float) -> None:
-        self.queue.schedule(key, due)
-        self.wake.set()
-
-    def forget(self, key: str) -> None:
-        self.queue.discard(key)
-        self.interval.pop(key, None)
-        self.failures.pop(key, None)
-        self.unpublished_since.pop(key, None)
-        self.cache.pop(key, None)
 
 
 class Engine:
@@ -138,8 +106,12 @@ class Engine:
         on_change: Callable[[Job], None] | None = None,
         rng: random.Random | None = None,
         drain_grace_s: float | None = None,
+        exchanges: ExchangeFactory | None = None,
     ) -> None:
         self.config = config
+        #: what carries each provider's bytes: the real network unless a test or simulator
+        #: passes another (``harvester.testing``); limiter, retries and the rest stay real
+        self.exchanges = exchanges
         self.drain_grace_s = config.server.drain_grace_s if drain_grace_s is None else drain_grace_s
         self.store = store
         self.names = sorted(providers) if providers is not None else sorted(config.providers)
@@ -175,12 +147,31 @@ class Engine:
         #: output failures since the last harvest that succeeded: the watcher's backoff
         #: grows with them, since a probe can pass where a big file still does not fit
         self._output_strikes = 0
-        #: with a store several processes share, jobs are claimed by lease (harvester.replica)
-        self.replica: Replica | None = (
+        #: which jobs are this process's to work (harvester.ownership)
+        self.ownership: Ownership = (
             Replica(self, store, lease_s=config.store.lease_s)
             if isinstance(store, SharedStore)
-            else None
+            else Solo(self, store)
         )
+
+    @property
+    def replica(self) -> Replica | None:
+        """The lease holder when this engine is one replica of several, else None."""
+        return self.ownership if isinstance(self.ownership, Replica) else None
+
+    @replica.setter
+    def replica(self, value: None) -> None:
+        """``None``: work alone even on a shared store (a process with no work loop that
+        serves the jobs it takes itself: ``harvester cancel``)."""
+        assert value is None
+        self.ownership = Solo(self, self.store)
+
+    # -- what the ownership policy sees (harvester.ownership.Work) -----------------------
+    def harvests_queued(self) -> Set[tuple[str, str]]:
+        return self._queued_for_harvest
+
+    def fail(self, exc: HarvesterError) -> None:
+        self._fail_fatal(exc)
 
     # -- public -------------------------------------------------------------------------
     async def run(self, *, stop: anyio.Event | None = None) -> None:
@@ -197,8 +188,7 @@ class Engine:
             try:
                 await self._work(lanes, harvest_recv, stop)
             finally:
-                if self.replica is not None:
-                    await self.replica.leave()
+                await self.ownership.leave()
         if self.fatal is not None:
             raise self.fatal
 
@@ -210,30 +200,21 @@ class Engine:
     ) -> None:
         if not await self._output_writable(stop):
             return  # stopped while output.dir could not be written: nothing was sent
-        replica = self.replica
-        if replica is not None and not await replica.start(stop):
+        if not await self.ownership.start(stop):
             return  # stopped before the first request
         for lane in lanes.values():
             if not await self._setup_until_done(lane, stop):
                 return  # stopped while a provider was unreachable: nothing started
-        if replica is None:
-            await self._load(initial=True)
-            if self.burst and not self.remaining:
-                self.done.set()
+        await self.ownership.take_up()
         self.ready.set()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_stop, tg, stop, name="stop-watcher")
             for lane in lanes.values():
                 tg.start_soon(self._lane, lane, name=f"lane:{lane.name}")
-                if replica is not None:
-                    tg.start_soon(replica.claimer, lane, name=f"claim:{lane.name}")
             async with harvest_recv:
                 for i in range(self.config.harvest.concurrency):
                     tg.start_soon(self._harvester, harvest_recv.clone(), name=f"harvest:{i}")
-            if replica is not None:
-                tg.start_soon(replica.renewer, name="lease")
-            elif not self.burst:
-                tg.start_soon(self._feeder, name="feeder")
+            self.ownership.run_in(tg)
             if not self.burst:
                 tg.start_soon(self._output_watch, name="output-watch")
 
@@ -272,8 +253,7 @@ class Engine:
             lane.transport.limiter.stop(self.clock.monotonic() + self.drain_grace_s)
         log.info("draining", in_flight=self._busy, grace_s=self.drain_grace_s)
         if self._busy:
-            with anyio.move_on_after(self.drain_grace_s):
-                await self._idle.wait()
+            await wait_for(self.clock, self._idle, self.drain_grace_s)
         log.info("drained" if not self._busy else "grace period over", in_flight=self._busy)
 
     def _enter(self) -> bool:
@@ -312,9 +292,7 @@ class Engine:
             else:
                 self.output_problem = None
                 return True
-            with anyio.move_on_after(delay):
-                await (stop or anyio.Event()).wait()
-            if stop is not None and stop.is_set():
+            if await wait_for(self.clock, stop or anyio.Event(), delay):
                 return False
             delay = min(delay * 2, OUTPUT_RETRY_MAX_S)
 
@@ -366,18 +344,15 @@ class Engine:
         if job.terminal:
             control.refused(self, provider)
             raise ControlError(control.ended(job))
-        if self.replica is not None and not self.replica.holds(lane, key):
-            answer = await control.take_or_request(self, self.replica.store, job)
-            if answer is not None:
-                return answer
-            self.replica.adopt(lane, key)
+        answer = await self.ownership.cancel_elsewhere(lane, job)
+        if answer is not None:
+            return answer
         if (provider, key) not in self.remaining:
             await self.refresh()  # added since the last look at the store
         req = lane.cancels.setdefault(key, CancelRequest())
         if key not in lane.in_flight:
             lane.schedule(key, self.clock.monotonic())
-        with anyio.move_on_after(wait_s):
-            await req.done.wait()
+        await wait_for(self.clock, req.done, wait_s)
         return req
 
     def resume(self, job: Job) -> None:
@@ -385,11 +360,7 @@ class Engine:
         lane = self.lanes.get(job.provider)
         if lane is None or self.draining:
             return
-        if self.replica is not None:
-            self.replica.wake()  # claimed like any other unheld active job
-            return
-        self.remaining.add((job.provider, job.key))
-        lane.schedule(job.key, self.clock.monotonic())
+        self.ownership.resume(lane, job)
 
     # -- start-up -----------------------------------------------------------------------
     async def _setup_until_done(self, lane: Lane, stop: anyio.Event | None) -> bool:
@@ -415,9 +386,7 @@ class Engine:
                     delay_s=round(delay, 2),
                     attempt=failures,
                 )
-                with anyio.move_on_after(delay):
-                    await (stop or anyio.Event()).wait()
-                if stop is not None and stop.is_set():
+                if await wait_for(self.clock, stop or anyio.Event(), delay):
                     return False
             except FatalError:
                 raise
@@ -433,20 +402,17 @@ class Engine:
         if spec is None:
             return
         value = await lane.transport.call(spec, lane.provider.parse_setup)
-        if self.replica is None:
-            await self.store.set_meta(lane.provider.setup_key, value)
-        else:
-            # Replicas starting together may each have set up: the first value recorded
-            # wins, so every replica reconciles against the same batch. The losers' setups
-            # (an empty Playment batch) stay unused.
-            kept = await self.replica.store.add_meta(lane.provider.setup_key, value)
-            if kept != value:
-                lane.provider = make_provider(lane.transport.cfg)
-                lane.provider.restore_setup(kept)
-                value = kept
+        # Replicas starting together may each have set up: the first value recorded wins,
+        # so every replica reconciles against the same batch. The losers' setups (an empty
+        # Playment batch) stay unused.
+        kept = await self.ownership.keep_setup(lane.provider.setup_key, value)
+        if kept != value:
+            lane.provider = make_provider(lane.transport.cfg)
+            lane.provider.restore_setup(kept)
         log.info("provider set up", provider=lane.name, setup=lane.provider.setup_key)
 
-    async def _load(self, *, initial: bool) -> None:
+    async def load(self, *, initial: bool) -> None:
+        """Take up the jobs added to the store since the last look (a ``Solo`` engine)."""
         async with self._load_lock:  # one reader at a time: the cursor only moves forward
             await self._load_new(initial=initial)
 
@@ -473,19 +439,7 @@ class Engine:
 
     async def refresh(self) -> None:
         """Pick up jobs other processes (or the HTTP API) added to the store, now."""
-        if self.replica is not None:
-            self.replica.wake()  # claimers look at once rather than at their next tick
-        elif self.lanes and not self.draining:
-            await self._load(initial=False)
-
-    async def _feeder(self) -> None:
-        while not self.draining:
-            await anyio.sleep(FEED_INTERVAL_S)
-            try:
-                await self._load(initial=False)
-            except FatalError as exc:
-                self._fail_fatal(exc)
-                return
+        await self.ownership.refresh()
 
     # -- lanes --------------------------------------------------------------------------
     async def _lane(self, lane: Lane) -> None:
@@ -497,7 +451,7 @@ class Engine:
             async with send:
                 while not self.draining:
                     now = self.clock.monotonic()
-                    due = lane.queue.pop_due(now, limit=1024)
+                    due = lane.due(now, limit=1024)
                     self.metrics.queue_depth.labels(lane.name, "due").set(len(lane.queue))
                     for key in due:
                         lane.in_flight.add(key)
@@ -509,9 +463,9 @@ class Engine:
                     if due:
                         continue
                     lane.wake = anyio.Event()
-                    nxt = lane.queue.next_due()
-                    wait = 3600.0 if nxt is None else max(0.0, nxt - self.clock.monotonic())
-                    with anyio.move_on_after(wait):
+                    nxt = lane.next_due()
+                    until = self.clock.monotonic() + 3600.0 if nxt is None else nxt
+                    with self.clock.move_on_at(until):
                         await lane.wake.wait()
 
     async def _worker(self, lane: Lane, recv: MemoryObjectReceiveStream[str]) -> None:
@@ -532,7 +486,7 @@ class Engine:
                 try:
                     await self._step(lane, key)
                 except StoreError as exc:
-                    self._store_failed(lane, key, exc)
+                    self.ownership.store_failed(lane, key, exc)
                 except FatalError as exc:
                     self._fail_fatal(exc)
                 finally:
@@ -541,16 +495,8 @@ class Engine:
                     if key in lane.cancels:  # asked for while this step ran
                         lane.schedule(key, self.clock.monotonic())
 
-    def _store_failed(self, lane: Lane, key: str, exc: StoreError) -> None:
-        if self.replica is None:
-            self._fail_fatal(exc)  # one process, one store: it cannot be somebody else's job
-        else:
-            # Someone else owns the job now, or the database did not answer: either way
-            # it is not ours to go on with. If it is still ours, the next renewal says so.
-            self.replica.drop(lane, key, str(exc))
-
     async def _step(self, lane: Lane, key: str) -> None:
-        if self.replica is not None and not self.replica.holds(lane, key):
+        if not self.ownership.holds(lane, key):
             lane.forget(key)  # dropped while it waited in the queue
             return
         job = lane.cache.pop(key, None) or await self.store.get(lane.name, key)
@@ -624,10 +570,7 @@ class Engine:
 
     def _finished(self, provider: str, key: str) -> None:
         self.remaining.discard((provider, key))
-        if self.replica is not None:
-            self.replica.finished(provider, key)  # a replica's burst ends by the store's count
-        elif self.burst and not self.remaining:
-            self.done.set()
+        self.ownership.finished(provider, key)
 
     def _poll_later(self, lane: Lane, job: Job, *, changed: bool) -> None:
         prev = lane.interval.get(job.key)
@@ -648,7 +591,7 @@ class Engine:
         a step takes it out before acting. With a shared store another replica may take the
         job over, so every step reads it afresh there.
         """
-        if self.replica is not None or job.state != JobState.RUNNING:
+        if not self.ownership.caches_rows or job.state != JobState.RUNNING:
             return
         if (
             job.key in lane.cache
@@ -883,13 +826,10 @@ class Engine:
                     self._queued_for_harvest.discard((provider, key))
                     continue
                 try:
-                    if self.replica is None:
+                    with self.ownership.harvesting(provider, key):
                         await self._harvest_one(self.lanes[provider], key)
-                    else:
-                        with self.replica.harvesting(provider, key):
-                            await self._harvest_one(self.lanes[provider], key)
                 except StoreError as exc:
-                    self._store_failed(self.lanes[provider], key, exc)
+                    self.ownership.store_failed(self.lanes[provider], key, exc)
                 except FatalError as exc:
                     self._fail_fatal(exc)
                 finally:
@@ -897,7 +837,7 @@ class Engine:
                     self._leave()
 
     async def _harvest_one(self, lane: Lane, key: str) -> None:
-        if self.replica is not None and not self.replica.holds(lane, key):
+        if not self.ownership.holds(lane, key):
             return  # dropped while it waited for a harvester
         job = await self.store.get(lane.name, key)
         if job is None or job.state not in (JobState.SUCCEEDED, JobState.HARVESTING):
@@ -940,9 +880,8 @@ class Engine:
                     fetched=out.frames_fetched,
                 )
             self.metrics.decode_seconds.labels(lane.name).inc(out.decode_s)
-            if self.replica is not None:
-                # Only the lease holder completes an output: proven just before the rename.
-                job = await self.replica.confirm(job)
+            # With leases, only the holder completes an output: proven just before the rename.
+            job = await self.ownership.confirm(job)
             relative = await out.publish(harvested_at=self.clock.wall())
         except NotSent:
             return  # stopping: the job stays harvesting, and the next run harvests it
@@ -1037,6 +976,7 @@ class _Transports:
                     clock=e.clock,
                     metrics=e.metrics,
                     rng=e.rng,
+                    exchange=None if e.exchanges is None else e.exchanges(cfg),
                 )
                 await transport.__aenter__()
                 self.opened.append(transport)

@@ -45,20 +45,20 @@ import secrets
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
+from anyio.abc import TaskGroup
 
+from harvester import control
+from harvester.clock import wait_for
 from harvester.errors import StaleWrite, StoreError
 from harvester.jobs import ACTIVE, Job
+from harvester.lane import CancelRequest, Lane
 from harvester.logs import get_logger
+from harvester.ownership import Work
 from harvester.ratelimit import backoff_delay
 from harvester.store.base import SharedStore
-
-if TYPE_CHECKING:
-    from harvester.control import CancelRequest
-    from harvester.engine import Engine, Lane
 
 log = get_logger("harvester.replica")
 
@@ -87,10 +87,13 @@ def replica_id() -> str:
 
 
 class Replica:
-    """This process's membership: its lease, the jobs it holds per lane, its rate shares."""
+    """This process's membership: its lease, the jobs it holds per lane, its rate shares.
 
-    def __init__(self, engine: Engine, store: SharedStore, *, lease_s: float) -> None:
-        self.engine = engine
+    The ``Ownership`` of an engine on a shared store; it sees the engine only as ``Work``.
+    """
+
+    def __init__(self, work: Work, store: SharedStore, *, lease_s: float) -> None:
+        self.work = work
         self.store = store
         self.lease_s = lease_s
         self.owner = replica_id()
@@ -113,7 +116,7 @@ class Replica:
 
     def __repr__(self) -> str:
         held = sum(len(keys) for keys in self.held.values())
-        left = self.deadline - self.engine.clock.monotonic()
+        left = self.deadline - self.work.clock.monotonic()
         return f"<Replica {self.owner} held={held} live={self.live} lease_left={left:.1f}s>"
 
     @property
@@ -126,7 +129,7 @@ class Replica:
 
     def valid(self) -> bool:
         """Is our lease surely ours right now (with the safety margin)?"""
-        return self.engine.clock.monotonic() < self.deadline - self.margin
+        return self.work.clock.monotonic() < self.deadline - self.margin
 
     def holds(self, lane: Lane, key: str) -> bool:
         return key in self.held.get(lane.name, {})
@@ -135,20 +138,18 @@ class Replica:
 
     async def start(self, stop: anyio.Event | None) -> bool:
         """Join, let the others count us, then learn our shares. False if stopped meanwhile."""
-        for name in self.engine.lanes:
+        for name in self.work.lanes:
             self.held.setdefault(name, {})
-        clock = self.engine.clock
+        clock = self.work.clock
         sent = clock.monotonic()
         await self.store.join(self.owner, lease_s=self.lease_s)
         self.deadline = sent + self.lease_s
         # Read at scrape time: a value set at each renewal would be stale in between.
-        self.engine.metrics.lease_left.set_function(
-            lambda: max(0.0, self.deadline - self.engine.clock.monotonic())
+        self.work.metrics.lease_left.set_function(
+            lambda: max(0.0, self.deadline - self.work.clock.monotonic())
         )
         log.info("replica joined", replica=self.owner, lease_s=self.lease_s)
-        with anyio.move_on_after(self.renew_every * SETTLE_PERIODS):
-            await (stop or anyio.Event()).wait()
-        if stop is not None and stop.is_set():
+        if await wait_for(clock, stop or anyio.Event(), self.renew_every * SETTLE_PERIODS):
             return False
         await self.renew_once()
         self._report()
@@ -162,7 +163,7 @@ class Replica:
         """Hand every job we still hold back at once, rather than after our lease expires."""
         if not self.joined:
             return
-        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+        with self.work.clock.move_on_after(10, shield=True):
             try:
                 await self.store.leave()
                 log.info("replica left: its jobs are free for the others", replica=self.owner)
@@ -175,14 +176,15 @@ class Replica:
                 )
 
     async def renewer(self) -> None:
+        clock = self.work.clock
         ok = True
         while True:
-            await anyio.sleep(self.renew_every if ok else min(1.0, self.renew_every))
+            await clock.sleep(self.renew_every if ok else min(1.0, self.renew_every))
             holding = any(self.held.values()) or bool(self._harvests)
             # While we hold jobs, a renewal that cannot finish before the deadline is as
             # good as failed: it must not keep us acting past the point others may claim.
-            bound = self.deadline - self.margin - self.engine.clock.monotonic()
-            with anyio.move_on_after(max(bound, 0.0) if holding else self.lease_s) as scope:
+            bound = self.deadline - self.margin - self.work.clock.monotonic()
+            with clock.move_on_after(max(bound, 0.0) if holding else self.lease_s) as scope:
                 try:
                     await self.renew_once()
                     ok = True
@@ -192,21 +194,21 @@ class Replica:
                         "lease renewal failed",
                         replica=self.owner,
                         error=str(exc),
-                        lease_left_s=round(self.deadline - self.engine.clock.monotonic(), 1),
+                        lease_left_s=round(self.deadline - self.work.clock.monotonic(), 1),
                     )
             if scope.cancelled_caught:
                 ok = False
-            self.engine.metrics.renewals.labels("ok" if ok else "failed").inc()
+            self.work.metrics.renewals.labels("ok" if ok else "failed").inc()
             if ok and self.valid():
                 await self.rebalance()
             self._report()
             if not self.valid() and any(self.held.values()):
                 self.drop_all("the lease could not be renewed in time")
-            if self.engine.burst:
+            if self.work.burst:
                 await self._check_done()
 
     async def renew_once(self) -> None:
-        clock = self.engine.clock
+        clock = self.work.clock
         sent = clock.monotonic()
         renewal = await self.store.renew()
         self.deadline = sent + self.lease_s
@@ -220,8 +222,8 @@ class Replica:
         for provider, key in renewal.held:
             by_lane.setdefault(provider, set()).add(key)
         suspects, self._suspects = self._suspects, set()
-        busy = set(self._harvests) | self.engine._queued_for_harvest
-        for name, lane in self.engine.lanes.items():
+        busy = set(self._harvests) | set(self.work.harvests_queued())
+        for name, lane in self.work.lanes.items():
             stored = by_lane.get(name, set())
             mine = self.held.setdefault(name, {})
             for key, since in list(mine.items()):
@@ -249,8 +251,6 @@ class Replica:
     async def _serve_requests(self, asked: frozenset[tuple[str, str]]) -> None:
         """Hand cancels other processes recorded on our jobs to the jobs' workers; clear a
         request that was refused (its reason is logged), so it is not served again."""
-        from harvester.control import CancelRequest
-
         for job, req in list(self._asked.items()):
             if req.done.is_set():
                 del self._asked[job]
@@ -258,17 +258,17 @@ class Replica:
                     log.warning("requested cancel not done", job=job, error=req.error)
                     await self.store.forget_cancel_request(*job)
         for name, key in sorted(asked - self._asked.keys()):
-            lane = self.engine.lanes.get(name)
+            lane = self.work.lanes.get(name)
             if lane is None or not self.holds(lane, key):
                 continue
             self._asked[name, key] = lane.cancels.setdefault(key, CancelRequest())
             if key not in lane.in_flight:
-                lane.schedule(key, self.engine.clock.monotonic())
+                lane.schedule(key, self.work.clock.monotonic())
 
     def _report(self) -> None:
-        metrics = self.engine.metrics
+        metrics = self.work.metrics
         metrics.replicas_live.set(self.live)
-        for name in self.engine.lanes:
+        for name in self.work.lanes:
             metrics.held_jobs.labels(name).set(len(self.held.get(name, {})))
             metrics.fair_share.labels(name).set(self.fair_share(name))
 
@@ -290,9 +290,9 @@ class Replica:
         """
         if self.live < 2:
             return
-        now = self.engine.clock.monotonic()
-        busy = set(self._harvests) | self.engine._queued_for_harvest
-        for name, lane in self.engine.lanes.items():
+        now = self.work.clock.monotonic()
+        busy = set(self._harvests) | set(self.work.harvests_queued())
+        for name, lane in self.work.lanes.items():
             mine = self.held.get(name, {})
             share = self.fair_share(name)
             excess = len(mine) - share
@@ -308,7 +308,7 @@ class Replica:
             for key in keys:
                 mine.pop(key, None)
                 lane.forget(key)
-                self.engine.remaining.discard((name, key))
+                self.work.remaining.discard((name, key))
             self._hold_back[name] = now + REBALANCE_HOLD_PERIODS * self.renew_every
             try:
                 released = await self.store.release(name, keys)
@@ -316,7 +316,7 @@ class Replica:
                 # Still ours in the store: the next renewal hands them back to us.
                 log.warning("could not hand jobs back", provider=name, error=str(exc))
                 continue
-            self.engine.metrics.handed_back.labels(name).inc(released)
+            self.work.metrics.handed_back.labels(name).inc(released)
             log.info(
                 "jobs handed back for balance",
                 provider=name,
@@ -329,10 +329,10 @@ class Replica:
     # -- claiming ---------------------------------------------------------------------------
 
     async def claimer(self, lane: Lane) -> None:
-        clock = self.engine.clock
+        clock = self.work.clock
         failures = 0
         interval = CLAIM_INTERVAL_S
-        while not self.engine.draining:
+        while not self.work.draining:
             room = self._room(lane)
             if (
                 room > 0
@@ -344,12 +344,12 @@ class Replica:
                 except StoreError as exc:
                     failures += 1
                     delay = backoff_delay(
-                        failures - 1, base=CLAIM_INTERVAL_S, cap=self.lease_s, rng=self.engine.rng
+                        failures - 1, base=CLAIM_INTERVAL_S, cap=self.lease_s, rng=self.work.rng
                     )
                     log.warning(
                         "claiming jobs failed", provider=lane.name, error=str(exc), retry_s=delay
                     )
-                    await anyio.sleep(delay)
+                    await clock.sleep(delay)
                     continue
                 failures = 0
                 if self._draining():
@@ -366,18 +366,16 @@ class Replica:
                     )
                     if len(jobs) == room:
                         # Maybe more waiting: once the dispatcher has taken these, look again.
-                        await anyio.sleep(0.05)
+                        await clock.sleep(0.05)
                         continue
-                elif self.engine.burst:
+                elif self.work.burst:
                     await self._check_done()
             wake = self._wake[lane.name] = anyio.Event()
-            with anyio.move_on_after(interval):
-                await wake.wait()
-            if wake.is_set():
+            if await wait_for(clock, wake, interval):
                 interval = CLAIM_INTERVAL_S
 
     def _draining(self) -> bool:
-        return self.engine.draining
+        return self.work.draining
 
     def _room(self, lane: Lane) -> int:
         """How many more jobs this lane could start on right now.
@@ -389,9 +387,9 @@ class Replica:
         holding work in proportion to what they can do.
         """
         nxt = lane.queue.next_due()
-        if nxt is not None and nxt <= self.engine.clock.monotonic():
+        if nxt is not None and nxt <= self.work.clock.monotonic():
             return 0
-        return lane.transport.cfg.max_concurrency - len(lane.in_flight)
+        return lane.cfg.max_concurrency - len(lane.in_flight)
 
     def wake(self, provider: str | None = None) -> None:
         for name, event in self._wake.items():
@@ -403,9 +401,9 @@ class Replica:
         self._take(lane, key)
 
     def _take(self, lane: Lane, key: str) -> None:
-        now = self.engine.clock.monotonic()
+        now = self.work.clock.monotonic()
         self.held.setdefault(lane.name, {})[key] = now
-        self.engine.remaining.add((lane.name, key))
+        self.work.remaining.add((lane.name, key))
         lane.schedule(key, now)
 
     def finished(self, provider: str, key: str) -> None:
@@ -418,23 +416,23 @@ class Replica:
         the next renewal) resumes it from the store."""
         self.held.get(lane.name, {}).pop(key, None)
         lane.forget(key)
-        self.engine.remaining.discard((lane.name, key))
+        self.work.remaining.discard((lane.name, key))
         scope = self._harvests.get((lane.name, key))
         if scope is not None:
             scope.cancel()
-        self.engine.metrics.dropped.labels(lane.name).inc()
+        self.work.metrics.dropped.labels(lane.name).inc()
         log.warning("job dropped", provider=lane.name, job=key, why=why, replica=self.owner)
         self.wake(lane.name)
 
     def drop_all(self, why: str) -> None:
-        for name, lane in self.engine.lanes.items():
+        for name, lane in self.work.lanes.items():
             keys = list(self.held.get(name, {}))
             for key in keys:
                 self.held[name].pop(key, None)
                 lane.forget(key)
-                self.engine.remaining.discard((name, key))
+                self.work.remaining.discard((name, key))
             if keys:
-                self.engine.metrics.dropped.labels(name).inc(len(keys))
+                self.work.metrics.dropped.labels(name).inc(len(keys))
                 log.warning("jobs dropped", provider=name, jobs=len(keys), why=why)
         for scope in self._harvests.values():
             scope.cancel()
@@ -465,7 +463,47 @@ class Replica:
                 "this replica's lease may have run out; the manifest is not written",
                 job=job.label,
             )
-        return await self.store.update(job, now=self.engine.clock.wall())
+        return await self.store.update(job, now=self.work.clock.wall())
+
+    # -- the rest of Ownership -------------------------------------------------------------
+
+    async def take_up(self) -> None:
+        return None  # jobs come by claim (``claimer``)
+
+    def run_in(self, tg: TaskGroup) -> None:
+        for lane in self.work.lanes.values():
+            tg.start_soon(self.claimer, lane, name=f"claim:{lane.name}")
+        tg.start_soon(self.renewer, name="lease")
+
+    def store_failed(self, lane: Lane, key: str, exc: StoreError) -> None:
+        # Someone else owns the job now, or the database did not answer: either way it is
+        # not ours to go on with. If it is still ours, the next renewal says so.
+        self.drop(lane, key, str(exc))
+
+    @property
+    def caches_rows(self) -> bool:
+        return False  # another replica may take a job over between two of its steps
+
+    async def keep_setup(self, key: str, value: str) -> str:
+        return await self.store.add_meta(key, value)
+
+    async def refresh(self) -> None:
+        self.wake()  # claimers look at once rather than at their next tick
+
+    def resume(self, lane: Lane, job: Job) -> None:
+        self.wake()  # claimed like any other unheld active job
+
+    async def cancel_elsewhere(self, lane: Lane, job: Job) -> CancelRequest | None:
+        if self.holds(lane, job.key):
+            return None
+        answer = await control.take_or_request(self.work, self.store, job)
+        if answer is None:
+            self.adopt(lane, job.key)
+        return answer
+
+    @property
+    def name(self) -> str | None:
+        return self.owner
 
     # -- shares and burst mode --------------------------------------------------------------
 
@@ -473,12 +511,12 @@ class Replica:
         if live == self.live:
             return
         self.live = live
-        for lane in self.engine.lanes.values():
-            cfg = lane.transport.cfg
+        for lane in self.work.lanes.values():
+            cfg = lane.cfg
             rate = cfg.rate_per_s / live if cfg.rate_per_s > 0 else cfg.rate_per_s
             burst = max(1.0, cfg.burst / live)
             concurrency = max(1, cfg.max_concurrency // live)
-            lane.transport.limiter.set_rate(rate, burst, max_concurrency=concurrency)
+            lane.limiter.set_rate(rate, burst, max_concurrency=concurrency)
             log.info(
                 "rate limit shared",
                 provider=lane.name,
@@ -491,7 +529,7 @@ class Replica:
     async def _check_done(self) -> None:
         """Burst mode (``harvester harvest``): done once no job of ours is active anywhere,
         whoever holds it."""
-        if any(self.held.values()) or self.engine.done.is_set():
+        if any(self.held.values()) or self.work.done.is_set():
             return
         try:
             counts = await self.store.counts()
@@ -499,7 +537,7 @@ class Replica:
             log.warning("could not count jobs", error=str(exc))
             return
         active = sum(
-            n for (p, s), n in counts.items() if p in self.engine.lanes and s in ACTIVE and n
+            n for (p, s), n in counts.items() if p in self.work.lanes and s in ACTIVE and n
         )
         if not active and not any(self.held.values()):
-            self.engine.done.set()
+            self.work.done.set()

@@ -1,8 +1,9 @@
-"""Sending requests: one aiohttp session per provider, its limiter, auth, retries.
+"""Sending requests: one exchange per provider (an aiohttp session), its limiter, auth, retries.
 
 One request goes: gate + token + slot (``ProviderLimiter``) -> auth headers -> one HTTP
-exchange -> classify. Foreign exceptions (aiohttp, OS, timeouts) are mapped to
-``harvester.errors`` here and nowhere else (``map_exceptions``).
+exchange (``harvester.exchange``: the only part a test swaps) -> classify. Foreign exceptions
+(aiohttp, OS, timeouts) are mapped to ``harvester.errors`` here and nowhere else
+(``map_exceptions``).
 
 Retries: only specs marked ``idempotent`` are retried automatically. A create POST never is:
 the engine records intent first and reconciles a lost answer instead. A 429 (or 503) closes
@@ -41,9 +42,10 @@ from harvester.errors import (
     RateLimited,
     RetryableError,
 )
+from harvester.exchange import AiohttpExchange, Answer, Exchange
 from harvester.logs import get_logger, redact_text
 from harvester.metrics import Metrics
-from harvester.netguard import GuardedResolver, RefusedAddress, url_reason
+from harvester.netguard import RefusedAddress, url_reason
 from harvester.ratelimit import ProviderLimiter, backoff_delay, parse_retry_after
 from harvester.wire import RequestSpec, Response
 
@@ -150,8 +152,11 @@ class Transport:
         clock: Clock,
         metrics: Metrics,
         rng: random.Random | None = None,
+        exchange: Exchange | None = None,
     ) -> None:
         self.cfg = cfg
+        #: what carries the bytes (the real network unless a test or simulator gives another)
+        self.exchange: Exchange = exchange if exchange is not None else AiohttpExchange(cfg)
         self.name = cfg.name
         if (auth is None) == (credentials is None):
             raise TypeError("Transport needs exactly one of auth= and credentials=")
@@ -166,9 +171,7 @@ class Transport:
         self.metrics = metrics
         metrics.watch_gate(cfg.name, limiter.closed_s)
         self.rng = rng or random.Random()
-        self._session: aiohttp.ClientSession | None = None
         # Built once: per request they are measurable CPU at thousands of polls per second.
-        self._request_timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
         self._poll_latency = metrics.poll_latency.labels(cfg.name)
         self._request_counters: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
@@ -177,23 +180,7 @@ class Transport:
         self._api_prefix = "{}://{}/".format(*self.api_origin)
 
     async def __aenter__(self) -> Transport:
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=self.cfg.request_timeout_s,
-            sock_read=self.cfg.request_timeout_s,
-        )
-        connector = aiohttp.TCPConnector(
-            limit=max(self.cfg.max_concurrency * 2, 16),
-            resolver=None if self.cfg.allow_link_local else GuardedResolver(),
-        )
-        self._session = aiohttp.ClientSession(
-            timeout=timeout,
-            connector=connector,
-            auto_decompress=True,
-            json_serialize=lambda o: orjson.dumps(o).decode(),
-            # Each request sets its own headers; nothing shared may carry credentials.
-            headers={"User-Agent": "harvester/0.1"},
-        )
+        await self.exchange.open()
         return self
 
     async def __aexit__(
@@ -202,15 +189,7 @@ class Transport:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError(f"transport for {self.name} is not open")
-        return self._session
+        await self.exchange.close()
 
     # -- one exchange -------------------------------------------------------------------
     async def credentials(self, spec: RequestSpec) -> dict[str, str]:
@@ -260,14 +239,8 @@ class Transport:
             start = self.clock.monotonic()
             async with (
                 map_exceptions(self.name, url, job=job),
-                self.session.request(
-                    method,
-                    url,
-                    params=params,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=self._request_timeout,
+                self.exchange.request(
+                    method, url, params=params, body=body, headers=headers
                 ) as resp,
             ):
                 payload = await _read_at_most(resp, cap)
@@ -456,7 +429,7 @@ class Transport:
     @asynccontextmanager
     async def open_stream(
         self, url: str, *, offset: int = 0, job: str | None = None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AsyncIterator[Answer]:
         """GET a signed URL with no credentials, for streaming (caller checks status and
         reads the body under its own size cap and deadline: ``download.stream_into``)."""
         self.check_target(url, job=job)
@@ -465,17 +438,9 @@ class Transport:
         guard = map_exceptions(self.name, url, job=job)
         async with (
             guard,
-            self.session.get(
-                url,
-                headers=headers,
-                allow_redirects=False,
-                # The gap between chunks; the whole body's deadline is the reader's.
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=self.cfg.request_timeout_s,
-                    sock_read=self.cfg.request_timeout_s,
-                ),
-            ) as resp,
+            # The exchange bounds the gap between chunks; the whole body's deadline is the
+            # reader's.
+            self.exchange.stream(url, headers=headers) as resp,
         ):
             self.metrics.requests.labels(self.name, "download", str(resp.status)).inc()
             # The caller reads the body in its block, so the mapping covers it, but only
@@ -486,7 +451,7 @@ class Transport:
         self._observe("download", self.clock.monotonic() - start)  # the whole body streamed
 
 
-async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+async def _read_at_most(resp: Answer, limit: int) -> bytes | None:
     """The decoded body, or None as soon as it is known to exceed ``limit`` bytes.
 
     Read in bounded pieces: ``resp.read()`` would lift aiohttp's per-step decompression limit

@@ -3,6 +3,7 @@ from __future__ import annotations
 import time
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from harvester.clock import Clock, FakeClock, SystemClock
@@ -139,3 +140,22 @@ async def test_repr_shows_time_and_sleepers() -> None:
     assert "now=1000.000000" in repr(clock)
     assert "sleepers=0" in repr(clock)
     assert repr(SystemClock()) == "SystemClock()"
+
+
+async def test_settle_waits_for_callbacks_already_scheduled() -> None:
+    """A finished child wakes its task group through a callback the loop has queued, not run
+    yet: every task looks blocked at that instant, but the run is not settled."""
+    clock = FakeClock()
+    after: list[int] = []
+
+    async def parent(i: int) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.lowlevel.checkpoint)
+        after.append(i)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(parent, i)
+            await clock.settle()
+            assert sorted(after) == [0, 1, 2]
