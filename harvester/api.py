@@ -45,7 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from harvester.config import Config
 from harvester.control import retry_resume
 from harvester.engine import Engine
-from harvester.errors import ControlError, HarvesterError, JobsFileError
+from harvester.errors import BadBody, ControlError, HarvesterError, JobsFileError
 from harvester.httpserver import reading_body
 from harvester.jobs import Job, JobState, job_key
 from harvester.jobsfile import TOO_DEEP, parse_jobs_text
@@ -102,10 +102,6 @@ STATUS_JSON_PATH = "/status.json"
 LOGIN_PATH = "/login"
 LOGOUT_PATH = "/logout"
 STATIC_PATH = "/static/{name}"
-
-
-class BadBody(Exception):
-    """A body that opens a JSON array but is not one (or is not UTF-8): no job is looked at."""
 
 
 def json_response(

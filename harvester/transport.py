@@ -47,6 +47,7 @@ from harvester.logs import get_logger, redact_text
 from harvester.metrics import Metrics
 from harvester.netguard import RefusedAddress, url_reason
 from harvester.ratelimit import ProviderLimiter, backoff_delay, parse_retry_after
+from harvester.statuses import Rule, error_for_status, is_transient
 from harvester.wire import RequestSpec, Response
 
 T = TypeVar("T")
@@ -56,6 +57,8 @@ _MAX_REDIRECTS = 5
 _LIFT = " (only providers.%s.allow_link_local = true lets harvester connect there)"
 #: decoded bytes asked of the body per read: what one gzip step may inflate to at most
 _READ_BYTES = 1 << 16
+#: an answer the provider marked safe to resend (its status is in the error's text anyway)
+_MARKED: Rule = (ProviderUnavailable, "marked safe to retry on {endpoint}: {message}")
 
 
 def safe_url(url: str) -> str:
@@ -278,48 +281,33 @@ class Transport:
         raise NetworkError(f"too many redirects from {safe_url(spec.url)}", provider=self.name)
 
     def _classify(self, resp: Response, spec: RequestSpec, job: str | None) -> None:
+        """Raise the shared table's error for a transient answer (429, 5xx) or one the
+        provider marked safe to resend; anything else is the adapter's to read."""
         status = resp.status
-        if status >= 400 and status != 401 and _marked_retryable(resp, spec):
-            # A 401 is left to the auth refresh; anything else the provider marked may be
-            # sent again, a create included, as the provider's own SDKs do.
-            if status == 429:
-                self.metrics.rate_limited.labels(self.name).inc()
-            marked: type[RetryableError] = RateLimited if status == 429 else ProviderUnavailable
-            raise marked(
-                f"{spec.endpoint}: HTTP {status} marked safe to retry{_body_hint(resp.body)}",
-                retry_after=parse_retry_after(
-                    resp.headers.get("Retry-After"), now_wall=self.clock.wall()
-                ),
-                resend_safe=True,
-                provider=self.name,
-                job=job,
-                status=status,
-                request_id=resp.request_id,
-            )
-        if status == 429 or status == 503:
-            retry_after = parse_retry_after(
-                resp.headers.get("Retry-After"), now_wall=self.clock.wall()
-            )
-            cls: type[RetryableError] = RateLimited if status == 429 else ProviderUnavailable
-            if status == 429:
-                self.metrics.rate_limited.labels(self.name).inc()
-            raise cls(
-                f"{spec.endpoint}: {'rate limited' if status == 429 else 'unavailable'}"
-                f"{_body_hint(resp.body)}",
-                retry_after=retry_after,
-                provider=self.name,
-                job=job,
-                status=status,
-                request_id=resp.request_id,
-            )
-        if status in (500, 502, 504) or status > 504:
-            raise ProviderUnavailable(
-                f"{spec.endpoint}: server error{_body_hint(resp.body)}",
-                provider=self.name,
-                job=job,
-                status=status,
-                request_id=resp.request_id,
-            )
+        # A 401 is left to the auth refresh; anything else the provider marked may be sent
+        # again, a create included, as the provider's own SDKs do.
+        marked = status >= 400 and status != 401 and _marked_retryable(resp, spec)
+        if not (marked or is_transient(status)):
+            return
+        if status == 429:
+            self.metrics.rate_limited.labels(self.name).inc()
+        # Only these name a deadline; a 500's Retry-After (if any) is backoff's to ignore.
+        timed = marked or status in (429, 503)
+        raise error_for_status(
+            status,
+            _body_hint(resp.body) or "no body",
+            endpoint=spec.endpoint,
+            own={status: _MARKED} if marked and status != 429 else None,
+            retry_after=(
+                parse_retry_after(resp.headers.get("Retry-After"), now_wall=self.clock.wall())
+                if timed
+                else None
+            ),
+            resend_safe=marked,
+            provider=self.name,
+            job=job,
+            request_id=resp.request_id,
+        )
 
     def _observe(self, endpoint: str, seconds: float) -> None:
         histogram = self._durations.get(endpoint)
@@ -488,8 +476,7 @@ def _marked_retryable(resp: Response, spec: RequestSpec) -> bool:
 
 
 def _body_hint(body: bytes) -> str:
-    text = body[:256].decode("utf-8", "replace").strip()
-    return f": {redact_text(text)}" if text else ""
+    return redact_text(body[:256].decode("utf-8", "replace").strip())
 
 
 def _identity(resp: Response) -> Response:
