@@ -3,14 +3,12 @@ each adapter adding only its own codes."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 import pytest
 from aiohttp import web
 
 from harvester.clock import SystemClock
-from harvester.config import PlaymentConfig, SecretRef
+from harvester.config import PlaymentConfig
 from harvester.credentials import make_auth
 from harvester.errors import (
     CredentialsError,
@@ -28,6 +26,8 @@ from harvester.statuses import error_for_status, is_transient
 from harvester.transport import Transport
 from harvester.wire import RequestSpec, Response
 from tests.badinput.hostile import serving
+from tests.unit.test_playment_adapter import CFG as PLAYMENT
+from tests.unit.test_playment_adapter import job as playment_job
 
 ADAPTERS = [bentley.error_from, cognite.error_from, modzy.error_from]
 SHARED = {
@@ -71,28 +71,12 @@ def test_adapters_add_only_their_own_codes() -> None:
     assert isinstance(late, RateLimited) and late.retry_after == 7.0
 
 
-PLAYMENT = PlaymentConfig(
-    name="playment",
-    base_url="https://api.example/",
-    api_key=SecretRef("providers.playment.api_key", env="STATUS_TEST_KEY"),
-    project_id="p1",
-    batch_id="b1",
-)
-
-
 def _playment_error(status: int, code: str | None) -> Exception:
     body = {"success": False, "error": {"code": code, "message": "{not a {template}}"}}
     answer = Response(status, {}, orjson.dumps(body), "https://api.example/x", "rid-1")
     with pytest.raises(Exception) as info:
-        PlaymentProvider(PLAYMENT).parse_find(answer, _job())
+        PlaymentProvider(PLAYMENT).parse_find(answer, playment_job())
     return info.value
-
-
-def _job() -> Any:
-    from harvester.jobs import Job, JobState
-
-    return Job(provider="playment", key="scan-1", reference_id="scan-1", remote_id="j-1",
-               state=JobState.RUNNING, created_at=0.0, updated_at=0.0)  # fmt: skip
 
 
 @pytest.mark.parametrize(("status", "cls"), [*SHARED.items(), (404, ProviderJobFailed)])
@@ -129,7 +113,7 @@ async def test_the_transport_raises_the_tables_error_for_transient_statuses(
 ) -> None:
     """Real HTTP on loopback: 429 and 5xx are raised by the transport itself (the gate closes
     for every request), as the table says; anything else goes to the adapter's parse."""
-    monkeypatch.setenv("STATUS_TEST_KEY", "k")
+    monkeypatch.setenv(PLAYMENT.api_key.env or "", "k")
 
     async def handle(request: web.Request) -> web.StreamResponse:
         return web.Response(status=status, text="{brace}", headers={"Retry-After": "7"})
