@@ -165,7 +165,7 @@ def body_as_json_lines(body: bytes) -> bytes:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadBody(f"the body is not UTF-8 (byte {exc.start})") from None
+        raise BadBody(f"the body is not UTF-8 (byte {exc.start})") from exc
     decoder = json.JSONDecoder()
     items: list[str] = []
     i = _skip_ws(text, start + 1)
@@ -176,8 +176,9 @@ def body_as_json_lines(body: bytes) -> bytes:
             try:
                 _, end = decoder.raw_decode(text, i)
             except json.JSONDecodeError as exc:
-                raise BadBody(f"item {len(items) + 1} is not valid JSON: {exc.msg}") from None
+                raise BadBody(f"item {len(items) + 1} is not valid JSON: {exc.msg}") from exc
             except RecursionError:
+                # no cause: a RecursionError's traceback is a thousand frames of the parser
                 raise BadBody(f"item {len(items) + 1} is {TOO_DEEP}") from None
             # Outside strings JSON whitespace may include newlines; inside them it cannot.
             items.append(text[i:end].replace("\r", " ").replace("\n", " "))

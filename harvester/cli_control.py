@@ -65,9 +65,9 @@ def _states(config: Config, args: argparse.Namespace) -> list[JobState] | None:
     for s in args.state:
         try:
             states.append(JobState(s))
-        except ValueError:
+        except ValueError as exc:
             known = ", ".join(x.value for x in JobState)
-            raise ControlError(f"--state {s!r} is not a job state ({known})") from None
+            raise ControlError(f"--state {s!r} is not a job state ({known})") from exc
     return states
 
 
@@ -80,10 +80,10 @@ def _since(text: str | None) -> float | None:
         pass
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    except ValueError as exc:
         raise ControlError(
             f"--since {text!r} is neither ISO-8601 (2025-01-31T12:00:00Z) nor unix seconds"
-        ) from None
+        ) from exc
 
 
 async def walk(

@@ -116,13 +116,14 @@ def _parse_line(line: bytes, where: str, config: Config, validators: dict[str, P
     except JobsLineError:
         raise
     except RecursionError:
+        # no cause: a RecursionError's traceback is a thousand frames of the parser
         raise JobsLineError(f"not valid JSON here: {TOO_DEEP}") from None
     except ValueError as exc:
-        raise JobsLineError(f"not valid JSON: {exc}") from None
+        raise JobsLineError(f"not valid JSON: {exc}") from exc
     try:
         orjson.dumps(obj)  # what the store will do: refuse now what it could not keep
     except TypeError as exc:  # orjson.JSONEncodeError
-        raise JobsLineError(_unstorable(str(exc))) from None
+        raise JobsLineError(_unstorable(str(exc))) from exc
     if not isinstance(obj, dict):
         raise JobsLineError(f"expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - _KEYS)
@@ -172,7 +173,7 @@ def _parse_line(line: bytes, where: str, config: Config, validators: dict[str, P
         try:
             validator.validate_payload(payload)
         except InvalidPayload as exc:
-            raise JobsLineError(exc.message) from None
+            raise JobsLineError(exc.message) from exc
     key = job_key(reference_id if reference_id is not None else str(job_id))
     return NewJob(
         provider=provider,
@@ -217,7 +218,7 @@ def read_jobs_files(paths: list[Path], config: Config) -> list[NewJob]:
         try:
             text = path.read_bytes()
         except OSError as exc:
-            raise JobsFileError(f"{path}: cannot read jobs file: {exc.strerror}") from None
+            raise JobsFileError(f"{path}: cannot read jobs file: {exc.strerror}") from exc
         for job in parse_jobs_text(text, source=str(path), config=config, validators=validators):
             known = seen.get((job.provider, job.key))
             if known is not None:

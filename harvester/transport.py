@@ -68,20 +68,21 @@ def safe_url(url: str) -> str:
 
 
 class map_exceptions:
-    """Turn aiohttp/OS/timeouts into ``NetworkError``: the single mapping boundary.
+    """Turn aiohttp/OS/timeouts into ``NetworkError``: the single mapping boundary. It wraps
+    the HTTP exchange only (sending, and each read of a body): code of the caller's that runs
+    between reads (writing what it read to a disk, uploading it elsewhere) is outside it, so
+    its own errors are never taken for the network's.
 
     A plain class rather than an ``asynccontextmanager``: it wraps every request, and the
     generator version was measurable CPU at thousands of polls per second.
     """
 
-    __slots__ = ("_job", "_provider", "_url", "in_caller")
+    __slots__ = ("_job", "_provider", "_url")
 
     def __init__(self, provider: str, url: str, *, job: str | None = None) -> None:
         self._provider = provider
         self._url = url
         self._job = job
-        #: set while a streaming caller's own block runs (``Transport.open_stream``)
-        self.in_caller = False
 
     async def __aenter__(self) -> None:
         return None
@@ -91,18 +92,34 @@ class map_exceptions:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         if exc is None or isinstance(exc, HarvesterError):
-            return False
-        if self.in_caller and _callers_own(exc):
-            return False  # e.g. its disk is full: not the network's doing
+            return
         if isinstance(exc, (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError)):
             # The URL is made safe only here: on the happy path this costs nothing per request.
-            # ``from None``, not ``from exc``: an aiohttp error's text and attributes carry the
-            # full URL (a signed URL's query is its credential), and a chained cause would put
-            # it in every traceback; ``_mapped`` keeps the cause's redacted text instead.
-            raise _mapped(exc, self._provider, safe_url(self._url), self._job) from None
-        return False
+            # The cause is kept: its text may hold the full (signed) URL, so the log pipeline
+            # redacts rendered tracebacks (``logs.configure``) as it does every other field.
+            raise _mapped(exc, self._provider, safe_url(self._url), self._job) from exc
+
+
+class StreamedAnswer:
+    """An answer whose body the caller reads itself (``Transport.open_stream``): an
+    ``exchange.Answer`` whose every read is inside the mapping, and nothing else the caller
+    does is."""
+
+    __slots__ = ("_guard", "_resp", "content", "content_length", "headers", "status")
+
+    def __init__(self, resp: Answer, guard: map_exceptions) -> None:
+        self._resp = resp
+        self._guard = guard
+        self.status = resp.status
+        self.headers = resp.headers
+        self.content_length = resp.content_length
+        self.content = self
+
+    async def read(self, n: int = -1) -> bytes:
+        async with self._guard:
+            return await self._resp.content.read(n)
 
 
 def _mapped(exc: BaseException, provider: str, where: str, job: str | None) -> HarvesterError:
@@ -124,14 +141,6 @@ def _mapped(exc: BaseException, provider: str, where: str, job: str | None) -> H
     else:
         text = f"network error with {where}: {type(exc).__name__}: {_exc_text(exc)}"
     return NetworkError(text, provider=provider, job=job)
-
-
-def _callers_own(exc: BaseException) -> bool:
-    """An error a streaming caller's block raised itself (writing to its disk), as opposed
-    to one from reading the body it streams (aiohttp errors, timeouts, a dropped socket)."""
-    return isinstance(exc, OSError) and not isinstance(
-        exc, (aiohttp.ClientError, ssl.SSLError, TimeoutError, ConnectionError)
-    )
 
 
 def _exc_text(exc: BaseException) -> str:
@@ -417,25 +426,33 @@ class Transport:
     @asynccontextmanager
     async def open_stream(
         self, url: str, *, offset: int = 0, job: str | None = None
-    ) -> AsyncIterator[Answer]:
+    ) -> AsyncIterator[StreamedAnswer]:
         """GET a signed URL with no credentials, for streaming (caller checks status and
         reads the body under its own size cap and deadline: ``download.stream_into``)."""
         self.check_target(url, job=job)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         start = self.clock.monotonic()
         guard = map_exceptions(self.name, url, job=job)
-        async with (
-            guard,
-            # The exchange bounds the gap between chunks; the whole body's deadline is the
-            # reader's.
-            self.exchange.stream(url, headers=headers) as resp,
-        ):
+        # The exchange bounds the gap between chunks; the whole body's deadline is the
+        # reader's. Entered and left by hand: the mapping covers those two steps and each
+        # read, never the caller's block in between.
+        stream = self.exchange.stream(url, headers=headers)
+        async with guard:
+            resp = await stream.__aenter__()
+        failed: BaseException | None = None
+        try:
             self.metrics.requests.labels(self.name, "download", str(resp.status)).inc()
-            # The caller reads the body in its block, so the mapping covers it, but only
-            # for errors the network can cause: its own (a full disk) pass through as is.
-            guard.in_caller = True
-            yield resp
-            guard.in_caller = False
+            yield StreamedAnswer(resp, guard)
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            async with guard:
+                await stream.__aexit__(
+                    type(failed) if failed else None,
+                    failed,
+                    failed.__traceback__ if failed else None,
+                )
         self._observe("download", self.clock.monotonic() - start)  # the whole body streamed
 
 

@@ -134,7 +134,7 @@ class BentleyProvider(NoSetup):
         except CreateProblem as problem:
             hint = " (or set providers.bentley.itwin_id)" if problem.target == "iTwinId" else ""
             where = f"payload.{problem.target}" if problem.target else "payload:"
-            raise InvalidPayload(f"{where} {problem.message}{hint}") from None
+            raise InvalidPayload(f"{where} {problem.message}{hint}") from problem
 
     # -- create -------------------------------------------------------------------------
     def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:

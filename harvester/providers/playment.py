@@ -279,8 +279,8 @@ class PlaymentProvider:
         io.write_bytes("result.json", body)
         try:
             result = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise ProtocolError("result.json is not JSON", provider=NAME, job=job.key) from None
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError("result.json is not JSON", provider=NAME, job=job.key) from exc
         if not isinstance(result, dict):
             raise ProtocolError("result.json is not a JSON object", provider=NAME, job=job.key)
         annotation_data = result.get("annotation_data")
@@ -323,7 +323,7 @@ class PlaymentProvider:
         try:
             found = find_attachments(result)
         except ValueError as exc:
-            raise ProtocolError(str(exc), provider=NAME, job=job.key) from None
+            raise ProtocolError(str(exc), provider=NAME, job=job.key) from exc
         index: list[dict[str, Any]] = []
         for att in found:
             if att.url in io.input_urls:
