@@ -45,7 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from harvester.config import Config
 from harvester.control import retry_resume
 from harvester.engine import Engine
-from harvester.errors import ControlError, HarvesterError, JobsFileError
+from harvester.errors import BadBody, ControlError, HarvesterError, JobsFileError
 from harvester.httpserver import reading_body
 from harvester.jobs import Job, JobState, job_key
 from harvester.jobsfile import TOO_DEEP, parse_jobs_text
@@ -102,10 +102,6 @@ STATUS_JSON_PATH = "/status.json"
 LOGIN_PATH = "/login"
 LOGOUT_PATH = "/logout"
 STATIC_PATH = "/static/{name}"
-
-
-class BadBody(Exception):
-    """A body that opens a JSON array but is not one (or is not UTF-8): no job is looked at."""
 
 
 def json_response(
@@ -169,7 +165,7 @@ def body_as_json_lines(body: bytes) -> bytes:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadBody(f"the body is not UTF-8 (byte {exc.start})") from None
+        raise BadBody(f"the body is not UTF-8 (byte {exc.start})") from exc
     decoder = json.JSONDecoder()
     items: list[str] = []
     i = _skip_ws(text, start + 1)
@@ -180,8 +176,9 @@ def body_as_json_lines(body: bytes) -> bytes:
             try:
                 _, end = decoder.raw_decode(text, i)
             except json.JSONDecodeError as exc:
-                raise BadBody(f"item {len(items) + 1} is not valid JSON: {exc.msg}") from None
+                raise BadBody(f"item {len(items) + 1} is not valid JSON: {exc.msg}") from exc
             except RecursionError:
+                # no cause: a RecursionError's traceback is a thousand frames of the parser
                 raise BadBody(f"item {len(items) + 1} is {TOO_DEEP}") from None
             # Outside strings JSON whitespace may include newlines; inside them it cannot.
             items.append(text[i:end].replace("\r", " ").replace("\n", " "))

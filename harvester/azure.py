@@ -90,7 +90,7 @@ def parse_blob_list(body: bytes) -> BlobPage:
         root = ET.fromstring(body)
     except ET.ParseError as exc:
         snippet = body[:80].decode("utf-8", "replace")
-        raise ProtocolError(f"container listing is not XML ({exc}): {snippet!r}") from None
+        raise ProtocolError(f"container listing is not XML ({exc}): {snippet!r}") from exc
     tag = _local(root.tag)
     if tag == "Error":
         code = _text(root, "Code") or "?"

@@ -1,19 +1,15 @@
 """Command line: argument parsing and the commands; the work itself lives elsewhere.
 
-Exit codes: 0 all harvested; 1 some jobs ended failed/cancelled/error (the rest harvested);
-2 bad usage, config or jobs file (nothing changed), a fatal error such as refused
-credentials, or an output directory that cannot be written (full, read-only, a file);
-3 stopped by --timeout or a signal with work left (state saved: rerun continues).
+Exit codes and signals: ``harvester.lifecycle`` (one table for every command). Each command
+opens its store once (``lifecycle.opened``), whatever it does with it.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 import orjson
@@ -22,11 +18,11 @@ from harvester import __version__, tracing
 from harvester.config import Config, config_path, load_config
 from harvester.errors import FatalError, HarvesterError, OutputError
 from harvester.jobs import UNSUCCESSFUL, JobState
+from harvester.lifecycle import Exit, Shutdown, opened
 from harvester.logs import configure, get_logger
 from harvester.store.base import NewJob
 from harvester.store.lock import engine_lock
 
-EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 log = get_logger("harvester.cli")
 
 
@@ -123,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(config_path(args.config), offline=args.command in OFFLINE)
     except HarvesterError as exc:
         print(f"harvester: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     tracing_warning = tracing.setup_from_env()  # first: log lines then carry trace ids
     configure(config.log.level, config.log.format)
     if tracing_warning is not None:
@@ -149,43 +145,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(serve, config)
     except (FatalError, OutputError) as exc:
         print(f"harvester: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return Exit.INTERRUPTED
     finally:
         tracing.shutdown()  # flushes the spans still batched
     parser.error(f"unknown command {args.command}")
 
 
-async def _open_store(config: Config) -> Any:
-    from harvester.store import make_store
-
-    store = make_store(config.store)
-    await store.open()
-    return store
-
-
-async def _add(config: Config, paths: list[Path]) -> tuple[int, int]:
+async def _submit(config: Config, args: argparse.Namespace) -> int:
+    from harvester.clock import SystemClock
     from harvester.jobsfile import read_jobs_files
 
-    return await _store_jobs(config, read_jobs_files(paths, config))
-
-
-async def _store_jobs(config: Config, jobs: list[NewJob]) -> tuple[int, int]:
-    from harvester.clock import SystemClock
-
-    store = await _open_store(config)
-    try:
+    jobs = read_jobs_files(args.jobs, config)
+    async with opened(config) as store:
         result = await store.add_jobs(jobs, now=SystemClock().wall())
-    finally:
-        await store.close()
-    return len(result.added), len(result.duplicates)
-
-
-async def _submit(config: Config, args: argparse.Namespace) -> int:
-    added, duplicates = await _add(config, args.jobs)
-    print(f"added {added} jobs ({duplicates} already in the store)")
-    return EXIT_OK
+    print(f"added {len(result.added)} jobs ({len(result.duplicates)} already in the store)")
+    return Exit.OK
 
 
 async def _copy_store(config: Config, args: argparse.Namespace) -> int:
@@ -202,18 +178,11 @@ async def _copy_store(config: Config, args: argparse.Namespace) -> int:
             f"harvester: {args.from_config} and {config.source} name the same store",
             file=sys.stderr,
         )
-        return EXIT_USAGE
+        return Exit.USAGE
     # Nobody may harvest from the old store while it is copied (nor into a sqlite target).
     with engine_lock(old.store), engine_lock(config.store):
-        source = await _open_store(old)
-        try:
-            target = await _open_store(config)
-            try:
-                result = await copy_store(source, target, target_name=config.store.url)
-            finally:
-                await target.close()
-        finally:
-            await source.close()
+        async with opened(old) as source, opened(config) as target:
+            result = await copy_store(source, target, target_name=config.store.url)
     states = ", ".join(
         f"{provider} {state.value}: {n}" for (provider, state), n in sorted(result.by_state.items())
     )
@@ -221,32 +190,28 @@ async def _copy_store(config: Config, args: argparse.Namespace) -> int:
         f"copied {result.jobs} jobs ({states or 'none'}) and {result.meta} meta values"
         f" from {old.store.url} to {config.store.url}; the old store is marked as moved"
     )
-    return EXIT_OK
+    return Exit.OK
 
 
 async def _bind_output(config: Config, args: argparse.Namespace) -> int:
     from harvester.objstore import output_place
     from harvester.store.binding import rebind_output, store_name
 
+    place = output_place(config.output)
     with engine_lock(config.store):
-        store = await _open_store(config)
-        try:
-            place = output_place(config.output)
+        async with opened(config) as store:
             before, now = await rebind_output(store, place, store_name(config.store))
-        finally:
-            await store.close()
     was = f"job store {before}" if before else "no store"
     print(f"{place} now belongs to job store {now} (it belonged to {was})")
-    return EXIT_OK
+    return Exit.OK
 
 
 async def _status(config: Config, args: argparse.Namespace) -> int:
     from harvester.objstore import output_place
     from harvester.verify import Report, verify_outputs
 
-    store = await _open_store(config)
     report = Report()
-    try:
+    async with opened(config) as store:
         counts = await store.counts()
         failures = await store.jobs(states=sorted(UNSUCCESSFUL))
         unknown = await store.unknown_statuses()
@@ -261,8 +226,6 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
             problems += report.problems
         else:
             problems = []
-    finally:
-        await store.close()
     from harvester.summary import render_status, status_json
 
     if args.json:
@@ -285,7 +248,7 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
                 if problems
                 else f"check: no problems found in {checked}"
             )
-    return EXIT_FAILED_JOBS if problems else EXIT_OK
+    return Exit.FAILED if problems else Exit.OK
 
 
 async def _harvest(config: Config, args: argparse.Namespace) -> int:
@@ -297,7 +260,7 @@ async def _harvest(config: Config, args: argparse.Namespace) -> int:
                 f"harvester: --provider {unknown[0]} is not configured in {config.source}",
                 file=sys.stderr,
             )
-            return EXIT_USAGE
+            return Exit.USAGE
     config.check_secrets()
     from harvester.jobsfile import read_jobs_files
     from harvester.objstore import prove_output
@@ -320,9 +283,7 @@ async def _harvest_locked(
     from harvester.store.binding import bind_output, store_name
     from harvester.summary import Progress, render_run, render_status, status_json
 
-    store = await _open_store(config)
-    interrupted = False
-    try:
+    async with opened(config) as store:
         # Before anything is added or sent: a store that is not the output's is refused.
         await bind_output(store, output_place(config.output), store_name(config.store))
         if jobs:
@@ -347,13 +308,14 @@ async def _harvest_locked(
             )
         show = not args.no_progress and not args.json and sys.stderr.isatty()
         progress = Progress(counts, selected, enabled=show)
-        stop = anyio.Event()
+        shutdown = Shutdown()
+        stop = shutdown.stop
         fatal: list[FatalError | OutputError] = []
         started = anyio.current_time()
         engine = Engine(config, store, providers=selected, burst=True, on_change=progress.update)
         with progress:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_stop_on_signal, stop, tg.cancel_scope, name="signals")
+                tg.start_soon(shutdown.watch, tg.cancel_scope, name="signals")
 
                 async def work() -> None:
                     try:
@@ -377,9 +339,6 @@ async def _harvest_locked(
         failures = [
             j for j in await store.jobs(states=sorted(UNSUCCESSFUL)) if j.provider in selected
         ]
-    finally:
-        with anyio.CancelScope(shield=True):
-            await store.close()
     if args.json:
         doc = status_json(counts, failures, providers=selected)
         doc["interrupted"] = interrupted
@@ -400,23 +359,9 @@ def _exit_code(
         if p in providers and s not in UNSUCCESSFUL and s != JobState.HARVESTED
     )
     if interrupted or left:
-        return EXIT_INTERRUPTED
+        return Exit.INTERRUPTED
     bad = sum(n for (p, s), n in counts.items() if p in providers and s in UNSUCCESSFUL)
-    return EXIT_FAILED_JOBS if bad else EXIT_OK
-
-
-async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope) -> None:
-    """First signal: drain (finish in-flight work). Second: stop at once (still safe)."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            if stop.is_set():
-                log.warning("second signal: stopping now", signal=signum.name)
-                scope.cancel()
-                return
-            log.warning(
-                "signal received; finishing in-flight work (state is saved)", signal=signum.name
-            )
-            stop.set()
+    return Exit.FAILED if bad else Exit.OK
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ import orjson
 from harvester.api import job_document
 from harvester.clock import SystemClock
 from harvester.config import Config
-from harvester.errors import ControlError, HarvesterError
+from harvester.errors import ControlError
 from harvester.jobs import Job, JobState
+from harvester.lifecycle import Exit
 from harvester.store.base import SharedStore, Store
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: jobs read per page by ``jobs`` and by ``--state`` selections
 PAGE = 1000
 _MAX_PROBLEMS = 20
@@ -65,9 +65,9 @@ def _states(config: Config, args: argparse.Namespace) -> list[JobState] | None:
     for s in args.state:
         try:
             states.append(JobState(s))
-        except ValueError:
+        except ValueError as exc:
             known = ", ".join(x.value for x in JobState)
-            raise ControlError(f"--state {s!r} is not a job state ({known})") from None
+            raise ControlError(f"--state {s!r} is not a job state ({known})") from exc
     return states
 
 
@@ -80,10 +80,10 @@ def _since(text: str | None) -> float | None:
         pass
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    except ValueError as exc:
         raise ControlError(
             f"--since {text!r} is neither ISO-8601 (2025-01-31T12:00:00Z) nor unix seconds"
-        ) from None
+        ) from exc
 
 
 async def walk(
@@ -161,7 +161,7 @@ def _print_outcome(
             print(f"{job.label}: cancel requested (the replica holding it carries it out)")
         for line in refused:
             print(f"harvester: {line}", file=sys.stderr)
-    return EXIT_FAILED if refused else EXIT_OK
+    return Exit.FAILED if refused else Exit.OK
 
 
 async def cancel(config: Config, store: Store, args: argparse.Namespace) -> int:
@@ -218,7 +218,7 @@ async def retry(
     if problems:
         raise ControlError("; ".join(problems[:_MAX_PROBLEMS]) + "; nothing was changed")
     if check_only:
-        return EXIT_OK
+        return Exit.OK
     now = SystemClock().wall()
     done = [await retry_job(store, j, resubmit=args.resubmit, now=now) for j in jobs]
     return _print_outcome(config, args, done, [])
@@ -246,7 +246,7 @@ async def list_jobs(config: Config, store: Store, args: argparse.Namespace) -> i
                 doc["output"] or "-",
             )
             out.write("\t".join(str(c).replace("\t", " ") for c in cells) + "\n")
-    return EXIT_OK
+    return Exit.OK
 
 
 async def _precheck(config: Config, store: Store, args: argparse.Namespace) -> None:
@@ -258,16 +258,14 @@ async def _precheck(config: Config, store: Store, args: argparse.Namespace) -> N
 
 async def run(config: Config, args: argparse.Namespace) -> int:
     """One of the three commands; ControlError is bad input (exit 2, nothing changed)."""
-    from harvester.store import make_store
+    from harvester.lifecycle import opened
     from harvester.store.lock import engine_lock
 
     try:
         if args.command == "jobs":
             _states(config, args)
             _since(args.since)
-        store = make_store(config.store)
-        await store.open()
-        try:
+        async with opened(config) as store:
             if args.command == "jobs":
                 return await list_jobs(config, store, args)
             # Bad input is found before the lock, whose file records its holder: an unknown
@@ -279,10 +277,6 @@ async def run(config: Config, args: argparse.Namespace) -> int:
                 if args.command == "cancel":
                     return await cancel(config, store, args)
                 return await retry(config, store, args)
-        finally:
-            await store.close()
     except ControlError as exc:
         print(f"harvester: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except HarvesterError:
-        raise
+        return Exit.USAGE

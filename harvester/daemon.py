@@ -15,14 +15,14 @@ HTTP server stops last among the tasks, so ``/readyz`` answers 503 for the whole
 the store is closed. Stopping is safe at any point, even on the second signal: each state
 change is an atomic SQLite commit and output files only get their final names once complete.
 
-Exit: 0 after a signal and drain; 2 (via ``FatalError``) for a bad config, a port that cannot
-be bound or a fatal error at run time; 3 when a second signal cut the drain short.
+Signals and exit codes are ``harvester.lifecycle``'s, as for ``harvest``: 0 after a signal
+and drain; 2 (via ``FatalError``) for a bad config, a port that cannot be bound or a fatal
+error at run time; 3 when a second signal cut the drain short.
 """
 
 from __future__ import annotations
 
 import functools
-import signal
 from typing import Any
 
 import anyio
@@ -33,16 +33,14 @@ from harvester.config import Config
 from harvester.engine import Engine
 from harvester.errors import ConfigError, FatalError, HarvesterError
 from harvester.httpserver import serve_http
+from harvester.lifecycle import Exit, Shutdown, opened
 from harvester.logs import get_logger
 from harvester.objstore import output_place
-from harvester.store import make_store
 from harvester.store.base import Store
 from harvester.store.binding import ensure_marker, store_binding, store_name
 from harvester.store.lock import engine_lock
 
 log = get_logger("harvester.daemon")
-
-EXIT_OK, EXIT_INTERRUPTED = 0, 3
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -56,24 +54,26 @@ async def serve(config: Config) -> int:
     config.check_secrets()  # a missing secret stops us before anything is opened
     if not config.providers:
         log.warning("no providers configured: the daemon will not become ready")
-    store = make_store(config.store)
     # One engine per sqlite store (a second one would take our in-flight creates for lost).
     with engine_lock(config.store):
-        await store.open()
+        was_open = False
         try:
-            # Before anything is sent: a store that is not the output's is refused. The
-            # marker is written by the engine once output.dir proves writable (the daemon may
-            # start on a read-only or full disk and wait for it, not ready).
-            where = store_name(config.store)
-            place = output_place(config.output)
-            store_id = await store_binding(store, place, where)
-            daemon = Daemon(config, store)
-            daemon.engine.output_ready = functools.partial(ensure_marker, place, store_id, where)
-            return await daemon.run()
+            async with opened(config) as store:
+                was_open = True
+                # Before anything is sent: a store that is not the output's is refused. The
+                # marker is written by the engine once output.dir proves writable (the daemon
+                # may start on a read-only or full disk and wait for it, not ready).
+                where = store_name(config.store)
+                place = output_place(config.output)
+                store_id = await store_binding(store, place, where)
+                daemon = Daemon(config, store)
+                daemon.engine.output_ready = functools.partial(
+                    ensure_marker, place, store_id, where
+                )
+                return await daemon.run()
         finally:
-            with anyio.CancelScope(shield=True):
-                await store.close()
-            log.info("store closed")
+            if was_open:
+                log.info("store closed")
 
 
 class Daemon:
@@ -84,9 +84,9 @@ class Daemon:
         self.store = store
         self.engine = engine or Engine(config, store, burst=False)
         self.host, self.port = parse_listen(config.server.listen)
+        self.shutdown = Shutdown()
         #: set by the first signal: readiness turns false at once and the engine drains
-        self.stop = anyio.Event()
-        self.forced = False
+        self.stop = self.shutdown.stop
         self.fatal: HarvesterError | None = None
         self.url: str | None = None
         self._refresh_wanted = anyio.Event()
@@ -111,7 +111,11 @@ class Daemon:
             job_api_auth="bearer" if self.config.server.token is not None else "none",
         )
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._signals, tg.cancel_scope, name="signals")
+            tg.start_soon(
+                functools.partial(self.shutdown.watch, grace_s=self.engine.drain_grace_s),
+                tg.cancel_scope,
+                name="signals",
+            )
             try:
                 self.url = await tg.start(self._http_server, name="http-server")
             except OSError as exc:
@@ -127,26 +131,9 @@ class Daemon:
                 tg.start_soon(self.api.throughput.run, name="throughput-sampler")
         if self.fatal is not None:
             raise self.fatal if isinstance(self.fatal, FatalError) else FatalError(str(self.fatal))
-        log.info("daemon stopped", forced=self.forced, unfinished=len(self.engine.remaining))
-        return EXIT_INTERRUPTED if self.forced else EXIT_OK
-
-    async def _signals(self, scope: anyio.CancelScope) -> None:
-        """First signal: drain. Second: stop now. A third gets the default action (kill),
-        since the receiver is gone by then: the way out if shutdown itself ever hangs."""
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                if not self.stop.is_set():
-                    log.warning(
-                        "signal received: draining (a second signal stops at once)",
-                        signal=signum.name,
-                        grace_s=self.engine.drain_grace_s,
-                    )
-                    self.stop.set()
-                    continue
-                log.warning("second signal: stopping now (state is saved)", signal=signum.name)
-                self.forced = True
-                scope.cancel()
-                return
+        forced = self.shutdown.forced
+        log.info("daemon stopped", forced=forced, unfinished=len(self.engine.remaining))
+        return Exit.INTERRUPTED if forced else Exit.OK
 
     async def _http_server(self, *, task_status: TaskStatus[str]) -> None:
         closed = self.engine.metrics.http_closed

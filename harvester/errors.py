@@ -25,6 +25,12 @@ line a user sees (where it came from: file:line, provider, job, request id).
     │   └── NotSent             stopping: a request was dropped before it was sent
     └── IllegalTransition       a state change the job state machine forbids (a bug)
 
+Below the tree, five exceptions that are not ``HarvesterError``s, each raised and caught
+inside one module and turned into one of the above (or an answer) there: ``JobsLineError``,
+``BadBody``, ``CreateProblem``, ``FailpointSpecError`` and ``RefusedAddress`` (an ``OSError``:
+aiohttp carries it out of its resolver). No exception class is defined anywhere else
+(``tests/unit/test_errors_home.py``).
+
 Foreign exceptions are mapped to this tree in exactly two places: the network's (aiohttp,
 sockets, timeouts) in ``harvester.transport``, the output disk's (``OSError`` while writing
 under ``output.dir``) in ``harvester.fsutil``.
@@ -220,3 +226,40 @@ class IllegalTransition(HarvesterError):
         super().__init__(f"event {event!r} is not allowed in state {state!r}", job=job)
         self.state = state
         self.event = event
+
+
+# -- not HarvesterErrors: each is caught in its own module and becomes one of the above -----
+
+
+class JobsLineError(Exception):
+    """One line of a jobs file (or of a POST /jobs body) is invalid; the reader adds where
+    (``JobsFileError``, or the API's per-line error list)."""
+
+
+class BadBody(Exception):
+    """A body that opens a JSON array but is not one (or is not UTF-8): no job is looked at."""
+
+
+class CreateProblem(ValueError):
+    """One thing wrong with a Bentley create body: where (``target``, a dotted path) and what;
+    the adapter makes it an ``InvalidPayload``."""
+
+    def __init__(self, target: str, message: str) -> None:
+        super().__init__(f"{target}: {message}" if target else message)
+        self.target = target
+        self.message = message
+
+
+class FailpointSpecError(ValueError):
+    """``HARVESTER_FAILPOINTS`` names an unknown point or action."""
+
+
+class RefusedAddress(OSError):
+    """Raised by ``netguard.GuardedResolver``: every address of a host is one we do not
+    connect to. An ``OSError`` so that aiohttp wraps it (``ClientConnectorError.os_error``),
+    where the transport finds it and says why."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(f"{host} resolves only to {reason}")
+        self.host = host
+        self.reason = reason

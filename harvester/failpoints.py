@@ -53,6 +53,8 @@ import os
 import signal
 from dataclasses import dataclass
 
+from harvester.errors import FailpointSpecError
+
 __all__ = [
     "COUNTS_ENV",
     "ENV",
@@ -82,10 +84,6 @@ POINTS: tuple[str, ...] = (
 #: points only an object-store ``output.dir`` reaches (kept out of ``POINTS``, which the
 #: crash tests of a local output calibrate and draw from)
 OBJECT_STORE_POINTS: tuple[str, ...] = ("upload.part",)
-
-
-class FailpointSpecError(ValueError):
-    """``HARVESTER_FAILPOINTS`` names an unknown point or action."""
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from harvester.config import Config
-from harvester.errors import InvalidPayload, JobsFileError
+from harvester.errors import InvalidPayload, JobsFileError, JobsLineError
 from harvester.jobs import job_key
 from harvester.providers import make_provider
 from harvester.providers.base import Provider
@@ -26,10 +26,6 @@ MAX_LINE_BYTES = 4 << 20
 MAX_ID_CHARS = 512
 MAX_ERRORS_SHOWN = 20
 _KEYS = {"provider", "reference_id", "job_id", "payload"}
-
-
-class _LineError(Exception):
-    pass
 
 
 #: what the store's serialiser (orjson) can nest; Python's parser stops at about 1,000
@@ -46,26 +42,26 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise _LineError(f"key {_shown(key)!r} appears twice")
+            raise JobsLineError(f"key {_shown(key)!r} appears twice")
         obj[key] = value
     return obj
 
 
 def _no_constants(name: str) -> Any:
-    raise _LineError(f"{name} is not valid JSON")
+    raise JobsLineError(f"{name} is not valid JSON")
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400: json would make it inf, storing it null
-        raise _LineError(f"number {_shown(text)} is out of range for a JSON number")
+        raise JobsLineError(f"number {_shown(text)} is out of range for a JSON number")
     return value
 
 
 def _int64(text: str) -> int:
     value = int(text)
     if not -(2**63) <= value < 2**64:  # what the store (orjson) can keep
-        raise _LineError(f"integer {_shown(text)} is beyond the 64-bit range")
+        raise JobsLineError(f"integer {_shown(text)} is beyond the 64-bit range")
     return value
 
 
@@ -82,7 +78,7 @@ def parse_jobs_text(
             continue
         try:
             job = _parse_line(line, where, config, validators)
-        except _LineError as exc:
+        except JobsLineError as exc:
             errors.append(f"{where}: {exc}")
             continue
         known = jobs.get((job.provider, job.key))
@@ -108,7 +104,7 @@ def same_job(a: NewJob, b: NewJob) -> bool:
 
 def _parse_line(line: bytes, where: str, config: Config, validators: dict[str, Provider]) -> NewJob:
     if len(line) > MAX_LINE_BYTES:
-        raise _LineError(f"line is {len(line)} bytes, more than the {MAX_LINE_BYTES} allowed")
+        raise JobsLineError(f"line is {len(line)} bytes, more than the {MAX_LINE_BYTES} allowed")
     try:
         obj = json.loads(
             line,
@@ -117,30 +113,31 @@ def _parse_line(line: bytes, where: str, config: Config, validators: dict[str, P
             parse_float=_finite_float,
             parse_int=_int64,
         )
-    except _LineError:
+    except JobsLineError:
         raise
     except RecursionError:
-        raise _LineError(f"not valid JSON here: {TOO_DEEP}") from None
+        # no cause: a RecursionError's traceback is a thousand frames of the parser
+        raise JobsLineError(f"not valid JSON here: {TOO_DEEP}") from None
     except ValueError as exc:
-        raise _LineError(f"not valid JSON: {exc}") from None
+        raise JobsLineError(f"not valid JSON: {exc}") from exc
     try:
         orjson.dumps(obj)  # what the store will do: refuse now what it could not keep
     except TypeError as exc:  # orjson.JSONEncodeError
-        raise _LineError(_unstorable(str(exc))) from None
+        raise JobsLineError(_unstorable(str(exc))) from exc
     if not isinstance(obj, dict):
-        raise _LineError(f"expected a JSON object, got {type(obj).__name__}")
+        raise JobsLineError(f"expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - _KEYS)
     if unknown:
-        raise _LineError(
+        raise JobsLineError(
             f"unknown key {_shown(unknown[0])!r} (a line takes {', '.join(sorted(_KEYS))})"
         )
     provider = obj.get("provider")
     if not isinstance(provider, str) or not provider:
-        raise _LineError("'provider' is missing or not a string")
+        raise JobsLineError("'provider' is missing or not a string")
     cfg = config.providers.get(provider)
     if cfg is None:
         configured = ", ".join(sorted(config.providers)) or "none"
-        raise _LineError(
+        raise JobsLineError(
             f"provider {provider!r} is not configured in {config.source} (configured: {configured})"
         )
     reference_id = _identifier(obj, "reference_id")
@@ -156,25 +153,27 @@ def _parse_line(line: bytes, where: str, config: Config, validators: dict[str, P
         if reference_id is None:
             reference_id = inner
         elif inner != reference_id:
-            raise _LineError(
+            raise JobsLineError(
                 f"payload.reference_id {inner!r} differs from the line's reference_id"
                 f" {reference_id!r}; give one, or the same in both"
             )
     if job_id is not None:
         if payload is not None:
-            raise _LineError("a line with job_id tracks an existing job and takes no payload")
+            raise JobsLineError("a line with job_id tracks an existing job and takes no payload")
     else:
         if reference_id is None:
-            raise _LineError("a new job needs 'reference_id' (the idempotency key) and 'payload'")
+            raise JobsLineError(
+                "a new job needs 'reference_id' (the idempotency key) and 'payload'"
+            )
         if payload is None:
-            raise _LineError("a new job needs a 'payload' (or a 'job_id' to track one)")
+            raise JobsLineError("a new job needs a 'payload' (or a 'job_id' to track one)")
         validator = validators.get(provider)
         if validator is None:
             validator = validators[provider] = make_provider(cfg)
         try:
             validator.validate_payload(payload)
         except InvalidPayload as exc:
-            raise _LineError(exc.message) from None
+            raise JobsLineError(exc.message) from exc
     key = job_key(reference_id if reference_id is not None else str(job_id))
     return NewJob(
         provider=provider,
@@ -200,13 +199,13 @@ def _identifier(obj: Mapping[str, Any], name: str, *, where: str | None = None) 
         return None
     what = repr(name) if where is None else where
     if not isinstance(value, str) or not value.strip():
-        raise _LineError(f"{what} must be a non-empty string")
+        raise JobsLineError(f"{what} must be a non-empty string")
     if value != value.strip():
-        raise _LineError(f"{what} has leading or trailing whitespace")
+        raise JobsLineError(f"{what} has leading or trailing whitespace")
     if len(value) > MAX_ID_CHARS:
-        raise _LineError(f"{what} is longer than {MAX_ID_CHARS} characters")
+        raise JobsLineError(f"{what} is longer than {MAX_ID_CHARS} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise _LineError(f"{what} contains control characters")
+        raise JobsLineError(f"{what} contains control characters")
     return value
 
 
@@ -219,7 +218,7 @@ def read_jobs_files(paths: list[Path], config: Config) -> list[NewJob]:
         try:
             text = path.read_bytes()
         except OSError as exc:
-            raise JobsFileError(f"{path}: cannot read jobs file: {exc.strerror}") from None
+            raise JobsFileError(f"{path}: cannot read jobs file: {exc.strerror}") from exc
         for job in parse_jobs_text(text, source=str(path), config=config, validators=validators):
             known = seen.get((job.provider, job.key))
             if known is not None:

@@ -60,6 +60,15 @@ def redact_processor(
     return event_dict
 
 
+def _redact_traceback(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    text = event_dict.get("exception")
+    if isinstance(text, str):
+        event_dict["exception"] = redact_text(text)
+    return event_dict
+
+
 class Throttle:
     """At most ``burst`` log lines per key in any ``window_s``: a flood of the same event (a
     port under attack, a disk that keeps failing) costs a few lines a minute, not megabytes.
@@ -153,6 +162,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_processor,
             structlog.processors.format_exc_info,
+            # A traceback is text made only now: a chained cause (an aiohttp error behind a
+            # NetworkError) may name a signed URL, query and all.
+            _redact_traceback,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

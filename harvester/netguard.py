@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from harvester.errors import RefusedAddress
+
 __all__ = ["GuardedResolver", "RefusedAddress", "address_reason", "host_reason", "url_reason"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -43,15 +45,6 @@ _METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
 )
 #: names that resolve to a metadata service only from inside a cloud
 _METADATA_NAMES = frozenset({"metadata.google.internal", "metadata.goog", "metadata"})
-
-
-class RefusedAddress(OSError):
-    """Raised by ``GuardedResolver``: every address of a host is one we do not connect to."""
-
-    def __init__(self, host: str, reason: str) -> None:
-        super().__init__(f"{host} resolves only to {reason}")
-        self.host = host
-        self.reason = reason
 
 
 def address_reason(ip: IPAddress) -> str | None:

@@ -99,6 +99,9 @@ class Bucket:
         return self.loc.url(rel)
 
     def _fail(self, exc: BaseException, rel: str, what: str) -> OutputError:
+        # Raised ``from None`` by every caller: an obstore error's text is a debug dump of the
+        # request, full URL included (an Azure SAS token is its query); ``reason`` keeps its
+        # first line only.
         return OutputError(f"cannot {what} {self.url(rel)}: {reason(exc)}")
 
     # -- writes ---------------------------------------------------------------------------

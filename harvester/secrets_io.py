@@ -39,7 +39,7 @@ def secret_from_file(key: str, path: Path) -> str:
         _check_regular(path.stat().st_mode, where)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot read secret file {path}: {exc.strerror}") from None
+        raise ConfigError(f"{key}: cannot read secret file {path}: {exc.strerror}") from exc
     try:
         st = os.fstat(fd)
         _check_regular(st.st_mode, where)  # replaced between the stat and the open
@@ -47,7 +47,7 @@ def secret_from_file(key: str, path: Path) -> str:
             raise ConfigError(f"{where} is {st.st_size} bytes; a secret may have 64 KiB at most")
         data = _read_at_most(fd, MAX_SECRET_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot read secret file {path}: {exc.strerror}") from None
+        raise ConfigError(f"{key}: cannot read secret file {path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
     if len(data) > MAX_SECRET_BYTES:
@@ -55,6 +55,8 @@ def secret_from_file(key: str, path: Path) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        # No cause: a UnicodeDecodeError holds the bytes it failed on (``.object``), here the
+        # secret itself, for any traceback renderer that shows attributes.
         raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start})") from None
     value = _one_line(_drop_one_newline(text).strip(" "), where)
     _warn_if_shared(st, key, path)

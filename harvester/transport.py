@@ -47,6 +47,7 @@ from harvester.logs import get_logger, redact_text
 from harvester.metrics import Metrics
 from harvester.netguard import RefusedAddress, url_reason
 from harvester.ratelimit import ProviderLimiter, backoff_delay, parse_retry_after
+from harvester.statuses import Rule, error_for_status, is_transient
 from harvester.wire import RequestSpec, Response
 
 T = TypeVar("T")
@@ -56,6 +57,8 @@ _MAX_REDIRECTS = 5
 _LIFT = " (only providers.%s.allow_link_local = true lets harvester connect there)"
 #: decoded bytes asked of the body per read: what one gzip step may inflate to at most
 _READ_BYTES = 1 << 16
+#: an answer the provider marked safe to resend (its status is in the error's text anyway)
+_MARKED: Rule = (ProviderUnavailable, "marked safe to retry on {endpoint}: {message}")
 
 
 def safe_url(url: str) -> str:
@@ -65,20 +68,21 @@ def safe_url(url: str) -> str:
 
 
 class map_exceptions:
-    """Turn aiohttp/OS/timeouts into ``NetworkError``: the single mapping boundary.
+    """Turn aiohttp/OS/timeouts into ``NetworkError``: the single mapping boundary. It wraps
+    the HTTP exchange only (sending, and each read of a body): code of the caller's that runs
+    between reads (writing what it read to a disk, uploading it elsewhere) is outside it, so
+    its own errors are never taken for the network's.
 
     A plain class rather than an ``asynccontextmanager``: it wraps every request, and the
     generator version was measurable CPU at thousands of polls per second.
     """
 
-    __slots__ = ("_job", "_provider", "_url", "in_caller")
+    __slots__ = ("_job", "_provider", "_url")
 
     def __init__(self, provider: str, url: str, *, job: str | None = None) -> None:
         self._provider = provider
         self._url = url
         self._job = job
-        #: set while a streaming caller's own block runs (``Transport.open_stream``)
-        self.in_caller = False
 
     async def __aenter__(self) -> None:
         return None
@@ -88,18 +92,34 @@ class map_exceptions:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         if exc is None or isinstance(exc, HarvesterError):
-            return False
-        if self.in_caller and _callers_own(exc):
-            return False  # e.g. its disk is full: not the network's doing
+            return
         if isinstance(exc, (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError)):
             # The URL is made safe only here: on the happy path this costs nothing per request.
-            # ``from None``, not ``from exc``: an aiohttp error's text and attributes carry the
-            # full URL (a signed URL's query is its credential), and a chained cause would put
-            # it in every traceback; ``_mapped`` keeps the cause's redacted text instead.
-            raise _mapped(exc, self._provider, safe_url(self._url), self._job) from None
-        return False
+            # The cause is kept: its text may hold the full (signed) URL, so the log pipeline
+            # redacts rendered tracebacks (``logs.configure``) as it does every other field.
+            raise _mapped(exc, self._provider, safe_url(self._url), self._job) from exc
+
+
+class StreamedAnswer:
+    """An answer whose body the caller reads itself (``Transport.open_stream``): an
+    ``exchange.Answer`` whose every read is inside the mapping, and nothing else the caller
+    does is."""
+
+    __slots__ = ("_guard", "_resp", "content", "content_length", "headers", "status")
+
+    def __init__(self, resp: Answer, guard: map_exceptions) -> None:
+        self._resp = resp
+        self._guard = guard
+        self.status = resp.status
+        self.headers = resp.headers
+        self.content_length = resp.content_length
+        self.content = self
+
+    async def read(self, n: int = -1) -> bytes:
+        async with self._guard:
+            return await self._resp.content.read(n)
 
 
 def _mapped(exc: BaseException, provider: str, where: str, job: str | None) -> HarvesterError:
@@ -121,14 +141,6 @@ def _mapped(exc: BaseException, provider: str, where: str, job: str | None) -> H
     else:
         text = f"network error with {where}: {type(exc).__name__}: {_exc_text(exc)}"
     return NetworkError(text, provider=provider, job=job)
-
-
-def _callers_own(exc: BaseException) -> bool:
-    """An error a streaming caller's block raised itself (writing to its disk), as opposed
-    to one from reading the body it streams (aiohttp errors, timeouts, a dropped socket)."""
-    return isinstance(exc, OSError) and not isinstance(
-        exc, (aiohttp.ClientError, ssl.SSLError, TimeoutError, ConnectionError)
-    )
 
 
 def _exc_text(exc: BaseException) -> str:
@@ -278,48 +290,33 @@ class Transport:
         raise NetworkError(f"too many redirects from {safe_url(spec.url)}", provider=self.name)
 
     def _classify(self, resp: Response, spec: RequestSpec, job: str | None) -> None:
+        """Raise the shared table's error for a transient answer (429, 5xx) or one the
+        provider marked safe to resend; anything else is the adapter's to read."""
         status = resp.status
-        if status >= 400 and status != 401 and _marked_retryable(resp, spec):
-            # A 401 is left to the auth refresh; anything else the provider marked may be
-            # sent again, a create included, as the provider's own SDKs do.
-            if status == 429:
-                self.metrics.rate_limited.labels(self.name).inc()
-            marked: type[RetryableError] = RateLimited if status == 429 else ProviderUnavailable
-            raise marked(
-                f"{spec.endpoint}: HTTP {status} marked safe to retry{_body_hint(resp.body)}",
-                retry_after=parse_retry_after(
-                    resp.headers.get("Retry-After"), now_wall=self.clock.wall()
-                ),
-                resend_safe=True,
-                provider=self.name,
-                job=job,
-                status=status,
-                request_id=resp.request_id,
-            )
-        if status == 429 or status == 503:
-            retry_after = parse_retry_after(
-                resp.headers.get("Retry-After"), now_wall=self.clock.wall()
-            )
-            cls: type[RetryableError] = RateLimited if status == 429 else ProviderUnavailable
-            if status == 429:
-                self.metrics.rate_limited.labels(self.name).inc()
-            raise cls(
-                f"{spec.endpoint}: {'rate limited' if status == 429 else 'unavailable'}"
-                f"{_body_hint(resp.body)}",
-                retry_after=retry_after,
-                provider=self.name,
-                job=job,
-                status=status,
-                request_id=resp.request_id,
-            )
-        if status in (500, 502, 504) or status > 504:
-            raise ProviderUnavailable(
-                f"{spec.endpoint}: server error{_body_hint(resp.body)}",
-                provider=self.name,
-                job=job,
-                status=status,
-                request_id=resp.request_id,
-            )
+        # A 401 is left to the auth refresh; anything else the provider marked may be sent
+        # again, a create included, as the provider's own SDKs do.
+        marked = status >= 400 and status != 401 and _marked_retryable(resp, spec)
+        if not (marked or is_transient(status)):
+            return
+        if status == 429:
+            self.metrics.rate_limited.labels(self.name).inc()
+        # Only these name a deadline; a 500's Retry-After (if any) is backoff's to ignore.
+        timed = marked or status in (429, 503)
+        raise error_for_status(
+            status,
+            _body_hint(resp.body) or "no body",
+            endpoint=spec.endpoint,
+            own={status: _MARKED} if marked and status != 429 else None,
+            retry_after=(
+                parse_retry_after(resp.headers.get("Retry-After"), now_wall=self.clock.wall())
+                if timed
+                else None
+            ),
+            resend_safe=marked,
+            provider=self.name,
+            job=job,
+            request_id=resp.request_id,
+        )
 
     def _observe(self, endpoint: str, seconds: float) -> None:
         histogram = self._durations.get(endpoint)
@@ -429,25 +426,33 @@ class Transport:
     @asynccontextmanager
     async def open_stream(
         self, url: str, *, offset: int = 0, job: str | None = None
-    ) -> AsyncIterator[Answer]:
+    ) -> AsyncIterator[StreamedAnswer]:
         """GET a signed URL with no credentials, for streaming (caller checks status and
         reads the body under its own size cap and deadline: ``download.stream_into``)."""
         self.check_target(url, job=job)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         start = self.clock.monotonic()
         guard = map_exceptions(self.name, url, job=job)
-        async with (
-            guard,
-            # The exchange bounds the gap between chunks; the whole body's deadline is the
-            # reader's.
-            self.exchange.stream(url, headers=headers) as resp,
-        ):
+        # The exchange bounds the gap between chunks; the whole body's deadline is the
+        # reader's. Entered and left by hand: the mapping covers those two steps and each
+        # read, never the caller's block in between.
+        stream = self.exchange.stream(url, headers=headers)
+        async with guard:
+            resp = await stream.__aenter__()
+        failed: BaseException | None = None
+        try:
             self.metrics.requests.labels(self.name, "download", str(resp.status)).inc()
-            # The caller reads the body in its block, so the mapping covers it, but only
-            # for errors the network can cause: its own (a full disk) pass through as is.
-            guard.in_caller = True
-            yield resp
-            guard.in_caller = False
+            yield StreamedAnswer(resp, guard)
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            async with guard:
+                await stream.__aexit__(
+                    type(failed) if failed else None,
+                    failed,
+                    failed.__traceback__ if failed else None,
+                )
         self._observe("download", self.clock.monotonic() - start)  # the whole body streamed
 
 
@@ -488,8 +493,7 @@ def _marked_retryable(resp: Response, spec: RequestSpec) -> bool:
 
 
 def _body_hint(body: bytes) -> str:
-    text = body[:256].decode("utf-8", "replace").strip()
-    return f": {redact_text(text)}" if text else ""
+    return redact_text(body[:256].decode("utf-8", "replace").strip())
 
 
 def _identity(resp: Response) -> Response:

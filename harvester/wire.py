@@ -48,7 +48,7 @@ class Response:
     def json(self, *, provider: str | None = None, job: str | None = None) -> Any:
         try:
             return orjson.loads(self.body)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as exc:
             snippet = self.body[:120].decode("utf-8", "replace")
             raise ProtocolError(
                 f"answer to {self.url} is not JSON: {snippet!r}",
@@ -56,7 +56,7 @@ class Response:
                 job=job,
                 status=self.status,
                 request_id=self.request_id,
-            ) from None
+            ) from exc
 
 
 #: returns a fresh signed URL each time it is called (re-resolution after expiry)

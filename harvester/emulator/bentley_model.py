@@ -34,6 +34,7 @@ import orjson
 from harvester.emulator import odata, truth
 from harvester.emulator.scenario import BentleyScenario
 from harvester.emulator.timefmt import Stamp, iso_z
+from harvester.errors import CreateProblem
 from harvester.specs import bentley_v2
 
 State = Literal["Queued", "Active", "Terminating", "Success", "Failed", "Cancelled"]
@@ -443,7 +444,7 @@ def validate(body: Mapping[str, Any]) -> dict[str, Any]:
     is a 400 ``InvalidRealityAnalysisRequest`` whose detail names the property."""
     try:
         return bentley_v2.check_create(body)
-    except bentley_v2.CreateProblem as problem:
+    except CreateProblem as problem:
         raise _bad_request(
             "InvalidProperty",
             f"Invalid value for property '{problem.target or 'body'}': {problem.message}",

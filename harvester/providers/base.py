@@ -15,13 +15,7 @@ from enum import StrEnum
 from typing import Any, Literal, Protocol, TypeVar
 
 from harvester.errors import (
-    CredentialsError,
-    HarvesterError,
-    InvalidPayload,
     ProtocolError,
-    ProviderJobFailed,
-    ProviderUnavailable,
-    RateLimited,
 )
 from harvester.jobs import Job
 from harvester.wire import RequestSpec, Resolver, Response
@@ -240,38 +234,3 @@ class Provider(Protocol):
 
     async def harvest(self, job: Job, status: Status, io: HarvestIO) -> None:
         """Write the job's outputs through ``io`` (the manifest is the caller's)."""
-
-
-#: What an HTTP status means at every provider's API: the error class and its message
-#: (``{message}``: the provider's own text; ``{endpoint}``: ours). An adapter passes only
-#: its own codes to ``error_for_status``; 5xx are ``ProviderUnavailable``, the rest
-#: ``ProtocolError``.
-STATUS_ERRORS: Mapping[int, tuple[type[HarvesterError], str]] = {
-    400: (InvalidPayload, "{message}"),
-    401: (CredentialsError, "credentials refused: {message}"),
-    403: (CredentialsError, "credentials refused: {message}"),
-    404: (ProviderJobFailed, "not found: {message}"),
-    409: (InvalidPayload, "{message}"),
-    422: (InvalidPayload, "{message}"),
-    429: (RateLimited, "rate limited: {message}"),
-}
-
-
-def error_for_status(
-    status: int,
-    message: str,
-    *,
-    endpoint: str,
-    own: Mapping[int, tuple[type[HarvesterError], str]] | None = None,
-    **kw: Any,
-) -> HarvesterError:
-    """The typed error for a non-2xx answer: ``own`` (the adapter's codes), then the table."""
-    found = (own or {}).get(status) or STATUS_ERRORS.get(status)
-    if found is None:
-        found = (
-            (ProviderUnavailable, "server error: {message}")
-            if status >= 500
-            else (ProtocolError, "unexpected answer to {endpoint}: {message}")
-        )
-    cls, text = found
-    return cls(text.format(message=message, endpoint=endpoint), status=status, **kw)

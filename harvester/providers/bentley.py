@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from harvester.config import BentleyConfig
 from harvester.errors import (
+    CreateProblem,
     HarvesterError,
     InvalidPayload,
     JobError,
@@ -59,11 +60,11 @@ from harvester.providers.base import (
     RemoteState,
     Status,
     Unsearchable,
-    error_for_status,
     protocol_error,
 )
 from harvester.schedule import BENTLEY_LADDER
 from harvester.specs import bentley_v2
+from harvester.statuses import error_for_status
 from harvester.wire import RequestSpec, Resolver, Response
 
 NAME = "bentley"
@@ -130,10 +131,10 @@ class BentleyProvider(NoSetup):
             body["iTwinId"] = self.cfg.itwin_id
         try:
             return bentley_v2.check_create(body)
-        except bentley_v2.CreateProblem as problem:
+        except CreateProblem as problem:
             hint = " (or set providers.bentley.itwin_id)" if problem.target == "iTwinId" else ""
             where = f"payload.{problem.target}" if problem.target else "payload:"
-            raise InvalidPayload(f"{where} {problem.message}{hint}") from None
+            raise InvalidPayload(f"{where} {problem.message}{hint}") from problem
 
     # -- create -------------------------------------------------------------------------
     def build_create(self, job: Job, payload: Mapping[str, Any]) -> RequestSpec:

@@ -47,10 +47,10 @@ from harvester.providers.base import (
     PollResult,
     RemoteState,
     Status,
-    error_for_status,
     protocol_error,
     snippet,
 )
+from harvester.statuses import error_for_status
 from harvester.wire import RequestSpec, Response
 
 NAME = "cognite"

@@ -8,7 +8,7 @@ Quirks handled here, each tested on recorded bodies:
   failed inputs' messages are in the results document (``failures.<item>.error``, where the
   SDK reads them), so a failed job's poll asks for those too;
 - right after a job finishes, ``/api/results/{id}`` may answer 404 or ``finished: false``
-  for a while: that is "not yet" (``ResultsNotReady``, retried later), not a failure;
+  for a while: that is "not yet" (``NotYetAvailable``, retried later), not a failure;
 - a job's inputs can fail one by one: results that partly failed are still harvested, with
   the failures kept next to them; only a job whose every input failed is a failed job;
 - errors come as ``{statusCode, status, message, reportErrorUrl}``;
@@ -47,9 +47,9 @@ from harvester.providers.base import (
     PollResult,
     RemoteState,
     Status,
-    error_for_status,
     protocol_error,
 )
+from harvester.statuses import error_for_status
 from harvester.wire import RequestSpec, Response
 
 NAME = "modzy"
@@ -66,10 +66,6 @@ STATES = {
 #: provider's poll_min_s is shorter: results are polled like a status)
 RESULTS_RETRY_S = 10.0
 _MAX_REASON = 1000
-
-
-class ResultsNotReady(NotYetAvailable):
-    """Modzy has not published a finished job's results yet (404 or ``finished: false``)."""
 
 
 class ModzyProvider(NoSetup):
@@ -196,11 +192,11 @@ class ModzyProvider(NoSetup):
         )
 
     def parse_results(self, resp: Response, job: Job) -> dict[str, Any]:
-        """The finished results document, or ``ResultsNotReady`` while Modzy catches up."""
+        """The finished results document, or ``NotYetAvailable`` while Modzy catches up."""
         if resp.status == 404:
             # Modzy's own SDK reads a 404 here as "not yet" once the job is known to exist;
             # a finished job certainly exists.
-            raise ResultsNotReady(
+            raise NotYetAvailable(
                 "results are not published yet (404)",
                 retry_after=self.results_retry_s,
                 provider=NAME,
@@ -213,7 +209,7 @@ class ModzyProvider(NoSetup):
         if not isinstance(finished, bool):
             raise _protocol(resp, "results answer has no boolean 'finished'", job)
         if not finished:
-            raise ResultsNotReady(
+            raise NotYetAvailable(
                 "results are not finished yet",
                 retry_after=self.results_retry_s,
                 provider=NAME,

@@ -27,12 +27,10 @@ import orjson
 from harvester.config import PlaymentConfig
 from harvester.errors import (
     CredentialsError,
-    HarvesterError,
     InvalidPayload,
     ProtocolError,
     ProviderJobFailed,
     ProviderUnavailable,
-    RateLimited,
 )
 from harvester.jobs import Job, job_key
 from harvester.providers.base import (
@@ -52,12 +50,22 @@ from harvester.providers.base import (
     protocol_error,
     snippet,
 )
+from harvester.statuses import Rule, error_for_status, is_transient
 from harvester.wire import RequestSpec, Resolver, Response
 
 NAME = "playment"
-_BAD_PAYLOAD = {"FS_0002", "FS_0003", "FS_0004", "FS_0005", "FS_0007", "GE_0001"}
-_SERVER_SIDE = {"FS_0000", "FS_0008", "api_error"}
-_AUTH = {"auth-failure", "unauthorized"}
+#: Playment's error codes (PROVIDERS.md), whatever the status they come with
+_REFUSED: Rule = (CredentialsError, "API key refused: {message}")
+_CODES: Mapping[str, Rule] = {
+    **dict.fromkeys(("auth-failure", "unauthorized"), _REFUSED),
+    **dict.fromkeys(("FS_0000", "FS_0008", "api_error"), (ProviderUnavailable, "{message}")),
+    **dict.fromkeys(
+        ("FS_0001", "FS_0002", "FS_0003", "FS_0004", "FS_0005", "FS_0007", "GE_0001"),
+        (InvalidPayload, "{message}"),
+    ),
+}
+#: its statuses that mean something else than the shared table says
+_OWN_STATUSES: Mapping[int, Rule] = {401: _REFUSED}
 #: the job statuses Playment documents (seed "Get job results"); any other is still running
 DOCUMENTED_STATUSES = frozenset({"completed"})
 #: joins a frame and a sensor in a label file name; never in a ``job_key`` output, so
@@ -133,7 +141,7 @@ class PlaymentProvider:
         )
 
     def parse_setup(self, resp: Response) -> str:
-        data = self._data(resp, job=None)
+        data = self._data(resp, "batch", job=None)
         batch = data.get("batch_id") if isinstance(data, dict) else None
         if not isinstance(batch, str) or not batch:
             raise self._protocol(resp, "batch answer has no data.batch_id")
@@ -161,7 +169,7 @@ class PlaymentProvider:
 
     def parse_create(self, resp: Response, job: Job) -> CreateResult:
         try:
-            data = self._data(resp, job=job)
+            data = self._data(resp, "create", job=job)
         except InvalidPayload as exc:
             if exc.code == "FS_0001":
                 return AlreadyExists(exc.message)
@@ -188,7 +196,7 @@ class PlaymentProvider:
         )
 
     def parse_find(self, resp: Response, job: Job) -> FindResult:
-        data = self._data(resp, job=job)
+        data = self._data(resp, "find", job=job)
         jobs = data.get("jobs") if isinstance(data, dict) else None
         if not isinstance(jobs, list):
             raise self._protocol(resp, "batch listing has no data.jobs list", job)
@@ -215,7 +223,7 @@ class PlaymentProvider:
                 status=404,
                 request_id=resp.request_id,
             )
-        data = self._data(resp, job=job)
+        data = self._data(resp, "poll", job=job)
         if not isinstance(data, dict):
             raise self._protocol(resp, "job answer has no data object", job)
         raw = data.get("status")
@@ -249,7 +257,7 @@ class PlaymentProvider:
             if urlsplit(signed).scheme not in ("http", "https"):
                 raise self._protocol(resp, "attachment redirect to a non-HTTP URL")
             return signed
-        data = self._data(resp, job=None)
+        data = self._data(resp, "attachment", job=None)
         # Not documented, but a JSON answer naming the signed URL is the obvious variant.
         found = data.get("url") if isinstance(data, dict) else None
         if isinstance(found, str) and found.startswith(("http://", "https://")):
@@ -271,8 +279,8 @@ class PlaymentProvider:
         io.write_bytes("result.json", body)
         try:
             result = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise ProtocolError("result.json is not JSON", provider=NAME, job=job.key) from None
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError("result.json is not JSON", provider=NAME, job=job.key) from exc
         if not isinstance(result, dict):
             raise ProtocolError("result.json is not a JSON object", provider=NAME, job=job.key)
         annotation_data = result.get("annotation_data")
@@ -315,7 +323,7 @@ class PlaymentProvider:
         try:
             found = find_attachments(result)
         except ValueError as exc:
-            raise ProtocolError(str(exc), provider=NAME, job=job.key) from None
+            raise ProtocolError(str(exc), provider=NAME, job=job.key) from exc
         index: list[dict[str, Any]] = []
         for att in found:
             if att.url in io.input_urls:
@@ -335,22 +343,14 @@ class PlaymentProvider:
             io.write_json("attachments.json", index)
 
     # -- helpers ------------------------------------------------------------------------
-    def _data(self, resp: Response, *, job: Job | None) -> Any:
-        """The ``data`` of a success envelope, or the right typed error."""
-        key = job.key if job else None
-        if resp.status == 429:
-            raise RateLimited(
-                "rate limited", provider=NAME, job=key, status=429, request_id=resp.request_id
-            )
-        if resp.status >= 500:
-            raise ProviderUnavailable(
-                f"server error: {_snippet(resp.body)}",
-                provider=NAME,
-                job=key,
-                status=resp.status,
-                request_id=resp.request_id,
-            )
-        body = resp.json(provider=NAME, job=key)
+    def _data(self, resp: Response, endpoint: str, *, job: Job | None) -> Any:
+        """The ``data`` of a success envelope, or the shared table's error, Playment's error
+        codes first (an error can come with any status, a 200 included)."""
+        kw: dict[str, Any] = {"provider": NAME, "job": job.key if job else None}
+        kw["request_id"] = resp.request_id
+        if is_transient(resp.status):  # the transport raised these already; not for tests
+            raise error_for_status(resp.status, _snippet(resp.body), endpoint=endpoint, **kw)
+        body = resp.json(provider=NAME, job=kw["job"])
         if not isinstance(body, dict) or not isinstance(body.get("success"), bool):
             raise self._protocol(resp, "answer has no boolean 'success'", job)
         if body["success"] and resp.status < 300:
@@ -359,27 +359,11 @@ class PlaymentProvider:
         code = message = None
         if isinstance(error, dict):
             code, message = error.get("code"), error.get("message")
-        code = str(code) if code is not None else None
+        kw["code"] = str(code) if code is not None else None
         text = str(message) if message else "request failed"
-        kw: dict[str, Any] = {
-            "provider": NAME,
-            "job": key,
-            "status": resp.status,
-            "code": code,
-            "request_id": resp.request_id,
-        }
-        err: HarvesterError
-        if resp.status == 401 or code in _AUTH:
-            err = CredentialsError(f"API key refused: {text}", **kw)
-        elif code in _SERVER_SIDE:
-            err = ProviderUnavailable(text, **kw)
-        elif code == "FS_0001" or code in _BAD_PAYLOAD or resp.status in (400, 422):
-            err = InvalidPayload(text, **kw)
-        elif resp.status == 404:
-            err = ProviderJobFailed(f"not found: {text}", **kw)
-        else:
-            err = ProtocolError(f"unexpected answer: {text}", **kw)
-        raise err
+        raise error_for_status(
+            resp.status, text, endpoint=endpoint, own=_OWN_STATUSES, codes=_CODES, **kw
+        )
 
     def _protocol(self, resp: Response, message: str, job: Job | None = None) -> ProtocolError:
         return protocol_error(NAME, resp, message, job)

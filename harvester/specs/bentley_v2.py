@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from harvester.errors import CreateProblem
+
 FILE = "bentley_reality_analysis_v2.json"
 _REF = "#/components/schemas/"
 SCHEMAS: dict[str, Any] = json.loads(resources.files(__package__).joinpath(FILE).read_bytes())[
@@ -100,15 +102,6 @@ def _type_spec(job_type: str) -> TypeSpec:
 
 
 TYPES: dict[str, TypeSpec] = {t: _type_spec(t) for t in JOB_TYPES}
-
-
-class CreateProblem(ValueError):
-    """One thing wrong with a create body: where (``target``, a dotted path) and what."""
-
-    def __init__(self, target: str, message: str) -> None:
-        super().__init__(f"{target}: {message}" if target else message)
-        self.target = target
-        self.message = message
 
 
 def name_problem(name: object) -> str | None:

@@ -232,11 +232,9 @@ def test_offline_commands_need_no_provider_address_or_secret(
 ) -> None:
     """status, submit, copy-store and bind-output send nothing to a provider: an unset secret
     or address variable does not stop them; harvest still refuses, with one line."""
-    for name, value in SECRET_ENV.items():
-        monkeypatch.setenv(name, value)
+    for name in [*SECRET_ENV, "BI_NO_SUCH_URL"]:  # no provider's secret, no address
+        monkeypatch.delenv(name, raising=False)
     ws = Workspace(tmp_path)
-    monkeypatch.delenv("BI_PLAYMENT_KEY")
-    monkeypatch.delenv("BI_NO_SUCH_URL", raising=False)
     text = ws.config.read_text()
     for old in (
         'base_url = "http://127.0.0.1:9/playment"',
@@ -258,6 +256,8 @@ def test_offline_commands_need_no_provider_address_or_secret(
     )
     done = cli("copy-store", "-c", str(target), "--from-config", str(config))
     assert done.code == 0 and done.out.startswith("copied 2 jobs"), done.err
+    done = cli("bind-output", "-c", str(target))
+    assert done.code == 0 and "now belongs to job store" in done.out, done.err
 
     before = ws.snapshot()
     done = cli("harvest", "-c", str(config))

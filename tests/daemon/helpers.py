@@ -21,6 +21,7 @@ import anyio
 from anyio.abc import Process
 
 from harvester.emulator import Emulator
+from harvester.fsutil import TMP_MARK
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "daemon-test-key"
@@ -261,3 +262,42 @@ async def emulator_stats(emu: Emulator, session: aiohttp.ClientSession) -> dict[
     async with session.get(f"{origin}/_emulator/stats") as r:
         assert r.status == 200
         return dict(await r.json())
+
+
+def slow_storage(delay_s: float) -> dict[str, Any]:
+    """Every signed-URL download takes ``delay_s``: a harvest stays in flight that long."""
+    return {"faults": [{"kind": "slow", "provider": "storage", "delay_s": delay_s}]}
+
+
+async def store_status(config: Path) -> dict[str, Any]:
+    """``harvester status --json --check`` of the store the stopped daemon left behind."""
+    with anyio.fail_after(30):
+        done = await anyio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "harvester.cli",
+                "status",
+                "-c",
+                str(config),
+                "--json",
+                "--check",
+            ],
+            env=child_env(),
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    doc: dict[str, Any] = json.loads(done.stdout)
+    assert doc["check"] == []
+    return doc
+
+
+async def check_nothing_lost(
+    emu: Emulator, session: aiohttp.ClientSession, config: Path, jobs: int
+) -> None:
+    """After a stop and a restart that finished: each job created once, no partial file."""
+    stats = await emulator_stats(emu, session)
+    assert stats["playment"]["creates"] == jobs
+    assert stats["playment"]["duplicate_creates"] == 0
+    assert max(stats["playment"]["creates_by_reference"]["proj-daemon"].values()) == 1
+    assert list((config.parent / "output").rglob(f"*{TMP_MARK}*")) == []

@@ -4,37 +4,29 @@ created twice, no partial file under a final name."""
 
 from __future__ import annotations
 
-import json
 import signal
-import sys
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import anyio
 import pytest
 
 from harvester.emulator import Emulator
-from harvester.fsutil import TMP_MARK
 
 from .helpers import (
     DaemonProcess,
     StartDaemon,
     StartEmulator,
-    child_env,
-    emulator_stats,
+    check_nothing_lost,
     free_port,
     job_line,
     jsonl,
+    slow_storage,
+    store_status,
     write_config,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-def slow_storage(delay_s: float) -> dict[str, Any]:
-    """Every signed-URL download takes ``delay_s``: a harvest stays in flight that long."""
-    return {"faults": [{"kind": "slow", "provider": "storage", "delay_s": delay_s}]}
 
 
 async def submit_and_wait_for_a_harvest(daemon: DaemonProcess, keys: list[str]) -> None:
@@ -47,29 +39,6 @@ async def submit_and_wait_for_a_harvest(daemon: DaemonProcess, keys: list[str]) 
                 if job.get("state") == "harvesting":
                     return
             await anyio.sleep(0.05)
-
-
-async def store_status(config: Path) -> dict[str, Any]:
-    """``harvester status --json --check`` of the store the stopped daemon left behind."""
-    with anyio.fail_after(30):
-        done = await anyio.run_process(
-            [
-                sys.executable,
-                "-m",
-                "harvester.cli",
-                "status",
-                "-c",
-                str(config),
-                "--json",
-                "--check",
-            ],
-            env=child_env(),
-            check=False,
-        )
-    assert done.returncode == 0, done.stderr.decode()
-    doc: dict[str, Any] = json.loads(done.stdout)
-    assert doc["check"] == []
-    return doc
 
 
 async def restart_and_finish(
@@ -86,12 +55,7 @@ async def restart_and_finish(
     for key in keys:
         job = await daemon.wait_job(key, "harvested")
         assert job["attempts"] == 1
-    stats = await emulator_stats(emu, session)
-    assert stats["playment"]["creates"] == len(keys)
-    assert stats["playment"]["duplicate_creates"] == 0
-    assert max(stats["playment"]["creates_by_reference"]["proj-daemon"].values()) == 1
-    leftovers = [p for p in (config.parent / "output").rglob(f"*{TMP_MARK}*")]
-    assert leftovers == []
+    await check_nothing_lost(emu, session, config, len(keys))
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait_exit(10) == 0
 
@@ -134,11 +98,18 @@ async def test_sigterm_drains_in_flight_work_then_a_restart_finishes_the_rest(
     await restart_and_finish(start_daemon, config, port, emu, session, [*keys, "late-1"])
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)],
+    ids=["term-then-int", "int-then-term"],
+)
 async def test_a_second_signal_stops_at_once_and_loses_nothing(
     tmp_path: Path,
     start_emulator: StartEmulator,
     start_daemon: StartDaemon,
     session: aiohttp.ClientSession,
+    first: signal.Signals,
+    second: signal.Signals,
 ) -> None:
     # Downloads slower than the test waits: only the second signal can end this drain.
     emu = await start_emulator(slow_storage(4.0))
@@ -149,10 +120,10 @@ async def test_a_second_signal_stops_at_once_and_loses_nothing(
     keys = [f"forced-{i}" for i in range(3)]
     await submit_and_wait_for_a_harvest(daemon, keys)
 
-    daemon.signal(signal.SIGTERM)
+    daemon.signal(first)
     await daemon.wait_not_ready()
     signalled = anyio.current_time()
-    daemon.signal(signal.SIGINT)
+    daemon.signal(second)
     assert await daemon.wait_exit(5) == 3, daemon.log()
     assert anyio.current_time() - signalled < 2
 

@@ -6,10 +6,13 @@ where a misunderstanding on either side shows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
 import json
+import math
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from harvester.engine import Engine
 from harvester.fsutil import sha256_file
 from harvester.jobs import UNSUCCESSFUL, Job, JobState
 from harvester.logs import configure
+from harvester.ratelimit import ProviderLimiter
 from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
 from harvester.summary import status_json
@@ -234,7 +238,55 @@ async def test_failed_jobs_carry_the_providers_reason(tmp_path: Path) -> None:
         assert set(reasons) == {"cognite", "bentley", "modzy"} and all(reasons.values())
 
 
-async def test_bentley_retry_after_holds_every_request(tmp_path: Path) -> None:
+@dataclasses.dataclass
+class GateLog:
+    """What one provider's limiter did, in the order it did it: each admission (a request
+    let through to be sent) at its time, and each gate closure at its time with the deadline
+    it set; all on the limiter's own clock."""
+
+    provider: str
+    admitted: list[float] = dataclasses.field(default_factory=list)
+    #: (closed at, deadline, admissions before it)
+    closed: list[tuple[float, float, int]] = dataclasses.field(default_factory=list)
+
+    def attach(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = self
+        close_gate, slot = ProviderLimiter.close_gate, ProviderLimiter.slot
+
+        def closing(self: ProviderLimiter, retry_after: float | None, **kw: Any) -> float:
+            now = self._clock.monotonic()
+            deadline = close_gate(self, retry_after, **kw)
+            if self.name == log.provider:
+                log.closed.append((now, deadline, len(log.admitted)))
+            return deadline
+
+        @contextlib.asynccontextmanager
+        async def admitting(self: ProviderLimiter) -> AsyncIterator[None]:
+            async with slot(self):
+                # The same loop step as the admission (no await in between): in order.
+                if self.name == log.provider:
+                    log.admitted.append(self._clock.monotonic())
+                yield
+
+        monkeypatch.setattr(ProviderLimiter, "close_gate", closing)
+        monkeypatch.setattr(ProviderLimiter, "slot", admitting)
+
+
+async def test_bentley_retry_after_holds_every_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 429 with Retry-After closes the gate for every request until its deadline.
+
+    Judged by harvester's own record, not by when requests reach the emulator: both run on
+    one loop, so under load a request let through just before the 429 was read can reach
+    the emulator well after it (which made the old arrival-time check flaky). The limiter's
+    admissions and closures are recorded in the order they happen, on the clock the gate
+    itself reads, so no tolerance is needed: an admission after a closure and before its
+    deadline is a request sent while the gate was closed. The emulator's log ties the record
+    to the wire: it saw exactly the admitted requests, and every 429 it sent closed the gate.
+    """
+    gates = GateLog("bentley")
+    gates.attach(monkeypatch)
     async with Emulator(scenario(bentley={"job_duration_s": 1.0})) as emu:
         emu.state.add_fault(
             parse_fault(
@@ -242,20 +294,35 @@ async def test_bentley_retry_after_holds_every_request(tmp_path: Path) -> None:
                     "kind": "429",
                     "provider": "bentley",
                     "retry_after_s": 1.0,
+                    # the first two requests after 0.4 s, mid-run (the jobs last 1 s): a
+                    # time window alone could fall between two polls and throttle nothing
                     "start_s": 0.4,
-                    "duration_s": 0.2,
+                    "count": 2,
                 }
             )
         )
         cfg = config(tmp_path, emu, bentley={"max_concurrency": 8})
         done = await run(cfg, jobs_for("bentley", 6))
         assert [j.state for j in done] == [JobState.HARVESTED] * 6
-        api = [r for r in emu.state.requests() if r["provider"] == "bentley"]
-        limited = [r for r in api if r["status"] == 429]
-        assert limited
-        first = limited[0]["t"]
-        inside = [r for r in api if first + 0.05 < r["t"] < first + 0.95]
-        assert inside == []
+        seen = emu.state.requests()
+    api = [r for r in seen if r["provider"] == "bentley"]
+    limited = [r for r in api if r["status"] == 429]
+    assert len(limited) == len(gates.closed) == 2
+    # Its token requests pass the same limiter (only Bentley has jobs here).
+    assert len(gates.admitted) == len(api) + sum(r["provider"] == "token" for r in seen)
+    first_closed, first_deadline, _ = gates.closed[0]
+    # Retry-After: 1.0, whole (read before close_gate's own clock reading; the slack is the
+    # float rounding of a sum at this clock's magnitude, a few ulps)
+    assert first_deadline - first_closed >= 1.0 - 4 * math.ulp(first_deadline)
+    deadline = -math.inf
+    for closed_at, until, before in gates.closed:
+        deadline = max(deadline, until)
+        assert closed_at >= gates.admitted[before - 1]  # the record is in order
+        # every request let through after this closure waited for the gate to open
+        later = gates.admitted[before:]
+        assert all(t >= deadline for t in later), [round(deadline - t, 3) for t in later]
+    # ... and there were such requests: the jobs were finished after the gate reopened
+    assert len(gates.admitted) > gates.closed[-1][2]
 
 
 async def test_cognite_backs_off_without_retry_after(tmp_path: Path) -> None:

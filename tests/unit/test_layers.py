@@ -24,8 +24,9 @@ From the bottom up; a module imports only from its own layer and the layers its 
     ``control``, ``harvest``, ``objoutput``, ``jobsfile``, ``statuspage``, ``verify``.
 ``surfaces``
     what a person or a program talks to: ``api``, ``daemon``, ``cli``, ``cli_control``,
-    ``client`` (the Python API), ``httpserver``, ``websession``, ``summary``, and the emulator
-    (``harvester emulate``; ``tests/emulator/test_emu_isolation.py`` keeps it apart).
+    ``client`` (the Python API), ``httpserver``, ``lifecycle`` (signals, exit codes),
+    ``websession``, ``summary``, and the emulator (``harvester emulate``;
+    ``tests/emulator/test_emu_isolation.py`` keeps it apart).
 ``testing``
     the engine's stand-ins for the outside world (``testing/``: a network in memory, Playment
     in memory on the emulator's model, virtual time), for tests and ``bench/``.
@@ -95,6 +96,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "harvester.daemon",
         "harvester.emulator",
         "harvester.httpserver",
+        "harvester.lifecycle",
         "harvester.summary",
         "harvester.websession",
     ),

@@ -15,6 +15,7 @@ from harvester.errors import (
     CredentialsError,
     HarvesterError,
     InvalidPayload,
+    NotYetAvailable,
     ProtocolError,
     ProviderJobFailed,
     ProviderUnavailable,
@@ -24,7 +25,7 @@ from harvester.errors import (
 from harvester.jobs import Job, JobState
 from harvester.providers import make_provider
 from harvester.providers.base import Accepted, RemoteState, Status
-from harvester.providers.modzy import RESULTS_RETRY_S, ModzyProvider, ResultsNotReady
+from harvester.providers.modzy import RESULTS_RETRY_S, ModzyProvider
 from harvester.wire import RequestSpec, Response
 
 T = TypeVar("T")
@@ -160,7 +161,7 @@ def test_404_depends_on_the_request(p: ModzyProvider) -> None:
         p.parse_create(resp(404, body), job())
     with pytest.raises(ProviderJobFailed):
         p.parse_poll(resp(404, body), job())
-    with pytest.raises(ResultsNotReady) as info:
+    with pytest.raises(NotYetAvailable) as info:
         p.parse_results(resp(404, body), job())
     assert isinstance(info.value, RetryableError) and info.value.retry_after == p.results_retry_s
 
@@ -378,7 +379,7 @@ async def test_all_failed_is_a_failed_job(p: ModzyProvider) -> None:
 @pytest.mark.anyio
 async def test_results_not_there_yet_are_retried_later(p: ModzyProvider, answer: Response) -> None:
     io = FakeIO(answer)
-    with pytest.raises(ResultsNotReady) as info:
+    with pytest.raises(NotYetAvailable) as info:
         await p.harvest(job(), completed(), io)
     # asked again at the poll cadence, at most RESULTS_RETRY_S apart
     assert info.value.retry_after == min(RESULTS_RETRY_S, p.cfg.poll_min_s)
