@@ -8,6 +8,7 @@
 - ``bentley``: ``MemoryBentley``, Bentley's Reality Analysis and readaccess on the emulator's
   ``BentleyModel``, with its token endpoint (``oauth``) and its output containers (``azure``:
   SAS-signed Azure containers, listed and read as the emulator serves them);
+- ``modzy``: ``MemoryModzy``, Modzy's jobs and results on the emulator's ``ModzyModel``;
 - ``virtual``: running it all on a ``FakeClock`` (``threads_inline``, ``run_until``).
 
 Everything else (limiter, retries, error classification, credentials, store, harvest,
