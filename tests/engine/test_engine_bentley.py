@@ -6,7 +6,6 @@ documented payloads, read from the seed by test code."""
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Any
 
 import pytest
@@ -57,9 +56,7 @@ async def test_polls_climb_bentleys_ladder_and_restart_when_the_percentage_moves
     rig.setup_bentley(LONG)
     refs = [f"ladder-{i}" for i in range(3)]
     await _add(rig, *refs)
-    started = time.monotonic()
-    took = await rig.run(rig.engine(), within_s=2000)
-    real = time.monotonic() - started
+    await rig.run(rig.engine(), within_s=2000)
     bentley = _bentley(rig)
     create_at = {r.json()["name"]: r.at for r in rig.network.sent if _creates(r)}
     rungs_used: set[float] = set()
@@ -98,7 +95,6 @@ async def test_polls_climb_bentleys_ladder_and_restart_when_the_percentage_moves
             before, previous_at = now, obs.at
     assert rungs_used == set(BENTLEY_LADDER)  # every rung was climbed to
     assert resets >= 3 * 5  # and the percentage restarted it, job after job
-    assert real < 1.0, f"{real:.2f} s of real time for {took:.0f} s of virtual time"
 
 
 async def test_the_progress_percentage_is_read_and_kept(rig: Rig) -> None:
