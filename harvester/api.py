@@ -42,6 +42,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from harvester.clock import Clock
 from harvester.config import Config
 from harvester.control import retry_resume
 from harvester.engine import Engine
@@ -249,22 +250,23 @@ class Cached(Generic[_T]):
     instead of each starting their own.
     """
 
-    def __init__(self, ttl: float, compute: Callable[[], Awaitable[_T]]) -> None:
+    def __init__(self, ttl: float, compute: Callable[[], Awaitable[_T]], clock: Clock) -> None:
         self.ttl = ttl
         self.compute = compute
+        self.clock = clock
         self._lock = anyio.Lock()
         self._value: tuple[_T] | None = None  # boxed: a cached None is still a value
         self._at: float | None = None
 
     def _fresh(self) -> bool:
-        return self._at is not None and anyio.current_time() - self._at < self.ttl
+        return self._at is not None and self.clock.monotonic() - self._at < self.ttl
 
     async def get(self) -> _T:
         if not self._fresh():
             async with self._lock:
                 if not self._fresh():
                     self._value = (await self.compute(),)
-                    self._at = anyio.current_time()
+                    self._at = self.clock.monotonic()
         assert self._value is not None
         return self._value[0]
 
@@ -293,9 +295,9 @@ class Api:
         # Hashing both sides makes the comparison constant-time whatever their lengths.
         self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
         self._sessions = Sessions(token) if token else None
-        self._store_ok = Cached(READY_CACHE_S, self._probe_store)
-        self._counts = Cached(METRICS_CACHE_S, self._read_counts)
-        self._status = Cached(STATUS_CACHE_S, self._status_document)
+        self._store_ok = Cached(READY_CACHE_S, self._probe_store, engine.clock)
+        self._counts = Cached(METRICS_CACHE_S, self._read_counts, engine.clock)
+        self._status = Cached(STATUS_CACHE_S, self._status_document, engine.clock)
         #: request and harvest rates for the status page; the daemon runs its sampler
         self.throughput = Throughput(engine.metrics, engine.clock)
         self._started_wall = engine.clock.wall()
@@ -389,6 +391,7 @@ class Api:
             return json_response({"error": refused, "errors": []}, 415)
         timeout = self.config.server.body_timeout_s
         try:
+            # Real time: a bound on reading a socket, which no virtual clock moves.
             with reading_body(request), anyio.fail_after(timeout):
                 body = await request.read()
         except TimeoutError:
@@ -576,6 +579,7 @@ class Api:
 
     async def _probe_store(self) -> str | None:
         try:
+            # Real time here and below: a bound on the store's I/O (a database that hangs).
             with anyio.fail_after(STORE_PROBE_TIMEOUT_S):
                 await self.store.get_meta(_PROBE_META)
         except TimeoutError:

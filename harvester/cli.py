@@ -328,7 +328,7 @@ async def _harvest_locked(
 
                 tg.start_soon(work, name="engine")
                 if args.timeout is not None:
-                    with anyio.move_on_after(args.timeout):
+                    with engine.clock.move_on_after(args.timeout):
                         await engine.done.wait()
                     stop.set()
         if fatal:

@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
+from harvester.clock import wait_for
 from harvester.config import Config, load_config
 from harvester.errors import ControlError
 from harvester.jobs import Job, JobState, job_key
@@ -102,6 +103,7 @@ class Harvester:
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._stop.set)  # runs first on exit: the engine drains
             tg.start_soon(self._run, name="harvester-engine")
+            # Real time: bounds the start's I/O (store, credentials, providers' setup).
             with anyio.fail_after(max(60.0, cfg.server.drain_grace_s)):
                 await self._ready()
             self._stack = stack.pop_all()
@@ -189,18 +191,25 @@ class Harvester:
                 return
             if self._stop.is_set():
                 raise ControlError(f"the engine stopped: {self.engine.fatal or 'closed'}")
-            with anyio.move_on_after(_LOOK_S):
-                await changed.wait()
+            await wait_for(self.engine.clock, changed, _LOOK_S)
 
     async def wait(
         self, jobs: Iterable[Job | tuple[str, str]], *, limit_s: float | None = None
     ) -> list[Job]:
         """The jobs once every one is terminal (``TimeoutError`` after ``limit_s``)."""
         keys = [(j.provider, j.key) if isinstance(j, Job) else j for j in jobs]
-        with anyio.fail_after(limit_s):
-            async for _ in self.changes(keys):
-                pass
+        if limit_s is None:
+            await self._follow(keys)
+        else:
+            with self.engine.clock.move_on_after(limit_s) as limit:
+                await self._follow(keys)
+            if limit.cancelled_caught:
+                raise TimeoutError(f"the jobs had not all ended after {limit_s:g} s")
         return [await self.get(p, k) for p, k in keys]
+
+    async def _follow(self, keys: list[tuple[str, str]]) -> None:
+        async for _ in self.changes(keys):
+            pass
 
     async def cancel(self, provider: str, key: str) -> Job:
         """Cancel one job (at the provider where it can); ``ControlError`` if refused."""

@@ -317,5 +317,6 @@ async def serve_http(
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         yield f"http://{shown}:{bound_port}"
     finally:
+        # Real time: a bound on closing sockets and their handlers, which no virtual clock moves.
         with anyio.move_on_after(SHUTDOWN_S + 1, shield=True):
             await runner.cleanup()

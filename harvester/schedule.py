@@ -27,7 +27,8 @@ class PollPolicy:
     Without a ladder the interval grows by ``factor`` while nothing changes and falls back to
     ``min_s`` on progress. With a ladder it walks the rungs instead and restarts at the first
     rung on progress. Every value gets multiplicative jitter of ``±jitter`` (so jobs submitted
-    together drift apart) and is then clamped into ``[min_s, max_s]``.
+    together drift apart) and is then clamped into ``[min_s, max_s]``; a ladder's rungs are
+    the provider's own minimum waits, so their jitter only lengthens them (``+jitter``).
     """
 
     __slots__ = ("factor", "jitter", "ladder", "max_s", "min_s")
@@ -61,15 +62,17 @@ class PollPolicy:
 
     def first(self, rng: random.Random) -> float:
         """Delay before the first poll after a job is submitted or starts being tracked."""
-        return self._jittered(self.ladder[0] if self.ladder else self.min_s, rng)
+        if self.ladder is not None:
+            return self._jittered(self.ladder[0], rng, up_only=True)
+        return self._jittered(self.min_s, rng)
 
     def next(self, previous: float, *, changed: bool, rng: random.Random) -> float:
         """Delay before the next poll, given the previous delay and whether the job moved."""
         if self.ladder is not None:
             if changed:
-                return self._jittered(self.ladder[0], rng)
+                return self._jittered(self.ladder[0], rng, up_only=True)
             rung = min(self._rung_of(previous) + 1, len(self.ladder) - 1)
-            return self._jittered(self.ladder[rung], rng)
+            return self._jittered(self.ladder[rung], rng, up_only=True)
         if changed:
             return self._jittered(self.min_s, rng)
         return self._jittered(self._clamp(previous) * self.factor, rng)
@@ -101,9 +104,9 @@ class PollPolicy:
     def _clamp(self, seconds: float) -> float:
         return min(max(seconds, self.min_s), self.max_s)
 
-    def _jittered(self, seconds: float, rng: random.Random) -> float:
+    def _jittered(self, seconds: float, rng: random.Random, *, up_only: bool = False) -> float:
         if self.jitter:
-            seconds *= 1.0 + rng.uniform(-self.jitter, self.jitter)
+            seconds *= 1.0 + rng.uniform(0.0 if up_only else -self.jitter, self.jitter)
         return self._clamp(seconds)
 
     def __repr__(self) -> str:

@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from prometheus_client import Counter
 
 from harvester import __version__
@@ -119,7 +118,7 @@ class Throughput:
 
     async def run(self) -> None:
         while True:
-            await anyio.sleep(SAMPLE_S)
+            await self.clock.sleep(SAMPLE_S)
             self.sample()
 
     def rates(self) -> tuple[float, dict[str, tuple[float, float]]]:

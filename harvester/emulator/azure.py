@@ -310,33 +310,47 @@ class AzureContainers:
         self, request: web.Request, container: str, blobs: list[BlobEntry]
     ) -> web.StreamResponse:
         q = request.query
-        prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")
-        limit = min(self.page_size, MAX_RESULTS)
-        if "maxresults" in q:
-            raw = q["maxresults"]
-            if not raw.isdigit() or int(raw) < 1:
-                return _bad_query("maxresults", raw, "must be a positive integer")
-            limit = min(limit, int(raw))
-        entries = _entries(blobs, prefix, delimiter)
-        start = 0
-        if q.get("marker"):
-            after = _decode_marker(q["marker"])
-            if after is None:
-                return _bad_query("marker", q["marker"], "not a marker this service issued")
-            start = bisect.bisect_left([name for name, _ in entries], after)
-        page = entries[start : start + limit]
-        more = start + limit < len(entries)
+        try:
+            page, next_marker = listing_page(blobs, q, self.page_size)
+        except ListingError as exc:
+            return _bad_query(exc.name, exc.value, exc.reason)
         self.listings += 1
         md5s = {name: await self._md5(container, name) for name, blob in page if blob}
-        body = _enumeration_xml(
-            self._storage.private_url(self._prefix),
-            container,
-            q,
-            page,
-            md5s,
-            _encode_marker(entries[start + limit][0]) if more else "",
+        body = enumeration_xml(
+            self._storage.private_url(self._prefix), container, q, page, md5s, next_marker
         )
         return web.Response(text=body, content_type="application/xml", charset="utf-8")
+
+
+class ListingError(ValueError):
+    """A listing query parameter Azure refuses (400 ``InvalidQueryParameterValue``)."""
+
+    def __init__(self, name: str, value: str, reason: str) -> None:
+        super().__init__(f"{name}={value!r}: {reason}")
+        self.name, self.value, self.reason = name, value, reason
+
+
+def listing_page(
+    blobs: list[BlobEntry], q: Mapping[str, str], page_size: int = MAX_RESULTS
+) -> tuple[list[tuple[str, BlobEntry | None]], str]:
+    """The entries of one List Blobs page (``prefix``, ``delimiter``, ``marker``,
+    ``maxresults`` from the query) and the marker of the next page ("" on the last)."""
+    prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")
+    limit = min(page_size, MAX_RESULTS)
+    if "maxresults" in q:
+        raw = q["maxresults"]
+        if not raw.isdigit() or int(raw) < 1:
+            raise ListingError("maxresults", raw, "must be a positive integer")
+        limit = min(limit, int(raw))
+    entries = _entries(blobs, prefix, delimiter)
+    start = 0
+    if q.get("marker"):
+        after = _decode_marker(q["marker"])
+        if after is None:
+            raise ListingError("marker", q["marker"], "not a marker this service issued")
+        start = bisect.bisect_left([name for name, _ in entries], after)
+    more = start + limit < len(entries)
+    return entries[start : start + limit], _encode_marker(entries[start + limit][0]) if more else ""
 
 
 def _entries(
@@ -357,7 +371,7 @@ def _entries(
     return sorted(out.items())
 
 
-def _enumeration_xml(
+def enumeration_xml(
     endpoint: str,
     container: str,
     q: Mapping[str, str],

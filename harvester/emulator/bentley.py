@@ -27,6 +27,7 @@ from harvester.emulator.oauth import REFUSAL_MESSAGES, check_bearer
 from harvester.emulator.objects import ObjectSource
 from harvester.emulator.ratelimit import TokenBucket
 from harvester.emulator.responses import json_response
+from harvester.emulator.scenario import BentleyScenario
 from harvester.emulator.state import EmulatorState
 from harvester.emulator.storage import StorageHost
 
@@ -55,6 +56,19 @@ def _render_error(
         503: "ServiceUnavailable",
     }.get(status, "InternalServerError" if status >= 500 else "InvalidRequest")
     return error_response(status, code, message, headers)
+
+
+def container_blobs(
+    model: BentleyModel, scenario: BentleyScenario, container: str
+) -> list[BlobEntry] | None:
+    """The blobs of an output's container (a reality data id), or None until its job has
+    succeeded; each last modified when the job ended."""
+    found = model.reality_data(container)
+    if found is None:
+        return None
+    job, output = found
+    modified = job.stamp.wall_at(job.stamp.mono + scenario.job_duration_s)
+    return [BlobEntry(b.name, b.size, modified) for b in model.blobs(job, output)]
 
 
 class BentleyApi:
@@ -202,12 +216,7 @@ class BentleyApi:
     # -- storage ------------------------------------------------------------------------
 
     def _list_container(self, container: str) -> list[BlobEntry] | None:
-        found = self.model.reality_data(container)
-        if found is None:
-            return None
-        job, output = found
-        modified = job.stamp.wall_at(job.stamp.mono + self.scenario.job_duration_s)
-        return [BlobEntry(b.name, b.size, modified) for b in self.model.blobs(job, output)]
+        return container_blobs(self.model, self.scenario, container)
 
     def _corrupt(self, path: str, body: bytes) -> bytes:
         if not body or self._corrupted >= self.scenario.corrupt_first_n:

@@ -299,7 +299,7 @@ class PostgresStore:
                 await self._group.drain()
             pool, self._pool = self._pool, None
             self._closed = True
-            with anyio.move_on_after(10) as scope:
+            with anyio.move_on_after(10) as scope:  # real time: bounds the server's I/O
                 await pool.close()
             if scope.cancelled_caught:
                 pool.terminate()

@@ -22,6 +22,7 @@ import orjson
 
 from harvester.clock import Clock
 from harvester.config import ProviderConfig
+from harvester.emulator.storage import parse_range
 
 __all__ = [
     "Fault",
@@ -30,6 +31,7 @@ __all__ = [
     "MemoryExchange",
     "MemoryNetwork",
     "MemoryRequest",
+    "serve_bytes",
 ]
 
 
@@ -80,6 +82,21 @@ class MemoryAnswer:
         return cls(
             status, orjson.dumps(doc), {"Content-Type": "application/json", **(headers or {})}
         )
+
+
+def serve_bytes(body: bytes, asked: str | None, headers: Mapping[str, str]) -> MemoryAnswer:
+    """A GET of ``body``: whole (200) without a range asked, else the one range ``asked``
+    names (206 with ``Content-Range``; 416 when it cannot be served), as storage hosts do."""
+    if asked is None:
+        return MemoryAnswer(200, body, headers)
+    total = len(body)
+    span = parse_range(asked, total)
+    if span is None:
+        return MemoryAnswer(416, b"", {**headers, "Content-Range": f"bytes */{total}"})
+    start, end = span
+    return MemoryAnswer(
+        206, body[start:end], {**headers, "Content-Range": f"bytes {start}-{end - 1}/{total}"}
+    )
 
 
 class _Reader:

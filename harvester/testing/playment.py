@@ -18,7 +18,7 @@ from harvester.clock import Clock
 from harvester.emulator.playment_model import Job, PlaymentError, PlaymentModel
 from harvester.emulator.playment_results import PREFIX, PlaymentResults
 from harvester.emulator.scenario import PlaymentScenario, ResultVariant, Scenario
-from harvester.testing.network import MemoryAnswer, MemoryNetwork, MemoryRequest
+from harvester.testing.network import MemoryAnswer, MemoryNetwork, MemoryRequest, serve_bytes
 
 __all__ = ["MemoryPlayment"]
 
@@ -175,16 +175,8 @@ class MemoryPlayment:
         source = self.results.resolve(unquote(req.path))
         if source is None:
             return MemoryAnswer(404, b"no such object")
-        body = source.produce()
-        match = re.fullmatch(r"bytes=(\d+)-", req.headers.get("range") or "")
-        if match is None:
-            return MemoryAnswer(200, body, {"Content-Type": source.content_type})
-        start = int(match[1])
-        if start >= len(body):
-            return MemoryAnswer(416, b"", {"Content-Range": f"bytes */{len(body)}"})
-        return MemoryAnswer(
-            206, body[start:], {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"}
-        )
+        headers = {"Content-Type": source.content_type}
+        return serve_bytes(source.produce(), req.headers.get("range"), headers)
 
     # -- what tests check ---------------------------------------------------------------
     def job_by_reference(self, project: str, reference_id: str) -> Job | None:

@@ -64,6 +64,8 @@ async def test_async_client_submits_waits_reads_arrays_cancels_and_retries(
                 async for j in h.changes([("modzy", "nb-slow")]):
                     if j.state == JobState.RUNNING:
                         break
+            with pytest.raises(TimeoutError, match=r"after 0\.2 s"):
+                await h.wait([("modzy", "nb-slow")], limit_s=0.2)  # it runs for 120 s
             cancelled = await h.cancel("modzy", "nb-slow")
             assert cancelled.state == JobState.CANCELLED and cancelled.cancelled_by == "user"
             with pytest.raises(ControlError, match="already ended cancelled"):

@@ -8,6 +8,7 @@ import anyio
 import pytest
 
 from harvester.api import BadBody, Cached, body_as_json_lines, iso, line_errors
+from harvester.clock import FakeClock
 from harvester.errors import JobsFileError
 
 
@@ -48,15 +49,17 @@ def test_timestamps_are_iso_8601_utc() -> None:
 
 @pytest.mark.anyio
 async def test_concurrent_probes_share_one_computation() -> None:
+    clock = FakeClock()
     calls = 0
+    release = anyio.Event()
 
     async def compute() -> int:
         nonlocal calls
         calls += 1
-        await anyio.sleep(0.05)
+        await release.wait()
         return calls
 
-    cached = Cached(10.0, compute)
+    cached = Cached(10.0, compute, clock)
     results: list[int] = []
 
     async def probe() -> None:
@@ -65,6 +68,10 @@ async def test_concurrent_probes_share_one_computation() -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(20):
             tg.start_soon(probe)
+        await clock.settle()  # every probe is waiting: on the computation or its lock
+        release.set()
     assert calls == 1 and results == [1] * 20
-    cached.ttl = 0.0
+    clock.advance(9.9)
+    assert await cached.get() == 1  # fresh for ttl seconds of its clock
+    clock.advance(0.1)
     assert await cached.get() == 2  # expired: computed again

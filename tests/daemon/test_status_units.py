@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -213,6 +214,18 @@ def test_throughput_is_measured_over_the_last_minute() -> None:
     window, rates = throughput.rates()
     assert 60 <= window <= 65
     assert rates["p"] == pytest.approx((10.0, 12.0))
+
+
+@pytest.mark.anyio
+async def test_throughput_samples_every_sample_s_of_its_clock() -> None:
+    clock = FakeClock()
+    throughput = Throughput(Metrics(), clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(throughput.run)
+        await clock.run_until(clock.monotonic() + 70)
+        # Samples at 5, 10, ... 70 s: the window is the last minute, not all 70 s.
+        assert throughput.rates()[0] == 60
+        tg.cancel_scope.cancel()
 
 
 def test_everything_on_the_page_is_escaped() -> None:

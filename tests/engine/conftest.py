@@ -18,16 +18,20 @@ import pytest
 
 from harvester.clock import FakeClock
 from harvester.config import Config, parse_config
+from harvester.emulator.scenario import BentleyScenario, ModzyScenario
 from harvester.engine import Engine
 from harvester.jobs import Job, job_key
 from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
+from harvester.testing.bentley import MemoryBentley
+from harvester.testing.modzy import MemoryModzy
 from harvester.testing.network import MemoryNetwork, MemoryRequest
 from harvester.testing.playment import MemoryPlayment
 from harvester.testing.virtual import run_until, threads_inline
 
 API_KEY = "engine-test-key"
 PROJECT = "engine-project"
+BENTLEY_SECRET = "engine-bentley-secret"
 
 
 class Rig:
@@ -37,6 +41,8 @@ class Rig:
         self.clock = FakeClock(start=1000.0)
         self.network = MemoryNetwork(self.clock)
         self.playment: MemoryPlayment | None = None
+        self.bentley: MemoryBentley | None = None
+        self.modzy: MemoryModzy | None = None
         self.provider: dict[str, Any] = {}
 
     def setup(self, *, job_duration_s: float = 10.0, **provider: Any) -> Config:
@@ -55,12 +61,56 @@ class Rig:
             "backoff_max_s": 4,
         }
         section.update(provider)
+        return self._config("playment", section)
+
+    def setup_bentley(self, scenario: BentleyScenario, **provider: Any) -> Config:
+        """Bentley in memory, with Bentley's own polling defaults (``poll_min_s`` 15,
+        ``poll_max_s`` 120) unless ``provider`` overrides them."""
+        self.bentley = MemoryBentley(
+            self.clock, client_id="engine-client", client_secret=BENTLEY_SECRET, scenario=scenario
+        )
+        self.bentley.mount(self.network)
+        section: dict[str, Any] = {
+            "base_url": self.bentley.api,
+            "token_url": self.bentley.tokens.url,
+            "client_id": "engine-client",
+            "client_secret_env": "ENGINE_TEST_BENTLEY_SECRET",
+            "rate_per_s": 0,
+            "burst": 50,
+            "max_concurrency": 4,
+            "backoff_base_s": 0.5,
+            "backoff_max_s": 4,
+        }
+        section.update(provider)
+        return self._config("bentley", section)
+
+    def setup_modzy(
+        self, scenario: ModzyScenario, *, harvest: dict[str, Any] | None = None, **provider: Any
+    ) -> Config:
+        self.modzy = MemoryModzy(self.clock, scenario=scenario).mount(self.network)
+        section: dict[str, Any] = {
+            "base_url": self.modzy.api,
+            "api_key_env": "ENGINE_TEST_MODZY_KEY",
+            "rate_per_s": 0,
+            "burst": 50,
+            "max_concurrency": 4,
+            "poll_min_s": 5,
+            "poll_max_s": 30,
+            "backoff_base_s": 0.5,
+            "backoff_max_s": 4,
+        }
+        section.update(provider)
+        return self._config("modzy", section, harvest)
+
+    def _config(
+        self, name: str, section: dict[str, Any], harvest: dict[str, Any] | None = None
+    ) -> Config:
         doc = {
             "store": {"url": "sqlite://state.db"},
             "output": {"dir": "out"},
-            "harvest": {"concurrency": 2, "chunk_bytes": 4096},
+            "harvest": {"concurrency": 2, "chunk_bytes": 4096, **(harvest or {})},
             "log": {"level": "warning", "format": "json"},
-            "providers": {"playment": section},
+            "providers": {name: section},
         }
         self.config = parse_config(doc, source=self.tmp_path / "config.toml")
         return self.config
@@ -128,8 +178,8 @@ class Rig:
             await run_until(self.clock, finished.is_set, within_s=within_s)
         return self.clock.monotonic() - start
 
-    async def job(self, key: str) -> Job:
-        job = await self.store.get("playment", key)
+    async def job(self, key: str, provider: str = "playment") -> Job:
+        job = await self.store.get(provider, key)
         assert job is not None
         return job
 
@@ -159,6 +209,8 @@ class Rig:
 @pytest.fixture
 async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
     monkeypatch.setenv("ENGINE_TEST_PLAYMENT_KEY", API_KEY)
+    monkeypatch.setenv("ENGINE_TEST_BENTLEY_SECRET", BENTLEY_SECRET)
+    monkeypatch.setenv("ENGINE_TEST_MODZY_KEY", "engine-modzy-key")
     monkeypatch.chdir(tmp_path)
     with threads_inline():
         async with SqliteStore(tmp_path / "state.db") as store:

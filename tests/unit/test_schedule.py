@@ -47,7 +47,18 @@ def test_ladder_walk_survives_jitter() -> None:
         d = p.first(rng)
         for rung in (*BENTLEY_LADDER[1:], 120.0, 120.0):
             d = p.next(d, changed=False, rng=rng)
-            assert rung * 0.8 <= d <= rung * 1.2
+            # A rung is the provider's minimum wait: jitter only lengthens it.
+            assert rung <= d <= rung * 1.2
+
+
+def test_ladder_jitter_never_polls_before_a_rung() -> None:
+    p = PollPolicy(min_s=1, max_s=1000, jitter=0.1, ladder=BENTLEY_LADDER)
+    rng = random.Random(3)
+    firsts = [p.first(rng) for _ in range(500)]
+    restarts = [p.next(60.0, changed=True, rng=rng) for _ in range(500)]
+    for d in (*firsts, *restarts):
+        assert 15.0 <= d <= 16.5
+    assert min(firsts) < 15.2 and max(firsts) > 16.3  # still jittered, upwards
 
 
 def test_ladder_rungs_are_clamped_and_merged_rungs_do_not_stall() -> None:
