@@ -55,7 +55,7 @@ def emulator(corrupt_first_n: int) -> Emulator:
     return Emulator(parse_scenario({"seed": 3, "bentley": bentley}))
 
 
-def config(tmp_path: Path, emu: Emulator, max_attempts: int) -> Config:
+def config(tmp_path: Path, emu: Emulator, max_attempts: int, frame_concurrency: int = 4) -> Config:
     bentley = {
         "base_url": emu.urls["bentley"],
         "token_url": emu.urls["token"],
@@ -71,7 +71,11 @@ def config(tmp_path: Path, emu: Emulator, max_attempts: int) -> Config:
     doc = {
         "store": {"url": "sqlite://state.db"},
         "output": {"dir": "out"},
-        "harvest": {"max_attempts": max_attempts, "chunk_bytes": 1024},
+        "harvest": {
+            "max_attempts": max_attempts,
+            "chunk_bytes": 1024,
+            "frame_concurrency": frame_concurrency,
+        },
         "providers": {"bentley": bentley},
     }
     return parse_config(doc, source=tmp_path / "config.toml")
@@ -114,7 +118,8 @@ async def test_a_corrupted_blob_is_fetched_again_and_lands_intact(tmp_path: Path
 
 async def test_a_blob_that_never_matches_its_md5_ends_the_job_in_error(tmp_path: Path) -> None:
     async with emulator(corrupt_first_n=1000) as emu:
-        job = await harvest_one(config(tmp_path, emu, max_attempts=2))
+        # One blob at a time, so each attempt reads exactly one (corrupted) blob.
+        job = await harvest_one(config(tmp_path, emu, max_attempts=2, frame_concurrency=1))
         assert emu.state.stats()["bentley"]["corrupted_reads"] == 2
     assert job.state == JobState.ERROR
     reason = job.reason or ""
