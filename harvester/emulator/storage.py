@@ -177,7 +177,6 @@ class StorageHost:
             drop_connection(request, reset=False)
         return response
 
-
     async def _pace(self, began: float, sent: int, size: int) -> None:
         """Hold a body to the scenario's bandwidth caps: this connection may have sent
         ``sent`` bytes ``sent / connection_bytes_per_s`` after it began; the link sends
