@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from aiohttp import web
 
 from harvester.clock import SystemClock
 from harvester.config import PlaymentConfig, SecretRef
@@ -280,3 +281,34 @@ async def test_a_harvest_cut_off_mid_file_leaves_no_final_file(stage: Stage) -> 
             await fed.wait()
             tg.cancel_scope.cancel()
     assert tree(stage.root / "playment" / "cut-off") == {}
+
+
+async def test_a_host_that_ignores_range_gets_the_file_in_one_piece(stage: Stage) -> None:
+    """Storage answering 200 (the whole file) to a ranged request: the parts are dropped and
+    the file is fetched whole, once."""
+    body = blob(3 * MIB, 7)
+    seen: list[str | None] = []
+
+    async def whole(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Range"))
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/f", whole)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+
+        async def resolve() -> str:
+            return f"http://127.0.0.1:{port}/f"
+
+        out = stage.output("no-range", threads=2, concurrency=1, part_bytes=MIB)
+        with anyio.fail_after(60):
+            await out.download("f.bin", resolve, size=len(body), md5=hashlib.md5(body).digest())
+    finally:
+        await runner.cleanup()
+    assert seen == ["bytes=0-1048575", None]  # one part tried (one stream at a time), then whole
+    assert (stage.root / "playment" / "no-range" / "f.bin").read_bytes() == body
