@@ -192,7 +192,13 @@ class HarvestConfig:
     concurrency: int = 8  #: jobs downloaded/decoded at once
     max_attempts: int = 5  #: transient harvest failures before the job ends in error
     chunk_bytes: int = 1 << 20  #: download chunk size fed to the decoder
-    frame_concurrency: int = 4  #: label files of one job downloaded/decoded at once
+    #: files (label frames, blobs) of one job downloaded/decoded at once, and its streams
+    #: (a large blob's ranged parts count one each)
+    frame_concurrency: int = 4
+    #: a file whose listing gives a size above this is fetched as ranged parts this big
+    part_bytes: int = 8 << 20
+    #: worker threads decoding, hashing and writing (whole process); 0 = one per core
+    threads: int = 0
     #: how long a finished job's results may stay unpublished (Modzy's 404 / ``finished:
     #: false``) before the job ends in error; counted from the first "not yet" of this process
     results_wait_s: float = 3600.0
@@ -382,12 +388,15 @@ def _check_harvest(harvest: HarvestConfig, ctx: _Ctx) -> None:
         "max_attempts",
         "chunk_bytes",
         "frame_concurrency",
+        "part_bytes",
         "results_wait_s",
         "max_file_bytes",
         "max_job_bytes",
     ):
         if not getattr(harvest, name) > 0:
             ctx.fail(f"harvest.{name} must be > 0, got {getattr(harvest, name)!r}")
+    if not harvest.threads >= 0:
+        ctx.fail(f"harvest.threads must be >= 0 (0 = one per core), got {harvest.threads!r}")
 
 
 def _check_listen(listen: str, ctx: _Ctx) -> None:

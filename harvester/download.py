@@ -15,27 +15,42 @@ decoder.) Time: besides the gap between chunks
 (``request_timeout_s``), the whole body must arrive by ``request_timeout_s + bytes received /
 min_bytes_per_s``, so a server trickling a byte at a time is cut off (and resumed, then
 given up on) instead of holding the download for ever.
+
+A sink whose ``feed`` blocks (decoding, hashing, writing) is fed in a worker thread
+(``offload.Offload``), one chunk at a time, while the next chunk is read from the network:
+at most one chunk waits, so memory stays flat and a slow disk or decoder slows the download
+down rather than piling chunks up.
+
+A ``span`` makes the download one ranged part of a larger file (``harvest.FileParts``): the
+sink receives bytes ``span[0]..span[1]`` only, resumes inside them, and every answer must be
+206 for exactly that range of a file of the expected ``total`` size.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import anyio
+
 from harvester.clock import Clock
 from harvester.errors import (
+    CorruptDownload,
     NetworkError,
     ProtocolError,
     ProviderUnavailable,
+    RangeIgnored,
     RetryableError,
     StorageRefused,
 )
 from harvester.failpoints import failpoint
 from harvester.logs import get_logger
+from harvester.offload import Offload
 from harvester.ratelimit import backoff_delay
-from harvester.transport import Transport, safe_url
+from harvester.transport import StreamedAnswer, Transport, safe_url
 from harvester.wire import Resolver
 
 log = get_logger("harvester.download")
@@ -75,6 +90,9 @@ class ByteBudget:
 
 
 class Sink(Protocol):
+    #: whether ``feed`` does blocking work (then it runs in a worker thread)
+    blocking: bool
+
     @property
     def offset(self) -> int:
         """Bytes consumed so far (where a resumed download must continue)."""
@@ -87,6 +105,8 @@ class Sink(Protocol):
 
 class BufferSink:
     """Collects a small body in memory, refusing to grow past ``limit`` bytes."""
+
+    blocking = False
 
     def __init__(self, limit: int, what: str) -> None:
         self.limit = limit
@@ -125,19 +145,27 @@ async def stream_into(
     max_failures: int = 5,
     max_resolves: int = 5,
     rng: random.Random | None = None,
+    offload: Offload | None = None,
+    span: tuple[int, int] | None = None,
+    total: int | None = None,
 ) -> None:
     """Download the body behind ``resolve()`` into ``sink``, within ``budget`` (decoded
-    bytes); what the sink holds stays counted in the budget once the body is complete."""
+    bytes); what the sink holds stays counted in the budget once the body is complete.
+
+    ``offload`` runs a blocking sink's ``feed`` off the event loop (None: on it). ``span``
+    (half-open, with the file's ``total`` size) asks for that part of the file only."""
     rng = rng or random.Random()
     url = await resolve()
     resolves, failures = 1, 0
-    metric = transport.metrics.bytes_downloaded.labels(transport.name)
-    held = 0  # what this download counts in budget.received: what its sink holds
+    held = _Held()
+    first, end = span if span is not None else (0, None)
     try:
         while True:
             try:
                 offset = sink.offset
-                async with transport.open_stream(url, offset=offset, job=job) as resp:
+                async with transport.open_stream(
+                    url, offset=first + offset, end=end, job=job
+                ) as resp:
                     status = resp.status
                     if status in (401, 403):
                         if resolves >= max_resolves:
@@ -168,16 +196,24 @@ async def stream_into(
                             job=job,
                             status=status,
                         )
-                    if status == 206 and offset:
-                        match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-                        if not match or int(match.group(1)) != offset:
-                            raise ProtocolError(
-                                f"storage resumed {what} at the wrong offset",
+                    if status == 206 and (offset or span is not None):
+                        _check_range(
+                            resp.headers.get("Content-Range", ""),
+                            first + offset,
+                            end,
+                            total,
+                            what,
+                            transport.name,
+                            job,
+                        )
+                    elif status == 200:
+                        if span is not None:
+                            raise RangeIgnored(
+                                f"storage answered {what} whole (HTTP 200) to a ranged request",
                                 provider=transport.name,
                                 job=job,
                                 status=status,
                             )
-                    elif status == 200:
                         if offset:
                             sink.reset()  # the server ignored Range: start over
                     else:
@@ -188,36 +224,21 @@ async def stream_into(
                             status=status,
                         )
                     # this attempt may have started over (sink.reset): hold what it holds
-                    budget.received += sink.offset - held
-                    held = sink.offset
-                    allowance = transport.cfg.request_timeout_s
-                    rate = transport.cfg.min_bytes_per_s
-                    start = clock.monotonic()
-                    received = 0
-                    with clock.move_on_at(start + allowance) as body_deadline:
-                        while chunk := await resp.content.read(chunk_bytes):
-                            cap = budget.exceeded(sink.offset, len(chunk))
-                            if cap is not None:
-                                raise ProtocolError(
-                                    f"{what} is larger than {cap.limit} bytes ({cap.why})",
-                                    provider=transport.name,
-                                    job=job,
-                                )
-                            budget.received += len(chunk)
-                            held += len(chunk)
-                            received += len(chunk)
-                            sink.feed(chunk)
-                            metric.inc(len(chunk))
-                            failpoint("download.chunk")
-                            body_deadline.deadline = start + allowance + received / rate
-                    if body_deadline.cancelled_caught:
-                        raise NetworkError(
-                            f"{what} too slow: {received} bytes in"
-                            f" {clock.monotonic() - start:.1f} s from {safe_url(url)}, below"
-                            f" providers.{transport.name}.min_bytes_per_s = {rate:g}",
-                            provider=transport.name,
-                            job=job,
-                        )
+                    budget.received += sink.offset - held.bytes
+                    held.bytes = sink.offset
+                    await _receive(
+                        resp,
+                        sink,
+                        held,
+                        budget=budget,
+                        transport=transport,
+                        clock=clock,
+                        what=what,
+                        job=job,
+                        url=url,
+                        chunk_bytes=chunk_bytes,
+                        offload=offload,
+                    )
                 return
             except StorageRefused:
                 raise
@@ -241,5 +262,144 @@ async def stream_into(
             except RetryableError:
                 raise
     except BaseException:
-        budget.received -= held  # the partial file is removed: its bytes are free again
+        budget.received -= held.bytes  # the partial file is removed: its bytes are free again
         raise
+
+
+@dataclass(slots=True)
+class _Held:
+    bytes: int = 0  #: what a download counts in ``budget.received``: what its sink holds
+
+
+async def _receive(
+    resp: StreamedAnswer,
+    sink: Sink,
+    held: _Held,
+    *,
+    budget: ByteBudget,
+    transport: Transport,
+    clock: Clock,
+    what: str,
+    job: str | None,
+    url: str,
+    chunk_bytes: int,
+    offload: Offload | None,
+) -> None:
+    """One answer's body into ``sink``, each chunk counted against ``budget`` as it arrives,
+    the whole body by its deadline."""
+    base = sink.offset
+    allowance = transport.cfg.request_timeout_s
+    rate = transport.cfg.min_bytes_per_s
+    start = clock.monotonic()
+    received = 0
+
+    def take(chunk: bytes) -> None:
+        """Count a chunk read off the network, before the sink gets it."""
+        nonlocal received
+        cap = budget.exceeded(base + received, len(chunk))
+        if cap is not None:
+            raise ProtocolError(
+                f"{what} is larger than {cap.limit} bytes ({cap.why})",
+                provider=transport.name,
+                job=job,
+            )
+        budget.received += len(chunk)
+        held.bytes += len(chunk)
+        received += len(chunk)
+        metric.inc(len(chunk))
+        body_deadline.deadline = start + allowance + received / rate
+
+    def read() -> Awaitable[bytes]:
+        return resp.content.read(chunk_bytes)
+
+    async def feed(chunk: bytes) -> None:
+        assert offload is not None
+        await offload.run(sink.feed, chunk)
+
+    metric = transport.metrics.bytes_downloaded.labels(transport.name)
+    with clock.move_on_at(start + allowance) as body_deadline:
+        if offload is None or offload.inline or not sink.blocking:
+            while chunk := await read():
+                take(chunk)
+                sink.feed(chunk)
+                failpoint("download.chunk")
+        else:
+            await _overlapped(read, take, feed)
+    if body_deadline.cancelled_caught:
+        raise NetworkError(
+            f"{what} too slow: {received} bytes in"
+            f" {clock.monotonic() - start:.1f} s from {safe_url(url)}, below"
+            f" providers.{transport.name}.min_bytes_per_s = {rate:g}",
+            provider=transport.name,
+            job=job,
+        )
+    # Chunks read but never fed (the sink failed) are not the sink's.
+    budget.received += sink.offset - held.bytes
+    held.bytes = sink.offset
+
+
+def _check_range(
+    header: str,
+    first: int,
+    end: int | None,
+    total: int | None,
+    what: str,
+    provider: str,
+    job: str | None,
+) -> None:
+    """A 206's ``Content-Range`` must start at ``first`` (and, for a part, end at ``end`` of
+    a file of ``total`` bytes)."""
+    match = _CONTENT_RANGE.match(header)
+    if not match or int(match.group(1)) != first:
+        raise ProtocolError(
+            f"storage resumed {what} at the wrong offset", provider=provider, job=job, status=206
+        )
+    if end is not None and int(match.group(2)) != end - 1:
+        raise ProtocolError(
+            f"storage answered {what} with bytes {match.group(1)}-{match.group(2)}, not"
+            f" {first}-{end - 1}",
+            provider=provider,
+            job=job,
+            status=206,
+        )
+    if total is not None and match.group(3) != str(total):
+        # Replaced since it was listed: fetched again, listing and all, on the next attempt.
+        raise CorruptDownload(
+            f"{what}: storage says the file has {match.group(3)} bytes, the listing {total}",
+            provider=provider,
+            job=job,
+        )
+
+
+async def _overlapped(
+    read: Callable[[], Awaitable[bytes]],
+    take: Callable[[bytes], None],
+    feed: Callable[[bytes], Awaitable[None]],
+) -> None:
+    """Read chunks and ``feed`` each, chunk k being fed while chunk k+1 is read: one chunk
+    waits at most. The first error (reading, ``take`` or ``feed``) is raised as is, once the
+    chunk being fed is done (a sink's offset then counts exactly what it consumed)."""
+    send, recv = anyio.create_memory_object_stream[bytes](0)
+    failed: list[Exception] = []
+
+    async def consume(scope: anyio.CancelScope) -> None:
+        async with recv:
+            try:
+                async for chunk in recv:
+                    await feed(chunk)
+                    failpoint("download.chunk")
+            except Exception as exc:
+                failed.append(exc)
+                scope.cancel()  # stop reading: nothing more can be fed
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume, tg.cancel_scope)
+        async with send:
+            try:
+                while chunk := await read():
+                    take(chunk)
+                    await send.send(chunk)
+            except Exception as exc:
+                failed.append(exc)  # the consumer finishes its chunk, then sees the end
+    if failed:
+        raise failed[0]

@@ -60,6 +60,7 @@ from harvester.logs import get_logger
 from harvester.metrics import Metrics
 from harvester.objoutput import ObjectJobOutput
 from harvester.objstore import bucket_for, prove_output
+from harvester.offload import Offload
 from harvester.ownership import Ownership, Solo
 from harvester.providers import make_provider
 from harvester.providers.base import (
@@ -120,6 +121,8 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.on_change = on_change
         self.rng = rng or random.Random()
+        #: the worker threads every harvest decodes, hashes and writes in
+        self.offload = Offload(config.harvest.threads or None)
         self.lanes: dict[str, Lane] = {}
         self.remaining = Remaining()
         self.fatal: HarvesterError | None = None
@@ -865,6 +868,8 @@ class Engine:
                 chunk_bytes=self.config.harvest.chunk_bytes,
                 rng=self.rng,
                 frame_concurrency=self.config.harvest.frame_concurrency,
+                part_bytes=self.config.harvest.part_bytes,
+                offload=self.offload,
                 budget=ByteBudget(
                     self.config.harvest.max_file_bytes, self.config.harvest.max_job_bytes
                 ),

@@ -139,6 +139,11 @@ class ProtocolError(JobError):
     """The provider answered with a body we cannot understand."""
 
 
+class RangeIgnored(ProtocolError):
+    """Storage answered a ranged request for part of a file with the whole file (200): the
+    file is fetched again in one piece instead (``harvest.FileParts``)."""
+
+
 class DecodeError(JobError):
     """A result file is malformed; names the frame and byte offset when known."""
 

@@ -41,6 +41,8 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+#: AtomicFile reads back what ranged parts wrote out of order, to hash it in order
+_NEW_RW = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
 
 
 def tmp_name(name: str) -> str:
@@ -174,7 +176,7 @@ class AtomicFile:
 
     def __enter__(self) -> AtomicFile:
         with disk_errors(self.shown):
-            self._fd = os.open(self.tmp, _NEW_FILE, 0o644, dir_fd=self.dir_fd)
+            self._fd = os.open(self.tmp, _NEW_RW, 0o644, dir_fd=self.dir_fd)
         return self
 
     def write(self, data: bytes | memoryview) -> None:
@@ -182,6 +184,20 @@ class AtomicFile:
             write_all(self._fd, data)
         self.sha256.update(data)
         self.size += len(data)
+
+    def write_at(self, data: bytes | memoryview, offset: int) -> None:
+        """Write ``data`` at ``offset`` without hashing or counting it: a ranged part
+        arriving out of order. Its bytes are hashed later, in order, by ``absorb``."""
+        view = memoryview(data)
+        with disk_errors(self.shown):
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view = view[n:]
+                offset += n
+
+    def read_at(self, size: int, offset: int) -> bytes:
+        with disk_errors(self.shown):
+            return os.pread(self._fd, size, offset)
 
     def __exit__(
         self,

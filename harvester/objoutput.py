@@ -23,6 +23,8 @@ class ObjectJobOutput(JobOutput):
         self.bucket = bucket
 
     async def publish(self, *, harvested_at: float) -> Path:
+        await self._ready()
+        # Not in ``offload``'s threads: an upload waits on the network, not on a core.
         return await anyio.to_thread.run_sync(self._publish, harvested_at)
 
     def _publish(self, harvested_at: float) -> Path:

@@ -425,12 +425,15 @@ class Transport:
     # -- signed URLs --------------------------------------------------------------------
     @asynccontextmanager
     async def open_stream(
-        self, url: str, *, offset: int = 0, job: str | None = None
+        self, url: str, *, offset: int = 0, end: int | None = None, job: str | None = None
     ) -> AsyncIterator[StreamedAnswer]:
         """GET a signed URL with no credentials, for streaming (caller checks status and
-        reads the body under its own size cap and deadline: ``download.stream_into``)."""
+        reads the body under its own size cap and deadline: ``download.stream_into``); from
+        byte ``offset`` up to ``end`` (exclusive) when given."""
         self.check_target(url, job=job)
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        headers = {}
+        if offset or end is not None:
+            headers["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
         start = self.clock.monotonic()
         guard = map_exceptions(self.name, url, job=job)
         # The exchange bounds the gap between chunks; the whole body's deadline is the

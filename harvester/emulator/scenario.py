@@ -125,6 +125,10 @@ class StorageScenario:
     url_ttl_s: float = 300.0
     expire_first_n: int = 0
     chunk_size: int = 65_536
+    #: bandwidth caps in bytes per second (0 = none): each answer's body on its own (a host
+    #: that throttles every connection), and all bodies together (the link)
+    connection_bytes_per_s: float = 0.0
+    link_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +350,8 @@ def _parse_storage(t: _Table) -> StorageScenario:
         url_ttl_s=t.get_float("url_ttl_s", 300.0, minimum=1.0),
         expire_first_n=t.get_int("expire_first_n", 0, minimum=0),
         chunk_size=t.get_int("chunk_size", 65_536, minimum=1),
+        connection_bytes_per_s=t.get_float("connection_bytes_per_s", 0.0, minimum=0.0),
+        link_bytes_per_s=t.get_float("link_bytes_per_s", 0.0, minimum=0.0),
     )
     t.done()
     return out

@@ -9,6 +9,7 @@ refused as S3 refuses a second auth mechanism.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
@@ -42,6 +43,9 @@ class StorageHost:
         self.base_url = ""  # set once listening
         self._expire_first_n = cfg.expire_first_n
         self._chunk = cfg.chunk_size
+        self._conn_rate = cfg.connection_bytes_per_s
+        self._link_rate = cfg.link_bytes_per_s
+        self._link_free_at = 0.0  # when the link has sent every byte handed to it so far
         self._issued = 0
         self._issued_expired = 0
         self._rejected_expired = 0
@@ -164,11 +168,28 @@ class StorageHost:
         fraction = request.get(TRUNCATE_KEY)
         stop = end if fraction is None else start + int((end - start) * fraction)
         view = memoryview(data)
+        began = time.monotonic()
         for pos in range(start, stop, self._chunk):
-            await response.write(view[pos : min(pos + self._chunk, stop)])
+            piece = view[pos : min(pos + self._chunk, stop)]
+            await self._pace(began, pos + len(piece) - start, len(piece))
+            await response.write(piece)
         if fraction is not None:
             drop_connection(request, reset=False)
         return response
+
+    async def _pace(self, began: float, sent: int, size: int) -> None:
+        """Hold a body to the scenario's bandwidth caps: this connection may have sent
+        ``sent`` bytes ``sent / connection_bytes_per_s`` after it began; the link sends
+        every connection's pieces one after another at ``link_bytes_per_s``."""
+        now = time.monotonic()
+        until = now
+        if self._conn_rate > 0:
+            until = max(until, began + sent / self._conn_rate)
+        if self._link_rate > 0:
+            self._link_free_at = max(self._link_free_at, now) + size / self._link_rate
+            until = max(until, self._link_free_at)
+        if until > now:
+            await asyncio.sleep(until - now)
 
 
 def parse_range(header: str, total: int) -> tuple[int, int] | None:

@@ -22,7 +22,7 @@ from harvester.azure import (
     safe_blob_path,
 )
 from harvester.errors import ProtocolError
-from harvester.providers.base import HarvestIO
+from harvester.providers.base import HarvestIO, RemoteFile
 from harvester.wire import Resolver
 
 #: a listing that has not ended after this many pages (5000 blobs each) is looping
@@ -62,7 +62,8 @@ async def list_container(
 async def harvest_container(
     io: HarvestIO, source: ContainerSource, folder: str, *, page_size: int | None = None
 ) -> None:
-    """Download every blob to ``<folder>/<its sanitised path>``, checked against its listing."""
+    """Download every blob to ``<folder>/<its sanitised path>``, checked against its listing,
+    several at once (``HarvestIO.download_files``)."""
     blobs = await list_container(io, source, folder, page_size=page_size)
     paths: dict[str, BlobItem] = {}
     for blob in blobs:
@@ -73,13 +74,17 @@ async def harvest_container(
             raise ProtocolError(f"blobs {paths[rel].name!r} and {blob.name!r} map to one file")
         paths[rel] = blob
     check_no_clashes(paths)
-    for rel, blob in sorted(paths.items()):
-        await io.download(
-            f"{folder}/{rel}",
-            source.resolver(functools.partial(_blob_url, name=blob.name)),
-            size=blob.size,
-            md5=blob.md5,
-        )
+    await io.download_files(
+        [
+            RemoteFile(
+                f"{folder}/{rel}",
+                source.resolver(functools.partial(_blob_url, name=blob.name)),
+                size=blob.size,
+                md5=blob.md5,
+            )
+            for rel, blob in sorted(paths.items())
+        ]
+    )
 
 
 def _blob_url(container_url: str, *, name: str) -> str:

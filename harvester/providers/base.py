@@ -101,6 +101,16 @@ class LabelFrame:
     sensor_id: str | None = None  #: the provider's sensor id, when a frame has several
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    """One file to download as is (``HarvestIO.download_files``)."""
+
+    relpath: str  #: where it goes under the job's folder
+    resolve: Resolver
+    size: int | None = None  #: what its listing announced (Content-Length), held to it
+    md5: bytes | None = None  #: what its listing announced (Content-MD5), held to it
+
+
 T = TypeVar("T")
 
 
@@ -146,11 +156,15 @@ class HarvestIO(Protocol):
         self, relpath: str, resolve: Resolver, *, size: int | None = None, md5: bytes | None = None
     ) -> None:
         """Stream a signed-URL body to ``relpath`` under the job's output folder; when the
-        listing gave its ``size`` or ``md5`` (digest), anything else is ``CorruptDownload``."""
+        listing gave its ``size`` or ``md5`` (digest), anything else is ``CorruptDownload``.
+        A file whose size is known and large is fetched as ranged parts in parallel."""
 
-    def write_bytes(self, relpath: str, data: bytes) -> None: ...
+    async def download_files(self, files: Sequence[RemoteFile]) -> None:
+        """``download`` for every file, ``harvest.frame_concurrency`` of them at a time."""
 
-    def write_json(self, relpath: str, obj: Any) -> None: ...
+    async def write_bytes(self, relpath: str, data: bytes) -> None: ...
+
+    async def write_json(self, relpath: str, obj: Any) -> None: ...
 
 
 class NoSetup:

@@ -308,7 +308,7 @@ class BentleyProvider(NoSetup):
         document = status.document
         if not isinstance(document, dict) or not isinstance(document.get("job"), dict):
             raise ProtocolError("final job document has no job object", provider=NAME, job=job.key)
-        io.write_json("job.json", document)
+        await io.write_json("job.json", document)
         specs = document["job"].get("specifications")
         outputs = specs.get("outputs") if isinstance(specs, dict) else None
         if not isinstance(outputs, dict):

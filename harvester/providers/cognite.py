@@ -192,10 +192,10 @@ class CogniteProvider(NoSetup):
         items = document.get("items")
         if not isinstance(items, list):
             raise ProtocolError("completed job has no items list", provider=NAME, job=job.key)
-        io.write_json("job.json", document)
+        await io.write_json("job.json", document)
         # Exactly as served: segment polygons are the result, and any reshaping here would
         # be a second format for users to learn.
-        io.write_json("segments.json", {"items": items})
+        await io.write_json("segments.json", {"items": items})
 
     # -- helpers ------------------------------------------------------------------------
     def _ok(self, resp: Response, job: Job, endpoint: str) -> dict[str, Any]:

@@ -227,12 +227,12 @@ class ModzyProvider(NoSetup):
         document = self.parse_results(resp, job)
         results = document.get("results") or {}
         failures = document.get("failures") or {}
-        io.write_json("job.json", status.document)
+        await io.write_json("job.json", status.document)
         # As served, byte for byte: the per-item "results.json" entries are model outputs
         # whose exact form is the user's business.
-        io.write_bytes("results.json", resp.body)
+        await io.write_bytes("results.json", resp.body)
         if failures:
-            io.write_json("failures.json", failures)
+            await io.write_json("failures.json", failures)
             if not results:
                 raise ProviderJobFailed(
                     f"every input failed: {failure_reason(failures)}",

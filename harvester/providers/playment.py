@@ -273,10 +273,10 @@ class PlaymentProvider:
     # -- harvest ------------------------------------------------------------------------
     async def harvest(self, job: Job, status: Status, io: HarvestIO) -> None:
         document = status.document
-        io.write_json("job.json", document)
+        await io.write_json("job.json", document)
         result_url = document["result"]
         body = await io.fetch(self.resolver(io, result_url), what="result.json")
-        io.write_bytes("result.json", body)
+        await io.write_bytes("result.json", body)
         try:
             result = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -297,7 +297,7 @@ class PlaymentProvider:
         masks = annotation_data.get("masks")
         if not isinstance(masks, list):
             raise ProtocolError("annotation_data.masks is not a list", provider=NAME, job=job.key)
-        io.write_json("classes.json", classes_from_annotations(annotation_data, job))
+        await io.write_json("classes.json", classes_from_annotations(annotation_data, job))
         frames = [
             # label_url names the attachment, not a signed URL: stable across attempts
             LabelFrame(
@@ -311,7 +311,7 @@ class PlaymentProvider:
         url = result["url"]
         if not isinstance(url, str) or not url:
             raise ProtocolError("result url is not a string", provider=NAME, job=job.key)
-        io.write_json("classes.json", classes_from_legend(result.get("legend"), job))
+        await io.write_json("classes.json", classes_from_legend(result.get("legend"), job))
         stem = PurePosixPath(urlsplit(url).path).name
         stem = stem.removesuffix(".pcd").removesuffix("_data") or "frame"
         await io.labels(frame_file_name(stem), self.resolver(io, url), "pcd", source=url)
@@ -319,7 +319,7 @@ class PlaymentProvider:
     async def _harvest_attachments(self, job: Job, result: dict[str, Any], io: HarvestIO) -> None:
         """Image and video results: every file the result links to, filed by frame."""
         if "legend" in result:
-            io.write_json("classes.json", classes_from_legend(result["legend"], job))
+            await io.write_json("classes.json", classes_from_legend(result["legend"], job))
         try:
             found = find_attachments(result)
         except ValueError as exc:
@@ -340,7 +340,7 @@ class PlaymentProvider:
         if index:
             # The folder says which frame a file belongs to; this says where in the result
             # it was referenced, for the files whose names alone are ambiguous.
-            io.write_json("attachments.json", index)
+            await io.write_json("attachments.json", index)
 
     # -- helpers ------------------------------------------------------------------------
     def _data(self, resp: Response, endpoint: str, *, job: Job | None) -> Any:

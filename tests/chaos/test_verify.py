@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 
@@ -182,13 +183,12 @@ def test_a_reharvest_never_leaves_a_stale_manifest(harvested: Path, tmp_path: Pa
         label_dtype="auto",
         chunk_bytes=4096,
     )
-    out.write_json("job.json", {"status": "completed", "updated_at": "a second later"})
+    anyio.run(out.write_json, "job.json", {"status": "completed", "updated_at": "a second later"})
     # ... and the process dies here, before write_manifest.
     assert verify_outputs(config.output.dir, [again]).problems == []
 
 
 def _jobs(db: Path) -> list:  # type: ignore[type-arg]
-    import anyio
 
     async def read() -> list:  # type: ignore[type-arg]
         async with SqliteStore(db) as store:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import aiohttp
+import anyio
 import pytest
 from conftest import API_KEY, MakeClient, PlaymentClient
 
@@ -106,3 +107,34 @@ async def test_unknown_object_with_valid_signature_is_no_such_key(api: PlaymentC
     signed = api.emu.storage.signed_url("/playment-private/p/nojob/result.json")
     status, body = await _get(api.session, signed)
     assert status == 404 and b"<Code>NoSuchKey</Code>" in body
+
+
+async def test_bandwidth_caps_hold_each_connection_and_the_link(make_client: MakeClient) -> None:
+    """A lower bound only (the caps delay, never hurry): each body at most
+    ``connection_bytes_per_s``, all bodies together at most ``link_bytes_per_s``."""
+    rate = 400_000.0
+    api = await make_client(
+        {
+            **INSTANT,
+            "playment": {"job_duration_s": 0, "points_per_frame": [20_000, 20_000]},
+            "storage": {
+                "chunk_size": 8192,
+                "connection_bytes_per_s": rate,
+                "link_bytes_per_s": 1.5 * rate,
+            },
+        }
+    )
+    result = await _completed_result(api, "bw-1")
+    _, location = await api.resolve(result)
+    assert location is not None
+    started = anyio.current_time()
+    body = await _get(api.session, location)
+    alone = anyio.current_time() - started
+    size = len(body[1])
+    assert size > 20_000 and alone >= size / rate * 0.95
+    started = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(_get, api.session, location)
+    together = anyio.current_time() - started
+    assert together >= 3 * size / (1.5 * rate) * 0.95  # the link, not 3 connections' worth

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -31,6 +31,7 @@ from harvester.providers.base import (
     Found,
     NextPage,
     NotFound,
+    RemoteFile,
     RemoteState,
     Status,
     Unsearchable,
@@ -652,11 +653,15 @@ class FakeIO:
         self.files[relpath] = await self._get(resolve)
         self.listed[relpath] = (size, md5)
 
-    def write_bytes(self, relpath: str, data: bytes) -> None:
+    async def download_files(self, files: Sequence[RemoteFile]) -> None:
+        for f in files:
+            await self.download(f.relpath, f.resolve, size=f.size, md5=f.md5)
+
+    async def write_bytes(self, relpath: str, data: bytes) -> None:
         self.files[relpath] = data
 
-    def write_json(self, relpath: str, obj: Any) -> None:
-        self.write_bytes(relpath, orjson.dumps(obj))
+    async def write_json(self, relpath: str, obj: Any) -> None:
+        await self.write_bytes(relpath, orjson.dumps(obj))
 
 
 def success() -> Status:

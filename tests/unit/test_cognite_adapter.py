@@ -393,11 +393,11 @@ class FakeIO:
     async def download(self, relpath: str, resolve: Any) -> None:
         raise AssertionError("Cognite's harvest downloads nothing")
 
-    def write_bytes(self, relpath: str, data: bytes) -> None:
+    async def write_bytes(self, relpath: str, data: bytes) -> None:
         self.files[relpath] = data
 
-    def write_json(self, relpath: str, obj: Any) -> None:
-        self.write_bytes(relpath, orjson.dumps(obj))
+    async def write_json(self, relpath: str, obj: Any) -> None:
+        await self.write_bytes(relpath, orjson.dumps(obj))
 
 
 @pytest.mark.anyio

@@ -72,6 +72,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "harvester.fsutil",
         "harvester.metrics",
         "harvester.objstore",
+        "harvester.offload",
         "harvester.store",
         "harvester.transport",
     ),

@@ -319,11 +319,11 @@ class FakeIO:
     async def download(self, relpath: str, resolve: Any) -> None:
         raise AssertionError("Modzy's results come from the API")
 
-    def write_bytes(self, relpath: str, data: bytes) -> None:
+    async def write_bytes(self, relpath: str, data: bytes) -> None:
         self.files[relpath] = data
 
-    def write_json(self, relpath: str, obj: Any) -> None:
-        self.write_bytes(relpath, orjson.dumps(obj))
+    async def write_json(self, relpath: str, obj: Any) -> None:
+        await self.write_bytes(relpath, orjson.dumps(obj))
 
 
 def completed() -> Status:

@@ -335,10 +335,10 @@ class _AttachmentIO:
     async def download(self, relpath: str, resolve: Any) -> None:
         self.downloads[relpath] = await resolve()
 
-    def write_bytes(self, relpath: str, data: bytes) -> None:
+    async def write_bytes(self, relpath: str, data: bytes) -> None:
         self.files[relpath] = data
 
-    def write_json(self, relpath: str, obj: Any) -> None:
+    async def write_json(self, relpath: str, obj: Any) -> None:
         self.files[relpath] = orjson.dumps(obj)
 
 
