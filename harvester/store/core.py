@@ -15,19 +15,24 @@ the ``Store`` protocol is its own SQL.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import anyio
 
 from harvester.errors import StoreError, StoreUnavailable
-from harvester.jobs import Event, Job, apply, update
-from harvester.store.base import MOVED_META, AddResult, NewJob, moved_error
+from harvester.jobs import ACTIVE, Event, Job, JobState, apply, update
+from harvester.store import queries
+from harvester.store.base import MOVED_META, AddResult, JobPage, NewJob, moved_error
 from harvester.store.groupcommit import GroupCommit
+from harvester.store.rows import ACTIVE_SQL, counts_from_rows, job_from_row, page_from_rows
 
 
 class StoreCore(ABC):
+    #: the dialect's placeholders and insertion-order column, for ``queries``
+    _sql: ClassVar[queries.Dialect]
+
     def __init__(self, where: str) -> None:
         self._where = where  #: names the store in every message (a path, a URL sans password)
         self._opened = False
@@ -52,6 +57,10 @@ class StoreCore(ABC):
     async def _write_batch(self, writes: Sequence[tuple[Job, int]]) -> list[str | None]:
         """Write each job whose row is still at its base version, in one transaction; one
         problem (or None: written) per write."""
+
+    @abstractmethod
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """Every row ``sql`` returns."""
 
     @abstractmethod
     async def get_meta(self, name: str) -> str | None: ...
@@ -116,6 +125,55 @@ class StoreCore(ABC):
 
     async def update(self, job: Job, *, now: float, **changes: Any) -> Job:
         return await self._writer().write(update(job, now=now, **changes), job)
+
+    async def active(self, provider: str | None = None) -> list[Job]:
+        return await self.jobs(provider=provider, states=sorted(ACTIVE))
+
+    async def jobs(
+        self, *, provider: str | None = None, states: Sequence[JobState] | None = None
+    ) -> list[Job]:
+        """Jobs filtered by provider and/or state, oldest first (``states=[]`` matches none)."""
+        rows = await self._query(lambda p: queries.select_jobs(self._sql, p, provider, states))
+        return [job_from_row(tuple(row)) for row in rows]
+
+    async def recent(self, states: Sequence[JobState], *, limit: int) -> list[Job]:
+        rows = await self._query(lambda p: queries.recent_jobs(self._sql, p, states, limit))
+        return [job_from_row(tuple(row)) for row in rows]
+
+    async def page(
+        self,
+        *,
+        provider: str | None = None,
+        states: Sequence[JobState] | None = None,
+        since: float | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> JobPage:
+        """See the protocol: keyset paging on the insertion-order column. (On PostgreSQL
+        that is ``seq``: a listing, not a feed, so a job whose insert commits behind a later
+        one may be missed by a walk already past its ``seq``; ``added_since`` is the feed.)"""
+        rows = await self._query(
+            lambda p: queries.page_jobs(self._sql, p, provider, states, since, after, limit)
+        )
+        return page_from_rows(rows, limit)
+
+    async def counts(self) -> dict[tuple[str, JobState], int]:
+        sql = "SELECT provider, state, count(*) FROM jobs GROUP BY provider, state"
+        return counts_from_rows(await self._fetch(sql, ()))
+
+    async def unknown_statuses(self) -> dict[tuple[str, str], int]:
+        rows = await self._fetch(
+            "SELECT provider, remote_status, count(*) FROM jobs WHERE status_unknown"
+            f" AND state IN ({ACTIVE_SQL}) GROUP BY provider, remote_status",
+            (),
+        )
+        return {(provider, raw or ""): int(n) for provider, raw, n in rows}
+
+    async def _query(self, build: Callable[[queries.Params], str | None]) -> list[Any]:
+        """The rows of the statement ``build`` writes (None from it: nothing can match)."""
+        p = self._sql.params()
+        sql = build(p)
+        return [] if sql is None else await self._fetch(sql, p.values)
 
     def _writer(self) -> GroupCommit:
         self._require_open()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -33,12 +33,11 @@ import anyio
 import asyncpg
 
 from harvester.errors import StoreError, StoreUnavailable
-from harvester.jobs import ACTIVE, TERMINAL, Job, JobState
+from harvester.jobs import TERMINAL, Job, JobState
 from harvester.store import integrity, queries, schema
 from harvester.store.base import (
     AddResult,
     DumpedJob,
-    JobPage,
     JobRef,
     NewJob,
     Renewal,
@@ -48,19 +47,16 @@ from harvester.store.base import (
 from harvester.store.core import StoreCore
 from harvester.store.rows import (
     ACTIVE_SQL,
-    GONE,
     ID_COLUMNS,
     JOB_COLUMN_NAMES,
     JOB_COLUMNS,
     SELECT_JOBS,
     WRITTEN_COLUMNS,
-    counts_from_rows,
     decode_payload,
     job_from_row,
     job_row,
-    page_from_rows,
     parse_state,
-    stale_problem,
+    refused_write,
     taken_id_problem,
     written_values,
 )
@@ -129,7 +125,6 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(_MIGRATIONS)
 _OUR_TABLES = ("jobs", "meta", "replicas")
 
-_SQL = queries.Dialect(numbered=True, order="seq")
 _INTEGRITY = integrity.rules("seq", "string_agg(key, ', ' ORDER BY seq)")
 
 #: the array type each written column travels in
@@ -190,6 +185,8 @@ def display_url(url: str) -> str:
 
 class PostgresStore(StoreCore):
     """The ``Store`` and ``SharedStore`` protocols on one PostgreSQL database."""
+
+    _sql = queries.Dialect(numbered=True, order="seq")
 
     def __init__(
         self,
@@ -289,13 +286,9 @@ class PostgresStore(StoreCore):
                     await conn.execute(statement)
                 await conn.execute("INSERT INTO harvester_schema (version) VALUES ($1)", version)
 
-    async def _fetch(self, build: Callable[[queries.Params], str | None]) -> list[Any]:
-        p = _SQL.params()
-        sql = build(p)
-        if sql is None:
-            return []
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
         async with self._connection() as conn:
-            return list(await conn.fetch(sql, *p.values))
+            return list(await conn.fetch(sql, *params))
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -368,50 +361,6 @@ class PostgresStore(StoreCore):
                 "SELECT payload FROM jobs WHERE provider = $1 AND key = $2", job.provider, job.key
             )
         return decode_payload(f"{job.provider}/{job.key}", None if row is None else tuple(row))
-
-    async def active(self, provider: str | None = None) -> list[Job]:
-        return await self.jobs(provider=provider, states=sorted(ACTIVE))
-
-    async def jobs(
-        self, *, provider: str | None = None, states: Sequence[JobState] | None = None
-    ) -> list[Job]:
-        """Jobs filtered by provider and/or state, oldest first (``states=[]`` matches none)."""
-        rows = await self._fetch(lambda p: queries.select_jobs(_SQL, p, provider, states))
-        return [job_from_row(tuple(r)) for r in rows]
-
-    async def recent(self, states: Sequence[JobState], *, limit: int) -> list[Job]:
-        rows = await self._fetch(lambda p: queries.recent_jobs(_SQL, p, states, limit))
-        return [job_from_row(tuple(r)) for r in rows]
-
-    async def page(
-        self,
-        *,
-        provider: str | None = None,
-        states: Sequence[JobState] | None = None,
-        since: float | None = None,
-        after: int = 0,
-        limit: int = 100,
-    ) -> JobPage:
-        """See the protocol. Keyset paging on ``seq`` (the unique index ``jobs_seq``): a
-        listing, not a feed, so a job whose insert commits behind a later one may be missed
-        by a walk already past its ``seq`` (``added_since`` is the feed)."""
-        rows = await self._fetch(
-            lambda p: queries.page_jobs(_SQL, p, provider, states, since, after, limit)
-        )
-        return page_from_rows(rows, limit)
-
-    async def counts(self) -> dict[tuple[str, JobState], int]:
-        sql = "SELECT provider, state, count(*) FROM jobs GROUP BY provider, state"
-        return counts_from_rows(await self._fetch(lambda p: sql))
-
-    async def unknown_statuses(self) -> dict[tuple[str, str], int]:
-        rows = await self._fetch(
-            lambda p: (
-                "SELECT provider, remote_status, count(*) FROM jobs WHERE status_unknown"
-                f" AND state IN ({ACTIVE_SQL}) GROUP BY provider, remote_status"
-            )
-        )
-        return {(provider, raw or ""): int(n) for provider, raw, n in rows}
 
     async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         """Active jobs added after ``cursor``; see the protocol.
@@ -721,17 +670,9 @@ class PostgresStore(StoreCore):
         problems: list[str | None] = [None] * len(writes)
         for i in missed:
             job, base_version = writes[i]
-            row = found.get((job.provider, job.key))
-            if row is None:
-                problems[i] = GONE
-            elif self._owner is not None and row[1] != self._owner and row[0] == base_version:
-                holder = f"replica {row[1]}" if row[1] else "no replica"
-                problems[i] = (
-                    f"is held by {holder}, not by this one ({self._owner}): its lease was"
-                    " taken over or given up; nothing written"
-                )
-            else:
-                problems[i] = stale_problem(row[0], base_version)
+            problems[i] = refused_write(
+                base_version, found.get((job.provider, job.key)), self._owner
+            )
         return problems
 
     async def _taken_id_problem(

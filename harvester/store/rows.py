@@ -186,12 +186,21 @@ def same_payload(stored: bytes | None, new: bytes | None) -> bool:
 
 # --- why a job write was refused ------------------------------------------------------------
 
-GONE = "is no longer in the job store"
 
-
-def stale_problem(stored_version: int, base_version: int) -> str:
+def refused_write(base_version: int, stored: tuple[int, str | None] | None, me: str | None) -> str:
+    """Why a write based on ``base_version`` matched no row, given the row's (version, owner)
+    as stored now (None: it is gone) and the replica ``me`` that wrote (None: not joined)."""
+    if stored is None:
+        return "is no longer in the job store"
+    version, owner = stored
+    if me is not None and owner != me and version == base_version:
+        holder = f"replica {owner}" if owner else "no replica"
+        return (
+            f"is held by {holder}, not by this one ({me}): its lease was taken over or given"
+            " up; nothing written"
+        )
     return (
-        f"was changed by another process or task (stored version {stored_version},"
+        f"was changed by another process or task (stored version {version},"
         f" this write was based on {base_version}); nothing written"
     )
 

@@ -30,23 +30,19 @@ import anyio.to_thread
 from harvester.errors import StoreError, StoreUnavailable
 from harvester.jobs import ACTIVE, Job, JobState
 from harvester.store import integrity, queries, schema
-from harvester.store.base import AddResult, DumpedJob, JobPage, JobRef, NewJob, not_empty_error
+from harvester.store.base import AddResult, DumpedJob, JobRef, NewJob, not_empty_error
 from harvester.store.core import StoreCore
 from harvester.store.rows import (
-    ACTIVE_SQL,
-    GONE,
     ID_COLUMNS,
     JOB_COLUMN_NAMES,
     JOB_COLUMNS,
     SELECT_JOBS,
     WRITTEN_COLUMNS,
-    counts_from_rows,
     decode_payload,
     job_from_row,
     job_row,
-    page_from_rows,
     parse_state,
-    stale_problem,
+    refused_write,
     taken_id_problem,
     written_values,
 )
@@ -91,7 +87,6 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_SQL = queries.Dialect(numbered=False, order="rowid")
 _INTEGRITY = integrity.rules("rowid", "group_concat(key, ', ')")
 
 _INSERT_JOB = (
@@ -301,7 +296,7 @@ class _Db:
         row = self.conn.execute(
             "SELECT version FROM jobs WHERE provider = ? AND key = ?", (job.provider, job.key)
         ).fetchone()
-        return GONE if row is None else stale_problem(row[0], base_version)
+        return refused_write(base_version, None if row is None else (row[0], None), None)
 
     def _taken_id_problem(self, job: Job, exc: sqlite3.IntegrityError) -> str:
         holders = {}
@@ -324,10 +319,6 @@ class _Db:
             "SELECT payload FROM jobs WHERE provider = ? AND key = ?", (provider, key)
         ).fetchone()
         return decode_payload(f"{provider}/{key}", row)
-
-    def fetch(self, sql: str | None, params: Sequence[Any]) -> list[Any]:
-        """The rows of ``sql`` (None: a query known to match nothing)."""
-        return [] if sql is None else self.conn.execute(sql, params).fetchall()
 
     def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         # Rows enter the table only through add_jobs and are never deleted, so rowids only
@@ -403,6 +394,8 @@ class SqliteStore(StoreCore):
     schema is still checked, then upgraded).
     """
 
+    _sql = queries.Dialect(numbered=False, order="rowid")
+
     def __init__(
         self,
         path: Path,
@@ -442,7 +435,8 @@ class SqliteStore(StoreCore):
             )
             self._reader = _Db.connect_reader(self._path, self._busy_timeout_s)
         except (sqlite3.Error, OSError) as exc:
-            await self._disconnect()
+            with anyio.CancelScope(shield=True):
+                await self._disconnect()
             raise StoreUnavailable(
                 f"{self._path}: cannot open the job store: {exc}{_damaged(exc)}"
             ) from exc
@@ -475,10 +469,8 @@ class SqliteStore(StoreCore):
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"{self._path}: {exc}{_damaged(exc)}") from exc
 
-    async def _fetch(self, build: Callable[[queries.Params], str | None]) -> list[Any]:
-        p = _SQL.params()
-        sql = build(p)
-        return await self._call(lambda db: db.fetch(sql, p.values))
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        return await self._call(lambda db: db.conn.execute(sql, params).fetchall())
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -491,51 +483,8 @@ class SqliteStore(StoreCore):
     async def load_payload(self, job: Job) -> Mapping[str, Any] | None:
         return self._read(lambda db: db.load_payload(job.provider, job.key))
 
-    async def active(self, provider: str | None = None) -> list[Job]:
-        return await self.jobs(provider=provider, states=sorted(ACTIVE))
-
-    async def jobs(
-        self, *, provider: str | None = None, states: Sequence[JobState] | None = None
-    ) -> list[Job]:
-        """Jobs filtered by provider and/or state, oldest first (``states=[]`` matches none)."""
-        rows = await self._fetch(lambda p: queries.select_jobs(_SQL, p, provider, states))
-        return [job_from_row(row) for row in rows]
-
-    async def counts(self) -> dict[tuple[str, JobState], int]:
-        sql = "SELECT provider, state, count(*) FROM jobs GROUP BY provider, state"
-        return counts_from_rows(await self._fetch(lambda p: sql))
-
-    async def unknown_statuses(self) -> dict[tuple[str, str], int]:
-        rows = await self._fetch(
-            lambda p: (
-                "SELECT provider, remote_status, count(*) FROM jobs WHERE status_unknown"
-                f" = 1 AND state IN ({ACTIVE_SQL}) GROUP BY provider, remote_status"
-            )
-        )
-        return {(provider, raw or ""): n for provider, raw, n in rows}
-
-    async def recent(self, states: Sequence[JobState], *, limit: int) -> list[Job]:
-        rows = await self._fetch(lambda p: queries.recent_jobs(_SQL, p, states, limit))
-        return [job_from_row(row) for row in rows]
-
     async def added_since(self, cursor: int) -> tuple[list[JobRef], int]:
         return await self._call(lambda db: db.added_since(cursor))
-
-    async def page(
-        self,
-        *,
-        provider: str | None = None,
-        states: Sequence[JobState] | None = None,
-        since: float | None = None,
-        after: int = 0,
-        limit: int = 100,
-    ) -> JobPage:
-        """See the protocol: keyset paging on ``rowid``, and a job added meanwhile lands
-        after every cursor already handed out."""
-        rows = await self._fetch(
-            lambda p: queries.page_jobs(_SQL, p, provider, states, since, after, limit)
-        )
-        return page_from_rows(rows, limit)
 
     async def get_meta(self, name: str) -> str | None:
         return await self._call(lambda db: db.get_meta(name))

@@ -17,7 +17,7 @@ from harvester.control import retry_job
 from harvester.emulator.server import Emulator
 from harvester.engine import Engine
 from harvester.jobs import Event, JobState
-from harvester.store import postgres, queries, sqlite
+from harvester.store import postgres, queries
 from harvester.store.base import Store
 from harvester.store.sqlite import _APPLICATION_ID, _MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from tests.integration.test_all_providers import SECRETS, config, scenario
@@ -128,8 +128,8 @@ def sqlite_recent_plan(conn: sqlite3.Connection) -> bool:
     """``Store.recent`` reads the index ``jobs_recent`` one state at a time, ``limit`` rows at
     most each: no scan of the table. (Whether SQLite then walks the index newest first or
     sorts the few rows of a tiny table is its planner's choice, from the file's statistics.)"""
-    p = sqlite._SQL.params()
-    sql = queries.recent_jobs(sqlite._SQL, p, [JobState.ERROR, JobState.FAILED], 10)
+    p = SqliteStore._sql.params()
+    sql = queries.recent_jobs(SqliteStore._sql, p, [JobState.ERROR, JobState.FAILED], 10)
     assert sql is not None
     plan = [str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", p.values)]
     searches = [step for step in plan if step.startswith("SEARCH jobs")]
