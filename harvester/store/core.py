@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 import anyio
 
@@ -27,6 +27,8 @@ from harvester.store import queries
 from harvester.store.base import MOVED_META, AddResult, JobPage, NewJob, moved_error
 from harvester.store.groupcommit import GroupCommit
 from harvester.store.rows import ACTIVE_SQL, counts_from_rows, job_from_row, page_from_rows
+
+_T = TypeVar("_T")
 
 
 class StoreCore(ABC):
@@ -59,8 +61,11 @@ class StoreCore(ABC):
         problem (or None: written) per write."""
 
     @abstractmethod
-    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        """Every row ``sql`` returns."""
+    async def _fetch(
+        self, sql: str, params: Sequence[Any], convert: Callable[[tuple[Any, ...]], _T]
+    ) -> list[_T]:
+        """Every row ``sql`` returns, each through ``convert`` as it is read (no list of
+        100,000 raw rows beside the 100,000 jobs they become)."""
 
     @abstractmethod
     async def get_meta(self, name: str) -> str | None: ...
@@ -133,12 +138,14 @@ class StoreCore(ABC):
         self, *, provider: str | None = None, states: Sequence[JobState] | None = None
     ) -> list[Job]:
         """Jobs filtered by provider and/or state, oldest first (``states=[]`` matches none)."""
-        rows = await self._query(lambda p: queries.select_jobs(self._sql, p, provider, states))
-        return [job_from_row(tuple(row)) for row in rows]
+        return await self._query(
+            lambda p: queries.select_jobs(self._sql, p, provider, states), job_from_row
+        )
 
     async def recent(self, states: Sequence[JobState], *, limit: int) -> list[Job]:
-        rows = await self._query(lambda p: queries.recent_jobs(self._sql, p, states, limit))
-        return [job_from_row(tuple(row)) for row in rows]
+        return await self._query(
+            lambda p: queries.recent_jobs(self._sql, p, states, limit), job_from_row
+        )
 
     async def page(
         self,
@@ -152,28 +159,34 @@ class StoreCore(ABC):
         """See the protocol: keyset paging on the insertion-order column. (On PostgreSQL
         that is ``seq``: a listing, not a feed, so a job whose insert commits behind a later
         one may be missed by a walk already past its ``seq``; ``added_since`` is the feed.)"""
-        rows = await self._query(
-            lambda p: queries.page_jobs(self._sql, p, provider, states, since, after, limit)
+        found = await self._query(
+            lambda p: queries.page_jobs(self._sql, p, provider, states, since, after, limit),
+            lambda row: (int(row[0]), job_from_row(row[1:])),
         )
-        return page_from_rows(rows, limit)
+        return page_from_rows(found, limit)
 
     async def counts(self) -> dict[tuple[str, JobState], int]:
         sql = "SELECT provider, state, count(*) FROM jobs GROUP BY provider, state"
-        return counts_from_rows(await self._fetch(sql, ()))
+        return counts_from_rows(await self._fetch(sql, (), tuple))
 
     async def unknown_statuses(self) -> dict[tuple[str, str], int]:
         rows = await self._fetch(
             "SELECT provider, remote_status, count(*) FROM jobs WHERE status_unknown"
             f" AND state IN ({ACTIVE_SQL}) GROUP BY provider, remote_status",
             (),
+            tuple,
         )
         return {(provider, raw or ""): int(n) for provider, raw, n in rows}
 
-    async def _query(self, build: Callable[[queries.Params], str | None]) -> list[Any]:
+    async def _query(
+        self,
+        build: Callable[[queries.Params], str | None],
+        convert: Callable[[tuple[Any, ...]], _T],
+    ) -> list[_T]:
         """The rows of the statement ``build`` writes (None from it: nothing can match)."""
         p = self._sql.params()
         sql = build(p)
-        return [] if sql is None else await self._fetch(sql, p.values)
+        return [] if sql is None else await self._fetch(sql, p.values, convert)
 
     def _writer(self) -> GroupCommit:
         self._require_open()

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -63,6 +63,8 @@ from harvester.store.rows import (
 from harvester.store.walk import StoredRow, stored_row, walk
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "display_url"]
+
+_T = TypeVar("_T")
 
 #: pg_advisory_xact_lock key for migrations ("HRVS", as sqlite's application_id)
 _MIGRATION_LOCK = 0x48525653
@@ -286,9 +288,12 @@ class PostgresStore(StoreCore):
                     await conn.execute(statement)
                 await conn.execute("INSERT INTO harvester_schema (version) VALUES ($1)", version)
 
-    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+    async def _fetch(
+        self, sql: str, params: Sequence[Any], convert: Callable[[tuple[Any, ...]], _T]
+    ) -> list[_T]:
         async with self._connection() as conn:
-            return list(await conn.fetch(sql, *params))
+            rows = await conn.fetch(sql, *params)
+        return [convert(tuple(r)) for r in rows]
 
     # --- jobs -----------------------------------------------------------------------------
 

@@ -122,13 +122,12 @@ def parse_state(provider: str, key: str, state: str) -> JobState:
         ) from None
 
 
-def page_from_rows(rows: list[Any], limit: int) -> JobPage:
-    """A page from up to ``limit + 1`` rows of (cursor, *JOB_COLUMNS): the extra one only
-    says that another page follows."""
-    more = len(rows) > limit
-    rows = rows[:limit]
-    jobs = [job_from_row(tuple(row)[1:]) for row in rows]
-    return JobPage(jobs, int(rows[-1][0]) if more else None)
+def page_from_rows(found: list[tuple[int, Job]], limit: int) -> JobPage:
+    """A page from up to ``limit + 1`` (cursor, job) pairs: the extra one only says that
+    another page follows."""
+    more = len(found) > limit
+    found = found[:limit]
+    return JobPage([job for _, job in found], found[-1][0] if more else None)
 
 
 def counts_from_rows(rows: Iterable[Any]) -> dict[tuple[str, JobState], int]:

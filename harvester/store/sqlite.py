@@ -469,8 +469,10 @@ class SqliteStore(StoreCore):
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"{self._path}: {exc}{_damaged(exc)}") from exc
 
-    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        return await self._call(lambda db: db.conn.execute(sql, params).fetchall())
+    async def _fetch(
+        self, sql: str, params: Sequence[Any], convert: Callable[[tuple[Any, ...]], _T]
+    ) -> list[_T]:
+        return await self._call(lambda db: [convert(r) for r in db.conn.execute(sql, params)])
 
     # --- jobs -----------------------------------------------------------------------------
 
