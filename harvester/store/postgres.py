@@ -123,6 +123,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
     ),
     *schema.later_steps(schema.POSTGRES),
+    # No step 5 (sqlite's index on (state, updated_at) for ``Store.recent``): an index on
+    # updated_at, even a partial one, makes every write a non-HOT update, since each write
+    # changes it. Measured, 200 writers of polls' updates: 36,000 -> 22,000 writes/s and HOT
+    # updates 18,420 -> 0 of 20,400. ``recent`` reads jobs_state instead, one state at a time.
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _OUR_TABLES = ("jobs", "meta", "replicas")

@@ -79,19 +79,19 @@ def page_jobs(
 def recent_jobs(d: Dialect, p: Params, states: Sequence[JobState], limit: int) -> str | None:
     """At most ``limit`` jobs in ``states``, most recently changed first.
 
-    One newest-first range read of the index ``jobs_recent`` per state, ``limit`` rows at
-    most each, then the few rows found are merged: bounded however many jobs have failed.
-    One ``state IN (...) ORDER BY updated_at`` would make PostgreSQL (15) read and sort every
-    one of them (measured, 50,000 jobs in error: 48 ms against 0.2 ms); SQLite does as well
-    with either form once the index is there (without it: 107 ms).
+    One newest-first read per state, ``limit`` rows at most each, then the few rows found
+    are merged. On sqlite each read is a range of the index (state, updated_at): bounded
+    however many jobs have failed (measured, 50,000 of 100,000 jobs in error: 0.03 ms, and
+    40 ms on the index of schema 4, on state alone). PostgreSQL keeps no such index
+    (``postgres._MIGRATIONS`` says why) and sorts each state's rows.
     """
     if not states or limit <= 0:
         return None
     parts = [
         f"SELECT * FROM (SELECT {JOB_COLUMNS}, {d.order} AS seq_ FROM jobs"
-        f" WHERE state = {states_sql([s])} ORDER BY updated_at DESC, {d.order} DESC"
+        f" WHERE state = {states_sql([state])} ORDER BY updated_at DESC, {d.order} DESC"
         f" LIMIT {p(limit)}) AS s{i}"
-        for i, s in enumerate(sorted(set(JobState(s) for s in states)))
+        for i, state in enumerate(sorted({JobState(s) for s in states}))
     ]
     return (
         f"SELECT {JOB_COLUMNS} FROM ({' UNION ALL '.join(parts)}) AS recent"

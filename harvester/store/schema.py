@@ -28,7 +28,7 @@ POSTGRES = Types(text="text", real="double precision", flag="boolean", false="fa
 
 
 def later_steps(t: Types) -> tuple[tuple[str, ...], ...]:
-    """Steps 2 and on, in ``t``'s spelling."""
+    """Steps 2 to 4, in ``t``'s spelling (a dialect may add its own after them)."""
     return (
         # 2: a status the provider does not document, so `harvester status` can name it
         (f"ALTER TABLE jobs ADD COLUMN status_unknown {t.flag} NOT NULL DEFAULT {t.false}",),
@@ -45,9 +45,6 @@ def later_steps(t: Types) -> tuple[tuple[str, ...], ...]:
         ),
         # 4: a cancel asked of a job another replica holds (kept by the row, never by a write)
         (f"ALTER TABLE jobs ADD COLUMN cancel_requested_at {t.real}",),
-        # 5: the status page's recent failures (``Store.recent``) read the newest rows of a
-        # few states, not every row of the table
-        ("CREATE INDEX jobs_recent ON jobs (state, updated_at)",),
     )
 
 

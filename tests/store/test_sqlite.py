@@ -138,7 +138,8 @@ async def test_a_reader_checks_a_file_it_must_upgrade_first(path: Path, anyio_ba
     async with SqliteStore(path) as store:
         await add(store, 50)
     with raw(path) as conn:
-        conn.execute("DROP INDEX jobs_recent")  # as schema 4 left it
+        conn.execute("DROP INDEX jobs_state")  # as schema 4 left it
+        conn.execute("CREATE INDEX jobs_state ON jobs (state)")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
     damage_page_of(path, "jobs_remote_id")
     with pytest.raises(StoreError, match=r"the file is damaged"):
@@ -151,7 +152,8 @@ async def test_a_reader_upgrades_a_healthy_older_file(path: Path, anyio_backend:
     async with SqliteStore(path) as store:
         await add(store, 3)
     with raw(path) as conn:
-        conn.execute("DROP INDEX jobs_recent")
+        conn.execute("DROP INDEX jobs_state")
+        conn.execute("CREATE INDEX jobs_state ON jobs (state)")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
     async with SqliteStore(path, read_only=True) as reader:
         assert len(await reader.recent([JobState.NEW], limit=10)) == 3
