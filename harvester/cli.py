@@ -211,7 +211,7 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
     from harvester.verify import Report, verify_outputs
 
     report = Report()
-    async with opened(config) as store:
+    async with opened(config, read_only=True) as store:
         counts = await store.counts()
         failures = await store.jobs(states=sorted(UNSUCCESSFUL))
         unknown = await store.unknown_statuses()

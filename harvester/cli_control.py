@@ -265,7 +265,7 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         if args.command == "jobs":
             _states(config, args)
             _since(args.since)
-        async with opened(config) as store:
+        async with opened(config, read_only=args.command == "jobs") as store:
             if args.command == "jobs":
                 return await list_jobs(config, store, args)
             # Bad input is found before the lock, whose file records its holder: an unknown

@@ -95,11 +95,12 @@ class Shutdown:
 
 
 @asynccontextmanager
-async def opened(config: Config) -> AsyncIterator[Store]:
-    """``config``'s store, open for the block and closed after it even when cancelled."""
+async def opened(config: Config, *, read_only: bool = False) -> AsyncIterator[Store]:
+    """``config``'s store, open for the block and closed after it even when cancelled
+    (``read_only``: for a caller that only reads, see ``make_store``)."""
     from harvester.store import make_store
 
-    store = make_store(config.store)
+    store = make_store(config.store, read_only=read_only)
     await store.open()
     try:
         yield store

@@ -9,13 +9,16 @@ from harvester.store.base import AddResult, JobRef, NewJob, Renewal, SharedStore
 __all__ = ["AddResult", "JobRef", "NewJob", "Renewal", "SharedStore", "Store", "make_store"]
 
 
-def make_store(cfg: StoreConfig) -> Store:
-    """An unopened store for ``cfg`` (call ``await store.open()``)."""
+def make_store(cfg: StoreConfig, *, read_only: bool = False) -> Store:
+    """An unopened store for ``cfg`` (call ``await store.open()``).
+
+    ``read_only``: the caller only reads (``harvester status``, listings): a sqlite file then
+    opens without reading every page first (``SqliteStore``), and refuses writes."""
     if cfg.path is not None:
         from harvester.store.sqlite import SqliteStore
 
         # FULL: a power loss must not lose a recorded "submitting" intent whose POST left.
-        return SqliteStore(cfg.path, synchronous="FULL")
+        return SqliteStore(cfg.path, synchronous="FULL", read_only=read_only)
     try:
         from harvester.store.postgres import PostgresStore
     except ImportError as exc:  # asyncpg is the optional "postgres" extra

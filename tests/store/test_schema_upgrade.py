@@ -1,7 +1,8 @@
 """A job store written by schema 2 (before cancel/retry) opens under schema 4 (3: cancel/retry,
 4: cancel requests across replicas) with every job intact: the new columns empty (but a
 running job's start), the jobs pageable, cancellable and retryable; on sqlite and on
-PostgreSQL."""
+PostgreSQL. On sqlite, schema 5 adds updated_at to the state index (``Store.recent``), and
+a schema-4 file gains it in place."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from harvester.control import retry_job
 from harvester.emulator.server import Emulator
 from harvester.engine import Engine
 from harvester.jobs import Event, JobState
-from harvester.store import postgres
+from harvester.store import postgres, queries
 from harvester.store.base import Store
 from harvester.store.sqlite import _APPLICATION_ID, _MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from tests.integration.test_all_providers import SECRETS, config, scenario
@@ -60,18 +61,18 @@ def insert_params(
 
 
 def schema_2_store(
-    path: Path, rows: list[tuple[str, str | None, str, str | None, int]] = ROWS
+    path: Path, rows: list[tuple[str, str | None, str, str | None, int]] = ROWS, version: int = 2
 ) -> None:
-    """The file schema 2 of harvester wrote (its migrations are append-only)."""
+    """The file schema 2 (or ``version``) of harvester wrote (its migrations are append-only)."""
     conn = sqlite3.connect(path)
     try:
         conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-        for step in _MIGRATIONS[:2]:
+        for step in _MIGRATIONS[:version]:
             for statement in step:
                 conn.execute(statement)
         for params in insert_params(rows):
             conn.execute(INSERT, params)
-        conn.execute("PRAGMA user_version = 2")
+        conn.execute(f"PRAGMA user_version = {version}")
         conn.commit()
     finally:
         conn.close()
@@ -108,17 +109,55 @@ async def check_upgraded(store: Store) -> None:
     assert resubmitted.past_remote_ids == ("r-1",) and resubmitted.remote_attempt == 2
 
 
-async def test_a_schema_2_sqlite_store_upgrades_to_4(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 4  # this test is about exactly these steps
+async def test_a_schema_2_sqlite_store_upgrades_to_5(tmp_path: Path) -> None:
+    assert SCHEMA_VERSION == 5  # this test is about exactly these steps
     path = tmp_path / "state.db"
     schema_2_store(path)
     async with SqliteStore(path) as store:
         await check_upgraded(store)
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
         assert "cancel_requested_at" in columns
+        assert sqlite_recent_plan(conn)
+    finally:
+        conn.close()
+
+
+def sqlite_recent_plan(conn: sqlite3.Connection) -> bool:
+    """The index ``jobs_state`` is (state, updated_at), and ``Store.recent`` can read it one
+    state at a time: forced onto it (``INDEXED BY``), SQLite searches it by state. (Whether
+    it prefers it unforced is its planner's choice from the file's statistics: on a tiny
+    table it may sort instead.)"""
+    assert [r[2] for r in conn.execute("PRAGMA index_info(jobs_state)")] == ["state", "updated_at"]
+    p = SqliteStore._sql.params()
+    sql = queries.recent_jobs(SqliteStore._sql, p, [JobState.ERROR, JobState.FAILED], 10)
+    assert sql is not None and sql.count("FROM jobs WHERE") == 2
+    forced = sql.replace("FROM jobs WHERE", "FROM jobs INDEXED BY jobs_state WHERE")
+    plan = [str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {forced}", p.values)]
+    searches = [step for step in plan if step.startswith("SEARCH jobs")]
+    assert searches == ["SEARCH jobs USING INDEX jobs_state (state=?)"] * 2, plan
+    return True
+
+
+async def test_a_schema_4_sqlite_store_gains_updated_at_in_its_state_index(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    schema_2_store(path, version=4)
+    conn = sqlite3.connect(path)
+    try:
+        assert [r[2] for r in conn.execute("PRAGMA index_info(jobs_state)")] == ["state"]
+    finally:
+        conn.close()
+    async with SqliteStore(path) as store:
+        (recent,) = await store.recent([JobState.ERROR], limit=5)
+        assert recent.key == "err-1" and recent.reason == "harvest failed: disk full"
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert sqlite_recent_plan(conn)
     finally:
         conn.close()
 
@@ -137,20 +176,25 @@ async def test_a_job_running_before_the_upgrade_still_times_out(tmp_path: Path) 
     assert job.reason is not None and job.reason.startswith("timed out after")
 
 
-async def test_a_schema_2_postgres_store_upgrades_to_4(shared_backend: PostgresBackend) -> None:
-    assert postgres.SCHEMA_VERSION == 4
-    pg = shared_backend
-    # What schema 2 of harvester wrote: its migrations (append-only) and their record.
+def postgres_store_at(pg: PostgresBackend, version: int) -> None:
+    """What schema ``version`` of harvester wrote, with ``ROWS``: its migrations
+    (append-only) and their record."""
     pg.raw(
         "CREATE TABLE harvester_schema (version integer PRIMARY KEY,"
         " applied_at timestamptz NOT NULL DEFAULT now())"
     )
-    for version, step in enumerate(postgres._MIGRATIONS[:2], start=1):
+    for applied, step in enumerate(postgres._MIGRATIONS[:version], start=1):
         for statement in step:
             pg.raw(statement)
-        pg.raw("INSERT INTO harvester_schema (version) VALUES (?)", (version,))
+        pg.raw("INSERT INTO harvester_schema (version) VALUES (?)", (applied,))
     for params in insert_params(ROWS):
         pg.raw(INSERT, params)
+
+
+async def test_a_schema_2_postgres_store_upgrades_to_4(shared_backend: PostgresBackend) -> None:
+    assert postgres.SCHEMA_VERSION == 4
+    pg = shared_backend
+    postgres_store_at(pg, 2)
     store = pg.make()
     await store.open()
     try:

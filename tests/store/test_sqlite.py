@@ -14,7 +14,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from harvester.errors import StoreError
+from harvester.errors import StoreError, StoreUnavailable
 from harvester.jobs import Event, Job, JobState
 from harvester.store.sqlite import SCHEMA_VERSION, SqliteStore
 
@@ -98,6 +98,67 @@ async def test_a_file_that_is_not_a_database(path: Path, anyio_backend: str) -> 
     path.write_bytes(b"this is not sqlite" * 100)  # noqa: ASYNC240
     with pytest.raises(StoreError, match="cannot open"):
         await SqliteStore(path).open()
+
+
+def damage_page_of(path: Path, index: str) -> None:
+    """Overwrite the root page of ``index`` with garbage: damage only a read of it meets."""
+    with raw(path) as conn:
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (index,)
+        ).fetchone()
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+    assert not Path(f"{path}-wal").exists(), "closed cleanly: every page is in the file"
+    with open(path, "r+b") as fh:
+        fh.seek((root - 1) * size)
+        fh.write(bytes(range(256)) * (size // 256))
+
+
+async def test_a_writer_refuses_a_damaged_file_a_reader_reads_it(
+    path: Path, anyio_backend: str
+) -> None:
+    """Opening to write reads every page first (nothing is written into a damaged file); a
+    read-only opener does not pay that read, and cannot write."""
+    async with SqliteStore(path) as store:
+        await add(store, 50)
+    damage_page_of(path, "jobs_remote_id")  # no count or listing reads that index
+    before = path.read_bytes()  # noqa: ASYNC240
+    with pytest.raises(StoreError, match=r"the file is damaged: restore it from a backup"):
+        await SqliteStore(path).open()
+    async with SqliteStore(path, read_only=True) as reader:
+        assert await reader.counts() == {("playment", JobState.NEW): 50}
+        with pytest.raises(StoreUnavailable, match="readonly"):
+            await reader.add_jobs([new("scan-9999")], now=NOW)
+        with pytest.raises(StoreUnavailable, match="readonly"):
+            await reader.set_meta("x", "y")
+    assert path.read_bytes() == before, "the file is left as it was"  # noqa: ASYNC240
+
+
+async def test_a_reader_checks_a_file_it_must_upgrade_first(path: Path, anyio_backend: str) -> None:
+    """An upgrade in place is a write: a read-only opener of an older file checks it first."""
+    async with SqliteStore(path) as store:
+        await add(store, 50)
+    with raw(path) as conn:
+        conn.execute("DROP INDEX jobs_state")  # as schema 4 left it
+        conn.execute("CREATE INDEX jobs_state ON jobs (state)")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    damage_page_of(path, "jobs_remote_id")
+    with pytest.raises(StoreError, match=r"the file is damaged"):
+        await SqliteStore(path, read_only=True).open()
+    with raw(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
+
+
+async def test_a_reader_upgrades_a_healthy_older_file(path: Path, anyio_backend: str) -> None:
+    async with SqliteStore(path) as store:
+        await add(store, 3)
+    with raw(path) as conn:
+        conn.execute("DROP INDEX jobs_state")
+        conn.execute("CREATE INDEX jobs_state ON jobs (state)")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    async with SqliteStore(path, read_only=True) as reader:
+        assert len(await reader.recent([JobState.NEW], limit=10)) == 3
+    with raw(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 async def test_an_unusable_directory(tmp_path: Path, anyio_backend: str) -> None:

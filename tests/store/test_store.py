@@ -572,3 +572,28 @@ async def test_recent_lists_the_newest_changes_first_and_no_more_than_asked(stor
     assert await store.recent([JobState.FAILED], limit=10) == []
     assert await store.recent([], limit=10) == []
     assert await store.recent([JobState.ERROR], limit=0) == []
+
+
+async def test_recent_merges_states_newest_first_and_ties_by_the_later_added(
+    store: Store,
+) -> None:
+    """One read per state, merged: the order is the one a single sort of all would give."""
+    await store.add_jobs([new(f"m-{i}") for i in range(5)], now=NOW)
+    ends = [(0, 30.0, "error"), (1, 20.0, "failed"), (2, 30.0, "failed"), (3, 40.0, "error")]
+    for i, at, how in ends:
+        job = await store.get("playment", f"m-{i}")
+        assert job is not None
+        if how == "failed":
+            job = await store.transition(job, Event.SUBMIT, now=NOW)
+            job = await store.transition(job, Event.ACCEPTED, now=NOW, remote_id=f"r-{i}")
+            await store.transition(job, Event.PROVIDER_FAILED, now=NOW + at, reason="no")
+        else:
+            await store.transition(job, Event.GIVE_UP, now=NOW + at, reason="no")
+    both = [JobState.FAILED, JobState.ERROR]
+    # m-3 newest; m-0 and m-2 changed at once: the one added later first
+    assert [j.key for j in await store.recent(both, limit=10)] == ["m-3", "m-2", "m-0", "m-1"]
+    assert [j.key for j in await store.recent(both, limit=2)] == ["m-3", "m-2"]
+    assert [j.key for j in await store.recent([JobState.FAILED, JobState.FAILED], limit=5)] == [
+        "m-2",
+        "m-1",
+    ]
