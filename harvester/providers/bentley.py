@@ -60,11 +60,12 @@ from harvester.providers.base import (
     RemoteState,
     Status,
     Unsearchable,
+    ok_object,
     protocol_error,
 )
 from harvester.schedule import BENTLEY_LADDER
 from harvester.specs import bentley_v2
-from harvester.statuses import error_for_status
+from harvester.statuses import error_from_answer
 from harvester.wire import RequestSpec, Resolver, Response
 
 NAME = "bentley"
@@ -339,12 +340,7 @@ class BentleyProvider(NoSetup):
 
     # -- helpers ------------------------------------------------------------------------
     def _ok(self, resp: Response, job: Job | None, endpoint: str) -> dict[str, Any]:
-        if not 200 <= resp.status < 300:
-            raise error_from(resp, job, endpoint)
-        body = resp.json(provider=NAME, job=job.key if job else None)
-        if not isinstance(body, dict):
-            raise _protocol(resp, f"{endpoint} answer is not a JSON object", job)
-        return body
+        return ok_object(NAME, resp, job, endpoint, error_from)
 
 
 class _Container:
@@ -384,40 +380,35 @@ class _Container:
 
 def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError:
     """The typed error for a non-2xx answer, keeping Bentley's code and request id."""
-    status = resp.status
-    code: str | None = None
-    try:
-        body = resp.json(provider=NAME)
-    except ProtocolError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        if error.get("code") is not None:
-            code = str(error["code"])[:60]
-        message = str(error.get("message") or "")[:300]
-        if isinstance(error.get("target"), str):
-            message += f" (target {error['target'][:80]})"
-        details = error.get("details")
-        if isinstance(details, list):
-            texts = [_message_text(d) for d in details[:5]]
-            message += "".join(f"; {t}" for t in texts if t)
-    else:
-        message = resp.body[:200].decode("utf-8", "replace").strip()
-    message = message or f"HTTP {status} without a message"
     what = "this job" if endpoint != "readaccess" else "this output's reality data"
-    err = error_for_status(
-        status,
-        message,
-        endpoint=endpoint,
-        own={404: (ProviderJobFailed, f"Bentley does not know {what} (404): {{message}}")},
+    err = error_from_answer(
+        resp,
+        endpoint,
+        _read_error,
         provider=NAME,
         job=job.key if job else None,
-        code=code,
-        request_id=resp.request_id,
+        own={404: (ProviderJobFailed, f"Bentley does not know {what} (404): {{message}}")},
     )
     if isinstance(err, RateLimited):
         err.retry_after = _seconds(resp.headers.get("Retry-After"))
     return err
+
+
+def _read_error(body: Any) -> tuple[str | None, str] | None:
+    """``{"error": {code, message, target?, details?}}``: the code, and the message with its
+    target and the details' texts."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None
+    code = str(error["code"])[:60] if error.get("code") is not None else None
+    message = str(error.get("message") or "")[:300]
+    if isinstance(error.get("target"), str):
+        message += f" (target {error['target'][:80]})"
+    details = error.get("details")
+    if isinstance(details, list):
+        texts = [_message_text(d) for d in details[:5]]
+        message += "".join(f"; {t}" for t in texts if t)
+    return code, message
 
 
 def _message_text(entry: Any) -> str:
