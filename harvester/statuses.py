@@ -21,6 +21,7 @@ from harvester.errors import (
     ProviderUnavailable,
     RateLimited,
 )
+from harvester.jobs import Job
 from harvester.wire import Response, snippet
 
 #: an error class and its message (``{message}``: the provider's own text; ``{endpoint}``: ours)
@@ -75,12 +76,11 @@ def error_for_status(
 
 
 def error_from_answer(
+    provider: str,
     resp: Response,
+    job: Job | None,
     endpoint: str,
     read: ErrorReader,
-    *,
-    provider: str,
-    job: str | None,
     own: Mapping[int, Rule] | None = None,
 ) -> HarvesterError:
     """The typed error for a non-2xx answer: the code and message ``read`` finds in its
@@ -97,7 +97,7 @@ def error_from_answer(
         endpoint=endpoint,
         own=own,
         provider=provider,
-        job=job,
+        job=job.key if job else None,
         code=code,
         request_id=resp.request_id,
     )

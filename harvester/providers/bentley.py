@@ -381,14 +381,8 @@ class _Container:
 def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError:
     """The typed error for a non-2xx answer, keeping Bentley's code and request id."""
     what = "this job" if endpoint != "readaccess" else "this output's reality data"
-    err = error_from_answer(
-        resp,
-        endpoint,
-        _read_error,
-        provider=NAME,
-        job=job.key if job else None,
-        own={404: (ProviderJobFailed, f"Bentley does not know {what} (404): {{message}}")},
-    )
+    own = {404: (ProviderJobFailed, f"Bentley does not know {what} (404): {{message}}")}
+    err = error_from_answer(NAME, resp, job, endpoint, _read_error, own)
     if isinstance(err, RateLimited):
         err.retry_after = _seconds(resp.headers.get("Retry-After"))
     return err

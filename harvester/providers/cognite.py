@@ -197,14 +197,8 @@ class CogniteProvider(NoSetup, NoLookup):
 def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError:
     """The typed error for a non-2xx answer, keeping Cognite's code and request id."""
     what = "this job id" if endpoint == "poll" else "the segmentation endpoint"
-    return error_from_answer(
-        resp,
-        endpoint,
-        _read_error,
-        provider=NAME,
-        job=job.key if job else None,
-        own={404: (ProviderJobFailed, f"Cognite does not know {what} (404): {{message}}")},
-    )
+    own = {404: (ProviderJobFailed, f"Cognite does not know {what} (404): {{message}}")}
+    return error_from_answer(NAME, resp, job, endpoint, _read_error, own)
 
 
 def _read_error(body: Any) -> tuple[str | None, str] | None:

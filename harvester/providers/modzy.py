@@ -247,18 +247,12 @@ def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError
         if endpoint == "create"
         else (ProviderJobFailed, "Modzy does not know this job (404): {message}")
     )
-    return error_from_answer(
-        resp,
-        endpoint,
-        _read_error,
-        provider=NAME,
-        job=job.key if job else None,
-        own={
-            401: (CredentialsError, "API key refused: {message}"),
-            403: (CredentialsError, "API key refused: {message}"),
-            404: not_found,
-        },
-    )
+    own = {
+        401: (CredentialsError, "API key refused: {message}"),
+        403: (CredentialsError, "API key refused: {message}"),
+        404: not_found,
+    }
+    return error_from_answer(NAME, resp, job, endpoint, _read_error, own)
 
 
 def _read_error(body: Any) -> tuple[str | None, str] | None:
