@@ -208,6 +208,15 @@ def protocol_error(
     )
 
 
+#: the longest failure reason an adapter builds from a provider's messages
+MAX_REASON = 1000
+
+
+def clip_reason(reason: str) -> str:
+    """``reason`` cut to ``MAX_REASON`` characters, "…" marking the cut."""
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"
+
+
 def ok_object(
     provider: str,
     resp: Response,

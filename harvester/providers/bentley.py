@@ -60,6 +60,7 @@ from harvester.providers.base import (
     RemoteState,
     Status,
     Unsearchable,
+    clip_reason,
     ok_object,
     protocol_error,
 )
@@ -84,7 +85,6 @@ _STATES = {
 }
 #: a queued job has no progress to report: asking would spend rate budget for nothing
 _NO_PROGRESS = {"Queued"}
-_MAX_REASON = 1000
 _PLACEHOLDER = re.compile(r"%(\d+)")
 #: jobs per listing page when looking a job up by name (Bentley: default 100, max 1000)
 FIND_PAGE = 100
@@ -428,8 +428,7 @@ def _message_text(entry: Any) -> str:
 
 
 def _join(texts: list[str]) -> str:
-    reason = "; ".join(texts)
-    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+    return clip_reason("; ".join(texts))
 
 
 def _job_object(body: dict[str, Any], resp: Response, job: Job | None) -> dict[str, Any]:

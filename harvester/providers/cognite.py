@@ -46,6 +46,7 @@ from harvester.providers.base import (
     PollResult,
     RemoteState,
     Status,
+    clip_reason,
     ok_object,
     protocol_error,
 )
@@ -67,7 +68,6 @@ STATES = {
     "Completed": RemoteState.SUCCEEDED,
     "Failed": RemoteState.FAILED,
 }
-_MAX_REASON = 1000
 
 
 class CogniteProvider(NoSetup, NoLookup):
@@ -225,7 +225,7 @@ def failure_reason(body: Mapping[str, Any]) -> str:
         if isinstance(text, str) and text.strip() and text.strip() not in texts:
             texts.append(text.strip())
     reason = "; ".join(texts) or f"Cognite job {body.get('status')} without an error message"
-    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+    return clip_reason(reason)
 
 
 def _failed_items(body: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ from harvester.providers.base import (
     PollResult,
     RemoteState,
     Status,
+    clip_reason,
     ok_object,
     protocol_error,
 )
@@ -65,7 +66,6 @@ STATES = {
 #: how soon, at most, to ask again for results that are not there yet (sooner when the
 #: provider's poll_min_s is shorter: results are polled like a status)
 RESULTS_RETRY_S = 10.0
-_MAX_REASON = 1000
 
 
 class ModzyProvider(NoSetup, NoLookup):
@@ -284,7 +284,7 @@ def failure_reason(failures: Mapping[str, Any]) -> str:
     reason = "; ".join(parts)
     if len(failures) > len(parts):
         reason += f" ({len(failures)} inputs in all)"
-    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+    return clip_reason(reason)
 
 
 def _count(value: Any) -> int | None:
