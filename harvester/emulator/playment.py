@@ -133,19 +133,7 @@ class PlaymentApi:
         return _ok(self._job_doc(job))
 
     def _job_doc(self, job: Job) -> dict[str, Any]:
-        status = self.model.status(job)
-        result = self.results.url(self.results.result_path(job)) if status == "completed" else ""
-        return {
-            "project_id": job.project_id,
-            "reference_id": job.reference_id,
-            "job_id": job.job_id,
-            "batch_id": job.batch_id,
-            "status": status,
-            "work_flow_id": job.work_flow_id,
-            "priority_weight": job.priority_weight,
-            "tag": job.tag,
-            "result": result,
-        }
+        return self.model.document(job, lambda j: self.results.url(self.results.result_path(j)))
 
     async def _create_batch(self, request: web.Request) -> web.StreamResponse:
         body = await _json_object(request)
