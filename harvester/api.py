@@ -533,22 +533,17 @@ class Api:
         key = request.match_info["key"]
         job = await self.store.get(provider, key)
         if job is None:
+            # Also accept the reference id a key was derived from, for ids that needed it.
             derived = job_key(key)
             if derived != key:
                 job = await self.store.get(provider, derived)
         return job
 
     async def get_job(self, request: web.Request) -> web.Response:
-        provider = request.match_info["provider"]
-        key = request.match_info["key"]
-        job = await self.store.get(provider, key)
+        job = await self._find(request)
         if job is None:
-            # Also accept the reference id a key was derived from, for ids that needed it.
-            derived = job_key(key)
-            if derived != key:
-                job = await self.store.get(provider, derived)
-        if job is None:
-            return json_response({"error": f"no job {provider}/{key}"}, 404)
+            m = request.match_info
+            return json_response({"error": f"no job {m['provider']}/{m['key']}"}, 404)
         return json_response(job_document(job, self.config))
 
     # -- probes -------------------------------------------------------------------------

@@ -82,11 +82,26 @@ async def wait_for(clock: Clock, event: anyio.Event, seconds: float) -> bool:
     return event.is_set()
 
 
-class _SystemLimit:
+class _ScopeLimit:
+    """What both limits pass straight to the ``anyio.CancelScope`` they wrap."""
+
+    __slots__ = ("_scope",)
+
+    _scope: anyio.CancelScope
+
+    @property
+    def cancelled_caught(self) -> bool:
+        return self._scope.cancelled_caught
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+
+class _SystemLimit(_ScopeLimit):
     """``anyio.CancelScope`` with its deadline converted between ``time.monotonic()`` and the
     event loop's clock (the same on asyncio, not on trio)."""
 
-    __slots__ = ("_offset", "_scope")
+    __slots__ = ("_offset",)
 
     def __init__(self, deadline: float, shield: bool) -> None:
         self._offset = anyio.current_time() - time.monotonic()
@@ -99,13 +114,6 @@ class _SystemLimit:
     @deadline.setter
     def deadline(self, value: float) -> None:
         self._scope.deadline = value + self._offset
-
-    @property
-    def cancelled_caught(self) -> bool:
-        return self._scope.cancelled_caught
-
-    def cancel(self) -> None:
-        self._scope.cancel()
 
     def __enter__(self) -> _SystemLimit:
         self._scope.__enter__()
@@ -185,10 +193,10 @@ class _Timer:
         self.scope.cancel()
 
 
-class _FakeLimit:
+class _FakeLimit(_ScopeLimit):
     """A cancel scope that ``FakeClock.advance`` cancels once its deadline is reached."""
 
-    __slots__ = ("_clock", "_deadline", "_scope", "_timer")
+    __slots__ = ("_clock", "_deadline", "_timer")
 
     def __init__(self, clock: FakeClock, deadline: float, shield: bool) -> None:
         self._clock = clock
@@ -205,13 +213,6 @@ class _FakeLimit:
         self._deadline = value
         if self._timer is not None:
             self._arm()
-
-    @property
-    def cancelled_caught(self) -> bool:
-        return self._scope.cancelled_caught
-
-    def cancel(self) -> None:
-        self._scope.cancel()
 
     def _arm(self) -> None:
         self._disarm()

@@ -59,7 +59,7 @@ def disk_errors(where: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise OutputError(disk_message(exc, where), errno=exc.errno) from None
+        raise OutputError(disk_message(exc, where), errno=exc.errno) from exc
 
 
 def check_writable(root: Path) -> None:
@@ -144,6 +144,7 @@ class Tree:
                     raise
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
                 if not stat.S_ISLNK(st.st_mode):
+                    # no cause: ELOOP/ENOTDIR is how the O_NOFOLLOW open found the file
                     raise OutputError(
                         f"{shown} in output.dir {self.root} is a file where a folder belongs"
                     ) from None

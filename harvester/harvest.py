@@ -120,6 +120,7 @@ class LabelSink:
         try:
             labels = self.decoder.feed(chunk)
         except DecodeError as exc:
+            # no cause: this is the same error, told where (the decoder's own is a repeat)
             raise DecodeError(f"{self.where}: {exc.message}") from None
         self._write(labels)
         self.decode_s += time.perf_counter() - t0
@@ -151,6 +152,7 @@ class LabelSink:
         try:
             tail = self.decoder.finish()
         except DecodeError as exc:
+            # no cause: this is the same error, told where (the decoder's own is a repeat)
             raise DecodeError(f"{self.where}: {exc.message}") from None
         self._write(tail)
         max_label = self.decoder.max_label

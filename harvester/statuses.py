@@ -9,7 +9,7 @@ error code in its body (``codes``, looked up first).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from harvester.errors import (
@@ -21,9 +21,16 @@ from harvester.errors import (
     ProviderUnavailable,
     RateLimited,
 )
+from harvester.jobs import Job
+from harvester.wire import Response, snippet
 
 #: an error class and its message (``{message}``: the provider's own text; ``{endpoint}``: ours)
 Rule = tuple[type[HarvesterError], str]
+
+#: reads a provider's error body (parsed JSON, or None when it is none) in the provider's
+#: own shape: its code (None when it gives none) and its message ("" when it gives none);
+#: None when the body is not in that shape
+ErrorReader = Callable[[Any], tuple[str | None, str] | None]
 
 #: what a status means at every provider's API; 5xx not listed are ``SERVER_ERROR``, any
 #: other status not listed ``UNEXPECTED``
@@ -66,3 +73,31 @@ def error_for_status(
         found = SERVER_ERROR if status >= 500 else UNEXPECTED
     cls, text = found
     return cls(text.format(message=message, endpoint=endpoint), status=status, **kw)
+
+
+def error_from_answer(
+    provider: str,
+    resp: Response,
+    job: Job | None,
+    endpoint: str,
+    read: ErrorReader,
+    own: Mapping[int, Rule] | None = None,
+) -> HarvesterError:
+    """The typed error for a non-2xx answer: the code and message ``read`` finds in its
+    body (a body not in the provider's shape: its first bytes as the message), classified by
+    ``error_for_status`` with ``own`` first, keeping the answer's request id."""
+    try:
+        body = resp.json(provider=provider)
+    except ProtocolError:
+        body = None
+    code, message = read(body) or (None, snippet(resp.body))
+    return error_for_status(
+        resp.status,
+        message or f"HTTP {resp.status} without a message",
+        endpoint=endpoint,
+        own=own,
+        provider=provider,
+        job=job.key if job else None,
+        code=code,
+        request_id=resp.request_id,
+    )

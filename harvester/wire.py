@@ -61,3 +61,8 @@ class Response:
 
 #: returns a fresh signed URL each time it is called (re-resolution after expiry)
 Resolver = Callable[[], Awaitable[str]]
+
+
+def snippet(body: bytes, limit: int = 200) -> str:
+    """The start of a body, for error messages (bodies can be huge or binary)."""
+    return body[:limit].decode("utf-8", "replace").strip()

@@ -228,7 +228,7 @@ class PcdLabelDecoder(StreamDecoder):
         raw = bytes(self._head[start:end]).rstrip(b"\r")
         try:
             line = raw.decode("ascii").strip()
-        except UnicodeDecodeError:
+        except UnicodeDecodeError:  # no cause: the message and offset say it all
             raise DecodeError("PCD: header line is not ASCII text", offset=start) from None
         if not line or line.startswith("#"):
             return False
@@ -256,7 +256,7 @@ class PcdLabelDecoder(StreamDecoder):
             values, at = words(key)
             try:
                 parsed = tuple(int(v) for v in values)
-            except ValueError:
+            except ValueError:  # no cause: the message and offset say it all
                 raise DecodeError(f"PCD: {key} must be integers", offset=at) from None
             if not parsed or min(parsed) < minimum:
                 raise DecodeError(f"PCD: {key} must be integers >= {minimum}", offset=at)

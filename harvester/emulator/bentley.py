@@ -25,7 +25,6 @@ from harvester.emulator.bodies import BodyError, read_json_object
 from harvester.emulator.middleware import provider_middlewares
 from harvester.emulator.oauth import REFUSAL_MESSAGES, check_bearer
 from harvester.emulator.objects import ObjectSource
-from harvester.emulator.ratelimit import TokenBucket
 from harvester.emulator.responses import json_response
 from harvester.emulator.scenario import BentleyScenario
 from harvester.emulator.state import EmulatorState
@@ -91,9 +90,8 @@ class BentleyApi:
 
     def build_app(self) -> web.Application:
         rl = self.scenario.rate_limit
-        bucket = TokenBucket(rl.rate_per_s, rl.burst, self.state.clock) if rl.rate_per_s else None
         middlewares = provider_middlewares(
-            PROVIDER, self.state, _render_error, bucket=bucket, retry_after="seconds"
+            PROVIDER, self.state, _render_error, rate_limit=rl, retry_after="seconds"
         )
         app = web.Application(middlewares=[*middlewares, self._auth])
         r = app.router

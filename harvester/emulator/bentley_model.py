@@ -23,15 +23,15 @@ import base64
 import hashlib
 import math
 import re
-import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
 from harvester.emulator import odata, truth
+from harvester.emulator.jobmodel import JobModel
 from harvester.emulator.scenario import BentleyScenario
 from harvester.emulator.timefmt import Stamp, iso_z
 from harvester.errors import CreateProblem
@@ -117,19 +117,9 @@ class AnalysisJob:
     cancel_at: float | None = None
 
 
-class BentleyModel:
-    def __init__(
-        self,
-        scenario: BentleyScenario,
-        seed: int,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._s = scenario
-        self._seed = seed
-        self._clock = clock
-        self._wall = wall_clock
-        self._ids = truth.rng_for(seed, "bentley", "ids")
+class BentleyModel(JobModel[BentleyScenario]):
+    def _start(self) -> None:
+        self._ids = truth.rng_for(self._seed, "bentley", "ids")
         self.jobs: dict[str, AnalysisJob] = {}
         self._reality_data: dict[str, tuple[AnalysisJob, str]] = {}
 
@@ -138,7 +128,7 @@ class BentleyModel:
     def create(self, body: Mapping[str, Any], client_id: str) -> AnalysisJob:
         fields = validate(body)
         key = truth.digest(fields)
-        now = Stamp(self._clock(), self._wall())
+        now = self._stamp()
         specs = fields["specifications"]
         job = AnalysisJob(
             id=self._new_id(),

@@ -23,7 +23,6 @@ from harvester.emulator.cognite_model import CogniteError, CogniteModel
 from harvester.emulator.middleware import provider_middlewares
 from harvester.emulator.oauth import REFUSAL_MESSAGES, check_bearer
 from harvester.emulator.objects import ObjectSource
-from harvester.emulator.ratelimit import TokenBucket
 from harvester.emulator.responses import json_response
 from harvester.emulator.state import EmulatorState
 from harvester.emulator.storage import StorageHost
@@ -70,9 +69,8 @@ class CogniteApi:
 
     def build_app(self) -> web.Application:
         rl = self.scenario.rate_limit
-        bucket = TokenBucket(rl.rate_per_s, rl.burst, self.state.clock) if rl.rate_per_s else None
         middlewares = provider_middlewares(
-            PROVIDER, self.state, _render_error, bucket=bucket, retry_after="none"
+            PROVIDER, self.state, _render_error, rate_limit=rl, retry_after="none"
         )
         app = web.Application(middlewares=[*middlewares, self._auth])
         app.on_response_prepare.append(_add_request_id)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from harvester.emulator import truth
+from harvester.emulator.jobmodel import JobModel
 from harvester.emulator.scenario import CogniteScenario
 from harvester.emulator.timefmt import Stamp, epoch_ms
 
@@ -92,23 +92,13 @@ class SegmentJob:
     fails: bool
 
 
-class CogniteModel:
-    def __init__(
-        self,
-        scenario: CogniteScenario,
-        seed: int,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._s = scenario
-        self._seed = seed
-        self._clock = clock
-        self._wall = wall_clock
+class CogniteModel(JobModel[CogniteScenario]):
+    def _start(self) -> None:
         self._next_id = 1_000_000_000_000 + int(
-            truth.rng_for(seed, "cognite", "job-ids").integers(0, 10**12)
+            truth.rng_for(self._seed, "cognite", "job-ids").integers(0, 10**12)
         )
-        self._missing_ids = {m for m in scenario.missing_files if isinstance(m, int)}
-        self._missing_xids = {m for m in scenario.missing_files if isinstance(m, str)}
+        self._missing_ids = {m for m in self._s.missing_files if isinstance(m, int)}
+        self._missing_xids = {m for m in self._s.missing_files if isinstance(m, str)}
         self._active: dict[str, list[float]] = {}  # project -> heap of job end times
         self.jobs: dict[int, SegmentJob] = {}
         self.projects: set[str] = set()
@@ -125,7 +115,7 @@ class CogniteModel:
             project=project,
             file=file,
             prompt=prompt,
-            stamp=Stamp(now, self._wall()),
+            stamp=self._stamp(now),
             key=key,
             fails=truth.unit_draw(self._seed, "cognite", "fails", key) < self._s.failure_rate,
         )

@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from harvester.emulator.ratelimit import TokenBucket
 from harvester.emulator.responses import retry_after_header
-from harvester.emulator.scenario import RetryAfterFormat
+from harvester.emulator.scenario import RateLimit, RetryAfterFormat
 from harvester.emulator.state import EmulatorState
 
 FAULTS_KEY = web.RequestKey[tuple[str, ...]]("faults")
@@ -38,9 +38,18 @@ def provider_middlewares(
     state: EmulatorState,
     render_error: ErrorRenderer,
     *,
-    bucket: TokenBucket | None = None,
-    retry_after: RetryAfterFormat = "seconds",
+    rate_limit: RateLimit | None = None,
+    retry_after: RetryAfterFormat | None = None,
 ) -> list[Middleware]:
+    """The layers for one host. ``rate_limit``: its scenario's token bucket (none at rate 0);
+    ``retry_after``: how the bucket's 429 says when to come back, where the provider has one
+    fixed way (else as ``rate_limit`` says)."""
+    bucket = None
+    wait_format: RetryAfterFormat = retry_after or "seconds"
+    if rate_limit is not None and rate_limit.rate_per_s:
+        bucket = TokenBucket(rate_limit.rate_per_s, rate_limit.burst, state.clock)
+        wait_format = retry_after or rate_limit.retry_after
+
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = 500
@@ -91,7 +100,7 @@ def provider_middlewares(
         assert bucket is not None
         wait = bucket.take()
         if wait > 0:
-            return render_error(429, "rate limit exceeded", retry_after_header(wait, retry_after))
+            return render_error(429, "rate limit exceeded", retry_after_header(wait, wait_format))
         return await handler(request)
 
     @web.middleware

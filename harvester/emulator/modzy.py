@@ -20,7 +20,6 @@ from aiohttp.typedefs import Handler
 from harvester.emulator.bodies import BodyError, read_json_object
 from harvester.emulator.middleware import provider_middlewares
 from harvester.emulator.modzy_model import ModzyError, ModzyModel, error_body
-from harvester.emulator.ratelimit import TokenBucket
 from harvester.emulator.responses import json_response
 from harvester.emulator.state import EmulatorState
 
@@ -60,9 +59,8 @@ class ModzyApi:
 
     def build_app(self) -> web.Application:
         rl = self.scenario.rate_limit
-        bucket = TokenBucket(rl.rate_per_s, rl.burst, self.state.clock) if rl.rate_per_s else None
         middlewares = provider_middlewares(
-            PROVIDER, self.state, _render_error, bucket=bucket, retry_after="none"
+            PROVIDER, self.state, _render_error, rate_limit=rl, retry_after="none"
         )
         app = web.Application(middlewares=[*middlewares, self._auth])
         r = app.router

@@ -11,13 +11,13 @@ CANCELED at once; inputs that had not finished are listed under ``failures`` wit
 from __future__ import annotations
 
 import http
-import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from harvester.emulator import truth
+from harvester.emulator.jobmodel import JobModel
 from harvester.emulator.scenario import ModzyScenario
 from harvester.emulator.timefmt import Stamp, iso_offset
 
@@ -87,19 +87,9 @@ class ItemFate:
     status: str  # SUCCESSFUL / FAILED / CANCELED
 
 
-class ModzyModel:
-    def __init__(
-        self,
-        scenario: ModzyScenario,
-        seed: int,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._s = scenario
-        self._seed = seed
-        self._clock = clock
-        self._wall = wall_clock
-        self._ids = truth.rng_for(seed, "modzy", "ids")
+class ModzyModel(JobModel[ModzyScenario]):
+    def _start(self) -> None:
+        self._ids = truth.rng_for(self._seed, "modzy", "ids")
         self.jobs: dict[str, ModzyJob] = {}
         self.models: dict[tuple[str, str], str] = {(m, v): n for m, v, n in DEFAULT_MODELS}
 
@@ -122,7 +112,7 @@ class ModzyModel:
             input_type=input_type,
             sources=sources,
             access_key=api_key.split(".", 1)[0],
-            stamp=Stamp(self._clock(), self._wall()),
+            stamp=self._stamp(),
             key=key,
             outcome=outcome,
         )

@@ -18,7 +18,6 @@ from aiohttp import web
 
 from harvester.emulator.bodies import BodyError, read_body
 from harvester.emulator.middleware import provider_middlewares
-from harvester.emulator.ratelimit import TokenBucket
 from harvester.emulator.responses import json_response
 from harvester.emulator.state import EmulatorState
 from harvester.emulator.tokens import Verdict
@@ -67,10 +66,8 @@ class TokenEndpoint:
         state.add_stats_source(PROVIDER, self._stats)
 
     def build_app(self) -> web.Application:
-        rl = self.scenario.rate_limit
-        bucket = TokenBucket(rl.rate_per_s, rl.burst, self.state.clock) if rl.rate_per_s else None
         middlewares = provider_middlewares(
-            PROVIDER, self.state, _render_error, bucket=bucket, retry_after=rl.retry_after
+            PROVIDER, self.state, _render_error, rate_limit=self.scenario.rate_limit
         )
         app = web.Application(middlewares=middlewares)
         app.router.add_post("/token", self._token)

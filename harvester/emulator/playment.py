@@ -17,7 +17,6 @@ from harvester.emulator.bodies import BodyError, read_json_object
 from harvester.emulator.middleware import provider_middlewares
 from harvester.emulator.playment_model import Job, PlaymentError, PlaymentModel
 from harvester.emulator.playment_results import PREFIX, PlaymentResults
-from harvester.emulator.ratelimit import TokenBucket
 from harvester.emulator.responses import json_response
 from harvester.emulator.state import EmulatorState
 from harvester.emulator.storage import StorageHost
@@ -55,10 +54,8 @@ class PlaymentApi:
         state.add_stats_source(PROVIDER, self._stats)
 
     def build_app(self) -> web.Application:
-        rl = self.scenario.rate_limit
-        bucket = TokenBucket(rl.rate_per_s, rl.burst, self.state.clock) if rl.rate_per_s else None
         middlewares = provider_middlewares(
-            PROVIDER, self.state, _render_error, bucket=bucket, retry_after=rl.retry_after
+            PROVIDER, self.state, _render_error, rate_limit=self.scenario.rate_limit
         )
         app = web.Application(middlewares=[*middlewares, self._auth])
         r = app.router
@@ -136,19 +133,7 @@ class PlaymentApi:
         return _ok(self._job_doc(job))
 
     def _job_doc(self, job: Job) -> dict[str, Any]:
-        status = self.model.status(job)
-        result = self.results.url(self.results.result_path(job)) if status == "completed" else ""
-        return {
-            "project_id": job.project_id,
-            "reference_id": job.reference_id,
-            "job_id": job.job_id,
-            "batch_id": job.batch_id,
-            "status": status,
-            "work_flow_id": job.work_flow_id,
-            "priority_weight": job.priority_weight,
-            "tag": job.tag,
-            "result": result,
-        }
+        return self.model.document(job, lambda j: self.results.url(self.results.result_path(j)))
 
     async def _create_batch(self, request: web.Request) -> web.StreamResponse:
         body = await _json_object(request)

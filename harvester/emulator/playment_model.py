@@ -146,6 +146,22 @@ class PlaymentModel:
         step = int(elapsed * (len(statuses) - 1) / duration)
         return statuses[min(step, len(statuses) - 2)]
 
+    def document(self, job: Job, result_url: Callable[[Job], str]) -> dict[str, Any]:
+        """The job as "Get job results" shows it; ``result`` is ``result_url(job)`` once the
+        job is completed, "" before."""
+        status = self.status(job)
+        return {
+            "project_id": job.project_id,
+            "reference_id": job.reference_id,
+            "job_id": job.job_id,
+            "batch_id": job.batch_id,
+            "status": status,
+            "work_flow_id": job.work_flow_id,
+            "priority_weight": job.priority_weight,
+            "tag": job.tag,
+            "result": result_url(job) if status == "completed" else "",
+        }
+
     def is_completed(self, job: Job) -> bool:
         return self.status(job) == "completed"
 

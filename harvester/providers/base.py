@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol, TypeVar
 
-from harvester.errors import (
-    ProtocolError,
-)
+from harvester.errors import HarvesterError, ProtocolError
 from harvester.jobs import Job
 from harvester.wire import RequestSpec, Resolver, Response
 
@@ -186,6 +184,17 @@ class NoSetup:
         return None
 
 
+class NoLookup:
+    """For providers whose API cannot look a job up by anything of ours: a lost create
+    answer is left to the engine's ``on_lost_create`` policy."""
+
+    def build_find(self, job: Job, cursor: str | None) -> RequestSpec | None:
+        return None
+
+    def parse_find(self, resp: Response, job: Job) -> FindResult:
+        return NotFound()
+
+
 def protocol_error(
     provider: str, resp: Response, message: str, job: Job | None = None
 ) -> ProtocolError:
@@ -199,9 +208,30 @@ def protocol_error(
     )
 
 
-def snippet(body: bytes, limit: int = 200) -> str:
-    """The start of a body, for error messages (bodies can be huge or binary)."""
-    return body[:limit].decode("utf-8", "replace").strip()
+#: the longest failure reason an adapter builds from a provider's messages
+MAX_REASON = 1000
+
+
+def clip_reason(reason: str) -> str:
+    """``reason`` cut to ``MAX_REASON`` characters, "…" marking the cut."""
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"
+
+
+def ok_object(
+    provider: str,
+    resp: Response,
+    job: Job | None,
+    endpoint: str,
+    error_from: Callable[[Response, Job | None, str], HarvesterError],
+) -> dict[str, Any]:
+    """The JSON object of a 2xx answer; for any other status, the adapter's typed error
+    (``error_from``); a 2xx body that is no JSON object is a ``ProtocolError``."""
+    if not 200 <= resp.status < 300:
+        raise error_from(resp, job, endpoint)
+    body = resp.json(provider=provider, job=job.key if job else None)
+    if not isinstance(body, dict):
+        raise protocol_error(provider, resp, f"{endpoint} answer is not a JSON object", job)
+    return body
 
 
 class Provider(Protocol):

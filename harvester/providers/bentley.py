@@ -60,11 +60,13 @@ from harvester.providers.base import (
     RemoteState,
     Status,
     Unsearchable,
+    clip_reason,
+    ok_object,
     protocol_error,
 )
 from harvester.schedule import BENTLEY_LADDER
 from harvester.specs import bentley_v2
-from harvester.statuses import error_for_status
+from harvester.statuses import error_from_answer
 from harvester.wire import RequestSpec, Resolver, Response
 
 NAME = "bentley"
@@ -83,7 +85,6 @@ _STATES = {
 }
 #: a queued job has no progress to report: asking would spend rate budget for nothing
 _NO_PROGRESS = {"Queued"}
-_MAX_REASON = 1000
 _PLACEHOLDER = re.compile(r"%(\d+)")
 #: jobs per listing page when looking a job up by name (Bentley: default 100, max 1000)
 FIND_PAGE = 100
@@ -339,12 +340,7 @@ class BentleyProvider(NoSetup):
 
     # -- helpers ------------------------------------------------------------------------
     def _ok(self, resp: Response, job: Job | None, endpoint: str) -> dict[str, Any]:
-        if not 200 <= resp.status < 300:
-            raise error_from(resp, job, endpoint)
-        body = resp.json(provider=NAME, job=job.key if job else None)
-        if not isinstance(body, dict):
-            raise _protocol(resp, f"{endpoint} answer is not a JSON object", job)
-        return body
+        return ok_object(NAME, resp, job, endpoint, error_from)
 
 
 class _Container:
@@ -384,40 +380,29 @@ class _Container:
 
 def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError:
     """The typed error for a non-2xx answer, keeping Bentley's code and request id."""
-    status = resp.status
-    code: str | None = None
-    try:
-        body = resp.json(provider=NAME)
-    except ProtocolError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        if error.get("code") is not None:
-            code = str(error["code"])[:60]
-        message = str(error.get("message") or "")[:300]
-        if isinstance(error.get("target"), str):
-            message += f" (target {error['target'][:80]})"
-        details = error.get("details")
-        if isinstance(details, list):
-            texts = [_message_text(d) for d in details[:5]]
-            message += "".join(f"; {t}" for t in texts if t)
-    else:
-        message = resp.body[:200].decode("utf-8", "replace").strip()
-    message = message or f"HTTP {status} without a message"
     what = "this job" if endpoint != "readaccess" else "this output's reality data"
-    err = error_for_status(
-        status,
-        message,
-        endpoint=endpoint,
-        own={404: (ProviderJobFailed, f"Bentley does not know {what} (404): {{message}}")},
-        provider=NAME,
-        job=job.key if job else None,
-        code=code,
-        request_id=resp.request_id,
-    )
+    own = {404: (ProviderJobFailed, f"Bentley does not know {what} (404): {{message}}")}
+    err = error_from_answer(NAME, resp, job, endpoint, _read_error, own)
     if isinstance(err, RateLimited):
         err.retry_after = _seconds(resp.headers.get("Retry-After"))
     return err
+
+
+def _read_error(body: Any) -> tuple[str | None, str] | None:
+    """``{"error": {code, message, target?, details?}}``: the code, and the message with its
+    target and the details' texts."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None
+    code = str(error["code"])[:60] if error.get("code") is not None else None
+    message = str(error.get("message") or "")[:300]
+    if isinstance(error.get("target"), str):
+        message += f" (target {error['target'][:80]})"
+    details = error.get("details")
+    if isinstance(details, list):
+        texts = [_message_text(d) for d in details[:5]]
+        message += "".join(f"; {t}" for t in texts if t)
+    return code, message
 
 
 def _message_text(entry: Any) -> str:
@@ -443,8 +428,7 @@ def _message_text(entry: Any) -> str:
 
 
 def _join(texts: list[str]) -> str:
-    reason = "; ".join(texts)
-    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+    return clip_reason("; ".join(texts))
 
 
 def _job_object(body: dict[str, Any], resp: Response, job: Job | None) -> dict[str, Any]:

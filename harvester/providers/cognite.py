@@ -40,17 +40,17 @@ from harvester.providers.base import (
     Accepted,
     Client,
     CreateResult,
-    FindResult,
     HarvestIO,
+    NoLookup,
     NoSetup,
-    NotFound,
     PollResult,
     RemoteState,
     Status,
+    clip_reason,
+    ok_object,
     protocol_error,
-    snippet,
 )
-from harvester.statuses import error_for_status
+from harvester.statuses import error_from_answer
 from harvester.wire import RequestSpec, Response
 
 NAME = "cognite"
@@ -68,10 +68,9 @@ STATES = {
     "Completed": RemoteState.SUCCEEDED,
     "Failed": RemoteState.FAILED,
 }
-_MAX_REASON = 1000
 
 
-class CogniteProvider(NoSetup):
+class CogniteProvider(NoSetup, NoLookup):
     name = NAME
 
     def __init__(self, cfg: CogniteConfig) -> None:
@@ -137,13 +136,6 @@ class CogniteProvider(NoSetup):
         body = self._ok(resp, job, "create")
         return Accepted(_job_id(body.get("jobId"), resp, job))
 
-    # -- reconciliation: impossible ----------------------------------------------------
-    def build_find(self, job: Job, cursor: str | None) -> RequestSpec | None:
-        return None
-
-    def parse_find(self, resp: Response, job: Job) -> FindResult:
-        return NotFound()
-
     # -- cancel: the vision segmentation API has create and retrieve only -------------
     def build_cancel(self, job: Job) -> RequestSpec | None:
         return None
@@ -199,47 +191,27 @@ class CogniteProvider(NoSetup):
 
     # -- helpers ------------------------------------------------------------------------
     def _ok(self, resp: Response, job: Job, endpoint: str) -> dict[str, Any]:
-        """The JSON object of a 2xx answer, or the right typed error."""
-        if not 200 <= resp.status < 300:
-            raise error_from(resp, job, endpoint)
-        body = resp.json(provider=NAME, job=job.key if job else None)
-        if not isinstance(body, dict):
-            raise _protocol(resp, f"{endpoint} answer is not a JSON object", job)
-        return body
+        return ok_object(NAME, resp, job, endpoint, error_from)
 
 
 def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError:
     """The typed error for a non-2xx answer, keeping Cognite's code and request id."""
-    status = resp.status
-    code: str | None = None
-    message = ""
-    try:
-        body = resp.json(provider=NAME)
-    except ProtocolError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        if error.get("code") is not None:
-            code = str(error["code"])[:40]
-        if error.get("message") is not None:
-            message = str(error["message"])[:300]
-        for key in ("missing", "duplicated"):
-            if isinstance(error.get(key), list) and error[key]:
-                message += f"; {key}: {_ids(error[key])}"
-    else:
-        message = _snippet(resp.body)
-    message = message or f"HTTP {status} without a message"
     what = "this job id" if endpoint == "poll" else "the segmentation endpoint"
-    return error_for_status(
-        status,
-        message,
-        endpoint=endpoint,
-        own={404: (ProviderJobFailed, f"Cognite does not know {what} (404): {{message}}")},
-        provider=NAME,
-        job=job.key if job else None,
-        code=code,
-        request_id=resp.request_id,
-    )
+    own = {404: (ProviderJobFailed, f"Cognite does not know {what} (404): {{message}}")}
+    return error_from_answer(NAME, resp, job, endpoint, _read_error, own)
+
+
+def _read_error(body: Any) -> tuple[str | None, str] | None:
+    """``{"error": {"code", "message", "missing"?, "duplicated"?}}``: code and message."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None
+    code = str(error["code"])[:40] if error.get("code") is not None else None
+    message = str(error["message"])[:300] if error.get("message") is not None else ""
+    for key in ("missing", "duplicated"):
+        if isinstance(error.get(key), list) and error[key]:
+            message += f"; {key}: {_ids(error[key])}"
+    return code, message
 
 
 def failure_reason(body: Mapping[str, Any]) -> str:
@@ -253,7 +225,7 @@ def failure_reason(body: Mapping[str, Any]) -> str:
         if isinstance(text, str) and text.strip() and text.strip() not in texts:
             texts.append(text.strip())
     reason = "; ".join(texts) or f"Cognite job {body.get('status')} without an error message"
-    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+    return clip_reason(reason)
 
 
 def _failed_items(body: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -330,7 +302,3 @@ def _ids(entries: list[Any]) -> str:
 
 def _protocol(resp: Response, message: str, job: Job | None = None) -> ProtocolError:
     return protocol_error(NAME, resp, message, job)
-
-
-def _snippet(body: bytes) -> str:
-    return snippet(body)

@@ -40,16 +40,17 @@ from harvester.providers.base import (
     Accepted,
     Client,
     CreateResult,
-    FindResult,
     HarvestIO,
+    NoLookup,
     NoSetup,
-    NotFound,
     PollResult,
     RemoteState,
     Status,
+    clip_reason,
+    ok_object,
     protocol_error,
 )
-from harvester.statuses import error_for_status
+from harvester.statuses import error_from_answer
 from harvester.wire import RequestSpec, Response
 
 NAME = "modzy"
@@ -65,10 +66,9 @@ STATES = {
 #: how soon, at most, to ask again for results that are not there yet (sooner when the
 #: provider's poll_min_s is shorter: results are polled like a status)
 RESULTS_RETRY_S = 10.0
-_MAX_REASON = 1000
 
 
-class ModzyProvider(NoSetup):
+class ModzyProvider(NoSetup, NoLookup):
     name = NAME
 
     def __init__(self, cfg: ModzyConfig) -> None:
@@ -117,13 +117,6 @@ class ModzyProvider(NoSetup):
         if not isinstance(remote, str) or not remote:
             raise _protocol(resp, "create answer has no jobIdentifier string", job)
         return Accepted(remote)
-
-    # -- reconciliation: impossible ----------------------------------------------------
-    def build_find(self, job: Job, cursor: str | None) -> RequestSpec | None:
-        return None
-
-    def parse_find(self, resp: Response, job: Job) -> FindResult:
-        return NotFound()
 
     # -- cancel: DELETE /api/jobs/{id} answers the job (the SDK's ``jobs.cancel``) -------
     def build_cancel(self, job: Job) -> RequestSpec | None:
@@ -243,51 +236,36 @@ class ModzyProvider(NoSetup):
 
     # -- helpers ------------------------------------------------------------------------
     def _ok(self, resp: Response, job: Job | None, endpoint: str) -> dict[str, Any]:
-        if not 200 <= resp.status < 300:
-            raise error_from(resp, job, endpoint)
-        body = resp.json(provider=NAME, job=job.key if job else None)
-        if not isinstance(body, dict):
-            raise _protocol(resp, f"{endpoint} answer is not a JSON object", job)
-        return body
+        return ok_object(NAME, resp, job, endpoint, error_from)
 
 
 def error_from(resp: Response, job: Job | None, endpoint: str) -> HarvesterError:
     """The typed error for a non-2xx answer, keeping Modzy's status text and request id."""
-    status = resp.status
-    code: str | None = None
-    try:
-        body = resp.json(provider=NAME)
-    except ProtocolError:
-        body = None
-    if isinstance(body, dict) and ("message" in body or "status" in body):
-        message = str(body.get("message") or "")[:300]
-        if isinstance(body.get("status"), str) and body["status"]:
-            code = body["status"][:60]
-        elif body.get("statusCode") is not None:
-            code = str(body["statusCode"])[:20]
-    else:
-        message = resp.body[:200].decode("utf-8", "replace").strip()
-    message = message or f"HTTP {status} without a message"
     # A create 404 names an unknown model or version: the payload's doing.
     not_found = (
         (InvalidPayload, "not found: {message}")
         if endpoint == "create"
         else (ProviderJobFailed, "Modzy does not know this job (404): {message}")
     )
-    return error_for_status(
-        status,
-        message,
-        endpoint=endpoint,
-        own={
-            401: (CredentialsError, "API key refused: {message}"),
-            403: (CredentialsError, "API key refused: {message}"),
-            404: not_found,
-        },
-        provider=NAME,
-        job=job.key if job else None,
-        code=code,
-        request_id=resp.request_id,
-    )
+    own = {
+        401: (CredentialsError, "API key refused: {message}"),
+        403: (CredentialsError, "API key refused: {message}"),
+        404: not_found,
+    }
+    return error_from_answer(NAME, resp, job, endpoint, _read_error, own)
+
+
+def _read_error(body: Any) -> tuple[str | None, str] | None:
+    """``{statusCode, status, message, reportErrorUrl}``: the status text (else the numeric
+    code) and the message."""
+    if not isinstance(body, dict) or ("message" not in body and "status" not in body):
+        return None
+    code: str | None = None
+    if isinstance(body.get("status"), str) and body["status"]:
+        code = body["status"][:60]
+    elif body.get("statusCode") is not None:
+        code = str(body["statusCode"])[:20]
+    return code, str(body.get("message") or "")[:300]
 
 
 def failure_reason(failures: Mapping[str, Any]) -> str:
@@ -306,7 +284,7 @@ def failure_reason(failures: Mapping[str, Any]) -> str:
     reason = "; ".join(parts)
     if len(failures) > len(parts):
         reason += f" ({len(failures)} inputs in all)"
-    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 1] + "…"
+    return clip_reason(reason)
 
 
 def _count(value: Any) -> int | None:

@@ -48,10 +48,9 @@ from harvester.providers.base import (
     RemoteState,
     Status,
     protocol_error,
-    snippet,
 )
 from harvester.statuses import Rule, error_for_status, is_transient
-from harvester.wire import RequestSpec, Resolver, Response
+from harvester.wire import RequestSpec, Resolver, Response, snippet
 
 NAME = "playment"
 #: Playment's error codes (PROVIDERS.md), whatever the status they come with
@@ -349,7 +348,7 @@ class PlaymentProvider:
         kw: dict[str, Any] = {"provider": NAME, "job": job.key if job else None}
         kw["request_id"] = resp.request_id
         if is_transient(resp.status):  # the transport raised these already; not for tests
-            raise error_for_status(resp.status, _snippet(resp.body), endpoint=endpoint, **kw)
+            raise error_for_status(resp.status, snippet(resp.body), endpoint=endpoint, **kw)
         body = resp.json(provider=NAME, job=kw["job"])
         if not isinstance(body, dict) or not isinstance(body.get("success"), bool):
             raise self._protocol(resp, "answer has no boolean 'success'", job)
@@ -610,7 +609,3 @@ def _num_key(text: str) -> tuple[int, int | str]:
 
 def _path_of(url: str) -> str:
     return urlsplit(url).path
-
-
-def _snippet(body: bytes) -> str:
-    return snippet(body)

@@ -25,6 +25,6 @@ def make_store(cfg: StoreConfig, *, read_only: bool = False) -> Store:
         raise ConfigError(
             f"store.url is a PostgreSQL URL but its driver is missing ({exc.name});"
             " install harvester[postgres]"
-        ) from None
+        ) from exc
     password = cfg.password.reveal() if cfg.password is not None else None
     return PostgresStore(cfg.url, password=password, pool_size=cfg.pool_size)

@@ -67,7 +67,7 @@ def read_marker(output: Output) -> Marker | None:
         try:
             got = output.read(MARKER, _MAX_MARKER + 1)
         except OutputError as exc:
-            raise StoreError(str(exc)) from None
+            raise StoreError(str(exc)) from exc
         if got is None:
             return None
         data = got

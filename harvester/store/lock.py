@@ -59,6 +59,7 @@ def engine_lock(cfg: StoreConfig, command: str | None = None) -> Iterator[None]:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StoreError(f"{path}: cannot lock: {exc.strerror or exc}") from exc
+            # no cause: EWOULDBLOCK is how flock says "held", which the message says
             raise StoreError(
                 f"{cfg.path}: the job store is in use by {_holder(fd)}; only one harvester"
                 " harvest or run may work on a sqlite store at a time (submit and status"

@@ -116,7 +116,7 @@ def written_values(job: Job) -> tuple[Any, ...]:
 def parse_state(provider: str, key: str, state: str) -> JobState:
     try:
         return JobState(state)
-    except ValueError:
+    except ValueError:  # no cause: the enum's ValueError says only what this message says
         raise StoreError(
             f"stored state {state!r} is not a job state", job=f"{provider}/{key}"
         ) from None
@@ -136,7 +136,7 @@ def counts_from_rows(rows: Iterable[Any]) -> dict[tuple[str, JobState], int]:
     for provider, state, n in rows:
         try:
             result[provider, JobState(state)] = int(n)
-        except ValueError:
+        except ValueError:  # no cause: as in ``parse_state``
             raise StoreError(f"{n} job(s) of {provider} have the unknown state {state!r}") from None
     return result
 

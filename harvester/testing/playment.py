@@ -140,19 +140,7 @@ class MemoryPlayment:
         )
 
     def _job_doc(self, job: Job) -> dict[str, Any]:
-        status = self.model.status(job)
-        done = status == "completed"
-        return {
-            "project_id": job.project_id,
-            "reference_id": job.reference_id,
-            "job_id": job.job_id,
-            "batch_id": job.batch_id,
-            "status": status,
-            "work_flow_id": job.work_flow_id,
-            "priority_weight": job.priority_weight,
-            "tag": job.tag,
-            "result": self._private_url(self.results.result_path(job)) if done else "",
-        }
+        return self.model.document(job, lambda j: self._private_url(self.results.result_path(j)))
 
     def _attachment(self, url: str) -> MemoryAnswer:
         parts = urlsplit(url)
