@@ -68,7 +68,9 @@ class GilMeter:
 
 
 def calibrate(seconds: float = 0.3) -> list[tuple[float, float]]:
-    """(expected, measured) held shares for known hold/release patterns; raises if off."""
+    """(expected, measured) held shares for known hold/release patterns; raises if grossly off
+    (a wrong flag reads 0 or 1). Under load readings stray by a few hundredths: a pattern
+    thread preempted on its way to release the GIL holds it longer than planned."""
     results = []
     for held_us, free_us in ((20, 180), (100, 100), (180, 20)):
         reps = int(seconds * 1e6 / (held_us + free_us))
@@ -78,7 +80,7 @@ def calibrate(seconds: float = 0.3) -> list[tuple[float, float]]:
             )
         expected = held_us / (held_us + free_us)
         results.append((expected, meter.held))
-        if abs(meter.held - expected) > 0.05:
+        if abs(meter.held - expected) > 0.1:
             raise RuntimeError(
                 f"GIL meter off: expected {expected:.2f} held, measured {meter.held:.2f}"
             )
