@@ -130,7 +130,7 @@ class LabelSink:
             low = int(labels.min())
             self.min_label = low if self.min_label is None else min(self.min_label, low)
             with disk_errors(self.shown):
-                write_all(self._fd, labels.astype(_RAW, copy=False).tobytes())
+                write_all(self._fd, _bytes_of(labels.astype(_RAW, copy=False)))
             self.count += int(labels.size)
 
     def reset(self) -> None:
@@ -181,7 +181,7 @@ class LabelSink:
                     try:
                         for start in range(0, self.count, _CONVERT_BLOCK):
                             block = raw[start : start + _CONVERT_BLOCK]
-                            out.write(block.astype(dtype).tobytes())
+                            out.write(_bytes_of(block.astype(dtype)))
                     finally:
                         del raw, block  # the map cannot close while an array uses it
         self.close()
@@ -195,6 +195,13 @@ class LabelSink:
                 "max": max_label if self.count else None,
             },
         )
+
+
+def _bytes_of(array: np.ndarray[Any, Any]) -> memoryview:
+    """The bytes of ``array`` without copying them: ``tobytes`` copies holding the GIL, which
+    would keep another worker thread from decoding meanwhile (writes and hashing don't)."""
+    contiguous: Any = np.ascontiguousarray(array)  # numpy's stubs don't declare the buffer
+    return memoryview(contiguous).cast("B")
 
 
 class _HashingWriter:
