@@ -185,6 +185,10 @@ class Life:
         b = bin_of(age)
         return edges[b] + slopes[b] * (age - EDGES[b])
 
+    def slope(self, age: float) -> float:
+        """``hazard(age) ** alpha``: how fast ``g`` grows at ``age``."""
+        return self._built()[0][bin_of(age)]
+
     def g_inv(self, value: float) -> float:
         """The age at which the cumulative root hazard reaches ``value``."""
         slopes, edges = self._built()

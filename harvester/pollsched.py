@@ -19,9 +19,11 @@ Two rules, one structure:
   remaining time instead.
 
 When the budget has room every eligible job is picked as soon as a token comes: each is
-polled at its floor. When it does not, tokens go in key order. ``c`` is tuned by feedback so
-that keys are served about when they fall due: it grows while picked keys are overdue (the
-budget is short: spread the polls by hazard) and shrinks while they are early (spare budget).
+polled at its floor. When it does not, tokens go in key order, and ``c`` is the square-root
+law's constant, ``sum(hazard ** alpha) / rate`` over the jobs: the intervals it gives spend
+the rate exactly, and minimise the mean detection delay for it (with ``alpha = 1/2``). So
+that a hazard learned wrong cannot park a job, no key is later than round robin would poll
+it (``stretch`` times the cycle ``jobs / rate``; twice that for a job reporting progress).
 
 ``budget_share`` < 1 keeps polls to that share of the provider's rate (a key shared with
 other clients, or paid per request): ``pick`` returns None when the share is spent. Every
@@ -46,7 +48,7 @@ K = TypeVar("K", bound=Hashable)
 
 
 class _Job:
-    __slots__ = ("entry", "last", "life", "origin", "progress", "rung", "seen")
+    __slots__ = ("entry", "last", "life", "origin", "progress", "rung", "seen", "slope")
 
     def __init__(self, life: Life, origin: float, last: float) -> None:
         self.life = life
@@ -55,6 +57,7 @@ class _Job:
         self.rung = 0
         self.progress: float | None = None
         self.seen = 0  #: life-table bins counted for it so far
+        self.slope = 0.0  #: its hazard ** alpha when last seen (its share of ``c``)
         #: its live heap entry (``None`` while a poll of it is in flight)
         self.entry: tuple[float, int, object] | tuple[float, float, int, object] | None = None
 
@@ -66,13 +69,13 @@ class PollScheduler(Generic[K]):
         "_bucket",
         "_c",
         "_c_at_rekey",
-        "_c_max",
         "_c_min",
         "_jobs",
         "_picks_since_rekey",
         "_rate",
         "_ready",
         "_seq",
+        "_slope_sum",
         "_waiting",
         "floor_s",
         "ladder",
@@ -114,13 +117,13 @@ class PollScheduler(Generic[K]):
         self._waiting: list[tuple[float, int, K]] = []  #: (eligible at, seq, key)
         self._ready: list[tuple[float, float, int, K]] = []  #: (key time, last, seq, key)
         self._seq = itertools.count()
-        # c as the interval a job with the prior hazard gets: the floor, to begin with
-        c0: float = self.floor_s * self.stats.prior**self.stats.alpha
-        self._c = c0
-        self._c_min = c0 * 1e-3
-        self._c_max = c0 * 1e7
-        self._c_at_rekey = c0
+        #: c never below a thousandth of what gives a job of the prior hazard its floor
+        self._c_min: float = self.floor_s * self.stats.prior**self.stats.alpha / 1000
+        self._c = self._c_min
+        self._c_at_rekey = self._c
         self._picks_since_rekey = 0
+        #: sum over jobs of hazard ** alpha, each as of its last poll
+        self._slope_sum = 0.0
 
     # -- the jobs --------------------------------------------------------------------------
     def add(
@@ -145,11 +148,13 @@ class PollScheduler(Generic[K]):
         else:
             job.seen = job.life.alive(0, last_poll - origin)
             self._push_waiting(key, job, last_poll + self.floor_of(key))
+        self._set_slope(job)
 
     def remove(self, key: K) -> None:
         """Stop tracking a job that did not finish (failed, cancelled, given up, dropped)."""
         job = self._jobs.pop(key, None)
         if job is not None:
+            self._slope_sum -= job.slope
             job.life.withdrawn(job.seen)
 
     def floor_of(self, key: K) -> float:
@@ -173,12 +178,14 @@ class PollScheduler(Generic[K]):
         if self.ladder is not None:
             job.rung = 0 if changed else min(job.rung + 1, len(self.ladder) - 1)
         job.last = now
+        self._set_slope(job)
         self._push_waiting(key, job, now + self.floor_of(key))
 
     def finished(self, key: K, now: float, *, finished_at: float | None = None) -> None:
         """A poll saw the job end (success: its duration is learned). ``finished_at``: the
         provider's own end time, on this clock, if it gives one."""
         job = self._jobs.pop(key)
+        self._slope_sum -= job.slope
         lo, hi = job.last - job.origin, now - job.origin
         if finished_at is None:
             duration = (lo + hi) / 2  # somewhere since the last poll; the middle is unbiased
@@ -208,7 +215,7 @@ class PollScheduler(Generic[K]):
             if job is None or job.entry is not entry:
                 continue  # stale: moved or removed since
             job.entry = None
-            self._steer(entry[0] <= now)
+            self._after_pick()
             if bucket is not None:
                 bucket.take(1, now)
             return key
@@ -258,17 +265,40 @@ class PollScheduler(Generic[K]):
             job.entry = ready_entry
             heapq.heappush(self._ready, ready_entry)
 
-    def _key_time(self, job: _Job) -> float:
-        alpha = self.stats.alpha
+    def _remaining(self, job: _Job) -> float | None:
+        """Seconds left by the job's own progress report, if it gives one."""
         p = job.progress
         age = job.last - job.origin
         if p is not None and 0 < p < 100 and age > 0:
-            remaining = max(age * (100 - p) / p, 1e-3)
-            key = job.last + self._c * float(remaining**alpha)
+            return max(age * (100 - p) / p, 1e-3)
+        return None
+
+    def _set_slope(self, job: _Job) -> None:
+        remaining = self._remaining(job)
+        if remaining is not None:
+            slope = float(remaining**-self.stats.alpha)
+        else:
+            slope = job.life.slope(job.last - job.origin)
+        self._slope_sum += slope - job.slope
+        job.slope = slope
+
+    def _c_now(self) -> float:
+        # The square-root law's constant: intervals c / hazard**alpha spend exactly the
+        # rate when c = sum(hazard**alpha) / rate (the Lagrange multiplier of "minimise the
+        # mean delay for R polls a second"). Unlimited rate: the floor is all there is.
+        if not self._rate:
+            return self._c_min
+        return max(self._slope_sum / self._rate, self._c_min)
+
+    def _key_time(self, job: _Job) -> float:
+        remaining = self._remaining(job)
+        c = self._c_now()
+        if remaining is not None:
+            key = job.last + c * float(remaining**self.stats.alpha)
             stretch = self.stretch_progress
         else:
             life = job.life
-            key = job.origin + life.g_inv(life.g(age) + self._c)
+            key = job.origin + life.g_inv(life.g(job.last - job.origin) + c)
             stretch = self.stretch
         if self._rate:
             # No job waits much longer than round robin would make it: the hazard moves
@@ -277,12 +307,11 @@ class PollScheduler(Generic[K]):
             key = min(key, job.last + stretch * cycle)
         return key
 
-    def _steer(self, overdue: bool) -> None:
-        # About a factor e per pass over every job: fast enough to follow a batch, slow
-        # enough that one pass of early or late keys does not swing it.
-        step = 1.0 / max(32, len(self._jobs))
-        c = self._c * ((1 + step) if overdue else (1 - step))
-        self._c = min(max(c, self._c_min), self._c_max)
+    def _after_pick(self) -> None:
+        # Keys already in the heap were made with an older c; once c has moved by more
+        # than a factor 2, and only after about as many picks as there are ready jobs,
+        # they are all made again.
+        self._c = self._c_now()
         self._picks_since_rekey += 1
         if self._picks_since_rekey >= len(self._ready) and abs(
             math.log(self._c / self._c_at_rekey)
@@ -303,6 +332,7 @@ class PollScheduler(Generic[K]):
             fresh.append(new)
         heapq.heapify(fresh)
         self._ready = fresh
+        self._slope_sum = sum(job.slope for job in jobs.values())  # no float drift
         self._c_at_rekey = self._c
         self._picks_since_rekey = 0
 
