@@ -185,15 +185,20 @@ class Life:
         b = bin_of(age)
         return edges[b] + slopes[b] * (age - EDGES[b])
 
+    def advance(self, age: float, c: float) -> float:
+        """The age at which the cumulative root hazard has grown by ``c`` since ``age``."""
+        slopes, edges = self._built()
+        age = max(age, 0.0)
+        b = bin_of(age)
+        value = edges[b] + slopes[b] * (age - EDGES[b]) + c
+        if b + 1 >= BINS or value < edges[b + 1]:
+            return EDGES[b] + (value - edges[b]) / slopes[b]  # still inside the same bin
+        b = bisect.bisect_right(edges, value, lo=b + 1) - 1
+        return EDGES[b] + (value - edges[b]) / slopes[b]
+
     def slope(self, age: float) -> float:
         """``hazard(age) ** alpha``: how fast ``g`` grows at ``age``."""
         return self._built()[0][bin_of(age)]
-
-    def g_inv(self, value: float) -> float:
-        """The age at which the cumulative root hazard reaches ``value``."""
-        slopes, edges = self._built()
-        b = max(bisect.bisect_right(edges, value) - 1, 0)
-        return EDGES[b] + (value - edges[b]) / slopes[b]
 
     def to_json(self) -> dict[str, list[float]]:
         return {"events": _rounded(self.events), "reached": _rounded(self.reached)}

@@ -274,6 +274,8 @@ class PollScheduler(Generic[K]):
         return None
 
     def _set_slope(self, job: _Job) -> None:
+        if not self._rate:
+            return  # no budget to share out: c is not needed
         remaining = self._remaining(job)
         if remaining is not None:
             slope = float(remaining**-self.stats.alpha)
@@ -291,14 +293,17 @@ class PollScheduler(Generic[K]):
         return max(self._slope_sum / self._rate, self._c_min)
 
     def _key_time(self, job: _Job) -> float:
+        if not self._rate:
+            # No rate limit: every eligible job is polled at once, so the order is only a
+            # tie-break, and the longest-unpolled first is the cheapest.
+            return job.last
         remaining = self._remaining(job)
         c = self._c_now()
         if remaining is not None:
             key = job.last + c * float(remaining**self.stats.alpha)
             stretch = self.stretch_progress
         else:
-            life = job.life
-            key = job.origin + life.g_inv(life.g(job.last - job.origin) + c)
+            key = job.origin + job.life.advance(job.last - job.origin, c)
             stretch = self.stretch
         if self._rate:
             # No job waits much longer than round robin would make it: the hazard moves

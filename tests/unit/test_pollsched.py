@@ -220,6 +220,10 @@ def test_stats_round_trip_and_bad_input() -> None:
     a, b = stats.life("playment/annotate"), back.life("playment/annotate")
     for age in (0.5, 3.0, 20.0, 64.0, 1000.0):
         assert b.g(age) == pytest.approx(a.g(age), rel=1e-6)
+        # advance() walks g forward: g grows by exactly c between the two ages
+        later = a.advance(age, 0.05)
+        assert later > age
+        assert a.g(later) - a.g(age) == pytest.approx(0.05, rel=1e-6)
     broken = data.replace(b'"events":[', b'"events":[-1,', 1)
     with pytest.raises(ValueError, match=r"store meta: classes\.playment/annotate\.events"):
         DurationStats.from_bytes(broken, where="store meta")
