@@ -74,7 +74,10 @@ class Scenario:
     rate: float  #: the budget, requests/s
     floor: float  #: poll_min_s
     arrival_s: float = 0.0  #: jobs arrive uniformly over [0, arrival_s]; 0: one batch
-    ladder: bool = False  #: Bentley's ladder as the floor, and progress reported
+    ladder: bool = False  #: Bentley's ladder as the floor
+    #: progress reported in this many steps (Bentley: 100, a percentage; Modzy: its number of
+    #: inputs, completed/total); 0: none
+    progress_steps: int = 0
     times: bool = False  #: the provider reports its own end time (Cognite's statusTime)
     seed: int = 1
     params: tuple[float, ...] = ()
@@ -125,9 +128,10 @@ class Jobs:
         gamma = [rng.uniform(0.7, 1.4) for _ in durations]
         return cls(arrive, end, gamma)
 
-    def progress(self, i: int, t: float) -> float:
+    def progress(self, i: int, t: float, steps: int) -> float:
+        """Percent done, in ``steps`` steps, along a curve of the job's own (not linear)."""
         a, e = self.arrive[i], self.end[i]
-        return float(int(100 * ((t - a) / (e - a)) ** self.gamma[i]))
+        return 100.0 * int(steps * ((t - a) / (e - a)) ** self.gamma[i]) / steps
 
     def running_at(self) -> Callable[[float], int]:
         arrive, ends = self.arrive, sorted(self.end)
@@ -328,7 +332,7 @@ def simulate(sc: Scenario, jobs: Jobs, name: str) -> Outcome:
     t = arrive[0]
     last = t
     report_end = sc.times
-    with_progress = sc.ladder
+    steps = sc.progress_steps
     while detected < n:
         while ai < n and arrive[ai] <= t:
             strat.add(ai, arrive[ai])
@@ -353,7 +357,7 @@ def simulate(sc: Scenario, jobs: Jobs, name: str) -> Outcome:
             detected += 1
             last = t
         else:
-            strat.polled(key, t, jobs.progress(key, t) if with_progress else None)
+            strat.polled(key, t, jobs.progress(key, t, steps) if steps else None)
     return Outcome(
         name,
         latency,
@@ -406,6 +410,8 @@ def scenarios(full: bool) -> list[Scenario]:
     uni = ("uniform", (5.0, 90.0))  # Cognite / Playment auto-annotation: seconds
     logn = ("lognormal", (20 * MIN, 1.0))  # Bentley reality analysis: minutes to hours
     bim = ("bimodal", (0.8, 3 * MIN, 0.5, 1 * DAY, 0.4))  # Playment human: minutes or a day
+    modzy = ("lognormal", (5 * MIN, 0.8))  # Modzy batch inference: minutes
+    bentley: dict[str, Any] = {"ladder": True, "progress_steps": 100}
     out: list[Scenario] = []
 
     def add(name: str, n: int, dist: tuple[str, tuple[float, ...]], **kw: Any) -> None:
@@ -416,7 +422,9 @@ def scenarios(full: bool) -> list[Scenario]:
         add("uniform-starved-2k", n, uni, rate=4.0, floor=5.0)
         add("uniform-ample-2k", n, uni, rate=800.0, floor=5.0)
         add("lognormal-tight-2k", n, logn, rate=4.0, floor=60.0, arrival_s=HOUR)
-        add("bentley-ladder-2k", n, logn, rate=5.0, floor=15.0, arrival_s=HOUR, ladder=True)
+        add("bentley-ladder-2k", n, logn, rate=5.0, floor=15.0, arrival_s=HOUR, **bentley)
+        add("modzy-progress-2k", n, modzy, rate=10.0, floor=5.0, arrival_s=HOUR, progress_steps=8)
+        add("cognite-stream-2k", n, uni, rate=10.0, floor=5.0, arrival_s=HOUR / 6, times=True)
         add("bimodal-starved-2k", n, bim, rate=0.2, floor=300.0, arrival_s=HOUR)
         return out
     n = 10_000
@@ -427,7 +435,8 @@ def scenarios(full: bool) -> list[Scenario]:
     add("lognormal-starved-10k", n, logn, rate=5.0, floor=60.0, arrival_s=HOUR)
     add("lognormal-tight-10k", n, logn, rate=20.0, floor=60.0, arrival_s=HOUR)
     add("lognormal-ample-10k", n, logn, rate=400.0, floor=60.0, arrival_s=HOUR)
-    add("bentley-ladder-10k", n, logn, rate=20.0, floor=15.0, arrival_s=HOUR, ladder=True)
+    add("bentley-ladder-10k", n, logn, rate=20.0, floor=15.0, arrival_s=HOUR, **bentley)
+    add("modzy-progress-10k", n, modzy, rate=50.0, floor=5.0, arrival_s=HOUR, progress_steps=8)
     add("bimodal-starved-10k", n, bim, rate=1.0, floor=300.0, arrival_s=HOUR)
     add("bimodal-tight-10k", n, bim, rate=5.0, floor=300.0, arrival_s=HOUR)
     add("lognormal-tight-100k", 100_000, logn, rate=150.0, floor=60.0, arrival_s=HOUR)
@@ -549,6 +558,8 @@ def run_scenario(sc: Scenario, seeds: Sequence[int]) -> dict[str, Any]:
         "rate_per_s": sc.rate,
         "floor_s": sc.floor,
         "ladder": sc.ladder,
+        "progress_steps": sc.progress_steps,
+        "times": sc.times,
         "arrival_s": sc.arrival_s,
         "saturated": saturated,
         "peak_running": statistics.median(peaks),
@@ -651,7 +662,9 @@ def run(args: argparse.Namespace, work: Path) -> list[Figure]:
     for r in results:
         about = (
             f"{r['jobs']:,} jobs, {r['distribution']}, {r['rate_per_s']:g} req/s, floor"
-            f" {r['floor_s']:g} s{' (Bentley ladder, progress)' if r['ladder'] else ''},"
+            f" {r['floor_s']:g} s{' on Bentley ladder' if r['ladder'] else ''}"
+            f"{', progress reported' if r['progress_steps'] else ''}"
+            f"{', end times reported' if r['times'] else ''},"
             f" {'saturated' if r['saturated'] else 'spare budget'}, arrivals over"
             f" {r['arrival_s']:g} s; {r['simulated_s'] / 3600:.1f} h simulated; medians of"
             f" {len(r['seeds'])} draws"
