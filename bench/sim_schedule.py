@@ -249,7 +249,8 @@ class Before:
         self.queue: DueQueue[int] = DueQueue()
         self.interval: dict[int, float] = {}
         self.progress: dict[int, float | None] = {}
-        self.rng = random.Random(sc.seed)
+        # not sc.seed: the jitter would replay the draws of the durations and know them
+        self.rng = random.Random(f"before-{sc.seed}")
 
     def add(self, key: int, now: float) -> None:
         d = self.policy.first(self.rng)
