@@ -34,7 +34,6 @@ after about as many polls as there are jobs).
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 from collections.abc import Hashable, Sequence
 from typing import Generic, TypeVar
@@ -44,6 +43,7 @@ from harvester.ratelimit import TokenBucket
 
 __all__ = ["PollScheduler"]
 
+#: a job's key: hashable, and orderable among its kind (ties in time fall back on it)
 K = TypeVar("K", bound=Hashable)
 
 
@@ -59,7 +59,7 @@ class _Job:
         self.seen = 0  #: life-table bins counted for it so far
         self.slope = 0.0  #: its hazard ** alpha when last seen (its share of ``c``)
         #: its live heap entry (``None`` while a poll of it is in flight)
-        self.entry: tuple[float, int, object] | tuple[float, float, int, object] | None = None
+        self.entry: tuple[float, object] | tuple[float, float, object] | None = None
 
 
 class PollScheduler(Generic[K]):
@@ -74,7 +74,6 @@ class PollScheduler(Generic[K]):
         "_picks_since_rekey",
         "_rate",
         "_ready",
-        "_seq",
         "_slope_sum",
         "_waiting",
         "floor_s",
@@ -114,9 +113,8 @@ class PollScheduler(Generic[K]):
             share = rate_per_s * budget_share
             self._bucket = TokenBucket(share, max(1.0, burst * budget_share))
         self._jobs: dict[K, _Job] = {}
-        self._waiting: list[tuple[float, int, K]] = []  #: (eligible at, seq, key)
-        self._ready: list[tuple[float, float, int, K]] = []  #: (key time, last, seq, key)
-        self._seq = itertools.count()
+        self._waiting: list[tuple[float, K]] = []  #: (eligible at, key)
+        self._ready: list[tuple[float, float, K]] = []  #: (key time, last poll, key)
         #: c never below a thousandth of what gives a job of the prior hazard its floor
         self._c_min: float = self.floor_s * self.stats.prior**self.stats.alpha / 1000
         self._c = self._c_min
@@ -210,7 +208,7 @@ class PollScheduler(Generic[K]):
         ready, jobs = self._ready, self._jobs
         while ready:
             entry = heapq.heappop(ready)
-            key = entry[3]
+            key = entry[2]
             job = jobs.get(key)
             if job is None or job.entry is not entry:
                 continue  # stale: moved or removed since
@@ -248,7 +246,7 @@ class PollScheduler(Generic[K]):
 
     # -- inside ----------------------------------------------------------------------------
     def _push_waiting(self, key: K, job: _Job, at: float) -> None:
-        entry = (at, next(self._seq), key)
+        entry = (at, key)
         job.entry = entry
         heapq.heappush(self._waiting, entry)
         self._compact()
@@ -257,11 +255,11 @@ class PollScheduler(Generic[K]):
         waiting, jobs = self._waiting, self._jobs
         while waiting and waiting[0][0] <= now:
             entry = heapq.heappop(waiting)
-            key = entry[2]
+            key = entry[1]
             job = jobs.get(key)
             if job is None or job.entry is not entry:
                 continue
-            ready_entry = (self._key_time(job), job.last, next(self._seq), key)
+            ready_entry = (self._key_time(job), job.last, key)
             job.entry = ready_entry
             heapq.heappush(self._ready, ready_entry)
 
@@ -327,12 +325,12 @@ class PollScheduler(Generic[K]):
         """Recompute every ready job's key with today's ``c`` and tables (O(n), done only
         after about n picks, so O(1) per pick)."""
         jobs = self._jobs
-        fresh: list[tuple[float, float, int, K]] = []
+        fresh: list[tuple[float, float, K]] = []
         for entry in self._ready:
-            job = jobs.get(entry[3])
+            job = jobs.get(entry[2])
             if job is None or job.entry is not entry:
                 continue
-            new = (self._key_time(job), job.last, entry[2], entry[3])
+            new = (self._key_time(job), job.last, entry[2])
             job.entry = new
             fresh.append(new)
         heapq.heapify(fresh)
@@ -353,6 +351,6 @@ class PollScheduler(Generic[K]):
             heapq.heapify(self._ready)
 
 
-def _stale(jobs: dict[K, _Job], entry: tuple[float, int, K] | tuple[float, float, int, K]) -> bool:
+def _stale(jobs: dict[K, _Job], entry: tuple[float, K] | tuple[float, float, K]) -> bool:
     job = jobs.get(entry[-1])
     return job is None or job.entry is not entry
