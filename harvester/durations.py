@@ -165,6 +165,16 @@ class Life:
             out.append(rate)
         return out
 
+    def survival(self, age: float) -> float:
+        """The chance a job of this class is still running at ``age`` (from the hazards)."""
+        rates = self.hazards()
+        total, b = 0.0, 0
+        while b < BINS and EDGES[b] < age:
+            hi = min(age, EDGES[b + 1]) if b + 1 < BINS else age
+            total += rates[b] * (hi - EDGES[b])
+            b += 1
+        return math.exp(-total)
+
     def _built(self) -> tuple[list[float], list[float]]:
         # Rebuilt after a twentieth more observations than it has seen (at least 16): cheap
         # per poll, and fresh while the table is young.

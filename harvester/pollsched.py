@@ -74,6 +74,7 @@ class PollScheduler(Generic[K]):
         "_picks_since_rekey",
         "_rate",
         "_ready",
+        "_share",
         "_slope_sum",
         "_waiting",
         "floor_s",
@@ -107,6 +108,7 @@ class PollScheduler(Generic[K]):
         self.stretch = stretch
         self.stretch_progress = stretch_progress
         #: the polls' rate, for the round-robin cycle that caps every interval
+        self._share = budget_share
         self._rate = rate_per_s * budget_share if 0 < rate_per_s < math.inf else 0.0
         self._bucket: TokenBucket | None = None
         if budget_share < 1 and 0 < rate_per_s < math.inf:
@@ -122,6 +124,18 @@ class PollScheduler(Generic[K]):
         self._picks_since_rekey = 0
         #: sum over jobs of hazard ** alpha, each as of its last poll
         self._slope_sum = 0.0
+
+    def set_rate(self, rate_per_s: float) -> None:
+        """The provider's rate changed (replicas share one limit, and the share moves)."""
+        share = self._share
+        self._rate = rate_per_s * share if 0 < rate_per_s < math.inf else 0.0
+        if self._bucket is not None and self._rate:
+            self._bucket.rate_per_s = self._rate
+
+    @property
+    def rate_per_s(self) -> float:
+        """The rate polls may use (the provider's times ``budget_share``); 0: unlimited."""
+        return self._rate
 
     # -- the jobs --------------------------------------------------------------------------
     def add(
