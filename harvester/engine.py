@@ -1051,7 +1051,7 @@ class _Transports:
                 policy = PollPolicy(min_s=cfg.poll_min_s, max_s=cfg.poll_max_s, ladder=ladder)
                 polls: PollScheduler[str] = PollScheduler(
                     floor_s=cfg.poll_min_s,
-                    ladder=ladder,
+                    ladder=policy.ladder,  # the provider's, clamped into poll_min..max_s
                     stats=e.durations,
                     rate_per_s=cfg.rate_per_s,
                     burst=cfg.burst,
