@@ -631,12 +631,15 @@ class Engine:
         self.remaining.discard((provider, key))
         self.ownership.finished(provider, key)
 
-    def _poll_later(self, lane: Lane, job: Job, *, changed: bool) -> None:
+    def _poll_later(
+        self, lane: Lane, job: Job, *, changed: bool, started_at: float | None = None
+    ) -> None:
+        """``started_at``: when the provider says the job began running (Unix time); else
+        it is timed from its submission (``Job.started_at``)."""
         lane.failures.pop(job.key, None)
         now = self.clock.monotonic()
-        origin = None
-        if job.started_at is not None:  # wall time: the same instant on this clock
-            origin = now - max(0.0, self.clock.wall() - job.started_at)
+        began = started_at if started_at is not None else job.started_at
+        origin = None if began is None else min(now, self._mono(began) or now)
         lane.poll_later(job.key, now, origin=origin, progress=job.progress, changed=changed)
         self._remember(lane, job)
 
@@ -804,8 +807,10 @@ class Engine:
 
     async def _apply_status(self, lane: Lane, job: Job, status: Status) -> None:
         if status.state == RemoteState.SUCCEEDED:
-            if job.key in lane.polls:
-                lane.polls.finished(job.key, self.clock.monotonic())  # its duration is learned
+            if job.key in lane.polls:  # its duration is learned
+                lane.polls.finished(
+                    job.key, self.clock.monotonic(), finished_at=self._mono(status.ended_at)
+                )
             job = await self._transition(
                 job, Event.COMPLETED, remote_status=status.raw, progress=status.progress
             )
@@ -844,7 +849,13 @@ class Engine:
                 )
                 if self.on_change is not None:
                     self.on_change(job)
-            self._poll_later(lane, job, changed=changed)
+            self._poll_later(lane, job, changed=changed, started_at=status.started_at)
+
+    def _mono(self, wall: float | None) -> float | None:
+        """A provider's Unix time on the monotonic clock (None stays None)."""
+        if wall is None:
+            return None
+        return self.clock.monotonic() - (self.clock.wall() - wall)
 
     def _unknown_status(self, lane: Lane, job: Job, raw: str) -> None:
         """Once per job (the store remembers it was told): the provider answered a status it

@@ -133,7 +133,7 @@ class Lane:
         poll among the others. ``origin``: when its run began (monotonic), if known."""
         self.queue.discard(key)
         if key in self.polls:
-            self.polls.polled(key, now, progress=progress, changed=changed)
+            self.polls.polled(key, now, progress=progress, changed=changed, origin=origin)
         else:
             self.polls.add(key, now, cls=self.name, origin=origin, last_poll=now)
         self.wake.set()

@@ -178,11 +178,20 @@ class PollScheduler(Generic[K]):
 
     # -- the answers -----------------------------------------------------------------------
     def polled(
-        self, key: K, now: float, *, progress: float | None = None, changed: bool = False
+        self,
+        key: K,
+        now: float,
+        *,
+        progress: float | None = None,
+        changed: bool = False,
+        origin: float | None = None,
     ) -> None:
         """A poll answered: still running. ``progress`` in percent if the provider says;
-        ``changed`` if anything else moved (restarts a polling ladder)."""
+        ``changed`` if anything else moved (restarts a polling ladder); ``origin`` if the
+        provider says when the job began running (Cognite's startTime, after its queue)."""
         job = self._jobs[key]
+        if origin is not None:
+            job.origin = min(origin, now)
         job.seen = job.life.alive(job.seen, now - job.origin)
         if progress is not None and progress != job.progress:
             changed = True
