@@ -499,7 +499,7 @@ class Engine:
 
     # -- lanes --------------------------------------------------------------------------
     async def _lane(self, lane: Lane) -> None:
-        lane.limiter.on_release = lambda: lane.wake.set()  # a poll may wait for that slot
+        lane.limiter.on_release = lane.released  # a poll may wait for that slot
         send, recv = anyio.create_memory_object_stream[str](lane.transport.cfg.max_concurrency)
         async with anyio.create_task_group() as tg:
             async with recv:
@@ -522,6 +522,7 @@ class Engine:
                     lane.wake = anyio.Event()
                     nxt = lane.next_due(self.clock.monotonic())
                     until = self.clock.monotonic() + 3600.0 if nxt is None else nxt
+                    lane.sleeps_until = until
                     with self.clock.move_on_at(until):
                         await lane.wake.wait()
 

@@ -56,6 +56,10 @@ class Lane:
     polls: PollScheduler[str]
     queue: DueQueue[str] = field(default_factory=DueQueue)
     wake: anyio.Event = field(default_factory=anyio.Event)
+    #: when the dispatcher sleeps until (monotonic), and whether a poll waits for a request
+    #: to end: a job put back to poll later, or a request ending, wakes it only then
+    sleeps_until: float = 0.0
+    wants_slot: bool = False
     #: polls handed out that no worker has started yet: counted against the tokens free, so
     #: a token is not promised twice while the workers have not run
     polls_out: set[str] = field(default_factory=set)
@@ -101,13 +105,16 @@ class Lane:
     def next_due(self, now: float) -> float | None:
         """When the dispatcher must look again (None: when woken). A poll that waits for
         a token wakes it when the limiter's bucket or gate would let one through; one that
-        waits for a request to end, when a step ends (the worker wakes the lane)."""
+        waits for a request to end, when one does (``released``)."""
         nxt = self.queue.next_due()
         poll = self.polls.next_eligible(now)
+        self.wants_slot = False
         if poll is not None:
             free = self.limiter.free_at()
             if free is None or len(self.polls_out) >= max(1, self.limiter.free_now()):
-                poll = None
+                self.wants_slot = True  # a request ending wakes the dispatcher
+                if poll <= now:
+                    poll = None
             else:
                 poll = max(poll, free)
         if nxt is None or (poll is not None and poll < nxt):
@@ -136,7 +143,13 @@ class Lane:
             self.polls.polled(key, now, progress=progress, changed=changed, origin=origin)
         else:
             self.polls.add(key, now, cls=self.name, origin=origin, last_poll=now)
-        self.wake.set()
+        if now + self.polls.floor_of(key) < self.sleeps_until:
+            self.wake.set()  # due before the dispatcher would look again
+
+    def released(self) -> None:
+        """The limiter let a request go (``ProviderLimiter.on_release``)."""
+        if self.wants_slot:
+            self.wake.set()
 
     def step_started(self, key: str) -> None:
         """A worker took ``key`` from the dispatcher."""
