@@ -227,6 +227,8 @@ class PollScheduler(Generic[K]):
         bucket = self._bucket
         if bucket is not None and bucket.time_until(1, now) > 0:
             return None
+        if not self._rate and not self._ready:
+            return self._pick_unlimited(now)
         self._promote(now)
         ready, jobs = self._ready, self._jobs
         while ready:
@@ -240,6 +242,19 @@ class PollScheduler(Generic[K]):
             if bucket is not None:
                 bucket.take(1, now)
             return key
+        return None
+
+    def _pick_unlimited(self, now: float) -> K | None:
+        # No rate to share out: every eligible job is polled at once, so the one that became
+        # eligible first goes first, straight from the floor's heap.
+        waiting, jobs = self._waiting, self._jobs
+        while waiting and waiting[0][0] <= now:
+            entry = heapq.heappop(waiting)
+            job = jobs.get(entry[1])
+            if job is None or job.entry is not entry:
+                continue
+            job.entry = None
+            return entry[1]
         return None
 
     def next_eligible(self, now: float) -> float | None:
