@@ -66,6 +66,8 @@ BENCHES = (
     Bench("limiter", "bench_limiter.py", "Limiter accuracy", 300),
     Bench("objstore", "bench_objstore.py", "Harvesting to object storage vs local disk", 900),
     Bench("offload", "bench_offload.py", "Harvests off the event loop and in parallel", 900),
+    Bench("schedule", "sim_schedule.py", "Poll scheduling under a rate budget, simulated", 900),
+    Bench("detect", "bench_detect.py", "Detection latency in real time, against the emulator", 900),
 )
 #: issue 8's target for the decoder's streaming memory, which bench_decode.py reports
 #: without one: peak RSS growth below 64 MB (10**6 bytes)

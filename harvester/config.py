@@ -64,6 +64,9 @@ class ProviderConfig:
     max_concurrency: int = 32
     poll_min_s: float = 5.0
     poll_max_s: float = 120.0
+    #: share of rate_per_s that polls may use (the rest stays for submits and downloads,
+    #: or for other clients of the same key); 1 = all of it
+    poll_budget_share: float = 1.0
     request_timeout_s: float = 30.0
     max_retries: int = 5  #: attempts for idempotent requests after a retryable failure
     backoff_base_s: float = 1.0
@@ -368,6 +371,8 @@ def _check_provider(cfg: ProviderConfig, ctx: _Ctx, where: str) -> None:
         ctx.fail(f"{where}.job_timeout_s must be >= 0 (0 = no deadline)")
     if cfg.poll_max_s < cfg.poll_min_s:
         ctx.fail(f"{where}.poll_max_s must be >= poll_min_s")
+    if not 0 < cfg.poll_budget_share <= 1:
+        ctx.fail(f"{where}.poll_budget_share must be > 0 and <= 1")
     if not cfg.backoff_base_s > 0:
         ctx.fail(f"{where}.backoff_base_s must be > 0")
     if cfg.backoff_max_s < cfg.backoff_base_s:

@@ -37,6 +37,7 @@ from harvester.clock import Clock, SystemClock, wait_for
 from harvester.config import Config
 from harvester.credentials import credentials_for
 from harvester.download import ByteBudget
+from harvester.durations import DurationStats
 from harvester.errors import (
     ControlError,
     FatalError,
@@ -62,6 +63,7 @@ from harvester.objoutput import ObjectJobOutput
 from harvester.objstore import bucket_for, prove_output
 from harvester.offload import Offload
 from harvester.ownership import Ownership, Solo
+from harvester.pollsched import PollScheduler
 from harvester.providers import make_provider
 from harvester.providers.base import (
     Accepted,
@@ -89,6 +91,11 @@ MAX_CREATE_ATTEMPTS = 8
 #: running jobs whose stored row is kept in memory between polls (about 400 bytes each), so
 #: polling them needs no store read; beyond this many the row is read before each poll
 CACHED_JOBS_MAX = 10_000
+#: the store meta entry that keeps the learned job durations (``harvester.durations``), and
+#: how often they are written there (and at the end of a run)
+DURATIONS_META = "poll.durations"
+DURATIONS_SAVE_S = 60.0
+DURATIONS_FINAL_SAVE_S = 5.0
 #: bounds of the backoff between checks of an output directory that could not be written
 OUTPUT_RETRY_MIN_S = 0.5
 OUTPUT_RETRY_MAX_S = 10.0
@@ -150,6 +157,13 @@ class Engine:
         #: output failures since the last harvest that succeeded: the watcher's backoff
         #: grows with them, since a probe can pass where a big file still does not fit
         self._output_strikes = 0
+        #: how long each provider's jobs take, learned from the ones that finish (shared by
+        #: the lanes' poll schedulers; kept in the store's meta table across restarts)
+        self.durations = DurationStats()
+        self._durations_saved: str | None = None
+        #: the answer of the poll that saw a job finish, for its harvest (which then does not
+        #: ask again); dropped once the harvest starts, or when the job is parked
+        self._finished_status: dict[tuple[str, str], Status] = {}
         #: which jobs are this process's to work (harvester.ownership)
         self.ownership: Ownership = (
             Replica(self, store, lease_s=config.store.lease_s)
@@ -191,6 +205,8 @@ class Engine:
             try:
                 await self._work(lanes, harvest_recv, stop)
             finally:
+                with self.clock.move_on_after(DURATIONS_FINAL_SAVE_S, shield=True):
+                    await self._save_durations()
                 await self.ownership.leave()
         if self.fatal is not None:
             raise self.fatal
@@ -208,6 +224,7 @@ class Engine:
         for lane in lanes.values():
             if not await self._setup_until_done(lane, stop):
                 return  # stopped while a provider was unreachable: nothing started
+        await self._load_durations()
         await self.ownership.take_up()
         self.ready.set()
         async with anyio.create_task_group() as tg:
@@ -218,6 +235,7 @@ class Engine:
                 for i in range(self.config.harvest.concurrency):
                     tg.start_soon(self._harvester, harvest_recv.clone(), name=f"harvest:{i}")
             self.ownership.run_in(tg)
+            tg.start_soon(self._keep_durations, name="durations")
             if not self.burst:
                 tg.start_soon(self._output_watch, name="output-watch")
 
@@ -444,8 +462,44 @@ class Engine:
         """Pick up jobs other processes (or the HTTP API) added to the store, now."""
         await self.ownership.refresh()
 
+    # -- learned durations ---------------------------------------------------------------
+    async def _load_durations(self) -> None:
+        """The poll schedulers' duration tables as the last run left them (a broken or
+        foreign value is reported once and learning starts afresh: it is a cache)."""
+        value = await self.store.get_meta(DURATIONS_META)
+        if value is None:
+            return
+        try:
+            saved = DurationStats.from_bytes(
+                value.encode(), alpha=self.durations.alpha, where=f"store meta {DURATIONS_META}"
+            )
+        except ValueError as exc:
+            log.warning("learned job durations not loaded; learning afresh", error=str(exc))
+            return
+        self.durations.classes.update(saved.classes)
+        self._durations_saved = value
+
+    async def _save_durations(self) -> None:
+        if not self.lanes or not self.durations.classes:
+            return  # nothing learned (or nothing started): nothing to keep
+        value = self.durations.to_bytes().decode()
+        if value == self._durations_saved:
+            return
+        try:
+            await self.store.set_meta(DURATIONS_META, value)
+        except StoreError as exc:
+            log.warning("learned job durations not saved", error=str(exc))
+            return
+        self._durations_saved = value
+
+    async def _keep_durations(self) -> None:
+        while True:
+            await self.clock.sleep(DURATIONS_SAVE_S)
+            await self._save_durations()
+
     # -- lanes --------------------------------------------------------------------------
     async def _lane(self, lane: Lane) -> None:
+        lane.limiter.on_release = lane.released  # a poll may wait for that slot
         send, recv = anyio.create_memory_object_stream[str](lane.transport.cfg.max_concurrency)
         async with anyio.create_task_group() as tg:
             async with recv:
@@ -455,7 +509,7 @@ class Engine:
                 while not self.draining:
                     now = self.clock.monotonic()
                     due = lane.due(now, limit=1024)
-                    self.metrics.queue_depth.labels(lane.name, "due").set(len(lane.queue))
+                    self.metrics.queue_depth.labels(lane.name, "due").set(lane.scheduled)
                     for key in due:
                         lane.in_flight.add(key)
                         try:
@@ -466,8 +520,9 @@ class Engine:
                     if due:
                         continue
                     lane.wake = anyio.Event()
-                    nxt = lane.next_due()
+                    nxt = lane.next_due(self.clock.monotonic())
                     until = self.clock.monotonic() + 3600.0 if nxt is None else nxt
+                    lane.sleeps_until = until
                     with self.clock.move_on_at(until):
                         await lane.wake.wait()
 
@@ -483,8 +538,10 @@ class Engine:
                         key = await recv.receive()
                 except anyio.EndOfStream:
                     return
+                lane.step_started(key)
                 if not self._enter():
                     lane.in_flight.discard(key)
+                    lane.polls.remove(key)  # stopping: the next run polls it
                     continue
                 try:
                     await self._step(lane, key)
@@ -575,16 +632,16 @@ class Engine:
         self.remaining.discard((provider, key))
         self.ownership.finished(provider, key)
 
-    def _poll_later(self, lane: Lane, job: Job, *, changed: bool) -> None:
-        prev = lane.interval.get(job.key)
-        interval = (
-            lane.policy.first(self.rng)
-            if prev is None
-            else lane.policy.next(prev, changed=changed, rng=self.rng)
-        )
-        lane.interval[job.key] = interval
+    def _poll_later(
+        self, lane: Lane, job: Job, *, changed: bool, started_at: float | None = None
+    ) -> None:
+        """``started_at``: when the provider says the job began running (Unix time); else
+        it is timed from its submission (``Job.started_at``)."""
         lane.failures.pop(job.key, None)
-        lane.schedule(job.key, self.clock.monotonic() + interval)
+        now = self.clock.monotonic()
+        began = started_at if started_at is not None else job.started_at
+        origin = None if began is None else min(now, self._mono(began) or now)
+        lane.poll_later(job.key, now, origin=origin, progress=job.progress, changed=changed)
         self._remember(lane, job)
 
     def _remember(self, lane: Lane, job: Job) -> None:
@@ -751,9 +808,14 @@ class Engine:
 
     async def _apply_status(self, lane: Lane, job: Job, status: Status) -> None:
         if status.state == RemoteState.SUCCEEDED:
+            if job.key in lane.polls:  # its duration is learned
+                lane.polls.finished(
+                    job.key, self.clock.monotonic(), finished_at=self._mono(status.ended_at)
+                )
             job = await self._transition(
                 job, Event.COMPLETED, remote_status=status.raw, progress=status.progress
             )
+            self._finished_status[(lane.name, job.key)] = status
             await self._queue_harvest(lane.name, job.key)
         elif status.state == RemoteState.FAILED:
             await self._transition(
@@ -788,7 +850,13 @@ class Engine:
                 )
                 if self.on_change is not None:
                     self.on_change(job)
-            self._poll_later(lane, job, changed=changed)
+            self._poll_later(lane, job, changed=changed, started_at=status.started_at)
+
+    def _mono(self, wall: float | None) -> float | None:
+        """A provider's Unix time on the monotonic clock (None stays None)."""
+        if wall is None:
+            return None
+        return self.clock.monotonic() - (self.clock.wall() - wall)
 
     def _unknown_status(self, lane: Lane, job: Job, raw: str) -> None:
         """Once per job (the store remembers it was told): the provider answered a status it
@@ -814,6 +882,7 @@ class Engine:
         item = (provider, key)
         if self.output_problem is not None and not self.burst:
             self._parked.add(item)  # _output_watch hands it back once the disk is writable
+            self._finished_status.pop(item, None)  # parked for long: its harvest asks again
             return
         if item in self._queued_for_harvest:
             return
@@ -837,6 +906,7 @@ class Engine:
                     self._fail_fatal(exc)
                 finally:
                     self._queued_for_harvest.discard((provider, key))
+                    self._finished_status.pop((provider, key), None)
                     self._leave()
 
     async def _harvest_one(self, lane: Lane, key: str) -> None:
@@ -848,7 +918,11 @@ class Engine:
         if job.state == JobState.SUCCEEDED:
             job = await self._transition(job, Event.HARVEST)
         try:
-            status = await lane.provider.poll(job, _JobClient(lane.transport, job.key))
+            # The poll that saw the job finish brought its document: no need to ask again
+            # (a retry, or a job loaded finished at a restart, does ask).
+            status = self._finished_status.pop((lane.name, key), None) or await lane.provider.poll(
+                job, _JobClient(lane.transport, job.key)
+            )
             if not isinstance(status, Status) or status.state != RemoteState.SUCCEEDED:
                 # The status holds the provider's whole document: the debug log gets it,
                 # the stored reason only the status word.
@@ -987,7 +1061,15 @@ class _Transports:
                 self.opened.append(transport)
                 ladder = provider.ladder()
                 policy = PollPolicy(min_s=cfg.poll_min_s, max_s=cfg.poll_max_s, ladder=ladder)
-                lanes[name] = Lane(name, provider, transport, policy)
+                polls: PollScheduler[str] = PollScheduler(
+                    floor_s=cfg.poll_min_s,
+                    ladder=policy.ladder,  # the provider's, clamped into poll_min..max_s
+                    stats=e.durations,
+                    rate_per_s=cfg.rate_per_s,
+                    burst=cfg.burst,
+                    budget_share=cfg.poll_budget_share,
+                )
+                lanes[name] = Lane(name, provider, transport, policy, polls)
         except BaseException:
             await self.__aexit__(None, None, None)
             raise

@@ -29,6 +29,7 @@ import math
 import random
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC
 from types import TracebackType
@@ -261,6 +262,7 @@ class ProviderLimiter:
         "_stop_at",
         "_waiters",
         "name",
+        "on_release",
     )
 
     def __init__(
@@ -314,6 +316,9 @@ class ProviderLimiter:
         self._sleeps: set[anyio.CancelScope] = set()
         self._gate_status: int | None = None  #: the answer that closed the gate last ...
         self._gate_retry_after: float | None = None  #: ... and its Retry-After (s), if any
+        #: called whenever a request ends: whoever hands out work per free slot (a lane's
+        #: poll scheduler) looks again then, rather than on a timer
+        self.on_release: Callable[[], None] | None = None
 
     # -- admission -------------------------------------------------------------------------
 
@@ -394,6 +399,8 @@ class ProviderLimiter:
             if answered and probe == self._closures:
                 self._probing = False  # the provider answers again: open fully
         self._nudge_head()
+        if self.on_release is not None:
+            self.on_release()
 
     def _nudge_head(self) -> None:
         if self._waiters:
@@ -455,6 +462,26 @@ class ProviderLimiter:
     def has_capacity(self) -> bool:
         """Would a request be admitted right now without waiting (and without queue-jumping)?"""
         return not self._waiters and self._admissible(self._clock.monotonic())
+
+    def free_now(self) -> int:
+        """How many requests would be admitted right now, one after the other, without
+        waiting or jumping the queue: what a caller may hand out at once (poll scheduler)."""
+        now = self._clock.monotonic()
+        if self._waiters or not self._admissible(now):
+            return 0
+        if self._probing:
+            return 1
+        room = self._max_concurrency - self._in_use
+        level = self._bucket.level(now)
+        return room if math.isinf(level) else max(0, min(room, int(level + _TIME_EPS)))
+
+    def free_at(self) -> float | None:
+        """When a request could next be admitted as far as the gate and the bucket know;
+        None while requests are queued or the concurrency cap is reached (free_now() says
+        when that ends: the caller looks again when one of its requests is answered)."""
+        if self._waiters or self._in_use >= self._max_concurrency:
+            return None
+        return self._ready_at(self._clock.monotonic())
 
     # -- the gate --------------------------------------------------------------------------
 

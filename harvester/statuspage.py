@@ -211,7 +211,7 @@ def snapshot(
                     else None
                 ),
                 "in_flight": len(lane.in_flight) if lane is not None else 0,
-                "queued": len(lane.queue) if lane is not None else 0,
+                "queued": lane.scheduled if lane is not None else 0,
             }
         )
     totals = {s.value: sum(p["counts"][s.value] for p in providers) for s in _STATE_ORDER}

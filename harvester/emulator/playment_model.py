@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import random
 import time
 import uuid
@@ -136,10 +137,16 @@ class PlaymentModel:
             raise PlaymentError(404, "GE_0001", f"job {job_id} not found")
         return job
 
+    def duration(self, job_id: str) -> float:
+        """Seconds from create to ``completed``: ``job_duration_s``, or with
+        ``job_duration_max_s`` a point spread uniformly up to it, fixed by the job's id."""
+        scenario = self._scenario
+        return job_duration(scenario.job_duration_s, scenario.job_duration_max_s, job_id)
+
     def status(self, job: Job) -> str:
-        """Statuses advance evenly over ``job_duration_s``; the last is ``completed``."""
+        """Statuses advance evenly over the job's duration; the last is ``completed``."""
         statuses = self._scenario.statuses
-        duration = self._scenario.job_duration_s
+        duration = self.duration(job.job_id)
         elapsed = self._clock() - job.created_at
         if duration <= 0 or elapsed >= duration:
             return statuses[-1]
@@ -255,3 +262,11 @@ def _decode_token(batch_id: str, token: str) -> int:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
     raise PlaymentError(400, "GE_0001", "invalid page_token")
+
+
+def job_duration(low: float, high: float | None, job_id: str) -> float:
+    """A job's duration in [low, high], uniform over job ids (the same id, the same one)."""
+    if high is None or high <= low:
+        return low
+    u = int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") / 2**64
+    return low + (high - low) * u

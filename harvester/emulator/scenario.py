@@ -50,6 +50,8 @@ class RateLimit:
 class PlaymentScenario:
     valid_api_keys: tuple[str, ...] = ()  # empty = any non-empty key
     job_duration_s: float = 2.0
+    #: above job_duration_s: each job's duration is spread uniformly up to this, by job id
+    job_duration_max_s: float | None = None
     statuses: tuple[str, ...] = ("created", "in_progress", "completed")
     points_per_frame: tuple[int, int] = (40_000, 40_000)  # inclusive range
     num_labels: int = 60
@@ -247,9 +249,16 @@ def _parse_playment(t: _Table) -> PlaymentScenario:
     if statuses[-1] != "completed" or statuses.count("completed") != 1:
         raise ScenarioError(f"{t.name('statuses')} must end with 'completed' (and only there)")
     rate_limit = _rate_limit(t)
+    duration = t.get_float("job_duration_s", 2.0, minimum=0.0)
+    duration_max = (
+        None
+        if t.raw("job_duration_max_s", None) is None
+        else t.get_float("job_duration_max_s", duration, minimum=duration)
+    )
     out = PlaymentScenario(
         valid_api_keys=tuple(keys),
-        job_duration_s=t.get_float("job_duration_s", 2.0, minimum=0.0),
+        job_duration_s=duration,
+        job_duration_max_s=duration_max,
         statuses=tuple(statuses),
         points_per_frame=_points_range(t),
         num_labels=t.get_int("num_labels", 60, minimum=1, maximum=65_536),

@@ -71,6 +71,11 @@ class Status:
     #: False when ``raw`` is not in the provider's documented status set: the job is kept
     #: polling as running, and the engine tells the user (log once per job, metric, status)
     known: bool = True
+    #: the provider's own times (Unix seconds), when it gives them: when the job began
+    #: running (after any queue) and, once it has ended, when it did. The poll scheduler
+    #: learns durations from them rather than from when polls happened to look.
+    started_at: float | None = None
+    ended_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,14 +161,21 @@ class CogniteProvider(NoSetup, NoLookup):
         state = STATES.get(raw, RemoteState.RUNNING)
         if state == RemoteState.FAILED:
             return Status(state, raw, reason=failure_reason(body), document=body)
+        started = _epoch_ms(body.get("startTime"))
         if state == RemoteState.SUCCEEDED:
             items = body.get("items")
             if items is not None and not isinstance(items, list):
                 raise _protocol(resp, "completed job's items is not a list", job)
             if not items and _failed_items(body):
                 return Status(RemoteState.FAILED, raw, reason=failure_reason(body), document=body)
-            return Status(state, raw, progress=100.0, document=body)
-        return Status(state, raw, document=body, known=raw in STATES)
+            # statusTime: when the status last changed, i.e. when it completed
+            ended = _epoch_ms(body.get("statusTime"))
+            return Status(
+                state, raw, progress=100.0, document=body, started_at=started, ended_at=ended
+            )
+        # Queued jobs have not started; a startTime there would only be the create time.
+        started = started if raw != "Queued" else None
+        return Status(state, raw, document=body, known=raw in STATES, started_at=started)
 
     async def poll(self, job: Job, client: Client) -> PollResult:
         return await client.call(self.build_poll(job), functools.partial(self.parse_poll, job=job))
@@ -302,3 +309,12 @@ def _ids(entries: list[Any]) -> str:
 
 def _protocol(resp: Response, message: str, job: Job | None = None) -> ProtocolError:
     return protocol_error(NAME, resp, message, job)
+
+
+def _epoch_ms(value: Any) -> float | None:
+    """Cognite's epoch-milliseconds timestamps, as Unix seconds; None if absent or odd (a
+    time is a scheduling hint here, never a reason to fail a job)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    seconds = value / 1000.0
+    return seconds if math.isfinite(seconds) and seconds > 0 else None

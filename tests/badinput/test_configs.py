@@ -90,6 +90,8 @@ CASES = [
          "providers.playment.job_timeout_s must be a number, got '1h'"),
     Case("poll-bounds", sub(PLAY_KEY, PLAY_KEY + "\npoll_min_s = 10\npoll_max_s = 5"),
          "providers.playment.poll_max_s must be >= poll_min_s"),
+    Case("poll-budget-share", sub(PLAY_KEY, PLAY_KEY + "\npoll_budget_share = 1.5"),
+         "providers.playment.poll_budget_share must be > 0 and <= 1"),
     Case("base-url-scheme", sub('base_url = "http://127.0.0.1:9/playment"',
                                 'base_url = "ftp://127.0.0.1/playment"'),
          "providers.playment.base_url must start with http:// or https://"),

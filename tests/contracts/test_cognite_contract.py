@@ -5,6 +5,8 @@ classes (``FileReference``, ``NodeId``: how Cognite's own client names a file).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -14,7 +16,10 @@ from cognite.client.data_classes.data_modeling.ids import NodeId
 from harvester.emulator.cognite_model import CogniteModel
 from harvester.emulator.scenario import CogniteScenario
 from harvester.errors import InvalidPayload
+from harvester.jobs import JobState
+from harvester.providers.base import RemoteState, Status
 from harvester.providers.cognite import STATES
+from harvester.wire import Response
 
 from .common import cognite, new_job
 from .seeds import cognite_job_example, cognite_statuses, conforms
@@ -107,3 +112,32 @@ def test_the_create_answer_is_the_documented_shape() -> None:
     assert doc["status"] == "Queued" and doc["items"][0]["fileInstanceId"] == node
     assert not conforms(doc, created_example), conforms(doc, created_example)
     assert "prompt" not in doc and doc["points"] == example["prompt"]["points"]
+
+
+def test_the_documented_times_reach_the_poll_scheduler() -> None:
+    """startTime and statusTime of the reference's sample (epoch milliseconds) become the
+    Status's started_at / ended_at (Unix seconds): the scheduler learns the job's duration
+    from them instead of from when polls happened to look."""
+    example = cognite_job_example()
+    provider = cognite()
+    job = dataclasses.replace(JOB, remote_id="123", state=JobState.RUNNING)
+    for status, started, ended in (
+        ("Completed", example["startTime"] / 1000, example["statusTime"] / 1000),
+        ("Running", example["startTime"] / 1000, None),
+        ("Queued", None, None),  # not started: its startTime would be the create time
+    ):
+        doc = {**example, "status": status}
+        answer = _answer(doc)
+        got = provider.parse_poll(answer, job)
+        assert isinstance(got, Status)
+        assert (got.started_at, got.ended_at) == (started, ended), status
+    odd = {**example, "status": "Completed", "startTime": "soon", "statusTime": -5}
+    got = provider.parse_poll(_answer(odd), job)
+    assert isinstance(got, Status) and got.state == RemoteState.SUCCEEDED
+    assert (got.started_at, got.ended_at) == (None, None)  # odd times: no hint, no failure
+
+
+def _answer(doc: dict[str, Any]) -> Response:
+    return Response(
+        200, {"Content-Type": "application/json"}, json.dumps(doc).encode(), url="https://x/job"
+    )

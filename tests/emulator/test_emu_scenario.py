@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from harvester.emulator.playment_model import PlaymentModel, job_duration
 from harvester.emulator.scenario import (
     Scenario,
     ScenarioError,
@@ -108,6 +109,7 @@ def test_unknown_keys_are_errors_naming_the_key(doc: dict[str, Any], named: str)
         {"playment": {"result_variant": "polygons"}},
         {"playment": {"rate_limit": {"retry_after": "minutes"}}},
         {"playment": {"valid_api_keys": [""]}},
+        {"playment": {"job_duration_s": 10, "job_duration_max_s": 5}},
         {"storage": {"chunk_size": 0}},
         {"faults": [{"kind": 429}]},
         {"faults": [{"provider": "storage"}]},
@@ -150,3 +152,29 @@ def test_scenario_errors_are_config_errors_naming_the_file(tmp_path: Path) -> No
     broken.write_text("seed = = 1\n")
     with pytest.raises(ScenarioError, match="invalid TOML"):
         load_scenario(broken)
+
+
+def test_playment_durations_spread_by_job_id() -> None:
+    assert parse_scenario({}).playment.job_duration_max_s is None
+    scenario = parse_scenario({"playment": {"job_duration_s": 5, "job_duration_max_s": 90}})
+    now = [1000.0]
+    model = PlaymentModel(scenario.playment, seed=1, clock=lambda: now[0])
+    body = {"work_flow_id": "w", "data": {"image_url": "https://example.invalid/a.png"}}
+    jobs = [
+        model.create_job("p", model.validate_job("p", {**body, "reference_id": f"r{i}"}))
+        for i in range(900)
+    ]
+    durations = [model.duration(j.job_id) for j in jobs]
+    assert all(5.0 <= d <= 90.0 for d in durations)
+    # spread evenly: each ninth of the range holds about a ninth of the jobs
+    ninths = [
+        sum(1 for d in durations if 5 + k * 85 / 9 <= d < 5 + (k + 1) * 85 / 9) for k in range(9)
+    ]
+    assert all(60 <= n <= 140 for n in ninths), ninths
+    # a job completes at its own duration, and the same id always has the same one
+    job, d = jobs[0], durations[0]
+    now[0] = 1000.0 + d - 0.01
+    assert model.status(job) != "completed"
+    now[0] = 1000.0 + d + 1e-6
+    assert model.status(job) == "completed"
+    assert job_duration(5.0, 90.0, job.job_id) == d

@@ -10,6 +10,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from harvester.durations import DurationStats
+from harvester.engine import DURATIONS_META
 from harvester.errors import (
     IllegalTransition,
     JobsFileError,
@@ -403,6 +405,22 @@ async def test_meta(store: Store, backend: Backend) -> None:
         assert await other.get_meta("unicode") == "ünï 😀"
     finally:
         await other.close()
+
+
+async def test_learned_durations_are_kept_in_meta(store: Store, backend: Backend) -> None:
+    """The poll scheduler's tables (issue 18) survive a reopen, on either dialect."""
+    stats = DurationStats()
+    life = stats.life("playment")
+    for d in (40.0, 55.0, 3600.0, 86400.0 * 2):
+        life.finished(life.alive(0, d / 2), d)
+    await store.set_meta(DURATIONS_META, stats.to_bytes().decode())
+    other = await reopened(backend)
+    try:
+        value = await other.get_meta(DURATIONS_META)
+    finally:
+        await other.close()
+    assert value is not None
+    assert DurationStats.from_bytes(value.encode()).to_bytes() == stats.to_bytes()
 
 
 # --- integrity ------------------------------------------------------------------------------

@@ -5,11 +5,11 @@ From the bottom up; a module imports only from its own layer and the layers its 
 
 ``pure``
     models and parsing with no sockets and no engine: ``errors``, ``clock``, ``jobs``,
-    ``schedule``, ``ratelimit``, ``decode/``, ``config`` (with ``secrets_io`` and
-    ``netguard``'s address rules), ``wire`` (``RequestSpec``, ``Response``, ``Resolver``: what
-    goes over the wire, as plain data), ``azure`` (blob listings), ``specs/``, ``tracking``,
-    and the process-wide helpers every layer uses (``logs``, ``tracing``, ``failpoints``, the
-    package's ``__version__``).
+    ``schedule``, ``pollsched`` and ``durations`` (which job a poll goes to), ``ratelimit``,
+    ``decode/``, ``config`` (with ``secrets_io`` and ``netguard``'s address rules), ``wire``
+    (``RequestSpec``, ``Response``, ``Resolver``: what goes over the wire, as plain data),
+    ``azure`` (blob listings), ``specs/``, ``tracking``, and the process-wide helpers every
+    layer uses (``logs``, ``tracing``, ``failpoints``, the package's ``__version__``).
 ``adapters``
     ``providers/``: sans-I/O; they build ``RequestSpec``s and parse ``Response``s, and hold no
     sockets and no credentials.
@@ -50,11 +50,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "harvester.clock",
         "harvester.config",
         "harvester.decode",
+        "harvester.durations",
         "harvester.errors",
         "harvester.failpoints",
         "harvester.jobs",
         "harvester.logs",
         "harvester.netguard",
+        "harvester.pollsched",
         "harvester.ratelimit",
         "harvester.schedule",
         "harvester.secrets_io",

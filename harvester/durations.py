@@ -1,0 +1,293 @@
+"""How long a provider's jobs take, learned online: a life table per (provider, job type).
+
+Pure: no I/O, time passed in. Each class of jobs keeps two counts per age bin, on fixed
+log-spaced bins (4 per octave, 1 s to 2**22 s, about 48 days; under 1 s is one bin):
+
+- ``reached[b]``: jobs seen alive at (or finishing at) an age of at least the bin's start;
+- ``events[b]``: jobs that finished inside the bin.
+
+``events / reached`` is the chance that a job that got this old finishes within the bin, the
+life-table (actuarial) estimate of the hazard. Unlike a plain histogram of finished durations
+it is not fooled by the jobs still running: a batch whose short jobs finished first does not
+look short, because its long jobs are still counted as at risk. Jobs that are inside a bin
+right now count half, the life table's usual correction for withdrawals.
+
+A class costs two fixed arrays whatever the number of jobs, counts are halved once they grow
+large (so old behaviour fades), and the number of classes is capped; ``to_bytes`` /
+``from_bytes`` keep the tables in the store across restarts.
+
+What the scheduler reads is ``G(age) = integral of hazard(u) ** alpha du``, the *cumulative
+root hazard*: a job last seen alive at age ``a`` is due when ``G`` has grown by the lane's
+constant ``c`` since ``a``. With ``alpha = 1/2`` this is the square-root law for polling
+(intervals proportional to ``1 / sqrt(hazard)``, which minimises the mean detection delay
+for a given number of polls); while nothing is known the hazard is flat and every job gets
+the same interval: round robin.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["BINS", "EDGES", "MAX_CLASSES", "DurationStats", "Life", "bin_of"]
+
+BINS_PER_OCTAVE = 4
+OCTAVES = 22
+#: bin b covers [EDGES[b], EDGES[b + 1]); the last bin is open-ended
+EDGES: tuple[float, ...] = (
+    0.0,
+    *(2.0 ** (k / BINS_PER_OCTAVE) for k in range(OCTAVES * BINS_PER_OCTAVE + 1)),
+)
+BINS = len(EDGES)
+#: width used for the open-ended last bin's hazard rate
+_WIDTHS: tuple[float, ...] = tuple(
+    (EDGES[b + 1] - EDGES[b]) if b + 1 < BINS else EDGES[b] for b in range(BINS)
+)
+#: distinct job classes kept; later ones share one table (a job type per job must not grow
+#: memory without bound)
+MAX_CLASSES = 256
+OVERFLOW_CLASS = "*"
+#: a bin's hazard is trusted once this many jobs were at risk in it
+MIN_AT_RISK = 8.0
+#: counts are halved when this many jobs have been seen, so memory of the past fades
+HALVE_AT = float(2**20)
+#: hazard (1/s) of a bin where jobs were at risk and none finished: small, never zero, so
+#: the cumulative hazard keeps growing and every job is polled again eventually
+MIN_HAZARD = 1e-7
+FORMAT = "harvester-durations"
+VERSION = 1
+
+
+def bin_of(age: float) -> int:
+    """The bin an age (seconds) falls in."""
+    if not age >= 1.0:  # also NaN
+        return 0
+    if math.isinf(age):
+        return BINS - 1
+    b = min(1 + int(BINS_PER_OCTAVE * math.log2(age)), BINS - 1)
+    # log2 rounding at an edge: settle on the bin whose range holds the age
+    if age < EDGES[b]:
+        b -= 1
+    elif b + 1 < BINS and age >= EDGES[b + 1]:
+        b += 1
+    return b
+
+
+class Life:
+    """One class's life table and, rebuilt lazily, its cumulative root hazard."""
+
+    __slots__ = (
+        "_g_edges",
+        "_slopes",
+        "_updates",
+        "alpha",
+        "events",
+        "inside",
+        "prior",
+        "reached",
+    )
+
+    def __init__(self, *, alpha: float, prior: float) -> None:
+        self.alpha = alpha
+        self.prior = prior  #: hazard (1/s) assumed where nothing is known yet
+        self.events = [0.0] * BINS
+        self.reached = [0.0] * BINS
+        #: tracked jobs whose last sighting is in each bin (not stored: they are live)
+        self.inside = [0] * BINS
+        self._slopes: list[float] = []
+        self._g_edges: list[float] = []
+        self._updates = 0
+
+    # -- learning ----------------------------------------------------------------------
+    def alive(self, seen: int, age: float) -> int:
+        """A job counted up to bin ``seen - 1`` was alive at ``age``; returns its new ``seen``."""
+        upto = bin_of(age) + 1
+        if upto > seen:
+            self._reach(seen, upto)
+            self._move(seen, upto)
+            return upto
+        return seen
+
+    def finished(self, seen: int, duration: float) -> None:
+        """A job counted up to bin ``seen - 1`` finished after ``duration`` seconds."""
+        b = bin_of(duration)
+        if b + 1 > seen:
+            self._reach(seen, b + 1)
+        self.events[b] += 1.0
+        self._move(seen, 0)
+        self._updates += 1
+
+    def withdrawn(self, seen: int) -> None:
+        """A job stopped being tracked without finishing (failed, cancelled, dropped)."""
+        self._move(seen, 0)
+
+    def _reach(self, lo: int, hi: int) -> None:
+        reached = self.reached
+        for b in range(lo, hi):
+            reached[b] += 1.0
+        self._updates += 1
+        if reached[0] >= HALVE_AT:
+            self.events = [x / 2 for x in self.events]
+            self.reached = [x / 2 for x in self.reached]
+
+    def _move(self, seen: int, upto: int) -> None:
+        inside = self.inside
+        if seen > 0 and inside[seen - 1] > 0:
+            inside[seen - 1] -= 1
+        if upto > 0:
+            inside[upto - 1] += 1
+
+    # -- reading -----------------------------------------------------------------------
+    @property
+    def finished_count(self) -> float:
+        return sum(self.events)
+
+    def hazards(self) -> list[float]:
+        """Hazard rate (1/s) per bin: learned where enough jobs were at risk; beyond the
+        oldest such bin the last learned rate carries on; the prior where nothing is known."""
+        if sum(self.events) == 0:
+            return [self.prior] * BINS  # nothing learned: every age alike (round robin)
+        out: list[float] = []
+        last: float | None = None
+        for b in range(BINS):
+            at_risk = self.reached[b] - 0.5 * self.inside[b]
+            if at_risk >= MIN_AT_RISK:
+                h = min(self.events[b] / at_risk, 0.999)
+                rate = max(-math.log1p(-h) / _WIDTHS[b], MIN_HAZARD)
+                last = rate
+            elif last is not None:
+                rate = last
+            else:
+                rate = self.prior  # younger than anything learned (a class with no jobs yet)
+            out.append(rate)
+        return out
+
+    def survival(self, age: float) -> float:
+        """The chance a job of this class is still running at ``age`` (from the hazards)."""
+        rates = self.hazards()
+        total, b = 0.0, 0
+        while b < BINS and EDGES[b] < age:
+            hi = min(age, EDGES[b + 1]) if b + 1 < BINS else age
+            total += rates[b] * (hi - EDGES[b])
+            b += 1
+        return math.exp(-total)
+
+    def _built(self) -> tuple[list[float], list[float]]:
+        # Rebuilt after a twentieth more observations than it has seen (at least 16): cheap
+        # per poll, and fresh while the table is young.
+        if not self._slopes or self._updates >= max(16.0, 0.05 * self.reached[0]):
+            self._slopes = [r**self.alpha for r in self.hazards()]
+            g, acc = [], 0.0
+            for b in range(BINS):
+                g.append(acc)
+                acc += self._slopes[b] * _WIDTHS[b]
+            self._g_edges = g
+            self._updates = 0
+        return self._slopes, self._g_edges
+
+    def g(self, age: float) -> float:
+        """Cumulative root hazard up to ``age``."""
+        slopes, edges = self._built()
+        age = max(age, 0.0)
+        b = bin_of(age)
+        return edges[b] + slopes[b] * (age - EDGES[b])
+
+    def advance(self, age: float, c: float) -> float:
+        """The age at which the cumulative root hazard has grown by ``c`` since ``age``."""
+        slopes, edges = self._built()
+        age = max(age, 0.0)
+        b = bin_of(age)
+        value = edges[b] + slopes[b] * (age - EDGES[b]) + c
+        if b + 1 >= BINS or value < edges[b + 1]:
+            return EDGES[b] + (value - edges[b]) / slopes[b]  # still inside the same bin
+        b = bisect.bisect_right(edges, value, lo=b + 1) - 1
+        return EDGES[b] + (value - edges[b]) / slopes[b]
+
+    def slope(self, age: float) -> float:
+        """``hazard(age) ** alpha``: how fast ``g`` grows at ``age``."""
+        return self._built()[0][bin_of(age)]
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"events": _rounded(self.events), "reached": _rounded(self.reached)}
+
+
+def _rounded(xs: list[float]) -> list[float]:
+    return [round(x, 3) for x in xs]
+
+
+class DurationStats:
+    """The life tables of every job class one process knows."""
+
+    __slots__ = ("alpha", "classes", "prior")
+
+    def __init__(self, *, alpha: float = 0.5, prior: float = 1e-3) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        if not (math.isfinite(prior) and prior > 0):
+            raise ValueError(f"prior must be a hazard > 0 (1/s), got {prior!r}")
+        self.alpha = alpha
+        self.prior = prior
+        self.classes: dict[str, Life] = {}
+
+    def life(self, cls: str) -> Life:
+        """The table of ``cls`` (made on first use; past MAX_CLASSES, a shared one)."""
+        life = self.classes.get(cls)
+        if life is None:
+            if len(self.classes) >= MAX_CLASSES - 1 and cls != OVERFLOW_CLASS:
+                return self.life(OVERFLOW_CLASS)
+            life = self.classes[cls] = Life(alpha=self.alpha, prior=self.prior)
+        return life
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "bins_per_octave": BINS_PER_OCTAVE,
+            "octaves": OCTAVES,
+            "classes": {k: v.to_json() for k, v in sorted(self.classes.items())},
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, *, alpha: float = 0.5, prior: float = 1e-3, where: str = "stats"
+    ) -> DurationStats:
+        """Tables saved by ``to_bytes``; ValueError naming ``where`` and the field if not."""
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{where}: not JSON ({exc})") from None
+        if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a {FORMAT} document")
+        if doc.get("version") != VERSION:
+            raise ValueError(f"{where}: version {doc.get('version')!r}, expected {VERSION}")
+        if doc.get("bins_per_octave") != BINS_PER_OCTAVE or doc.get("octaves") != OCTAVES:
+            raise ValueError(f"{where}: bins do not match ({BINS_PER_OCTAVE}/octave, {OCTAVES})")
+        classes = doc.get("classes")
+        if not isinstance(classes, Mapping) or len(classes) > MAX_CLASSES:
+            raise ValueError(f"{where}: classes must be an object of at most {MAX_CLASSES}")
+        out = cls(alpha=alpha, prior=prior)
+        for name, table in classes.items():
+            life = Life(alpha=alpha, prior=prior)
+            for field in ("events", "reached"):
+                values = table.get(field) if isinstance(table, Mapping) else None
+                if (
+                    not isinstance(values, list)
+                    or len(values) != BINS
+                    or not all(
+                        isinstance(x, int | float)
+                        and not isinstance(x, bool)
+                        and math.isfinite(x)
+                        and x >= 0
+                        for x in values
+                    )
+                ):
+                    raise ValueError(
+                        f"{where}: classes.{name}.{field} must be {BINS} finite numbers >= 0"
+                    )
+                setattr(life, field, [float(x) for x in values])
+            out.classes[str(name)] = life
+        return out

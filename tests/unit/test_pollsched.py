@@ -1,0 +1,268 @@
+"""The poll scheduler and its learned durations: pure, on hand-moved time."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from harvester import durations
+from harvester.durations import BINS, MAX_CLASSES, DurationStats, bin_of
+from harvester.pollsched import PollScheduler, _Job
+from harvester.schedule import BENTLEY_LADDER
+
+
+def _learned(durations: list[float], cls: str = "") -> DurationStats:
+    """Tables that have seen these jobs run to the end, each polled every second."""
+    stats = DurationStats()
+    life = stats.life(cls)
+    for d in durations:
+        seen = 0
+        for age in range(1, int(d)):
+            seen = life.alive(seen, float(age))
+        life.finished(seen, d)
+    return stats
+
+
+def _run(
+    sched: PollScheduler[str],
+    *,
+    start: float,
+    stop: float,
+    rate: float,
+    ends: dict[str, float] | None = None,
+    progress: dict[str, float] | None = None,
+) -> dict[str, list[float]]:
+    """Offer a token every 1/rate s; poll what the scheduler picks; the times each job was
+    polled. A job whose end has passed is reported finished."""
+    polls: dict[str, list[float]] = {}
+    for i in range(int((stop - start) * rate)):
+        t = start + i / rate
+        key = sched.pick(t)
+        if key is not None:
+            polls.setdefault(key, []).append(t)
+            if ends is not None and ends.get(key, math.inf) <= t:
+                sched.finished(key, t)
+            else:
+                sched.polled(key, t, progress=(progress or {}).get(key))
+    return polls
+
+
+def test_spare_budget_polls_every_job_at_its_floor() -> None:
+    # 50 jobs at a 5 s floor want 10 polls/s; the budget is 1,000/s
+    sched: PollScheduler[str] = PollScheduler(floor_s=5.0, rate_per_s=1000.0)
+    for i in range(50):
+        sched.add(f"j{i}", 0.0, last_poll=0.0)
+    polls = _run(sched, start=0.0, stop=100.0, rate=1000.0)
+    assert len(polls) == 50
+    for times in polls.values():
+        gaps = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+        # never sooner than the floor, and no later than the tokens the others take first
+        assert all(5.0 - 1e-9 <= g <= 5.0 + 50 / 1000 + 1e-9 for g in gaps), gaps
+        assert len(times) >= 19
+
+
+def test_nothing_learned_means_round_robin_longest_unpolled_first() -> None:
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, rate_per_s=1.0)
+    for i, last in enumerate([30.0, 10.0, 20.0]):
+        sched.add(f"j{i}", 40.0, origin=0.0, last_poll=last)
+    assert [sched.pick(40.0), sched.pick(40.0), sched.pick(40.0)] == ["j1", "j2", "j0"]
+    assert sched.pick(40.0) is None  # all three in flight
+
+
+def test_saturated_budget_goes_to_the_job_most_likely_finished() -> None:
+    # Learned: jobs of this class take 90-110 s. A job aged 95 is likely done; one aged 20
+    # is certainly not, although it was polled longer ago.
+    # 500 other jobs just polled: a round of everyone takes ~500 s at 1 poll/s.
+    stats = _learned([90.0 + i % 21 for i in range(200)])
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, stats=stats, rate_per_s=1.0)
+    plain: PollScheduler[str] = PollScheduler(floor_s=1.0, rate_per_s=1.0)
+    for s in (sched, plain):
+        for i in range(500):
+            s.add(f"other{i}", 1000.0, origin=999.0, last_poll=999.5)
+        s.add("old", 1000.0, origin=905.0, last_poll=995.0)
+        s.add("young", 1000.0, origin=980.0, last_poll=990.0)
+    assert sched.pick(1000.0) == "old"
+    # with the same history but no tables, the longest-unpolled goes first
+    assert plain.pick(1000.0) == "young"
+
+
+def test_progress_brings_a_job_near_its_end_forward() -> None:
+    # 500 jobs and 1 poll/s: a round of everyone takes ~500 s, and has for a while
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, rate_per_s=1.0)
+    for i in range(500):
+        sched.add(f"other{i}", 0.0, origin=0.0)
+    _run(sched, start=0.0, stop=2000.0, rate=1.0)
+    sched.add("slow", 2000.0, origin=1000.0, last_poll=1000.0)
+    sched.add("fast", 2000.0, origin=1000.0, last_poll=1000.0)
+    sched.polled("slow", 1100.0, progress=10.0)  # ~900 s to go
+    sched.polled("fast", 1101.0, progress=95.0)  # ~5 s to go
+    assert sched.pick(2000.0) == "fast"
+
+
+def test_bentley_ladder_is_a_floor_whatever_the_budget() -> None:
+    sched: PollScheduler[str] = PollScheduler(
+        floor_s=15.0, ladder=BENTLEY_LADDER, rate_per_s=1000.0
+    )
+    sched.add("b", 0.0, last_poll=0.0)
+    progress = {"b": 5.0}
+    polls = _run(sched, start=0.0, stop=500.0, rate=1000.0, progress=progress)["b"]
+    gaps = [round(b - a, 6) for a, b in zip([0.0, *polls], polls, strict=False)]
+    # the first answer reports progress (a move: first rung again), then nothing moves
+    assert gaps[:6] == [15.0, 15.0, 30.0, 60.0, 120.0, 120.0]
+    # progress moves: back to the first rung
+    sched.polled("b", 600.0, progress=40.0)
+    assert sched.next_eligible(600.0) == 615.0
+    assert sched.pick(614.999) is None
+    assert sched.pick(615.0) == "b"
+
+
+def test_the_ladder_holds_under_random_answers() -> None:
+    rng = random.Random(7)
+    sched: PollScheduler[int] = PollScheduler(floor_s=15.0, ladder=BENTLEY_LADDER, rate_per_s=50.0)
+    last: dict[int, float] = {}
+    rung: dict[int, float] = {}
+    for k in range(200):
+        sched.add(k, 0.0, last_poll=0.0)
+        last[k], rung[k] = 0.0, 15.0
+    t = 0.0
+    while t < 3000.0:
+        key = sched.pick(t)
+        if key is not None:
+            assert t - last[key] >= rung[key] - 1e-9, (key, t, last[key], rung[key])
+            moved = rng.random() < 0.3
+            sched.polled(key, t, changed=moved)
+            last[key], rung[key] = t, sched.floor_of(key)
+        t += 0.02
+
+
+def test_budget_share_is_respected() -> None:
+    sched: PollScheduler[int] = PollScheduler(
+        floor_s=1.0, rate_per_s=100.0, burst=10, budget_share=0.25
+    )
+    for k in range(10_000):
+        sched.add(k, 0.0)
+    picked = 0
+    t = 0.0
+    for _ in range(10_000):  # the limiter offers 100 tokens/s for 100 s
+        key = sched.pick(t)
+        if key is not None:
+            picked += 1
+            sched.polled(key, t)
+        t += 0.01
+    assert picked <= 25 * 100 + 3  # the share's rate, plus its saved-up burst
+    assert picked >= 25 * 100 - 1  # and the share is used
+    assert sched.next_eligible(t) is not None
+
+
+def test_defer_and_remove() -> None:
+    sched: PollScheduler[str] = PollScheduler(floor_s=5.0)
+    sched.add("a", 0.0)
+    sched.add("b", 0.0)
+    assert sched.pick(0.0) in ("a", "b")
+    first = "a" if "a" not in [sched.pick(0.0)] else "b"
+    sched.defer(first, 30.0)
+    sched.remove("a" if first == "b" else "b")
+    assert sched.next_eligible(1.0) == 30.0
+    assert sched.pick(29.0) is None
+    assert sched.pick(30.0) == first
+    with pytest.raises(ValueError, match="already scheduled"):
+        sched.add(first, 31.0)
+
+
+def test_the_life_table_is_not_fooled_by_jobs_still_running() -> None:
+    # A batch with durations spread over 10-100 s, observed at t = 55: only the short half
+    # has finished. A histogram of finished durations would say "jobs take ~30 s"; the
+    # life table says only that half the jobs outlive 55 s.
+    durations = [10.0 + 90.0 * i / 1000 for i in range(1000)]
+    stats = DurationStats(alpha=1.0)
+    sched: PollScheduler[int] = PollScheduler(floor_s=1.0, stats=stats)
+    for k in range(len(durations)):
+        sched.add(k, 0.0, origin=0.0, last_poll=0.0)
+    t = 0.0
+    while t < 55.0:
+        t += 1.0
+        while (k := sched.pick(t)) is not None:
+            if durations[k] <= t:
+                sched.finished(k, t, finished_at=durations[k])
+            else:
+                sched.polled(k, t)
+    life = stats.life("")
+    # G with alpha = 1 is the cumulative hazard: survival = exp(-G)
+    survival_at_50 = math.exp(-life.g(50.0))
+    assert survival_at_50 == pytest.approx(50 / 90, abs=0.05)
+
+
+def test_stats_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(durations, "HALVE_AT", 1000.0)
+    stats = DurationStats()
+    rng = random.Random(1)
+    for i in range(300):
+        life = stats.life(f"type-{i}")
+        seen = life.alive(0, 10.0)
+        life.finished(seen, rng.lognormvariate(5, 1))
+    assert len(stats.classes) == MAX_CLASSES  # the rest share one table
+    size_few = len(stats.to_bytes())
+    big = stats.life("type-0")
+    for _ in range(5000):
+        big.finished(big.alive(0, 1.0), 1e6 * rng.random())
+    assert all(len(x.events) == BINS and len(x.reached) == BINS for x in stats.classes.values())
+    assert max(big.reached) < 1000  # halved as it grows
+    assert len(stats.to_bytes()) < size_few * 1.1
+
+
+def test_stats_round_trip_and_bad_input() -> None:
+    stats = _learned([5.0 + i for i in range(60)], cls="playment/annotate")
+    data = stats.to_bytes()
+    back = DurationStats.from_bytes(data)
+    assert back.to_bytes() == data
+    a, b = stats.life("playment/annotate"), back.life("playment/annotate")
+    for age in (0.5, 3.0, 20.0, 64.0, 1000.0):
+        assert b.g(age) == pytest.approx(a.g(age), rel=1e-6)
+        # advance() walks g forward: g grows by exactly c between the two ages
+        later = a.advance(age, 0.05)
+        assert later > age
+        assert a.g(later) - a.g(age) == pytest.approx(0.05, rel=1e-6)
+    broken = data.replace(b'"events":[', b'"events":[-1,', 1)
+    with pytest.raises(ValueError, match=r"store meta: classes\.playment/annotate\.events"):
+        DurationStats.from_bytes(broken, where="store meta")
+    with pytest.raises(ValueError, match="not JSON"):
+        DurationStats.from_bytes(b"{", where="x")
+
+
+def test_bins_cover_their_ages() -> None:
+    for age in [0.0, 0.99, 1.0, 1.19, 1.2, 2.0, 59.999, 60.0, 86400.0, 1e9, math.inf]:
+        b = bin_of(age)
+        assert 0 <= b < BINS
+    assert bin_of(2.0) == bin_of(2.0000001) == 5
+    assert bin_of(1.9999999) == 4
+
+
+class _Counting(PollScheduler[int]):
+    """Counts key computations: the per-job work a pick does."""
+
+    calls = 0
+
+    def _key_time(self, job: _Job) -> float:
+        _Counting.calls += 1
+        return super()._key_time(job)
+
+
+def test_picking_stays_cheap_for_100k_jobs() -> None:
+    """A pick costs O(log n): the same picks do about the same per-job work with 100,000
+    jobs as with 1,000 (a scan per pick would multiply it by 100)."""
+    counts = {}
+    for n in (1_000, 100_000):
+        sched = _Counting(floor_s=1.0, rate_per_s=10.0)
+        for k in range(n):
+            sched.add(k, 0.0, origin=0.0, last_poll=0.0)
+        sched.next_eligible(2.0)  # every job becomes eligible once: n key computations
+        _Counting.calls = 0
+        for i in range(2_000):
+            t = 2.0 + i * 0.1
+            key = sched.pick(t)
+            assert key is not None
+            sched.polled(key, t)
+        counts[n] = _Counting.calls
+    assert counts[100_000] <= 2 * counts[1_000] + 100, counts
