@@ -1,7 +1,9 @@
 """Stored reasons are one short readable line (issue 13, item 15).
 
-A Playment job says ``completed``, then, when harvester polls it again before harvesting,
-``in_progress`` again (a provider reopening a job), with a large document. It used to end in
+A Playment job says ``completed``, its results cannot be fetched, and when harvester polls
+it again before the next attempt it says ``in_progress`` again (a provider reopening a job),
+with a large document. (The first attempt works from the poll that saw the job finish, so only
+a retry asks again.) It used to end in
 error with the whole provider document in its reason as a Python repr (``Status(state=...,
 document={...})``): tens of KB in the store, the API and ``harvester status``. The reason now
 names the status the provider gave, and the document goes to the debug log only.
@@ -36,12 +38,16 @@ PADDING = "reopened-for-review " * 2000  #: a document of about 40 KB
 
 class ReopeningProxy(Proxy):
     """Forwards everything; the marked job's status answers are the emulator's own until it
-    has said ``completed`` once, then ``in_progress`` with a large document."""
+    has said ``completed`` once, then ``in_progress`` with a large document; its result file
+    answers 500, so the harvest is retried and polls again."""
 
     completed_seen = 0
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         rid = self.remote.get("reopen")
+        target = request.query.get("url", "")
+        if rid is not None and request.path == "/playment/v1/attachments" and rid in target:
+            return web.Response(status=500, text="results unavailable")
         poll = re.compile(rf"^/playment/v1/projects/[^/]+/jobs/{re.escape(rid or '-')}$")
         if rid is None or request.method != "GET" or not poll.match(request.path):
             return await super()._handle(request)
@@ -69,7 +75,7 @@ async def _run(root: Path) -> tuple[str | None, JobState, int]:
         doc = {
             "store": {"url": "sqlite://state.db"},
             "output": {"dir": "out"},
-            "harvest": {"max_attempts": 2},
+            "harvest": {"max_attempts": 3},
             "providers": {
                 "playment": {"base_url": px.url("playment"), "project_id": "reasons",
                              "api_key_env": "BI_PLAYMENT_KEY", "rate_per_s": 0,
