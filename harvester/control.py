@@ -41,7 +41,7 @@ class _Counts(Protocol):
     def metrics(self) -> Metrics: ...
 
 
-class _Resumes(Protocol):
+class _Resumes(_Counts, Protocol):
     """A running engine, which takes up a job a retry made active again."""
 
     @property
@@ -49,9 +49,6 @@ class _Resumes(Protocol):
 
     @property
     def clock(self) -> Clock: ...
-
-    @property
-    def metrics(self) -> Metrics: ...
 
     def resume(self, job: Job) -> None: ...
 

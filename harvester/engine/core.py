@@ -23,7 +23,7 @@ from harvester.engine import cancel, submit
 from harvester.engine.harvest import Harvests
 from harvester.engine.lanes import Transports, setup_provider, setup_until_done
 from harvester.engine.output import OutputDir
-from harvester.engine.poll import Polls
+from harvester.engine.poll import Poller
 from harvester.engine.reconcile import reconcile
 from harvester.errors import (
     ControlError,
@@ -111,7 +111,7 @@ class Engine:
         #: output.dir's health, and the jobs parked while it cannot be written
         self.output = OutputDir(self)
         #: the steps of a job's life that keep something between jobs
-        self.polls = Polls(self)
+        self.poller = Poller(self)
         self.harvests = Harvests(self, self.output, Offload(config.harvest.threads or None))
 
     @property
@@ -413,6 +413,7 @@ class Engine:
                         lane.schedule(key, self.clock.monotonic())
 
     async def _step(self, lane: Lane, key: str) -> None:
+        """Which step of its life the job takes now (each one a module of this package)."""
         if not self.ownership.holds(lane, key):
             lane.forget(key)  # dropped while it waited in the queue
             return
@@ -432,12 +433,13 @@ class Engine:
             elif job.state == JobState.SUBMITTING:
                 await reconcile(self, lane, job, exists=False)
             elif job.state == JobState.RUNNING:
-                await self.polls.poll(lane, job)
+                await self.poller.poll(lane, job)
             else:  # succeeded / harvesting
                 await self.queue_harvest(lane.name, job.key)
         except RetryableError as exc:
             self.retry_later(lane, key, exc)
 
+    # -- what the steps see (harvester.engine.view.View) --------------------------------
     def retry_later(self, lane: Lane, key: str, exc: RetryableError) -> None:
         n = lane.failures.get(key, 0) + 1
         lane.failures[key] = n
@@ -492,7 +494,7 @@ class Engine:
     def poll_later(
         self, lane: Lane, job: Job, *, changed: bool, started_at: float | None = None
     ) -> None:
-        self.polls.later(lane, job, changed=changed, started_at=started_at)
+        self.poller.later(lane, job, changed=changed, started_at=started_at)
 
     async def queue_harvest(self, provider: str, key: str, status: Status | None = None) -> None:
         await self.harvests.queue(provider, key, status)

@@ -23,7 +23,7 @@ from harvester.providers.base import NotReady, RemoteState, Status
 from harvester.transport import Transport
 from harvester.wire import RequestSpec, Response
 
-__all__ = ["CACHED_JOBS_MAX", "JobClient", "Polls", "mono"]
+__all__ = ["CACHED_JOBS_MAX", "JobClient", "Poller", "mono"]
 
 log = get_logger("harvester.engine")
 T = TypeVar("T")
@@ -33,7 +33,7 @@ T = TypeVar("T")
 CACHED_JOBS_MAX = 10_000
 
 
-class Polls:
+class Poller:
     """The poll step of every lane of one engine."""
 
     def __init__(self, v: View) -> None:
