@@ -165,8 +165,9 @@ def _print_outcome(
 
 
 async def cancel(config: Config, store: Store, args: argparse.Namespace) -> int:
-    from harvester.control import cancel_now, offline, take_or_request
-    from harvester.engine import Engine
+    from harvester.control import take_or_request
+    from harvester.engine import Engine, offline
+    from harvester.engine.cancel import cancel_now
 
     jobs = await select(config, store, args)
     names = sorted({j.provider for j in jobs})

@@ -50,7 +50,7 @@ async def test_a_create_whose_answer_was_lost_is_found_not_sent_again(rig: Rig) 
     remote = rig.playment.job_by_reference("engine-project", new.reference_id or "")
     assert remote is not None
     assert (await rig.job(new.key)).remote_id == remote.job_id
-    # Found by listing the batch harvester made for exactly this (``Engine._reconcile``).
+    # Found by listing the batch harvester made for exactly this (``harvester.engine.reconcile``).
     create = rig.api_requests("POST", "/jobs")[0]
     finds = [r for r in rig.api_requests("GET") if "/batch/" in r.path]
     assert finds and finds[0].at >= create.at

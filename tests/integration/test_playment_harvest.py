@@ -9,7 +9,7 @@ import anyio
 import numpy as np
 import pytest
 
-import harvester.engine as engine_module
+import harvester.engine.poll as engine_module
 from harvester.config import Config
 from harvester.emulator import truth
 from harvester.emulator.scenario import parse_fault

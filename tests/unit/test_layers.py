@@ -19,9 +19,11 @@ From the bottom up; a module imports only from its own layer and the layers its 
     ``download``, ``metrics``; ``fsutil``, ``objstore`` and ``store/``.
     Adapters and this layer are siblings: neither imports the other; both import ``wire``.
 ``engine``
-    one job's path and its helpers: ``engine`` (lanes: adapter + transport + limiter),
-    ``lane``, ``ownership`` (``Solo``; ``replica``, which never imports ``engine``),
-    ``control``, ``harvest``, ``objoutput``, ``jobsfile``, ``statuspage``, ``verify``.
+    one job's path and its helpers: ``engine/`` (``core``: lanes, workers, drain; a module
+    per step: ``submit``, ``reconcile``, ``poll``, ``harvest``, ``cancel``, each taking the
+    narrow ``engine.view``), ``lane``, ``ownership`` (``Solo``; ``replica``, which never
+    imports the engine), ``control``, ``harvest``, ``objoutput``, ``jobsfile``,
+    ``statuspage``, ``verify``.
 ``surfaces``
     what a person or a program talks to: ``api``, ``daemon``, ``cli``, ``cli_control``,
     ``client`` (the Python API), ``httpserver``, ``lifecycle`` (signals, exit codes),
@@ -122,9 +124,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     # PEP 562: ``harvester.Harvester`` loads the Python API on first use (and under
     # TYPE_CHECKING), so ``from harvester import __version__`` loads nothing above it.
     ("harvester", "harvester.client"): "lazy re-export of the Python API",
-    # Control serves a cancel inside the engine's own step (it reconciles and transitions
-    # the job with the engine's methods), so it takes the engine itself.
-    ("harvester.control", "harvester.engine"): "control steps a job with the engine",
     # ``logs.configure`` installs tracing's log processor; tracing redacts with logs' rules.
     ("harvester.logs", "harvester.tracing"): "imported at configure() time",
     # ``verify_outputs`` dispatches to the bucket checker, which shares its report and rules.
