@@ -9,7 +9,7 @@ import pytest
 
 from harvester import durations
 from harvester.durations import BINS, MAX_CLASSES, DurationStats, bin_of
-from harvester.pollsched import PollScheduler, _Job
+from harvester.pollsched import PollScheduler
 from harvester.schedule import BENTLEY_LADDER
 
 
@@ -244,9 +244,9 @@ class _Counting(PollScheduler[int]):
 
     calls = 0
 
-    def _key_time(self, job: _Job) -> float:
+    def _key_time(self, i: int) -> float:
         _Counting.calls += 1
-        return super()._key_time(job)
+        return super()._key_time(i)
 
 
 def test_picking_stays_cheap_for_100k_jobs() -> None:
@@ -266,3 +266,45 @@ def test_picking_stays_cheap_for_100k_jobs() -> None:
             sched.polled(key, t)
         counts[n] = _Counting.calls
     assert counts[100_000] <= 2 * counts[1_000] + 100, counts
+
+
+def test_jobs_resumed_at_a_restart_are_spread_over_one_floor_without_a_rate() -> None:
+    sched: PollScheduler[str] = PollScheduler(floor_s=10.0)
+    for i in range(5):
+        sched.resume(f"j{i}", 100.0, index=i, total=5)
+    assert sched.next_eligible(100.0) == 100.0
+    eligible = []
+    for t in [100.0 + x / 2 for x in range(40)]:
+        while (key := sched.pick(t)) is not None:
+            eligible.append((key, t))
+    assert eligible == [(f"j{i}", 100.0 + 2.0 * i) for i in range(5)]
+    with pytest.raises(ValueError):
+        sched.resume("j9", 100.0, index=5, total=5)
+
+
+def test_jobs_resumed_with_a_rate_are_eligible_at_once_for_the_limiter() -> None:
+    sched: PollScheduler[str] = PollScheduler(floor_s=10.0, rate_per_s=2.0)
+    for i in range(5):
+        sched.resume(f"j{i}", 100.0, index=i, total=5)
+    assert sorted(k for _ in range(5) if (k := sched.pick(100.0)) is not None) == [
+        f"j{i}" for i in range(5)
+    ]
+
+
+def test_a_resumed_job_found_finished_at_its_first_poll_teaches_no_duration() -> None:
+    stats = DurationStats()
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, stats=stats)
+    for key in ("a", "b", "c"):
+        sched.resume(key, 100.0, cls="p")
+    assert {sched.pick(100.0) for _ in range(3)} == {"a", "b", "c"}
+    sched.finished("a", 100.0, origin=40.0)  # when it ended is not known: nothing learned
+    assert stats.life("p").finished_count == 0
+    sched.finished("b", 100.0, origin=40.0, finished_at=70.0)  # the provider says: 30 s
+    assert stats.life("p").finished_count == 1
+    assert stats.life("p").events[bin_of(30.0)] == 1.0
+    # seen running at its first poll, its age counted from its start: then it is learned
+    sched.polled("c", 100.0, origin=40.0)
+    assert sched.pick(101.0) == "c"
+    sched.finished("c", 101.0)
+    assert stats.life("p").finished_count == 2
+    assert stats.life("p").events[bin_of(60.5)] == 1.0
