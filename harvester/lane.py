@@ -4,13 +4,13 @@ The engine runs one lane per provider (``Engine._lane``): a dispatcher asks ``du
 jobs to step now and hands them to the lane's workers. ``due()`` is the one place that
 decides which job is stepped next, from two sources:
 
-- ``queue``: steps with a due time (submit, reconcile, harvest, a retry's backoff, a cancel,
-  the first poll after a job is loaded), put back with ``schedule``;
+- ``queue``: steps with a due time (submit, reconcile, harvest, a retry's backoff, a
+  cancel), put back with ``schedule``;
 - ``polls``: the running jobs between polls (``harvester.pollsched``), put back with
-  ``poll_later``. A poll is chosen only when the provider's limiter would admit it now (late
-  binding): each free token goes to the job most likely to have finished, never sooner than
-  its floor, so spare budget polls every job at ``poll_min_s`` and a short one is spent where
-  it counts.
+  ``poll_later`` (joined with ``resume`` by those loaded running at a restart). A poll is
+  chosen only when the provider's limiter would admit it now (late binding): each free
+  token goes to the job most likely to have finished, never sooner than its floor, so
+  spare budget polls every job at ``poll_min_s`` and a short one is spent where it counts.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from harvester.jobs import Job
 from harvester.pollsched import PollScheduler
 from harvester.providers.base import Provider
 from harvester.ratelimit import ProviderLimiter
-from harvester.schedule import DueQueue, PollPolicy
+from harvester.schedule import DueQueue
 from harvester.transport import Transport
 
 __all__ = ["CancelRequest", "Lane"]
@@ -52,7 +52,6 @@ class Lane:
     name: str
     provider: Provider
     transport: Transport
-    policy: PollPolicy  #: spreads the first polls of jobs loaded at a restart
     polls: PollScheduler[str]
     queue: DueQueue[str] = field(default_factory=DueQueue)
     wake: anyio.Event = field(default_factory=anyio.Event)
@@ -145,6 +144,15 @@ class Lane:
             self.polls.add(key, now, cls=self.name, origin=origin, last_poll=now)
         if now + self.polls.floor_of(key) < self.sleeps_until:
             self.wake.set()  # due before the dispatcher would look again
+
+    def resume(self, key: str, now: float, *, index: int = 0, total: int = 1) -> None:
+        """``key`` was loaded running (``index`` of ``total`` loaded together at a restart):
+        its first poll comes through the poll scheduler, which spaces them
+        (``PollScheduler.resume``)."""
+        self.queue.discard(key)
+        if key not in self.polls:
+            self.polls.resume(key, now, cls=self.name, index=index, total=total)
+        self.wake.set()
 
     def released(self) -> None:
         """The limiter let a request go (``ProviderLimiter.on_release``)."""

@@ -88,6 +88,7 @@ class Poller:
                     job.key,
                     self.v.clock.monotonic(),
                     finished_at=mono(self.v.clock, status.ended_at),
+                    origin=mono(self.v.clock, status.started_at or job.started_at),
                 )
             job = await self.v.transition(
                 job, Event.COMPLETED, remote_status=status.raw, progress=status.progress
