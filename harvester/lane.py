@@ -27,7 +27,10 @@ from harvester.ratelimit import ProviderLimiter
 from harvester.schedule import DueQueue
 from harvester.transport import Transport
 
-__all__ = ["CancelRequest", "Lane"]
+__all__ = ["CLASS_CHARS", "CancelRequest", "Lane"]
+
+#: the longest job type name kept (each distinct name is a duration table, up to 256)
+CLASS_CHARS = 64
 
 
 @dataclass
@@ -134,14 +137,17 @@ class Lane:
         origin: float | None,
         progress: float | None,
         changed: bool,
+        job_class: str | None = None,
     ) -> None:
         """``key`` was just seen running (at its create, or a poll): it waits for its next
-        poll among the others. ``origin``: when its run began (monotonic), if known."""
+        poll among the others. ``origin``: when its run began (monotonic), if known;
+        ``job_class``: its type, if the answer named one (``Provider.job_class``)."""
         self.queue.discard(key)
+        cls = self.class_of(job_class)
         if key in self.polls:
-            self.polls.polled(key, now, progress=progress, changed=changed, origin=origin)
+            self.polls.polled(key, now, progress=progress, changed=changed, origin=origin, cls=cls)
         else:
-            self.polls.add(key, now, cls=self.name, origin=origin, last_poll=now)
+            self.polls.add(key, now, cls=cls, origin=origin, last_poll=now)
         if now + self.polls.floor_of(key) < self.sleeps_until:
             self.wake.set()  # due before the dispatcher would look again
 
@@ -153,6 +159,11 @@ class Lane:
         if key not in self.polls:
             self.polls.resume(key, now, cls=self.name, index=index, total=total)
         self.wake.set()
+
+    def class_of(self, job_class: str | None) -> str:
+        """The durations class of a job of this lane: ``provider/type``, or the provider's
+        own when no type is known (the type clipped: it comes from a remote answer)."""
+        return f"{self.name}/{job_class[:CLASS_CHARS]}" if job_class else self.name
 
     def released(self) -> None:
         """The limiter let a request go (``ProviderLimiter.on_release``)."""

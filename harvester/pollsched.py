@@ -236,13 +236,17 @@ class PollScheduler(Generic[K]):
         progress: float | None = None,
         changed: bool = False,
         origin: float | None = None,
+        cls: str | None = None,
     ) -> None:
         """A poll answered: still running. ``progress`` in percent if the provider says;
         ``changed`` if anything else moved (restarts a polling ladder); ``origin`` if the
-        provider says when the job began running (Cognite's startTime, after its queue)."""
+        provider says when the job began running (Cognite's startTime, after its queue);
+        ``cls`` if its answer names its class (``provider/type``: see ``_set_class``)."""
         i = self._slots[key]
         if origin is not None:
             self._origin[i] = min(origin, now)
+        if cls is not None:
+            self._set_class(i, cls)
         self._unseen[i] = 0
         self._seen[i] = self._lives[self._life[i]].alive(self._seen[i], now - self._origin[i])
         if progress is not None and progress != self._progress[i]:
@@ -261,11 +265,14 @@ class PollScheduler(Generic[K]):
         *,
         finished_at: float | None = None,
         origin: float | None = None,
+        cls: str | None = None,
     ) -> None:
         """A poll saw the job end (success: its duration is learned). ``finished_at``: the
-        provider's own end time, on this clock, if it gives one; ``origin``: when its run
-        began, if the provider or the store says (as for ``polled``)."""
+        provider's own end time, on this clock, if it gives one; ``origin`` and ``cls`` as
+        for ``polled``."""
         i = self._slots.pop(key)
+        if cls is not None:
+            self._set_class(i, cls)
         if self._unseen[i] and (finished_at is None or origin is None):
             # Found finished at its first poll after a restart, and the provider does not
             # say when it ran: a guess would teach the table a duration nobody saw.
@@ -357,6 +364,16 @@ class PollScheduler(Generic[K]):
             ix = self._life_ix[life] = len(self._lives)
             self._lives.append(life)  # DurationStats keeps at most 256: ix fits a byte
         return ix
+
+    def _set_class(self, i: int, cls: str) -> None:
+        # A job is added under its provider's class until an answer names its type; then
+        # it moves to that type's table (counted there from its first bin; its provider's
+        # table, the type's parent, already has it). Other moves are not made: a job's
+        # class does not change.
+        life = self.stats.life(cls)
+        if life.parent is not None and life.parent is self._lives[self._life[i]]:
+            life.adopt(self._seen[i])
+            self._life[i] = self._class_ix(cls)
 
     def _new_slot(self, key: K, life: int, origin: float, last: float) -> int:
         if self._free:

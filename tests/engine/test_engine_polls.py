@@ -138,3 +138,22 @@ async def test_after_a_restart_the_first_polls_come_through_the_scheduler_spaced
     for i, t in enumerate(times):
         within = sum(1 for u in times[i:] if u < t + 1.0)
         assert within <= per_s + 1, (t - restart, within)
+
+
+async def test_durations_are_learned_per_job_type_and_per_provider(rig: Rig) -> None:
+    # The adapter names each job's type from its poll answer (Playment: the workflow): the
+    # type's table learns its jobs, and so does the provider's, which stands in for types
+    # that have too few of them.
+    rig.setup(job_duration_s=40.0, poll_min_s=1)
+    await rig.add(12, frames=1)
+    engine = rig.engine()
+    await rig.run(engine, within_s=200)
+    value = await rig.store.get_meta(DURATIONS_META)
+    assert value is not None
+    saved = DurationStats.from_bytes(value.encode())
+    assert set(saved.classes) == {"playment", "playment/wf"}
+    typed, provider = saved.life("playment/wf"), saved.life("playment")
+    assert typed.parent is provider
+    assert typed.finished_count == provider.finished_count == 12
+    assert typed.reached == provider.reached  # each job counted once in each
+    assert sum(engine.durations.life("playment").inside) == 0  # none left in flight
