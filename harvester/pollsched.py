@@ -52,16 +52,10 @@ __all__ = ["PollScheduler"]
 #: a job's key: hashable (the scheduler never orders keys: ties fall back on slot numbers)
 K = TypeVar("K", bound=Hashable)
 
-#: a heap entry is ``floor(time * 1e6) << _SLOT_BITS | slot``
+#: a heap entry is ``int(time * 1e6) << _SLOT_BITS | slot``: microseconds order the heap
+#: (ties below that fall back on the slot; eligibility is judged on the exact time)
 _SLOT_BITS = 32
 _SLOT_MASK = (1 << _SLOT_BITS) - 1
-#: where a slot's live heap entry is
-_NOWHERE, _WAITING, _READY = 0, 1, 2
-
-
-def _us(t: float) -> int:
-    """A time's place in a heap entry (microseconds: ties below that fall back on the slot)."""
-    return math.floor(t * 1e6)
 
 
 class PollScheduler(Generic[K]):
@@ -73,6 +67,7 @@ class PollScheduler(Generic[K]):
         "_c",
         "_c_at_rekey",
         "_c_min",
+        "_entry",
         "_free",
         "_keys",
         "_last",
@@ -92,7 +87,6 @@ class PollScheduler(Generic[K]):
         "_slots",
         "_unseen",
         "_waiting",
-        "_where",
         "floor_s",
         "ladder",
         "stats",
@@ -139,8 +133,10 @@ class PollScheduler(Generic[K]):
         self._last = array("d")  #: when it was last seen running
         self._slope = array("d")  #: its hazard ** alpha when last seen (its share of ``c``)
         self._progress = array("d")  #: percent reported, NaN while none
-        self._at = array("d")  #: the exact time of its live heap entry
-        self._where = array("B")  #: which heap holds its live entry (none: in flight)
+        self._at = array("d")  #: when it is eligible (exact: its heap entry only orders)
+        #: its live heap entry, the very int in the heap (an entry that is not is stale:
+        #: moved or removed since); None while it is in flight
+        self._entry: list[int | None] = []
         self._rung = array("B")
         self._seen = array("B")  #: life-table bins counted for it so far
         #: 1 while a job resumed after a restart has not been seen running since (when it
@@ -309,13 +305,13 @@ class PollScheduler(Generic[K]):
         if not self._rate and not self._ready:
             return self._pick_unlimited(now)
         self._promote(now)
-        ready, where, at = self._ready, self._where, self._at
+        ready, entries = self._ready, self._entry
         while ready:
             entry = heapq.heappop(ready)
             i = entry & _SLOT_MASK
-            if where[i] != _READY or _us(at[i]) != entry >> _SLOT_BITS:
+            if entries[i] is not entry:
                 continue  # stale: moved or removed since
-            where[i] = _NOWHERE
+            entries[i] = None
             self._after_pick()
             if bucket is not None:
                 bucket.take(1, now)
@@ -326,19 +322,16 @@ class PollScheduler(Generic[K]):
         # No rate to share out: every eligible job is polled at once, so the one that became
         # eligible first goes first, straight from the floor's heap.
         i = self._pop_eligible(now)
-        if i is None:
-            return None
-        self._where[i] = _NOWHERE
-        return self._keys[i]
+        return None if i is None else self._keys[i]
 
     def next_eligible(self, now: float) -> float | None:
         """When ``pick`` could next return a job (``now`` if it can now), None if no job is
         waiting (all in flight, or none)."""
         self._promote(now)
         ready, waiting = self._ready, self._waiting
-        while ready and self._stale(ready[0], _READY):
+        while ready and self._stale(ready[0]):
             heapq.heappop(ready)
-        while waiting and self._stale(waiting[0], _WAITING):
+        while waiting and self._stale(waiting[0]):
             heapq.heappop(waiting)
         if ready:
             at = now
@@ -381,7 +374,8 @@ class PollScheduler(Generic[K]):
             self._keys[i] = key
             self._origin[i], self._last[i], self._progress[i] = origin, last, math.nan
             self._slope[i] = 0.0
-            self._where[i] = self._rung[i] = self._seen[i] = self._unseen[i] = 0
+            self._entry[i] = None
+            self._rung[i] = self._seen[i] = self._unseen[i] = 0
             self._life[i] = life
         else:
             i = len(self._keys)
@@ -393,7 +387,7 @@ class PollScheduler(Generic[K]):
             self._progress.append(math.nan)
             self._slope.append(0.0)
             self._at.append(0.0)
-            self._where.append(0)
+            self._entry.append(None)
             self._rung.append(0)
             self._seen.append(0)
             self._unseen.append(0)
@@ -404,7 +398,7 @@ class PollScheduler(Generic[K]):
     def _free_slot(self, i: int) -> None:
         self._slope_sum -= self._slope[i]
         self._slope[i] = 0.0
-        self._where[i] = _NOWHERE
+        self._entry[i] = None
         self._keys[i] = None
         self._free.append(i)
 
@@ -413,38 +407,36 @@ class PollScheduler(Generic[K]):
             return self.floor_s
         return self.ladder[min(self._rung[i], len(self.ladder) - 1)]
 
-    def _stale(self, entry: int, heap: int) -> bool:
-        i = entry & _SLOT_MASK
-        return self._where[i] != heap or _us(self._at[i]) != entry >> _SLOT_BITS
+    def _stale(self, entry: int) -> bool:
+        return self._entry[entry & _SLOT_MASK] is not entry
 
     def _push_waiting(self, i: int, at: float) -> None:
         self._at[i] = at
-        self._where[i] = _WAITING
-        heapq.heappush(self._waiting, _us(at) << _SLOT_BITS | i)
+        entry = self._entry[i] = int(at * 1e6) << _SLOT_BITS | i
+        heapq.heappush(self._waiting, entry)
         self._compact()
 
     def _pop_eligible(self, now: float) -> int | None:
         """The slot of the waiting job eligible earliest, taken off its heap, if by ``now``."""
-        waiting, where, at = self._waiting, self._where, self._at
+        waiting, entries = self._waiting, self._entry
         while waiting:
             entry = waiting[0]
             i = entry & _SLOT_MASK
-            if where[i] != _WAITING or _us(at[i]) != entry >> _SLOT_BITS:
+            if entries[i] is not entry:
                 heapq.heappop(waiting)  # stale: moved or removed since
                 continue
-            if at[i] > now:
+            if self._at[i] > now:
                 return None
             heapq.heappop(waiting)
+            entries[i] = None
             return i
         return None
 
     def _promote(self, now: float) -> None:
-        at, where, ready = self._at, self._where, self._ready
+        entries, ready = self._entry, self._ready
         while (i := self._pop_eligible(now)) is not None:
-            key_time = self._key_time(i)
-            at[i] = key_time
-            where[i] = _READY
-            heapq.heappush(ready, _us(key_time) << _SLOT_BITS | i)
+            entry = entries[i] = int(self._key_time(i) * 1e6) << _SLOT_BITS | i
+            heapq.heappush(ready, entry)
 
     def _remaining(self, i: int) -> float | None:
         """Seconds left by the job's own progress report, if it gives one."""
@@ -507,15 +499,14 @@ class PollScheduler(Generic[K]):
     def _rekey(self) -> None:
         """Recompute every ready job's key with today's ``c`` and tables (O(n), done only
         after about n picks, so O(1) per pick)."""
-        at = self._at
+        entries = self._entry
         fresh: list[int] = []
         for entry in self._ready:
-            if self._stale(entry, _READY):
+            if self._stale(entry):
                 continue
             i = entry & _SLOT_MASK
-            key_time = self._key_time(i)
-            at[i] = key_time
-            fresh.append(_us(key_time) << _SLOT_BITS | i)
+            new = entries[i] = int(self._key_time(i) * 1e6) << _SLOT_BITS | i
+            fresh.append(new)
         heapq.heapify(fresh)
         self._ready = fresh
         self._slope_sum = math.fsum(self._slope)  # no float drift (free slots hold 0)
@@ -527,7 +518,7 @@ class PollScheduler(Generic[K]):
         # surface; rebuild when they outnumber the live ones, so memory stays O(jobs).
         total = len(self._waiting) + len(self._ready)
         if total > 2 * len(self._slots) + 1024:
-            self._waiting = [e for e in self._waiting if not self._stale(e, _WAITING)]
+            self._waiting = [e for e in self._waiting if not self._stale(e)]
             heapq.heapify(self._waiting)
-            self._ready = [e for e in self._ready if not self._stale(e, _READY)]
+            self._ready = [e for e in self._ready if not self._stale(e)]
             heapq.heapify(self._ready)
