@@ -363,8 +363,11 @@ class PollScheduler(Generic[K]):
         # it moves to that type's table (counted there from its first bin; its provider's
         # table, the type's parent, already has it). Other moves are not made: a job's
         # class does not change.
+        current = self._lives[self._life[i]]
+        if current.parent is not None:
+            return  # typed already (the usual case: every poll's answer names it again)
         life = self.stats.life(cls)
-        if life.parent is not None and life.parent is self._lives[self._life[i]]:
+        if life.parent is current:
             life.adopt(self._seen[i])
             self._life[i] = self._class_ix(cls)
 
