@@ -16,6 +16,12 @@ A class costs two fixed arrays whatever the number of jobs, counts are halved on
 large (so old behaviour fades), and the number of classes is capped; ``to_bytes`` /
 ``from_bytes`` keep the tables in the store across restarts.
 
+Classes are named ``provider`` or ``provider/type`` (the type as the adapter names it from a
+poll's answer: Bentley's job type, Modzy's model and version, Playment's workflow). What a
+typed class learns is learned by its provider's table too, and where the typed class has
+seen too few jobs at an age (a new model, a rare job type) its hazard there is the
+provider's: a type gets its own timing only where it has the samples for it.
+
 What the scheduler reads is ``G(age) = integral of hazard(u) ** alpha du``, the *cumulative
 root hazard*: a job last seen alive at age ``a`` is due when ``G`` has grown by the lane's
 constant ``c`` since ``a``. With ``alpha = 1/2`` this is the square-root law for polling
@@ -81,18 +87,24 @@ class Life:
 
     __slots__ = (
         "_g_edges",
+        "_parent_mark",
         "_slopes",
         "_updates",
         "alpha",
         "events",
         "inside",
+        "parent",
         "prior",
         "reached",
     )
 
-    def __init__(self, *, alpha: float, prior: float) -> None:
+    def __init__(self, *, alpha: float, prior: float, parent: Life | None = None) -> None:
         self.alpha = alpha
         self.prior = prior  #: hazard (1/s) assumed where nothing is known yet
+        #: the provider's table, for a typed class: it learns everything this one does, and
+        #: stands in at the ages where this one has too few jobs
+        self.parent = parent
+        self._parent_mark = 0.0  #: the parent's job count when the slopes were last built
         self.events = [0.0] * BINS
         self.reached = [0.0] * BINS
         #: tracked jobs whose last sighting is in each bin (not stored: they are live)
@@ -108,6 +120,8 @@ class Life:
         if upto > seen:
             self._reach(seen, upto)
             self._move(seen, upto)
+            if self.parent is not None:
+                self.parent.alive(seen, age)
             return upto
         return seen
 
@@ -119,10 +133,21 @@ class Life:
         self.events[b] += 1.0
         self._move(seen, 0)
         self._updates += 1
+        if self.parent is not None:
+            self.parent.finished(seen, duration)
 
     def withdrawn(self, seen: int) -> None:
         """A job stopped being tracked without finishing (failed, cancelled, dropped)."""
         self._move(seen, 0)
+        if self.parent is not None:
+            self.parent.withdrawn(seen)
+
+    def adopt(self, seen: int) -> None:
+        """A job of the parent's, counted there up to bin ``seen - 1``, turns out to be of
+        this class (its first answer named its type): counted here too, not twice there."""
+        if seen > 0:
+            self._reach(0, seen)
+            self._move(0, seen)
 
     def _reach(self, lo: int, hi: int) -> None:
         reached = self.reached
@@ -146,10 +171,13 @@ class Life:
         return sum(self.events)
 
     def hazards(self) -> list[float]:
-        """Hazard rate (1/s) per bin: learned where enough jobs were at risk; beyond the
-        oldest such bin the last learned rate carries on; the prior where nothing is known."""
+        """Hazard rate (1/s) per bin: learned where enough jobs were at risk; elsewhere the
+        parent's (a typed class's provider), else beyond the oldest such bin the last
+        learned rate carries on; the prior where nothing is known."""
+        fallback = self.parent.hazards() if self.parent is not None else None
         if sum(self.events) == 0:
-            return [self.prior] * BINS  # nothing learned: every age alike (round robin)
+            # nothing learned: the provider's, or every age alike (round robin)
+            return fallback if fallback is not None else [self.prior] * BINS
         out: list[float] = []
         last: float | None = None
         for b in range(BINS):
@@ -158,6 +186,8 @@ class Life:
                 h = min(self.events[b] / at_risk, 0.999)
                 rate = max(-math.log1p(-h) / _WIDTHS[b], MIN_HAZARD)
                 last = rate
+            elif fallback is not None:
+                rate = fallback[b]
             elif last is not None:
                 rate = last
             else:
@@ -177,8 +207,20 @@ class Life:
 
     def _built(self) -> tuple[list[float], list[float]]:
         # Rebuilt after a twentieth more observations than it has seen (at least 16): cheap
-        # per poll, and fresh while the table is young.
-        if not self._slopes or self._updates >= max(16.0, 0.05 * self.reached[0]):
+        # per poll, and fresh while the table is young. The parent's too, for a typed class
+        # (it stands in where this one knows too little).
+        parent = self.parent
+        if (
+            not self._slopes
+            or self._updates >= max(16.0, 0.05 * self.reached[0])
+            or (
+                parent is not None
+                and abs(parent.reached[0] - self._parent_mark)
+                >= max(16.0, 0.05 * self._parent_mark)
+            )
+        ):
+            if parent is not None:
+                self._parent_mark = parent.reached[0]
             self._slopes = [r**self.alpha for r in self.hazards()]
             g, acc = [], 0.0
             for b in range(BINS):
@@ -233,12 +275,19 @@ class DurationStats:
         self.classes: dict[str, Life] = {}
 
     def life(self, cls: str) -> Life:
-        """The table of ``cls`` (made on first use; past MAX_CLASSES, a shared one)."""
+        """The table of ``cls`` (made on first use). ``provider/type`` is linked to the
+        table of ``provider``; past MAX_CLASSES a new type shares its provider's table, and
+        a new provider a shared one."""
+        provider, typed, _ = cls.partition("/")
+        parent = self.life(provider) if typed and cls != OVERFLOW_CLASS else None
         life = self.classes.get(cls)
         if life is None:
             if len(self.classes) >= MAX_CLASSES - 1 and cls != OVERFLOW_CLASS:
-                return self.life(OVERFLOW_CLASS)
-            life = self.classes[cls] = Life(alpha=self.alpha, prior=self.prior)
+                return parent if parent is not None else self.life(OVERFLOW_CLASS)
+            life = self.classes[cls] = Life(alpha=self.alpha, prior=self.prior, parent=parent)
+        elif life.parent is not parent:
+            life.parent = parent  # loaded from the store, or its provider's table replaced
+            life._slopes = []
         return life
 
     def to_bytes(self) -> bytes:

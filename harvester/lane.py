@@ -4,13 +4,13 @@ The engine runs one lane per provider (``Engine._lane``): a dispatcher asks ``du
 jobs to step now and hands them to the lane's workers. ``due()`` is the one place that
 decides which job is stepped next, from two sources:
 
-- ``queue``: steps with a due time (submit, reconcile, harvest, a retry's backoff, a cancel,
-  the first poll after a job is loaded), put back with ``schedule``;
+- ``queue``: steps with a due time (submit, reconcile, harvest, a retry's backoff, a
+  cancel), put back with ``schedule``;
 - ``polls``: the running jobs between polls (``harvester.pollsched``), put back with
-  ``poll_later``. A poll is chosen only when the provider's limiter would admit it now (late
-  binding): each free token goes to the job most likely to have finished, never sooner than
-  its floor, so spare budget polls every job at ``poll_min_s`` and a short one is spent where
-  it counts.
+  ``poll_later`` (joined with ``resume`` by those loaded running at a restart). A poll is
+  chosen only when the provider's limiter would admit it now (late binding): each free
+  token goes to the job most likely to have finished, never sooner than its floor, so
+  spare budget polls every job at ``poll_min_s`` and a short one is spent where it counts.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from harvester.jobs import Job
 from harvester.pollsched import PollScheduler
 from harvester.providers.base import Provider
 from harvester.ratelimit import ProviderLimiter
-from harvester.schedule import DueQueue, PollPolicy
+from harvester.schedule import DueQueue
 from harvester.transport import Transport
 
-__all__ = ["CancelRequest", "Lane"]
+__all__ = ["CLASS_CHARS", "CancelRequest", "Lane"]
+
+#: the longest job type name kept (each distinct name is a duration table, up to 256)
+CLASS_CHARS = 64
 
 
 @dataclass
@@ -52,7 +55,6 @@ class Lane:
     name: str
     provider: Provider
     transport: Transport
-    policy: PollPolicy  #: spreads the first polls of jobs loaded at a restart
     polls: PollScheduler[str]
     queue: DueQueue[str] = field(default_factory=DueQueue)
     wake: anyio.Event = field(default_factory=anyio.Event)
@@ -135,16 +137,33 @@ class Lane:
         origin: float | None,
         progress: float | None,
         changed: bool,
+        job_class: str | None = None,
     ) -> None:
         """``key`` was just seen running (at its create, or a poll): it waits for its next
-        poll among the others. ``origin``: when its run began (monotonic), if known."""
+        poll among the others. ``origin``: when its run began (monotonic), if known;
+        ``job_class``: its type, if the answer named one (``Provider.job_class``)."""
         self.queue.discard(key)
+        cls = self.class_of(job_class)
         if key in self.polls:
-            self.polls.polled(key, now, progress=progress, changed=changed, origin=origin)
+            self.polls.polled(key, now, progress=progress, changed=changed, origin=origin, cls=cls)
         else:
-            self.polls.add(key, now, cls=self.name, origin=origin, last_poll=now)
+            self.polls.add(key, now, cls=cls, origin=origin, last_poll=now)
         if now + self.polls.floor_of(key) < self.sleeps_until:
             self.wake.set()  # due before the dispatcher would look again
+
+    def resume(self, key: str, now: float, *, index: int = 0, total: int = 1) -> None:
+        """``key`` was loaded running (``index`` of ``total`` loaded together at a restart):
+        its first poll comes through the poll scheduler, which spaces them
+        (``PollScheduler.resume``)."""
+        self.queue.discard(key)
+        if key not in self.polls:
+            self.polls.resume(key, now, cls=self.name, index=index, total=total)
+        self.wake.set()
+
+    def class_of(self, job_class: str | None) -> str:
+        """The durations class of a job of this lane: ``provider/type``, or the provider's
+        own when no type is known (the type clipped: it comes from a remote answer)."""
+        return f"{self.name}/{job_class[:CLASS_CHARS]}" if job_class else self.name
 
     def released(self) -> None:
         """The limiter let a request go (``ProviderLimiter.on_release``)."""

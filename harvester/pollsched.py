@@ -29,12 +29,18 @@ it (``stretch`` times the cycle ``jobs / rate``; twice that for a job reporting 
 other clients, or paid per request): ``pick`` returns None when the share is spent. Every
 operation is O(log n) in the number of jobs (amortised: keys are recomputed in bulk only
 after about as many polls as there are jobs).
+
+A hundred thousand jobs are held in little memory: a job is a slot number in parallel
+arrays of its times and counts (no object of its own), and a heap entry is one int, its time
+in microseconds above the slot number (the exact time stays in the slot's array: the entry
+only orders).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections.abc import Hashable, Sequence
 from typing import Generic, TypeVar
 
@@ -43,39 +49,43 @@ from harvester.ratelimit import TokenBucket
 
 __all__ = ["PollScheduler"]
 
-#: a job's key: hashable, and orderable among its kind (ties in time fall back on it)
+#: a job's key: hashable (the scheduler never orders keys: ties fall back on slot numbers)
 K = TypeVar("K", bound=Hashable)
 
-
-class _Job:
-    __slots__ = ("entry", "last", "life", "origin", "progress", "rung", "seen", "slope")
-
-    def __init__(self, life: Life, origin: float, last: float) -> None:
-        self.life = life
-        self.origin = origin  #: when its duration started counting (monotonic)
-        self.last = last  #: when it was last seen running
-        self.rung = 0
-        self.progress: float | None = None
-        self.seen = 0  #: life-table bins counted for it so far
-        self.slope = 0.0  #: its hazard ** alpha when last seen (its share of ``c``)
-        #: its live heap entry (``None`` while a poll of it is in flight)
-        self.entry: tuple[float, object] | tuple[float, float, object] | None = None
+#: a heap entry is ``int(time * 1e6) << _SLOT_BITS | slot``: microseconds order the heap
+#: (ties below that fall back on the slot; eligibility is judged on the exact time)
+_SLOT_BITS = 32
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
 
 
 class PollScheduler(Generic[K]):
     """The running jobs of one lane and which of them the next poll goes to."""
 
     __slots__ = (
+        "_at",
         "_bucket",
         "_c",
         "_c_at_rekey",
         "_c_min",
-        "_jobs",
+        "_entry",
+        "_free",
+        "_keys",
+        "_last",
+        "_life",
+        "_life_ix",
+        "_lives",
+        "_origin",
         "_picks_since_rekey",
+        "_progress",
         "_rate",
         "_ready",
+        "_rung",
+        "_seen",
         "_share",
+        "_slope",
         "_slope_sum",
+        "_slots",
+        "_unseen",
         "_waiting",
         "floor_s",
         "ladder",
@@ -100,8 +110,8 @@ class PollScheduler(Generic[K]):
             raise ValueError(f"floor_s must be > 0, got {floor_s!r}")
         if not 0 < budget_share <= 1:
             raise ValueError(f"budget_share must be in (0, 1], got {budget_share!r}")
-        if ladder is not None and not (ladder and all(x > 0 for x in ladder)):
-            raise ValueError(f"ladder must be non-empty positive seconds, got {ladder!r}")
+        if ladder is not None and not (ladder and len(ladder) < 256 and all(x > 0 for x in ladder)):
+            raise ValueError(f"ladder must be 1-255 positive seconds, got {ladder!r}")
         self.floor_s = float(floor_s)
         self.ladder = tuple(max(float(x), self.floor_s) for x in ladder) if ladder else None
         self.stats = stats if stats is not None else DurationStats()
@@ -114,9 +124,29 @@ class PollScheduler(Generic[K]):
         if budget_share < 1 and 0 < rate_per_s < math.inf:
             share = rate_per_s * budget_share
             self._bucket = TokenBucket(share, max(1.0, burst * budget_share))
-        self._jobs: dict[K, _Job] = {}
-        self._waiting: list[tuple[float, K]] = []  #: (eligible at, key)
-        self._ready: list[tuple[float, float, K]] = []  #: (key time, last poll, key)
+        # A job is a slot: its number in ``_slots``, and its values at that index in each
+        # array below (freed slots are reused, so the arrays never outgrow the busiest time).
+        self._slots: dict[K, int] = {}
+        self._keys: list[K | None] = []
+        self._free: list[int] = []
+        self._origin = array("d")  #: when its duration started counting (monotonic)
+        self._last = array("d")  #: when it was last seen running
+        self._slope = array("d")  #: its hazard ** alpha when last seen (its share of ``c``)
+        self._progress = array("d")  #: percent reported, NaN while none
+        self._at = array("d")  #: when it is eligible (exact: its heap entry only orders)
+        #: its live heap entry, the very int in the heap (an entry that is not is stale:
+        #: moved or removed since); None while it is in flight
+        self._entry: list[int | None] = []
+        self._rung = array("B")
+        self._seen = array("B")  #: life-table bins counted for it so far
+        #: 1 while a job resumed after a restart has not been seen running since (when it
+        #: was last seen, and so its duration, is not known)
+        self._unseen = array("B")
+        self._life = array("B")  #: its class's table: an index into ``_lives``
+        self._lives: list[Life] = []  #: at most ``durations.MAX_CLASSES`` (256)
+        self._life_ix: dict[Life, int] = {}
+        self._waiting: list[int] = []  #: entries by the time each becomes eligible
+        self._ready: list[int] = []  #: entries by key time
         #: c never below a thousandth of what gives a job of the prior hazard its floor
         self._c_min: float = self.floor_s * self.stats.prior**self.stats.alpha / 1000
         self._c = self._c_min
@@ -150,31 +180,48 @@ class PollScheduler(Generic[K]):
         """Track a running job. ``origin``: when its run began (the provider's start time if
         it gives one, else submission; default now). ``last_poll``: when it was last seen
         running (a create answer counts); None makes it eligible at once."""
-        if key in self._jobs:
+        if key in self._slots:
             raise ValueError(f"{key!r} is already scheduled")
         origin = now if origin is None else min(origin, now)
-        job = _Job(self.stats.life(cls), origin, origin if last_poll is None else last_poll)
-        self._jobs[key] = job
+        last = origin if last_poll is None else last_poll
+        i = self._new_slot(key, self._class_ix(cls), origin, last)
         if last_poll is None:
-            self._push_waiting(key, job, now)
+            self._push_waiting(i, now)
         else:
-            job.seen = job.life.alive(0, last_poll - origin)
-            self._push_waiting(key, job, last_poll + self.floor_of(key))
-        self._set_slope(job)
+            self._seen[i] = self._lives[self._life[i]].alive(0, last_poll - origin)
+            self._push_waiting(i, last_poll + self._floor(i))
+        self._set_slope(i)
+
+    def resume(self, key: K, now: float, *, cls: str = "", index: int = 0, total: int = 1) -> None:
+        """Track a running job loaded at a restart (``index`` of ``total`` loaded together):
+        when it was last polled, and when it began, are not known here (its first answer
+        says, through ``polled``'s or ``finished``'s ``origin``).
+
+        With a rate the job is eligible at once: the limiter spaces the first polls, and
+        they go in key order like any. Without one, the first polls are spread evenly over
+        one floor, as they are in the steady state where each job is polled once a floor,
+        instead of all of them at once.
+        """
+        if not 0 <= index < total:
+            raise ValueError(f"index must be in [0, {total}), got {index}")
+        if key in self._slots:
+            raise ValueError(f"{key!r} is already scheduled")
+        i = self._new_slot(key, self._class_ix(cls), now, now)
+        self._unseen[i] = 1
+        spread = 0.0 if self._rate else self._floor(i) * index / total
+        self._push_waiting(i, now + spread)
+        self._set_slope(i)
 
     def remove(self, key: K) -> None:
         """Stop tracking a job that did not finish (failed, cancelled, given up, dropped)."""
-        job = self._jobs.pop(key, None)
-        if job is not None:
-            self._slope_sum -= job.slope
-            job.life.withdrawn(job.seen)
+        i = self._slots.pop(key, None)
+        if i is not None:
+            self._lives[self._life[i]].withdrawn(self._seen[i])
+            self._free_slot(i)
 
     def floor_of(self, key: K) -> float:
         """The shortest interval ``key`` may be polled at now."""
-        job = self._jobs[key]
-        if self.ladder is None:
-            return self.floor_s
-        return self.ladder[min(job.rung, len(self.ladder) - 1)]
+        return self._floor(self._slots[key])
 
     # -- the answers -----------------------------------------------------------------------
     def polled(
@@ -185,39 +232,67 @@ class PollScheduler(Generic[K]):
         progress: float | None = None,
         changed: bool = False,
         origin: float | None = None,
+        cls: str | None = None,
     ) -> None:
         """A poll answered: still running. ``progress`` in percent if the provider says;
         ``changed`` if anything else moved (restarts a polling ladder); ``origin`` if the
-        provider says when the job began running (Cognite's startTime, after its queue)."""
-        job = self._jobs[key]
+        provider says when the job began running (Cognite's startTime, after its queue);
+        ``cls`` if its answer names its class (``provider/type``: see ``_set_class``)."""
+        i = self._slots[key]
         if origin is not None:
-            job.origin = min(origin, now)
-        job.seen = job.life.alive(job.seen, now - job.origin)
-        if progress is not None and progress != job.progress:
+            self._origin[i] = min(origin, now)
+        if cls is not None:
+            self._set_class(i, cls)
+        self._unseen[i] = 0
+        self._seen[i] = self._lives[self._life[i]].alive(self._seen[i], now - self._origin[i])
+        if progress is not None and progress != self._progress[i]:
             changed = True
-            job.progress = progress
+            self._progress[i] = progress
         if self.ladder is not None:
-            job.rung = 0 if changed else min(job.rung + 1, len(self.ladder) - 1)
-        job.last = now
-        self._set_slope(job)
-        self._push_waiting(key, job, now + self.floor_of(key))
+            self._rung[i] = 0 if changed else min(self._rung[i] + 1, len(self.ladder) - 1)
+        self._last[i] = now
+        self._set_slope(i)
+        self._push_waiting(i, now + self._floor(i))
 
-    def finished(self, key: K, now: float, *, finished_at: float | None = None) -> None:
+    def finished(
+        self,
+        key: K,
+        now: float,
+        *,
+        finished_at: float | None = None,
+        origin: float | None = None,
+        cls: str | None = None,
+    ) -> None:
         """A poll saw the job end (success: its duration is learned). ``finished_at``: the
-        provider's own end time, on this clock, if it gives one."""
-        job = self._jobs.pop(key)
-        self._slope_sum -= job.slope
-        lo, hi = job.last - job.origin, now - job.origin
-        if finished_at is None:
-            duration = (lo + hi) / 2  # somewhere since the last poll; the middle is unbiased
-        else:
-            duration = min(max(finished_at - job.origin, 0.0), hi)
-        job.life.finished(job.seen, duration)
+        provider's own end time, on this clock, if it gives one; ``origin`` and ``cls`` as
+        for ``polled``."""
+        i = self._slots.pop(key)
+        if cls is not None:
+            self._set_class(i, cls)
+        if self._unseen[i] and (finished_at is None or origin is None):
+            # Found finished at its first poll after a restart, and the provider does not
+            # say when it ran: a guess would teach the table a duration nobody saw.
+            self._lives[self._life[i]].withdrawn(self._seen[i])
+            self._free_slot(i)
+            return
+        if origin is not None:
+            self._origin[i] = min(origin, now)
+        origin = self._origin[i]
+        hi = now - origin
+        # without the provider's end time: somewhere since the last poll (the middle)
+        duration = (
+            (self._last[i] - origin + hi) / 2
+            if finished_at is None
+            else min(max(finished_at - origin, 0.0), hi)
+        )
+        self._lives[self._life[i]].finished(self._seen[i], duration)
+        self._free_slot(i)
 
     def defer(self, key: K, until: float) -> None:
         """Not eligible before ``until`` (a failed poll's backoff, a closed gate)."""
-        job = self._jobs[key]
-        self._push_waiting(key, job, until)
+        if not math.isfinite(until):
+            raise ValueError(f"defer {key!r} until {until!r}: not a time")
+        self._push_waiting(self._slots[key], until)
 
     # -- the choice ------------------------------------------------------------------------
     def pick(self, now: float) -> K | None:
@@ -230,46 +305,38 @@ class PollScheduler(Generic[K]):
         if not self._rate and not self._ready:
             return self._pick_unlimited(now)
         self._promote(now)
-        ready, jobs = self._ready, self._jobs
+        ready, entries = self._ready, self._entry
         while ready:
             entry = heapq.heappop(ready)
-            key = entry[2]
-            job = jobs.get(key)
-            if job is None or job.entry is not entry:
+            i = entry & _SLOT_MASK
+            if entries[i] is not entry:
                 continue  # stale: moved or removed since
-            job.entry = None
+            entries[i] = None
             self._after_pick()
             if bucket is not None:
                 bucket.take(1, now)
-            return key
+            return self._keys[i]
         return None
 
     def _pick_unlimited(self, now: float) -> K | None:
         # No rate to share out: every eligible job is polled at once, so the one that became
         # eligible first goes first, straight from the floor's heap.
-        waiting, jobs = self._waiting, self._jobs
-        while waiting and waiting[0][0] <= now:
-            entry = heapq.heappop(waiting)
-            job = jobs.get(entry[1])
-            if job is None or job.entry is not entry:
-                continue
-            job.entry = None
-            return entry[1]
-        return None
+        i = self._pop_eligible(now)
+        return None if i is None else self._keys[i]
 
     def next_eligible(self, now: float) -> float | None:
         """When ``pick`` could next return a job (``now`` if it can now), None if no job is
         waiting (all in flight, or none)."""
         self._promote(now)
-        ready, waiting, jobs = self._ready, self._waiting, self._jobs
-        while ready and _stale(jobs, ready[0]):
+        ready, waiting = self._ready, self._waiting
+        while ready and self._stale(ready[0]):
             heapq.heappop(ready)
-        while waiting and _stale(jobs, waiting[0]):
+        while waiting and self._stale(waiting[0]):
             heapq.heappop(waiting)
         if ready:
             at = now
         elif waiting:
-            at = waiting[0][0]
+            at = self._at[waiting[0] & _SLOT_MASK]
         else:
             return None
         if self._bucket is not None:
@@ -277,48 +344,121 @@ class PollScheduler(Generic[K]):
         return at
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        return len(self._slots)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._jobs
+        return key in self._slots
 
     # -- inside ----------------------------------------------------------------------------
-    def _push_waiting(self, key: K, job: _Job, at: float) -> None:
-        entry = (at, key)
-        job.entry = entry
+    def _class_ix(self, cls: str) -> int:
+        life = self.stats.life(cls)
+        ix = self._life_ix.get(life)
+        if ix is None:
+            ix = self._life_ix[life] = len(self._lives)
+            self._lives.append(life)  # DurationStats keeps at most 256: ix fits a byte
+        return ix
+
+    def _set_class(self, i: int, cls: str) -> None:
+        # A job is added under its provider's class until an answer names its type; then
+        # it moves to that type's table (counted there from its first bin; its provider's
+        # table, the type's parent, already has it). Other moves are not made: a job's
+        # class does not change.
+        current = self._lives[self._life[i]]
+        if current.parent is not None:
+            return  # typed already (the usual case: every poll's answer names it again)
+        life = self.stats.life(cls)
+        if life.parent is current:
+            life.adopt(self._seen[i])
+            self._life[i] = self._class_ix(cls)
+
+    def _new_slot(self, key: K, life: int, origin: float, last: float) -> int:
+        if self._free:
+            i = self._free.pop()
+            self._keys[i] = key
+            self._origin[i], self._last[i], self._progress[i] = origin, last, math.nan
+            self._slope[i] = 0.0
+            self._entry[i] = None
+            self._rung[i] = self._seen[i] = self._unseen[i] = 0
+            self._life[i] = life
+        else:
+            i = len(self._keys)
+            if i > _SLOT_MASK:
+                raise ValueError(f"more than {_SLOT_MASK + 1} jobs in one lane")
+            self._keys.append(key)
+            self._origin.append(origin)
+            self._last.append(last)
+            self._progress.append(math.nan)
+            self._slope.append(0.0)
+            self._at.append(0.0)
+            self._entry.append(None)
+            self._rung.append(0)
+            self._seen.append(0)
+            self._unseen.append(0)
+            self._life.append(life)
+        self._slots[key] = i
+        return i
+
+    def _free_slot(self, i: int) -> None:
+        self._slope_sum -= self._slope[i]
+        self._slope[i] = 0.0
+        self._entry[i] = None
+        self._keys[i] = None
+        self._free.append(i)
+
+    def _floor(self, i: int) -> float:
+        if self.ladder is None:
+            return self.floor_s
+        return self.ladder[min(self._rung[i], len(self.ladder) - 1)]
+
+    def _stale(self, entry: int) -> bool:
+        return self._entry[entry & _SLOT_MASK] is not entry
+
+    def _push_waiting(self, i: int, at: float) -> None:
+        self._at[i] = at
+        entry = self._entry[i] = int(at * 1e6) << _SLOT_BITS | i
         heapq.heappush(self._waiting, entry)
         self._compact()
 
-    def _promote(self, now: float) -> None:
-        waiting, jobs = self._waiting, self._jobs
-        while waiting and waiting[0][0] <= now:
-            entry = heapq.heappop(waiting)
-            key = entry[1]
-            job = jobs.get(key)
-            if job is None or job.entry is not entry:
+    def _pop_eligible(self, now: float) -> int | None:
+        """The slot of the waiting job eligible earliest, taken off its heap, if by ``now``."""
+        waiting, entries = self._waiting, self._entry
+        while waiting:
+            entry = waiting[0]
+            i = entry & _SLOT_MASK
+            if entries[i] is not entry:
+                heapq.heappop(waiting)  # stale: moved or removed since
                 continue
-            ready_entry = (self._key_time(job), job.last, key)
-            job.entry = ready_entry
-            heapq.heappush(self._ready, ready_entry)
+            if self._at[i] > now:
+                return None
+            heapq.heappop(waiting)
+            entries[i] = None
+            return i
+        return None
 
-    def _remaining(self, job: _Job) -> float | None:
+    def _promote(self, now: float) -> None:
+        entries, ready = self._entry, self._ready
+        while (i := self._pop_eligible(now)) is not None:
+            entry = entries[i] = int(self._key_time(i) * 1e6) << _SLOT_BITS | i
+            heapq.heappush(ready, entry)
+
+    def _remaining(self, i: int) -> float | None:
         """Seconds left by the job's own progress report, if it gives one."""
-        p = job.progress
-        age = job.last - job.origin
-        if p is not None and 0 < p < 100 and age > 0:
+        p = self._progress[i]  # NaN (none) fails the test below
+        age = self._last[i] - self._origin[i]
+        if 0 < p < 100 and age > 0:
             return max(age * (100 - p) / p, 1e-3)
         return None
 
-    def _set_slope(self, job: _Job) -> None:
+    def _set_slope(self, i: int) -> None:
         if not self._rate:
             return  # no budget to share out: c is not needed
-        remaining = self._remaining(job)
+        remaining = self._remaining(i)
         if remaining is not None:
             slope = float(remaining**-self.stats.alpha)
         else:
-            slope = job.life.slope(job.last - job.origin)
-        self._slope_sum += slope - job.slope
-        job.slope = slope
+            slope = self._lives[self._life[i]].slope(self._last[i] - self._origin[i])
+        self._slope_sum += slope - self._slope[i]
+        self._slope[i] = slope
 
     def _c_now(self) -> float:
         # The square-root law's constant: intervals c / hazard**alpha spend exactly the
@@ -328,25 +468,25 @@ class PollScheduler(Generic[K]):
             return self._c_min
         return max(self._slope_sum / self._rate, self._c_min)
 
-    def _key_time(self, job: _Job) -> float:
+    def _key_time(self, i: int) -> float:
+        last = self._last[i]
         if not self._rate:
             # No rate limit: every eligible job is polled at once, so the order is only a
             # tie-break, and the longest-unpolled first is the cheapest.
-            return job.last
-        remaining = self._remaining(job)
+            return last
+        remaining = self._remaining(i)
         c = self._c_now()
         if remaining is not None:
-            key = job.last + c * float(remaining**self.stats.alpha)
+            key = last + c * float(remaining**self.stats.alpha)
             stretch = self.stretch_progress
         else:
-            key = job.origin + job.life.advance(job.last - job.origin, c)
+            origin = self._origin[i]
+            key = origin + self._lives[self._life[i]].advance(last - origin, c)
             stretch = self.stretch
-        if self._rate:
-            # No job waits much longer than round robin would make it: the hazard moves
-            # polls earlier for the likely-finished, it never parks the unlikely for good.
-            cycle = max(self.floor_s, len(self._jobs) / self._rate)
-            key = min(key, job.last + stretch * cycle)
-        return key
+        # No job waits much longer than round robin would make it: the hazard moves polls
+        # earlier for the likely-finished, it never parks the unlikely for good.
+        cycle = max(self.floor_s, len(self._slots) / self._rate)
+        return min(key, last + stretch * cycle)
 
     def _after_pick(self) -> None:
         # Keys already in the heap were made with an older c; once c has moved by more
@@ -362,18 +502,17 @@ class PollScheduler(Generic[K]):
     def _rekey(self) -> None:
         """Recompute every ready job's key with today's ``c`` and tables (O(n), done only
         after about n picks, so O(1) per pick)."""
-        jobs = self._jobs
-        fresh: list[tuple[float, float, K]] = []
+        entries = self._entry
+        fresh: list[int] = []
         for entry in self._ready:
-            job = jobs.get(entry[2])
-            if job is None or job.entry is not entry:
+            if self._stale(entry):
                 continue
-            new = (self._key_time(job), job.last, entry[2])
-            job.entry = new
+            i = entry & _SLOT_MASK
+            new = entries[i] = int(self._key_time(i) * 1e6) << _SLOT_BITS | i
             fresh.append(new)
         heapq.heapify(fresh)
         self._ready = fresh
-        self._slope_sum = sum(job.slope for job in jobs.values())  # no float drift
+        self._slope_sum = math.fsum(self._slope)  # no float drift (free slots hold 0)
         self._c_at_rekey = self._c
         self._picks_since_rekey = 0
 
@@ -381,14 +520,8 @@ class PollScheduler(Generic[K]):
         # Stale entries (a job deferred or removed while it waited) are dropped when they
         # surface; rebuild when they outnumber the live ones, so memory stays O(jobs).
         total = len(self._waiting) + len(self._ready)
-        if total > 2 * len(self._jobs) + 1024:
-            jobs = self._jobs
-            self._waiting = [e for e in self._waiting if not _stale(jobs, e)]
+        if total > 2 * len(self._slots) + 1024:
+            self._waiting = [e for e in self._waiting if not self._stale(e)]
             heapq.heapify(self._waiting)
-            self._ready = [e for e in self._ready if not _stale(jobs, e)]
+            self._ready = [e for e in self._ready if not self._stale(e)]
             heapq.heapify(self._ready)
-
-
-def _stale(jobs: dict[K, _Job], entry: tuple[float, K] | tuple[float, float, K]) -> bool:
-    job = jobs.get(entry[-1])
-    return job is None or job.entry is not entry

@@ -1,8 +1,10 @@
-"""When each job is next due: the poll-interval policy and the per-lane due-time queue.
+"""When each job is next due: the per-lane due-time queue, and the older poll-interval policy.
 
-Pure: no tasks, no timers, time passed in. A lane asks its ``DueQueue`` for the jobs due now,
-polls them through the provider's limiter, and puts each back with a due time from its
-``PollPolicy``. A hundred thousand tracked jobs cost a dict entry and a heap entry each.
+Pure: no tasks, no timers, time passed in. A lane keeps the steps that have a due time
+(submit, reconcile, harvest, a retry's backoff, a cancel) in its ``DueQueue``; running jobs
+wait for their polls in the poll scheduler (``harvester.pollsched``) instead. ``PollPolicy``
+(intervals growing by a factor, or a provider's ladder) is how the engine polled before
+that scheduler: the scheduling simulator runs it as the "before" strategy.
 """
 
 from __future__ import annotations
@@ -77,22 +79,6 @@ class PollPolicy:
             return self._jittered(self.min_s, rng)
         return self._jittered(self._clamp(previous) * self.factor, rng)
 
-    def spread(
-        self, n_index: int, n_total: int, rng: random.Random, *, rate_per_s: float | None = None
-    ) -> float:
-        """First-poll delay for job ``n_index`` of ``n_total`` resumed together (a restart).
-
-        Each job gets a random point in its own equal slice of the window, so polls come evenly
-        rather than all at once. The window is ``max_s``, or shorter when the provider's rate
-        could poll everyone sooner (``n_total / rate_per_s``).
-        """
-        if not 0 <= n_index < n_total:
-            raise ValueError(f"n_index must be in [0, {n_total}), got {n_index}")
-        window = self.max_s
-        if rate_per_s is not None and rate_per_s > 0:
-            window = min(window, n_total / rate_per_s)
-        return window * (n_index + rng.random()) / n_total
-
     def _rung_of(self, previous: float) -> int:
         # The previous delay carries jitter, so find the nearest rung in ratio terms. Among
         # equal rungs (clamping can merge them) take the last, or the walk would never leave.
@@ -128,14 +114,17 @@ class DueQueue(Generic[K]):
 
     ``_live`` maps each key to its current heap entry; a heap entry whose tuple is not the one
     in ``_live`` is stale (moved or discarded) and is skipped when it surfaces. The heap is
-    rebuilt when stale entries outnumber live ones, so memory stays proportional to ``len``.
+    rebuilt when stale entries outnumber live ones, so memory stays proportional to ``len``;
+    so is ``_live`` once it has emptied (a dict keeps its largest table: 100,000 jobs loaded
+    at once and moved on would leave 40 bytes each behind).
     """
 
-    __slots__ = ("_heap", "_live", "_seq")
+    __slots__ = ("_heap", "_live", "_peak", "_seq")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, K]] = []
         self._live: dict[K, tuple[float, int, K]] = {}
+        self._peak = 0  #: the most keys ``_live`` held since it was last rebuilt
         self._seq = itertools.count()
 
     def schedule(self, key: K, due_at: float) -> None:
@@ -144,6 +133,7 @@ class DueQueue(Generic[K]):
             raise ValueError(f"due_at of {key!r} is NaN")
         entry = (due_at, next(self._seq), key)
         self._live[key] = entry
+        self._peak = max(self._peak, len(self._live))
         heapq.heappush(self._heap, entry)
         self._maybe_compact()
 
@@ -166,6 +156,8 @@ class DueQueue(Generic[K]):
             heapq.heappop(heap)
             del live[entry[2]]
             out.append(entry[2])
+        if out:
+            self._maybe_compact()
         return out
 
     def next_due(self) -> float | None:
@@ -181,10 +173,14 @@ class DueQueue(Generic[K]):
         return entry[0] if entry is not None else None
 
     def _maybe_compact(self) -> None:
-        stale = len(self._heap) - len(self._live)
-        if stale > _COMPACT_MIN and stale > len(self._live):
+        live = len(self._live)
+        stale = len(self._heap) - live
+        if stale > _COMPACT_MIN and stale > live:
             self._heap = list(self._live.values())
             heapq.heapify(self._heap)
+        if self._peak > _COMPACT_MIN and self._peak > 4 * live:
+            self._live = dict(self._live)  # a copy is sized for what it holds
+            self._peak = live
 
     def __len__(self) -> int:
         return len(self._live)

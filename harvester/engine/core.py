@@ -304,14 +304,11 @@ class Engine:
             fresh = [j for j in by_lane.get(name, []) if (name, j.key) not in self.remaining]
             for i, job in enumerate(fresh):
                 self.remaining.add((name, job.key))
-                if job.state in (JobState.SUCCEEDED, JobState.HARVESTING):
-                    delay = 0.0
-                elif job.state == JobState.RUNNING and initial:
-                    # After a restart, spread the first polls instead of firing them at once.
-                    delay = lane.policy.spread(i, len(fresh), self.rng)
+                if job.state == JobState.RUNNING:
+                    # After a restart the poll scheduler spaces the first polls.
+                    lane.resume(job.key, now, index=i if initial else 0, total=len(fresh))
                 else:
-                    delay = 0.0
-                lane.schedule(job.key, now + delay)
+                    lane.schedule(job.key, now)
             if fresh:
                 log.info("jobs loaded", provider=name, jobs=len(fresh))
 

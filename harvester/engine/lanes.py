@@ -27,7 +27,6 @@ from harvester.metrics import Metrics
 from harvester.pollsched import PollScheduler
 from harvester.providers import make_provider
 from harvester.ratelimit import ProviderLimiter, backoff_delay
-from harvester.schedule import PollPolicy
 from harvester.transport import Transport
 
 __all__ = ["Opens", "Transports", "setup_provider", "setup_until_done"]
@@ -98,16 +97,15 @@ class Transports:
                 await transport.__aenter__()
                 self.opened.append(transport)
                 ladder = provider.ladder()
-                policy = PollPolicy(min_s=cfg.poll_min_s, max_s=cfg.poll_max_s, ladder=ladder)
                 polls: PollScheduler[str] = PollScheduler(
-                    floor_s=cfg.poll_min_s,
-                    ladder=policy.ladder,  # the provider's, clamped into poll_min..max_s
+                    floor_s=cfg.poll_min_s,  # rungs below it are raised to it
+                    ladder=None if ladder is None else [min(x, cfg.poll_max_s) for x in ladder],
                     stats=e.durations,
                     rate_per_s=cfg.rate_per_s,
                     burst=cfg.burst,
                     budget_share=cfg.poll_budget_share,
                 )
-                lanes[name] = Lane(name, provider, transport, policy, polls)
+                lanes[name] = Lane(name, provider, transport, polls)
         except BaseException:
             await self.__aexit__(None, None, None)
             raise

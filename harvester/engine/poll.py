@@ -42,15 +42,29 @@ class Poller:
         self._told: set[tuple[str, str]] = set()
 
     def later(
-        self, lane: Lane, job: Job, *, changed: bool, started_at: float | None = None
+        self,
+        lane: Lane,
+        job: Job,
+        *,
+        changed: bool,
+        started_at: float | None = None,
+        job_class: str | None = None,
     ) -> None:
         """``started_at``: when the provider says the job began running (Unix time); else
-        it is timed from its submission (``Job.started_at``)."""
+        it is timed from its submission (``Job.started_at``). ``job_class``: its type, if
+        the provider's answer says (``Provider.job_class``)."""
         lane.failures.pop(job.key, None)
         now = self.v.clock.monotonic()
         began = started_at if started_at is not None else job.started_at
         origin = None if began is None else min(now, mono(self.v.clock, began) or now)
-        lane.poll_later(job.key, now, origin=origin, progress=job.progress, changed=changed)
+        lane.poll_later(
+            job.key,
+            now,
+            origin=origin,
+            progress=job.progress,
+            changed=changed,
+            job_class=job_class,
+        )
         self._remember(lane, job)
 
     def _remember(self, lane: Lane, job: Job) -> None:
@@ -88,6 +102,8 @@ class Poller:
                     job.key,
                     self.v.clock.monotonic(),
                     finished_at=mono(self.v.clock, status.ended_at),
+                    origin=mono(self.v.clock, status.started_at or job.started_at),
+                    cls=lane.class_of(lane.provider.job_class(status)),
                 )
             job = await self.v.transition(
                 job, Event.COMPLETED, remote_status=status.raw, progress=status.progress
@@ -126,7 +142,13 @@ class Poller:
                 )
                 if self.v.on_change is not None:
                     self.v.on_change(job)
-            self.later(lane, job, changed=changed, started_at=status.started_at)
+            self.later(
+                lane,
+                job,
+                changed=changed,
+                started_at=status.started_at,
+                job_class=lane.provider.job_class(status),
+            )
 
     def _unknown_status(self, lane: Lane, job: Job, raw: str) -> None:
         """Once per job (the store remembers it was told): the provider answered a status it

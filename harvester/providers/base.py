@@ -281,5 +281,10 @@ class Provider(Protocol):
     def ladder(self) -> tuple[float, ...] | None:
         """The provider's own poll cadence, if it prescribes one."""
 
+    def job_class(self, status: Status) -> str | None:
+        """The type of job a poll's answer shows (Bentley's job type, Modzy's model and
+        version...): jobs of one type take alike long, so the poll scheduler learns their
+        durations apart from the provider's others. None: not told, or no types."""
+
     async def harvest(self, job: Job, status: Status, io: HarvestIO) -> None:
         """Write the job's outputs through ``io`` (the manifest is the caller's)."""

@@ -286,6 +286,12 @@ class BentleyProvider(NoSetup):
     def ladder(self) -> tuple[float, ...] | None:
         return BENTLEY_LADDER
 
+    def job_class(self, status: Status) -> str | None:
+        # the job's "type" (Objects2D, Segmentation3D...): one detector run or another
+        job = status.document.get("job") if isinstance(status.document, dict) else None
+        kind = job.get("type") if isinstance(job, dict) else None
+        return kind if isinstance(kind, str) and kind else None
+
     # -- outputs ------------------------------------------------------------------------
     def build_readaccess(self, reality_data_id: str) -> RequestSpec:
         return RequestSpec(

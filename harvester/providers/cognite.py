@@ -183,6 +183,11 @@ class CogniteProvider(NoSetup, NoLookup):
     def ladder(self) -> tuple[float, ...] | None:
         return None
 
+    def job_class(self, status: Status) -> str | None:
+        # A class would be the vision endpoint, and this adapter calls one (segment): the
+        # provider's table is that endpoint's.
+        return None
+
     # -- harvest ------------------------------------------------------------------------
     async def harvest(self, job: Job, status: Status, io: HarvestIO) -> None:
         document = status.document

@@ -178,6 +178,17 @@ class ModzyProvider(NoSetup, NoLookup):
     def ladder(self) -> tuple[float, ...] | None:
         return None
 
+    def job_class(self, status: Status) -> str | None:
+        # the model and its version (JobDetails.model): one version runs alike long
+        doc = status.document
+        model = doc.get("model") if isinstance(doc, dict) else None
+        if not isinstance(model, dict):
+            return None
+        identifier, version = model.get("identifier"), model.get("version")
+        if not isinstance(identifier, str) or not identifier:
+            return None
+        return f"{identifier}@{version}" if isinstance(version, str) and version else identifier
+
     # -- results ------------------------------------------------------------------------
     def build_results(self, job: Job) -> RequestSpec:
         return RequestSpec(

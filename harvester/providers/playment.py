@@ -241,6 +241,13 @@ class PlaymentProvider:
     def ladder(self) -> tuple[float, ...] | None:
         return None
 
+    def job_class(self, status: Status) -> str | None:
+        # the workflow (work_flow_id): the annotation pipeline a job goes through, which
+        # sets how long it takes; the project is the adapter's one, a batch only a grouping
+        doc = status.document
+        flow = doc.get("work_flow_id") if isinstance(doc, dict) else None
+        return flow if isinstance(flow, str) and flow else None
+
     # -- attachments --------------------------------------------------------------------
     def build_attachment(self, url: str) -> RequestSpec:
         return RequestSpec(

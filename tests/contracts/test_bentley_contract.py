@@ -333,3 +333,12 @@ async def test_emulator_429_matches_bentleys_schema() -> None:
         assert status == 429 and headers["Retry-After"].isdigit()
         check(doc, schema("ErrorResponse"))
         assert doc["error"]["code"] == answer_examples()[429]["error"]["code"]
+
+
+def test_a_jobs_class_is_its_type_as_the_seeds_answer_gives_it() -> None:
+    # the poll scheduler learns durations per job type (issue 18)
+    p = BentleyProvider(CFG)
+    example = answer_examples()[200]
+    status = p.parse_get(Response(200, {}, json.dumps(example).encode(), "u"), job(remote="j"))
+    assert p.job_class(status) == example["job"]["type"] == "Segmentation2D"
+    assert example["job"]["type"] in job_types()

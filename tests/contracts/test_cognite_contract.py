@@ -141,3 +141,10 @@ def _answer(doc: dict[str, Any]) -> Response:
     return Response(
         200, {"Content-Type": "application/json"}, json.dumps(doc).encode(), url="https://x/job"
     )
+
+
+def test_cognite_jobs_have_no_class_beyond_the_provider() -> None:
+    # one endpoint (segment): the provider's duration table is that endpoint's
+    job = dataclasses.replace(JOB, remote_id="123", state=JobState.RUNNING)
+    got = cognite().parse_poll(_answer(cognite_job_example()), job)
+    assert isinstance(got, Status) and cognite().job_class(got) is None

@@ -7,6 +7,7 @@ as protocol buffers (``modzy.edge.proto``: the same JSON documents, field names 
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -19,7 +20,9 @@ from modzy.results import Result
 
 from harvester.emulator.modzy_model import ModzyModel
 from harvester.emulator.scenario import ModzyScenario
+from harvester.providers.base import Status
 from harvester.providers.modzy import STATES
+from harvester.wire import Response
 
 from .common import modzy, new_job
 from .seeds import ANY_ITEM, ANY_OUTPUT, is_type, modzy_results_structure
@@ -142,3 +145,18 @@ def test_every_document_the_emulator_serves_is_the_documented_shape(outcome: str
         seen.add(doc["status"])
         check_results(model.render_results(job))
     assert outcome in seen
+
+
+def test_a_jobs_class_is_its_model_and_version_as_the_sdks_job_details_give_them() -> None:
+    # the poll scheduler learns durations per model version (issue 18); the document is
+    # Modzy's own JobDetails message as JSON
+    details = jobs_pb2.JobDetails(job_identifier="j-1", status="IN_PROGRESS")
+    details.model.identifier, details.model.version = MODEL["identifier"], MODEL["version"]
+    doc = json_format.MessageToDict(details)
+    p = modzy()
+    status = p.parse_poll(Response(200, {}, json.dumps(doc).encode(), "u"), JOB)
+    assert isinstance(status, Status)
+    assert p.job_class(status) == "ed542963de@1.0.1"
+    del doc["model"]["version"]
+    status = p.parse_poll(Response(200, {}, json.dumps(doc).encode(), "u"), JOB)
+    assert isinstance(status, Status) and p.job_class(status) == "ed542963de"

@@ -286,3 +286,12 @@ async def test_a_documented_body_with_a_mistake_is_one_clear_error(
     code, out, err = await _cli("status", "-c", str(config), "--json")
     assert json.loads(out)["total"] == 0, err
     assert emu.state.stats()["playment"]["creates"] == 0
+
+
+def test_a_jobs_class_is_its_workflow_as_the_documented_answer_gives_it() -> None:
+    # the poll scheduler learns durations per workflow (issue 18)
+    p = PlaymentProvider(CFG)
+    status = p.parse_poll(_response(JOB_ANSWER), JOB)
+    assert isinstance(status, Status)
+    assert p.job_class(status) == JOB_ANSWER["data"]["work_flow_id"]
+    assert p.job_class(Status(RemoteState.RUNNING, "x", document={})) is None

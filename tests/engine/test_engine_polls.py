@@ -96,3 +96,64 @@ async def test_unreadable_stored_durations_are_reported_and_not_fatal(rig: Rig) 
     assert (await rig.job(new.key)).state == JobState.HARVESTED
     value = await rig.store.get_meta(DURATIONS_META)
     assert value is not None and DurationStats.from_bytes(value.encode()).life("playment")
+
+
+@pytest.mark.parametrize(
+    ("rate", "window_s", "per_s"),
+    [
+        (0, 4.0, 40 / 4.0),  # no limit: spread evenly over one floor (poll_min_s 4 s)
+        (5, 40 / 5.0, 5.0),  # 5 a second: the limiter spaces them (burst 1)
+    ],
+)
+async def test_after_a_restart_the_first_polls_come_through_the_scheduler_spaced(
+    rig: Rig, rate: float, window_s: float, per_s: float
+) -> None:
+    # Before, jobs loaded running at a restart took their first poll from a spread over
+    # poll_max_s (60 s here) and only then joined the scheduler. Now they join it at once:
+    # every one is polled within one floor (no limit) or n / rate (a limit), and the polls
+    # never come all at once.
+    n = 40
+    rig.setup(
+        job_duration_s=10_000.0,
+        rate_per_s=rate,
+        burst=1,
+        max_concurrency=4,
+        poll_min_s=4,
+        poll_max_s=60,
+    )
+    await rig.add(n, frames=1)
+    await rig.run(rig.engine(), within_s=600, stop_when=lambda: len(rig.api_requests("POST")) >= n)
+    assert {(await rig.job(f"scan-{i:03d}")).state for i in range(n)} == {JobState.RUNNING}
+    restart = rig.clock.monotonic()
+    engine = rig.engine()
+    await rig.run(engine, within_s=120, stop_when=lambda: rig.clock.monotonic() >= restart + 30)
+    polls = [r for r in rig.api_requests() if _is_poll(r) and r.at >= restart]
+    first: dict[str, float] = {}
+    for r in polls:
+        first.setdefault(r.path, r.at)
+    assert len(first) == n
+    assert max(first.values()) - restart <= window_s + 0.5, sorted(first.values())
+    # spaced: no second holds more than its share of them
+    times = sorted(first.values())
+    for i, t in enumerate(times):
+        within = sum(1 for u in times[i:] if u < t + 1.0)
+        assert within <= per_s + 1, (t - restart, within)
+
+
+async def test_durations_are_learned_per_job_type_and_per_provider(rig: Rig) -> None:
+    # The adapter names each job's type from its poll answer (Playment: the workflow): the
+    # type's table learns its jobs, and so does the provider's, which stands in for types
+    # that have too few of them.
+    rig.setup(job_duration_s=40.0, poll_min_s=1)
+    await rig.add(12, frames=1)
+    engine = rig.engine()
+    await rig.run(engine, within_s=200)
+    value = await rig.store.get_meta(DURATIONS_META)
+    assert value is not None
+    saved = DurationStats.from_bytes(value.encode())
+    assert set(saved.classes) == {"playment", "playment/wf"}
+    typed, provider = saved.life("playment/wf"), saved.life("playment")
+    assert typed.parent is provider
+    assert typed.finished_count == provider.finished_count == 12
+    assert typed.reached == provider.reached  # each job counted once in each
+    assert sum(engine.durations.life("playment").inside) == 0  # none left in flight

@@ -9,7 +9,7 @@ import pytest
 
 from harvester import durations
 from harvester.durations import BINS, MAX_CLASSES, DurationStats, bin_of
-from harvester.pollsched import PollScheduler, _Job
+from harvester.pollsched import PollScheduler
 from harvester.schedule import BENTLEY_LADDER
 
 
@@ -224,8 +224,10 @@ def test_stats_round_trip_and_bad_input() -> None:
         later = a.advance(age, 0.05)
         assert later > age
         assert a.g(later) - a.g(age) == pytest.approx(0.05, rel=1e-6)
+    # a job type's table comes with its provider's (which learns what the type does)
+    assert set(back.classes) == {"playment", "playment/annotate"}
     broken = data.replace(b'"events":[', b'"events":[-1,', 1)
-    with pytest.raises(ValueError, match=r"store meta: classes\.playment/annotate\.events"):
+    with pytest.raises(ValueError, match=r"store meta: classes\.playment\.events"):
         DurationStats.from_bytes(broken, where="store meta")
     with pytest.raises(ValueError, match="not JSON"):
         DurationStats.from_bytes(b"{", where="x")
@@ -244,9 +246,9 @@ class _Counting(PollScheduler[int]):
 
     calls = 0
 
-    def _key_time(self, job: _Job) -> float:
+    def _key_time(self, i: int) -> float:
         _Counting.calls += 1
-        return super()._key_time(job)
+        return super()._key_time(i)
 
 
 def test_picking_stays_cheap_for_100k_jobs() -> None:
@@ -266,3 +268,103 @@ def test_picking_stays_cheap_for_100k_jobs() -> None:
             sched.polled(key, t)
         counts[n] = _Counting.calls
     assert counts[100_000] <= 2 * counts[1_000] + 100, counts
+
+
+def test_jobs_resumed_at_a_restart_are_spread_over_one_floor_without_a_rate() -> None:
+    sched: PollScheduler[str] = PollScheduler(floor_s=10.0)
+    for i in range(5):
+        sched.resume(f"j{i}", 100.0, index=i, total=5)
+    assert sched.next_eligible(100.0) == 100.0
+    eligible = []
+    for t in [100.0 + x / 2 for x in range(40)]:
+        while (key := sched.pick(t)) is not None:
+            eligible.append((key, t))
+    assert eligible == [(f"j{i}", 100.0 + 2.0 * i) for i in range(5)]
+    with pytest.raises(ValueError):
+        sched.resume("j9", 100.0, index=5, total=5)
+
+
+def test_jobs_resumed_with_a_rate_are_eligible_at_once_for_the_limiter() -> None:
+    sched: PollScheduler[str] = PollScheduler(floor_s=10.0, rate_per_s=2.0)
+    for i in range(5):
+        sched.resume(f"j{i}", 100.0, index=i, total=5)
+    assert sorted(k for _ in range(5) if (k := sched.pick(100.0)) is not None) == [
+        f"j{i}" for i in range(5)
+    ]
+
+
+def test_a_resumed_job_found_finished_at_its_first_poll_teaches_no_duration() -> None:
+    stats = DurationStats()
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, stats=stats)
+    for key in ("a", "b", "c"):
+        sched.resume(key, 100.0, cls="p")
+    assert {sched.pick(100.0) for _ in range(3)} == {"a", "b", "c"}
+    sched.finished("a", 100.0, origin=40.0)  # when it ended is not known: nothing learned
+    assert stats.life("p").finished_count == 0
+    sched.finished("b", 100.0, origin=40.0, finished_at=70.0)  # the provider says: 30 s
+    assert stats.life("p").finished_count == 1
+    assert stats.life("p").events[bin_of(30.0)] == 1.0
+    # seen running at its first poll, its age counted from its start: then it is learned
+    sched.polled("c", 100.0, origin=40.0)
+    assert sched.pick(101.0) == "c"
+    sched.finished("c", 101.0)
+    assert stats.life("p").finished_count == 2
+    assert stats.life("p").events[bin_of(60.5)] == 1.0
+
+
+def _ran(life: durations.Life, duration: float) -> None:
+    """One job of ``life``'s class seen each second until it finished after ``duration``."""
+    seen = 0
+    for age in range(1, int(duration)):
+        seen = life.alive(seen, float(age))
+    life.finished(seen, duration)
+
+
+def test_a_job_type_with_too_few_samples_is_timed_by_its_providers_table() -> None:
+    stats = DurationStats()
+    for i in range(200):
+        _ran(stats.life("p/slow"), 90.0 + i % 21)
+    provider, new = stats.life("p"), stats.life("p/new")
+    assert provider.finished_count == 200  # what a type learns, its provider learns
+    assert new.parent is provider
+    assert new.hazards() == provider.hazards()  # nothing of its own yet
+    for _ in range(3):
+        _ran(new, 10.0)
+    # 3 jobs are too few to trust: at every age the provider's (which counts them) stands in
+    assert new.hazards() == provider.hazards()
+    for _ in range(47):
+        _ran(new, 10.0)
+    # 50 are enough where they were at risk: the type's jobs are done by 12 s, the
+    # provider's are mostly not (200 of its 250 run 90-110 s)
+    assert new.survival(12.0) < 0.05
+    assert provider.survival(12.0) > 0.5
+    assert provider.finished_count == 250
+    # an age the type never reached is timed by the provider's table
+    b = bin_of(100.0)
+    assert new.hazards()[b] == provider.hazards()[b]
+
+
+def test_a_job_moves_to_its_type_when_an_answer_names_it() -> None:
+    stats = DurationStats()
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, stats=stats)
+    sched.add("a", 0.0, cls="p", last_poll=0.0)
+    assert sched.pick(1.0) == "a"
+    sched.polled("a", 5.0, cls="p/t")
+    provider, typed = stats.life("p"), stats.life("p/t")
+    assert provider.reached[: bin_of(5.0) + 1] == typed.reached[: bin_of(5.0) + 1]
+    assert provider.reached[0] == 1.0  # counted once, not again when it moved
+    assert sched.pick(6.0) == "a"
+    sched.polled("a", 6.0, cls="p/u")  # a job's type does not change afterwards
+    assert sched.pick(7.0) == "a"
+    sched.finished("a", 7.0)
+    assert typed.finished_count == provider.finished_count == 1
+    assert stats.life("p/u").finished_count == 0
+    assert sum(provider.inside) == sum(typed.inside) == 0
+
+
+def test_past_the_cap_a_new_job_type_shares_its_providers_table() -> None:
+    stats = DurationStats()
+    for i in range(MAX_CLASSES + 10):
+        stats.life(f"p/type-{i}")
+    assert len(stats.classes) == MAX_CLASSES - 1
+    assert stats.life("p/one-more") is stats.life("p")

@@ -89,23 +89,6 @@ def test_jitter_bounds_and_clamping() -> None:
     assert all(10.0 <= d <= 11.0 for d in high)
 
 
-def test_spread_puts_each_job_in_its_own_slice() -> None:
-    p = PollPolicy(min_s=10, max_s=300)
-    rng = random.Random(3)
-    n = 100
-    delays = [p.spread(i, n, rng) for i in range(n)]
-    for i, d in enumerate(delays):
-        assert 300.0 * i / n <= d < 300.0 * (i + 1) / n
-    # A fast provider can poll all 100 within 20 s, so the window shrinks to that.
-    fast = [p.spread(i, n, rng, rate_per_s=5.0) for i in range(n)]
-    assert max(fast) < 20.0
-    assert min(fast) >= 0.0
-    slow = [p.spread(i, n, rng, rate_per_s=0.01) for i in range(n)]
-    assert max(slow) < 300.0
-    with pytest.raises(ValueError):
-        p.spread(n, n, rng)
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
