@@ -31,6 +31,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict harvester
+	$(BIN)/mypy --strict bench
 
 unit: $(STAMP)
 	$(BIN)/pytest -q

@@ -208,7 +208,7 @@ async def _run_storm(emu: EmulatorProcess, cfg: Path) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession() as session:
         since = await emu_request_count(session, emu)
         with harvester_process(cfg) as proc:
-            cursor, polled = since, set()
+            cursor, polled = since, set[str]()
             deadline = time.monotonic() + 60
             while len(polled) < N_JOBS:
                 if proc.poll() is not None or time.monotonic() > deadline:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ async def run_engine(
     jobs: list[NewJob],
     provider: str,
     offload: Offload,
-    during: Callable[[Engine], Awaitable[None]] | None = None,
+    during: Callable[[Engine], Coroutine[Any, Any, None]] | None = None,
 ) -> tuple[LagProbe, float]:
     """Harvest ``jobs`` with the real engine and a lag probe on its loop: (probe, seconds)."""
     assert cfg.store.path is not None
@@ -90,7 +90,7 @@ async def run_engine(
     async with SqliteStore(cfg.store.path) as store:
         await store.add_jobs(jobs, now=0.0)
         engine = Engine(cfg, store, providers=[provider])
-        engine.offload = offload
+        engine.harvests.offload = offload
         t0 = time.perf_counter()
         with anyio.fail_after(600):
             async with anyio.create_task_group() as tg:

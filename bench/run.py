@@ -235,7 +235,7 @@ def _failed(bench: Bench, error: str) -> dict[str, Any]:
 
 
 def _normalise(raw: dict[str, Any], bench: Bench) -> dict[str, Any]:
-    fig = {k: raw.get(k) for k in _FIELDS}
+    fig: dict[str, Any] = {k: raw.get(k) for k in _FIELDS}
     fig["benchmark"] = raw.get("benchmark") or bench.name
     fig["note"] = raw.get("note") or ""
     fig["detail"] = raw.get("detail") or {
@@ -477,7 +477,7 @@ def render_markdown(doc: dict[str, Any], selected: list[Bench]) -> str:
     for bench in selected:
         mine = [f for f in figures if f.get("benchmark") == bench.name]
         out += [f"### {bench.title} (`bench/{bench.script}`)", ""]
-        run_of = next((r for r in doc["benchmarks"] if r["name"] == bench.name), {})
+        run_of: dict[str, Any] = next((r for r in doc["benchmarks"] if r["name"] == bench.name), {})
         if doc.get("partial_of") and run_of.get("date"):
             out += [f"Measured {run_of['date']}.", ""]
         summary = _docstring(BENCH / bench.script)
