@@ -195,12 +195,7 @@ class Transport:
         await self.exchange.open()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.exchange.close()
 
     # -- one exchange -------------------------------------------------------------------
