@@ -47,6 +47,7 @@ from bench_common import (
     harvester_submit,
     job_body,
     log,
+    playment_attachment,
     tail,
     write_tracking_jobs,
 )
@@ -126,16 +127,7 @@ async def fixed_poller(emu: EmulatorProcess, ends: dict[str, float], rate: float
 
         async def download(private_url: str) -> bytes:
             await tokens.take()
-            async with session.get(
-                f"{base}/v1/attachments",
-                params={"url": private_url},
-                headers=headers,
-                allow_redirects=False,
-            ) as resp:
-                signed = resp.headers["Location"]
-            async with session.get(signed) as resp:  # the storage host: not the API's budget
-                resp.raise_for_status()
-                return await resp.read()
+            return await playment_attachment(session, base, headers, private_url)
 
         async def harvest(job: dict[str, Any], limit: asyncio.Semaphore) -> None:
             async with limit:

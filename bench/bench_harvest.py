@@ -41,6 +41,7 @@ from bench_common import (
     harvester_config,
     job_body,
     log,
+    playment_attachment,
     scenario_toml,
     tail,
 )
@@ -158,18 +159,7 @@ async def _sdk_way(emu: EmulatorProcess, sample: int, out: Path) -> list[float]:
                 return doc["data"]
 
         async def download(private_url: str) -> bytes:
-            # The attachments API answers with a redirect to a signed URL on another host:
-            # follow it by hand so the API key is not sent there.
-            async with session.get(
-                f"{base}/v1/attachments",
-                params={"url": private_url},
-                headers=headers,
-                allow_redirects=False,
-            ) as resp:
-                signed = resp.headers["Location"]
-            async with session.get(signed) as resp:
-                resp.raise_for_status()
-                return await resp.read()
+            return await playment_attachment(session, base, headers, private_url)
 
         for i in range(sample):
             t0 = time.perf_counter()
