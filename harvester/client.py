@@ -8,6 +8,12 @@ it drains the engine (in-flight work finishes within ``server.drain_grace_s``; t
 resumes on the next start) and closes the store. Submitting, cancelling and retrying go
 through the store and ``harvester.control`` exactly as the CLI and the daemon do.
 
+``clock`` and ``exchanges`` are the engine's own seams, passed through: a ``Clock`` every wait
+goes through (default the real one) and an ``ExchangeFactory`` that carries each provider's
+bytes (default the real network). With a ``FakeClock`` and ``harvester.testing``'s
+``MemoryNetwork`` the whole client runs on virtual time against providers in memory: a
+pipeline's tests take milliseconds and never touch a socket.
+
 ``SyncHarvester`` is the same client for code without an event loop, and for Jupyter, whose
 loop is already running in the notebook's thread: it runs the async client on a private
 event loop in a worker thread and waits for each call there.
@@ -23,17 +29,20 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from harvester.clock import wait_for
+from harvester.clock import Clock, wait_for
 from harvester.config import Config, load_config
 from harvester.errors import ControlError
 from harvester.jobs import Job, JobState, job_key
+
+if TYPE_CHECKING:
+    from harvester.exchange import ExchangeFactory  # aiohttp: imported when the engine starts
 
 __all__ = ["Harvester", "JobSpec", "SyncHarvester"]
 
@@ -65,11 +74,26 @@ class JobSpec:
 
 
 class Harvester:
-    """``async with Harvester("harvester.toml") as h:`` (see the module docstring)."""
+    """``async with Harvester("harvester.toml") as h:`` (see the module docstring).
 
-    def __init__(self, config: Config | str | Path, *, providers: Sequence[str] | None = None):
+    ``providers``: work only these (default every configured one). ``clock``: the ``Clock``
+    the engine and every wait of this client use (default the system clock). ``exchanges``:
+    the ``ExchangeFactory`` that carries the providers' requests (default the real network
+    through aiohttp); limiter, retries, store and harvest stay the production code.
+    """
+
+    def __init__(
+        self,
+        config: Config | str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        clock: Clock | None = None,
+        exchanges: ExchangeFactory | None = None,
+    ):
         self.config = config if isinstance(config, Config) else load_config(Path(config))
         self.providers = list(providers) if providers is not None else None
+        self.clock = clock
+        self.exchanges = exchanges
         self._stack: contextlib.AsyncExitStack | None = None
         self._changed: anyio.Event  # both made on entry: anyio needs the running loop
         self._stop: anyio.Event
@@ -98,7 +122,13 @@ class Harvester:
             stack.push_async_callback(self.store.close)
             await bind_output(self.store, cfg.output.dir, store_name(cfg.store))
             self.engine = Engine(
-                cfg, self.store, providers=self.providers, burst=False, on_change=self._on_change
+                cfg,
+                self.store,
+                providers=self.providers,
+                burst=False,
+                on_change=self._on_change,
+                clock=self.clock,
+                exchanges=self.exchanges,
             )
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._stop.set)  # runs first on exit: the engine drains

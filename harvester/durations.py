@@ -16,6 +16,14 @@ A class costs two fixed arrays whatever the number of jobs, counts are halved on
 large (so old behaviour fades), and the number of classes is capped; ``to_bytes`` /
 ``from_bytes`` keep the tables in the store across restarts.
 
+Several processes (replicas) learn at once and share one stored document. Each keeps, beside
+its tables, the counts it last saw stored (its *base*); what it learned since is ``pending``
+(tables minus base). A save folds only that into what is stored now, in one transaction
+(``merge``), and the process then takes the merged tables as its own and as its new base
+(``adopt``). So every replica's samples add up instead of the last writer's winning, the store
+keeps one bounded document, and a crash between saves loses at most what was pending: nothing
+saved is ever counted twice.
+
 Classes are named ``provider`` or ``provider/type`` (the type as the adapter names it from a
 poll's answer: Bentley's job type, Modzy's model and version, Playment's workflow). What a
 typed class learns is learned by its provider's table too, and where the typed class has
@@ -35,10 +43,20 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
-__all__ = ["BINS", "EDGES", "MAX_CLASSES", "DurationStats", "Life", "bin_of"]
+__all__ = [
+    "BINS",
+    "EDGES",
+    "MAX_CLASSES",
+    "Counts",
+    "DurationStats",
+    "Life",
+    "Pending",
+    "bin_of",
+    "merge",
+]
 
 BINS_PER_OCTAVE = 4
 OCTAVES = 22
@@ -92,6 +110,7 @@ class Life:
         "_updates",
         "alpha",
         "events",
+        "halvings",
         "inside",
         "parent",
         "prior",
@@ -107,6 +126,8 @@ class Life:
         self._parent_mark = 0.0  #: the parent's job count when the slopes were last built
         self.events = [0.0] * BINS
         self.reached = [0.0] * BINS
+        #: how many times the counts were halved (a save scales its base to match)
+        self.halvings = 0
         #: tracked jobs whose last sighting is in each bin (not stored: they are live)
         self.inside = [0] * BINS
         self._slopes: list[float] = []
@@ -157,6 +178,7 @@ class Life:
         if reached[0] >= HALVE_AT:
             self.events = [x / 2 for x in self.events]
             self.reached = [x / 2 for x in self.reached]
+            self.halvings += 1
 
     def _move(self, seen: int, upto: int) -> None:
         inside = self.inside
@@ -260,10 +282,64 @@ def _rounded(xs: list[float]) -> list[float]:
     return [round(x, 3) for x in xs]
 
 
+class Counts(NamedTuple):
+    """One class's counts at one moment, and how often its table had been halved by then."""
+
+    events: tuple[float, ...]
+    reached: tuple[float, ...]
+    halvings: int
+
+
+#: per class, the ``events`` and ``reached`` counts learned and not saved yet
+Pending = dict[str, tuple[list[float], list[float]]]
+_NONE = Counts((0.0,) * BINS, (0.0,) * BINS, 0)
+
+
+def _gain(now: float, base: float) -> float:
+    # Below a millionth of a job it is float error (stored values are rounded), not a sample:
+    # left out, so a process that learned nothing writes nothing.
+    d = now - base
+    return d if d > 1e-6 else 0.0
+
+
+def _added(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
+    return [x + y for x, y in zip(xs, ys, strict=True)]
+
+
+def merge(
+    stored: DurationStats, pending: Mapping[str, tuple[list[float], list[float]]]
+) -> DurationStats:
+    """``stored`` (what the store holds now) with ``pending`` (one process's unsaved counts)
+    added: a new object, the inputs unchanged. Stays within MAX_CLASSES: a new typed class
+    that does not fit is left out (its provider's table counts the same jobs), a new
+    provider goes to the shared overflow table. A table grown past HALVE_AT is halved, as
+    a process's own is, so the stored document stays bounded and old behaviour fades."""
+    out = DurationStats(alpha=stored.alpha, prior=stored.prior)
+    for name, life in stored.classes.items():
+        copy = out.classes[name] = Life(alpha=out.alpha, prior=out.prior)
+        copy.events, copy.reached = list(life.events), list(life.reached)
+    for name in sorted(pending):
+        events, reached = pending[name]
+        target = out.classes.get(name)
+        if target is None and len(out.classes) >= MAX_CLASSES - 1 and name != OVERFLOW_CLASS:
+            if "/" in name:
+                continue
+            name = OVERFLOW_CLASS
+            target = out.classes.get(name)
+        if target is None:
+            target = out.classes[name] = Life(alpha=out.alpha, prior=out.prior)
+        target.events = _added(target.events, events)
+        target.reached = _added(target.reached, reached)
+        while target.reached[0] >= HALVE_AT:
+            target.events = [x / 2 for x in target.events]
+            target.reached = [x / 2 for x in target.reached]
+    return out
+
+
 class DurationStats:
     """The life tables of every job class one process knows."""
 
-    __slots__ = ("alpha", "classes", "prior")
+    __slots__ = ("_base", "alpha", "classes", "prior")
 
     def __init__(self, *, alpha: float = 0.5, prior: float = 1e-3) -> None:
         if not 0.0 <= alpha <= 1.0:
@@ -273,6 +349,8 @@ class DurationStats:
         self.alpha = alpha
         self.prior = prior
         self.classes: dict[str, Life] = {}
+        #: per class, the counts as last saved or loaded (scaled to its halvings then)
+        self._base: dict[str, Counts] = {}
 
     def life(self, cls: str) -> Life:
         """The table of ``cls`` (made on first use). ``provider/type`` is linked to the
@@ -289,6 +367,58 @@ class DurationStats:
             life.parent = parent  # loaded from the store, or its provider's table replaced
             life._slopes = []
         return life
+
+    # -- sharing the tables through the store ------------------------------------------
+    def snapshot(self) -> dict[str, Counts]:
+        """Every class's counts now: what a save folds in, and what ``adopt`` needs back."""
+        return {
+            name: Counts(tuple(life.events), tuple(life.reached), life.halvings)
+            for name, life in self.classes.items()
+        }
+
+    def pending(self, snap: Mapping[str, Counts]) -> Pending:
+        """What ``snap`` holds beyond the base: learned here and not saved yet (classes
+        with nothing new are left out; empty: nothing to save)."""
+        out: Pending = {}
+        for name, now in snap.items():
+            base = self._base.get(name, _NONE._replace(halvings=now.halvings))
+            # halved since the base was taken: so was the base's share of the counts
+            f = 0.5 ** (now.halvings - base.halvings)
+            events = [_gain(x, b * f) for x, b in zip(now.events, base.events, strict=True)]
+            reached = [_gain(x, b * f) for x, b in zip(now.reached, base.reached, strict=True)]
+            if any(events) or any(reached):
+                out[name] = (events, reached)
+        return out
+
+    def adopt(self, merged: DurationStats, snap: Mapping[str, Counts]) -> None:
+        """Take ``merged`` (what the store holds once ``snap``'s pending counts are folded
+        in, or simply what was loaded) as this process's tables and base, keeping what was
+        learned here since ``snap`` was taken. The ``Life`` objects stay the same ones (the
+        poll schedulers hold them); only their counts change."""
+        for name, stored in merged.classes.items():
+            life = self.life(name)
+            if self.classes.get(name) is not life:
+                continue  # past this process's cap: a shared table learns these jobs here
+            then = snap.get(name, _NONE._replace(halvings=life.halvings))
+            f = 0.5 ** (life.halvings - then.halvings)
+            # now = merged + (what was learned since the snapshot), halvings since applied
+            life.events = [
+                max(0.0, x + (m - t) * f)
+                for x, m, t in zip(life.events, stored.events, then.events, strict=True)
+            ]
+            life.reached = [
+                max(0.0, x + (m - t) * f)
+                for x, m, t in zip(life.reached, stored.reached, then.reached, strict=True)
+            ]
+            self._base[name] = Counts(
+                tuple(m * f for m in stored.events),
+                tuple(m * f for m in stored.reached),
+                life.halvings,
+            )
+            life._slopes = []  # rebuilt from the new counts at the next read
+        for name, then in snap.items():
+            if name not in merged.classes:
+                self._base[name] = then  # the store keeps no such table: not sent again
 
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {

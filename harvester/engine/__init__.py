@@ -13,6 +13,8 @@ One job's life, a module per step, each taking the engine's narrow ``view.View``
 - ``poll``: a running job's status, until it ends;
 - ``harvest``: a finished job's results, published once the job is proven still ours;
 - ``output``: output.dir proven writable, and jobs parked while it is not;
+- ``learned``: the poll schedulers' learned job durations, loaded from the store and merged
+  into it (replicas pool what each learns);
 - ``core``: the ``Engine`` that runs them: lanes, workers, the step that picks which of the
   above comes next, the harvest pool, drain, and state changes (``Engine.transition``).
   Cancels and deadlines are steps too, in ``harvester.control``.

@@ -22,6 +22,7 @@ from harvester.durations import DurationStats
 from harvester.engine import cancel, submit
 from harvester.engine.harvest import Harvests
 from harvester.engine.lanes import Transports, setup_provider, setup_until_done
+from harvester.engine.learned import DURATIONS_META, LearnedDurations
 from harvester.engine.output import OutputDir
 from harvester.engine.poll import Poller
 from harvester.engine.reconcile import reconcile
@@ -52,9 +53,8 @@ __all__ = ["DURATIONS_META", "Engine", "offline"]
 
 log = get_logger("harvester.engine")
 
-#: the store meta entry that keeps the learned job durations (``harvester.durations``), and
-#: how often they are written there (and at the end of a run)
-DURATIONS_META = "poll.durations"
+#: how often the learned job durations (``harvester.durations``) are merged into the store
+#: (``engine.learned``), and the bound on the last merge at the end of a run
 DURATIONS_SAVE_S = 60.0
 DURATIONS_FINAL_SAVE_S = 5.0
 
@@ -101,7 +101,7 @@ class Engine:
         #: how long each provider's jobs take, learned from the ones that finish (shared by
         #: the lanes' poll schedulers; kept in the store's meta table across restarts)
         self.durations = DurationStats()
-        self._durations_saved: str | None = None
+        self._learned = LearnedDurations(store, self.durations)
         #: which jobs are this process's to work (harvester.ownership)
         self.ownership: Ownership = (
             Replica(self, store, lease_s=config.store.lease_s)
@@ -168,8 +168,9 @@ class Engine:
             try:
                 await self._work(lanes, harvest_recv, stop)
             finally:
-                with self.clock.move_on_after(DURATIONS_FINAL_SAVE_S, shield=True):
-                    await self._save_durations()
+                if self.lanes:  # else nothing started, nothing learned
+                    with self.clock.move_on_after(DURATIONS_FINAL_SAVE_S, shield=True):
+                        await self._learned.save()
                 await self.ownership.leave()
         if self.fatal is not None:
             raise self.fatal
@@ -187,7 +188,7 @@ class Engine:
         for lane in lanes.values():
             if not await setup_until_done(self, lane, stop):
                 return  # stopped while a provider was unreachable: nothing started
-        await self._load_durations()
+        await self._learned.load()
         await self.ownership.take_up()
         self.ready.set()
         async with anyio.create_task_group() as tg:
@@ -317,39 +318,10 @@ class Engine:
         await self.ownership.refresh()
 
     # -- learned durations ---------------------------------------------------------------
-    async def _load_durations(self) -> None:
-        """The poll schedulers' duration tables as the last run left them (a broken or
-        foreign value is reported once and learning starts afresh: it is a cache)."""
-        value = await self.store.get_meta(DURATIONS_META)
-        if value is None:
-            return
-        try:
-            saved = DurationStats.from_bytes(
-                value.encode(), alpha=self.durations.alpha, where=f"store meta {DURATIONS_META}"
-            )
-        except ValueError as exc:
-            log.warning("learned job durations not loaded; learning afresh", error=str(exc))
-            return
-        self.durations.classes.update(saved.classes)
-        self._durations_saved = value
-
-    async def _save_durations(self) -> None:
-        if not self.lanes or not self.durations.classes:
-            return  # nothing learned (or nothing started): nothing to keep
-        value = self.durations.to_bytes().decode()
-        if value == self._durations_saved:
-            return
-        try:
-            await self.store.set_meta(DURATIONS_META, value)
-        except StoreError as exc:
-            log.warning("learned job durations not saved", error=str(exc))
-            return
-        self._durations_saved = value
-
     async def _keep_durations(self) -> None:
         while True:
             await self.clock.sleep(DURATIONS_SAVE_S)
-            await self._save_durations()
+            await self._learned.save(refresh=True)
 
     # -- lanes --------------------------------------------------------------------------
     async def _lane(self, lane: Lane) -> None:

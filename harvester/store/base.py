@@ -13,7 +13,7 @@ uses it when the store offers it (PostgreSQL) and is unchanged otherwise (sqlite
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -200,6 +200,13 @@ class Store(Protocol):
         """A small named value the program keeps (e.g. a provider batch id)."""
 
     async def set_meta(self, name: str, value: str) -> None: ...
+
+    async def update_meta(self, name: str, update: Callable[[str | None], str]) -> str:
+        """Store ``update(value)`` under ``name`` (``value`` None: nothing stored yet) and
+        return it, in one transaction no other ``update_meta`` of ``name`` interleaves with:
+        a read-modify-write several processes may run at once without losing one's write.
+        ``update`` must be quick and do no I/O (it runs while the value is locked, and may
+        run in a worker thread); if it raises, nothing is stored."""
 
     async def check(self) -> list[str]:
         """Integrity problems found (empty list: healthy). Read-only."""

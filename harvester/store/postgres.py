@@ -443,6 +443,22 @@ class PostgresStore(StoreCore):
                 value,
             )
 
+    async def update_meta(self, name: str, update: Callable[[str | None], str]) -> str:
+        async with self._connection() as conn, conn.transaction():
+            # The row exists (as a placeholder no one else can see until this commits, and
+            # that a concurrent updater waits on) so FOR UPDATE has a row to lock even the
+            # first time: the read below sees the last committed update, and no other runs
+            # between it and the write.
+            created = await conn.fetchval(
+                "INSERT INTO meta (name, value) VALUES ($1, '') ON CONFLICT (name) DO NOTHING"
+                " RETURNING true",
+                name,
+            )
+            stored = await conn.fetchval("SELECT value FROM meta WHERE name = $1 FOR UPDATE", name)
+            value = update(None if created else str(stored))
+            await conn.execute("UPDATE meta SET value = $2 WHERE name = $1", name, value)
+        return value
+
     async def add_meta(self, name: str, value: str) -> str:
         async with self._connection() as conn, conn.transaction():
             # DO NOTHING waits for a concurrent insert of the same name to commit, so the

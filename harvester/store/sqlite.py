@@ -359,6 +359,17 @@ class _Db:
                 (name, value),
             )
 
+    def update_meta(self, name: str, update: Callable[[str | None], str]) -> str:
+        with self.transaction():  # IMMEDIATE: the write lock is held from the read on
+            row = self.conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+            value = update(None if row is None else str(row[0]))
+            self.conn.execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+        return value
+
     def dump(self) -> tuple[list[DumpedJob], dict[str, str]]:
         with self.transaction("DEFERRED"):  # one snapshot for both tables
             rows = self.conn.execute(
@@ -499,6 +510,9 @@ class SqliteStore(StoreCore):
 
     async def set_meta(self, name: str, value: str) -> None:
         await self._call(lambda db: db.set_meta(name, value))
+
+    async def update_meta(self, name: str, update: Callable[[str | None], str]) -> str:
+        return await self._call(lambda db: db.update_meta(name, update))
 
     async def check(self) -> list[str]:
         return await self._call(_Db.check)

@@ -17,8 +17,10 @@ from structlog.testing import capture_logs
 
 import harvester.replica as replica_module
 from harvester.config import Config
+from harvester.durations import DurationStats, bin_of
 from harvester.emulator.server import Emulator
-from harvester.engine import Engine
+from harvester.engine import DURATIONS_META, Engine
+from harvester.engine.learned import LearnedDurations
 from harvester.jobs import Job, JobState
 from harvester.store.copy import copy_store
 from harvester.store.postgres import PostgresStore
@@ -59,6 +61,29 @@ def opened(url: str, server: PgServer) -> PostgresStore:
     return PostgresStore(url, password=server.password)
 
 
+async def run_burst(
+    config: Config, stores: dict[str, PostgresStore], done: dict[str, set[str]]
+) -> dict[str, Engine]:
+    """A burst engine per store, run together to the end; ``done[name]``: the keys each
+    engine harvested."""
+    engines = {
+        name: Engine(
+            config,
+            store,
+            burst=True,
+            on_change=lambda j, name=name: (
+                done.setdefault(name, set()).add(j.key) if j.state == JobState.HARVESTED else None
+            ),
+        )
+        for name, store in stores.items()
+    }
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for engine in engines.values():
+                tg.start_soon(engine.run)
+    return engines
+
+
 async def test_a_burst_run_on_a_shared_store_ends_when_nothing_is_active(
     tmp_path: Path,
     emulator: Emulator,
@@ -97,29 +122,24 @@ async def test_two_engines_share_the_work_and_each_job_is_done_once(
     done: dict[str, set[str]] = {}
     async with opened(url, postgres_server) as a, opened(url, postgres_server) as b:
         await a.add_jobs(jobs, now=1.0)
-        engines = {
-            name: Engine(
-                config,
-                store,
-                burst=True,
-                on_change=lambda j, name=name: (
-                    done.setdefault(name, set()).add(j.key)
-                    if j.state == JobState.HARVESTED
-                    else None
-                ),
-            )
-            for name, store in (("a", a), ("b", b))
-        }
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                for engine in engines.values():
-                    tg.start_soon(engine.run)
+        engines = await run_burst(config, {"a": a, "b": b}, done)
         assert await a.counts() == {("playment", JobState.HARVESTED): 60}
+        value = await a.get_meta(DURATIONS_META)
     assert done.keys() == {"a", "b"}, "both engines did some of the work"
     assert not (done["a"] & done["b"]) and len(done["a"] | done["b"]) == 60
     stats = emulator.state.stats()["playment"]
     assert (stats["creates"], stats["duplicate_creates"]) == (60, 0)
     check_outputs(config, emulator, jobs, frames=1)
+    # What each learned of the jobs' durations adds up in the store. Before, each engine
+    # saved its whole table at the end of its run and the last one overwrote the other's.
+    assert value is not None
+    stored = DurationStats.from_bytes(value.encode())
+    assert stored.life("playment").finished_count == 60
+    assert stored.life("playment/wf-it").finished_count == 60
+    # each learned its own share, and took in the other's if it saved after it
+    learned = {name: e.durations.life("playment").finished_count for name, e in engines.items()}
+    assert all(learned[name] in (len(done[name]), 60) for name in engines), (learned, done)
+    assert max(learned.values()) == 60
 
 
 @pytest.fixture
@@ -301,3 +321,42 @@ async def test_jobs_copied_from_sqlite_mid_run_finish_on_postgres_without_duplic
     stats = slow_emulator.state.stats()["playment"]
     assert (stats["creates"], stats["duplicate_creates"]) == (10, 0)
     check_outputs(shared, slow_emulator, jobs, frames=1)
+
+
+async def test_replicas_saving_their_durations_at_once_lose_none_and_learn_each_others(
+    url: str, postgres_server: PgServer
+) -> None:
+    def learn(stats: DurationStats, *ds: float) -> None:
+        life = stats.life("modzy")
+        for d in ds:
+            life.finished(life.alive(0, d / 2), d)
+
+    async with opened(url, postgres_server) as a, opened(url, postgres_server) as b:
+        mine = {
+            "a": LearnedDurations(a, DurationStats()),
+            "b": LearnedDurations(b, DurationStats()),
+        }
+        for rnd in range(5):  # five rounds of both saving at the same moment
+            learn(mine["a"].stats, *[30.0 + rnd] * 3)
+            learn(mine["b"].stats, *[300.0 + rnd] * 2)
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for one in mine.values():
+                        tg.start_soon(one.save)
+        value = await a.get_meta(DURATIONS_META)
+        assert value is not None
+        stored = DurationStats.from_bytes(value.encode()).life("modzy")
+        assert stored.finished_count == 5 * (3 + 2)
+        assert sum(stored.events[bin_of(30.0) : bin_of(34.0) + 1]) == 5 * 3
+        assert sum(stored.events[bin_of(300.0) : bin_of(304.0) + 1]) == 5 * 2
+        # with nothing new, a save still takes in what the other saved meanwhile
+        for one in mine.values():
+            await one.save(refresh=True)
+            assert one.stats.life("modzy").events == stored.events
+        assert await a.get_meta(DURATIONS_META) == value, "nothing new: nothing written"
+        # a replica started now begins from all of it, and adds nothing by loading
+        fresh = LearnedDurations(b, DurationStats())
+        await fresh.load()
+        await fresh.save()
+        assert fresh.stats.life("modzy").finished_count == 25
+        assert await a.get_meta(DURATIONS_META) == value

@@ -423,6 +423,43 @@ async def test_learned_durations_are_kept_in_meta(store: Store, backend: Backend
     assert DurationStats.from_bytes(value.encode()).to_bytes() == stats.to_bytes()
 
 
+async def test_update_meta_is_one_read_modify_write_that_loses_no_concurrent_update(
+    store: Store, backend: Backend
+) -> None:
+    """Two store objects (two processes) incrementing one value at once: every increment
+    counts. What learned durations are merged with (``engine.learned``), on either dialect."""
+    other = await reopened(backend)
+    seen: list[str | None] = []
+
+    def bump(value: str | None) -> str:
+        seen.append(value)
+        return str(int(value or "0") + 1)
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(16):
+                    tg.start_soon(store.update_meta if i % 2 else other.update_meta, "n", bump)
+        assert await store.get_meta("n") == await other.get_meta("n") == "16"
+        # the first saw nothing stored (not a placeholder), every other a distinct count
+        assert sorted(seen, key=lambda v: -1 if v is None else int(v)) == [None] + [
+            str(i) for i in range(1, 16)
+        ]
+
+        def broken(value: str | None) -> str:
+            raise ValueError("no")
+
+        with pytest.raises(ValueError, match="no"):
+            await other.update_meta("n", broken)
+        with pytest.raises(ValueError, match="no"):
+            await other.update_meta("fresh", broken)
+        assert await store.get_meta("n") == "16", "a failed update stores nothing"
+        assert await store.get_meta("fresh") is None
+        assert await store.update_meta("fresh", bump) == "1"
+    finally:
+        await other.close()
+
+
 # --- integrity ------------------------------------------------------------------------------
 
 
