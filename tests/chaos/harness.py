@@ -35,7 +35,7 @@ from harvester.emulator.server import Emulator
 from harvester.fsutil import sha256_file
 from harvester.jobs import job_key
 from harvester.store.base import NewJob
-from tests.daemon.helpers import merged
+from tests.emulated import merged
 from tests.integration.helpers import check_outputs, payload
 
 T = TypeVar("T")

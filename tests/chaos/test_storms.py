@@ -39,7 +39,7 @@ from harvester.logs import configure
 from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
 from harvester.verify import verify_outputs
-from tests.daemon.helpers import merged
+from tests.emulated import merged
 from tests.integration.helpers import check_outputs
 
 from .harness import FAST_SCENARIO, LOOKUP, LOST_CREATE, SECRETS, job_lines, record

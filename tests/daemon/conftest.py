@@ -5,30 +5,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
-from harvester.emulator import Emulator
-from harvester.emulator.scenario import parse_scenario
+from tests.emulated import StartEmulator, emulators
 
-from .helpers import FAST, DaemonProcess, StartDaemon, StartEmulator, child_env, merged
+from .helpers import FAST, DaemonProcess, StartDaemon, child_env
 
 
 @pytest.fixture
 async def start_emulator() -> AsyncIterator[StartEmulator]:
-    started: list[Emulator] = []
-
-    async def start(overrides: dict[str, Any] | None = None) -> Emulator:
-        emu = Emulator(parse_scenario(merged(FAST, overrides or {})))
-        await emu.start()
-        started.append(emu)
-        return emu
-
-    yield start
-    for emu in started:
-        await emu.stop()
+    async with emulators(FAST) as start:
+        yield start
 
 
 @pytest.fixture

@@ -242,18 +242,7 @@ class DaemonProcess:
             self._log_file = None
 
 
-StartEmulator = Callable[..., Awaitable[Emulator]]
 StartDaemon = Callable[..., Awaitable[DaemonProcess]]
-
-
-def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 async def emulator_stats(emu: Emulator, session: aiohttp.ClientSession) -> dict[str, Any]:

@@ -15,11 +15,11 @@ import pytest
 from harvester.fsutil import TMP_MARK
 from tests.daemon.test_daemon_drain import slow_storage, submit_and_wait_for_a_harvest
 from tests.daemon.test_daemon_run import metric_samples
+from tests.emulated import StartEmulator
 
 from .helpers import (
     DaemonProcess,
     StartDaemon,
-    StartEmulator,
     emulator_stats,
     free_port,
     job_line,

@@ -12,11 +12,11 @@ import anyio
 import pytest
 
 from harvester.emulator import Emulator
+from tests.emulated import StartEmulator
 
 from .helpers import (
     DaemonProcess,
     StartDaemon,
-    StartEmulator,
     check_nothing_lost,
     free_port,
     job_line,

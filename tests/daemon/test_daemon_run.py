@@ -15,12 +15,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harvester import __version__
+from tests.emulated import StartEmulator
 
 from .helpers import (
     API_KEY,
     REPO,
     StartDaemon,
-    StartEmulator,
     child_env,
     emulator_stats,
     free_port,

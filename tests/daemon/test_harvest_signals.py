@@ -21,10 +21,10 @@ from harvester.config import load_config
 from harvester.emulator import Emulator
 from harvester.lifecycle import Exit
 from tests.chaos.harness import read_jobs
+from tests.emulated import StartEmulator
 
 from .helpers import (
     DaemonProcess,
-    StartEmulator,
     check_nothing_lost,
     child_env,
     free_port,

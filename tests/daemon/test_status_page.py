@@ -15,12 +15,13 @@ import aiohttp
 import anyio
 import pytest
 
+from tests.emulated import StartEmulator
+
 from .browser import open_browser
 from .helpers import (
     REPO,
     DaemonProcess,
     StartDaemon,
-    StartEmulator,
     child_env,
     free_port,
     job_line,

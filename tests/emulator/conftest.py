@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from harvester.emulator import Emulator
-from harvester.emulator.scenario import parse_scenario
+from tests.emulated import StartEmulator, emulators
 
 API_KEY = "test-key-123"
 PROJECT = "proj-1"
@@ -31,37 +31,10 @@ CLIENT_SECRET = "secret-1"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-StartEmulator = Callable[..., Awaitable[Emulator]]
-
-
-@pytest.fixture
 async def start_emulator() -> AsyncIterator[StartEmulator]:
     """``await start_emulator({...scenario overrides...})`` -> a started emulator."""
-    started: list[Emulator] = []
-
-    async def start(overrides: dict[str, Any] | None = None) -> Emulator:
-        emu = Emulator(parse_scenario(merged(FAST, overrides or {})))
-        await emu.start()
-        started.append(emu)
-        return emu
-
-    yield start
-    for emu in started:
-        await emu.stop()
+    async with emulators(FAST) as start:
+        yield start
 
 
 @pytest.fixture
