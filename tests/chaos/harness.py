@@ -7,6 +7,8 @@
   payload per case).
 - ``harvester`` / ``status_check``: the CLI as a subprocess (the thing that gets killed) and
   ``harvester status --check`` in this process (cheap: no interpreter start-up).
+- ``case``: a config and a jobs file written together; ``Case.harvest`` / ``Case.cli`` run the
+  CLI on them. ``module_emulator``: the ``emu`` fixture (``conftest``), one per test module.
 - ``check_crash_state`` / ``check_final``: the invariants after a kill and after a run.
 - ``record``: figures appended to ``$CHAOS_REPORT`` (JSON lines) for the README's numbers.
 """
@@ -27,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+import pytest
 
 from harvester.cli import main as cli_main
 from harvester.config import Config, load_config
@@ -251,6 +255,62 @@ def job_lines(
 def write_jobs(path: Path, lines: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+@dataclass
+class Case:
+    """One job set at the emulator: its config, its jobs file and the lines in it."""
+
+    config: Path
+    jobs: Path
+    lines: list[dict[str, Any]]
+
+    def cli(
+        self, command: str, *args: str, env: dict[str, str] | None = None, timeout: float = 90.0
+    ) -> Run:
+        """``harvester COMMAND -c CONFIG ARGS`` to its end; ``env`` defaults to ``child_env()``."""
+        env = child_env() if env is None else env
+        return harvester(command, "-c", str(self.config), *args, env=env, timeout=timeout)
+
+    def harvest(
+        self,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        jobs: bool = True,
+        timeout: float = 90.0,
+    ) -> Run:
+        """``harvester harvest -c CONFIG [JOBS] --no-progress EXTRA``; ``jobs=False`` resumes
+        the store without adding to it."""
+        args = [*([str(self.jobs)] if jobs else []), "--no-progress", *extra]
+        return self.cli("harvest", *args, env=env, timeout=timeout)
+
+
+def case(
+    folder: Path,
+    urls: dict[str, str],
+    project: str,
+    *,
+    playment: int = 12,
+    frames: int = 2,
+    others: int = 2,
+    lines: list[dict[str, Any]] | None = None,
+    jobs_file: Path | None = None,
+    **config: Any,
+) -> Case:
+    """``write_config(folder, urls, project, **config)`` and a jobs file (``folder/jobs.jsonl``
+    unless ``jobs_file``) of ``lines``, by default ``job_lines(project, ...)``."""
+    if lines is None:
+        lines = job_lines(project, playment=playment, frames=frames, others=others)
+    path = write_config(folder, urls, project, **config)
+    jobs = write_jobs(jobs_file or folder / "jobs.jsonl", lines)
+    return Case(path, jobs, lines)
+
+
+def module_emulator(request: pytest.FixtureRequest) -> Iterator[EmulatorThread]:
+    """A test module's ``emu`` fixture: ``FAST_SCENARIO`` with the module's ``SCENARIO``
+    overrides, if it has any, served for the whole module."""
+    with EmulatorThread(scenario(getattr(request.module, "SCENARIO", None))) as emu:
+        yield emu
 
 
 def child_env(**extra: str) -> dict[str, str]:
