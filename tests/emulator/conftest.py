@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import anyio
 import pytest
+from multidict import CIMultiDict
 
 from harvester.emulator import Emulator
 from tests.emulated import StartEmulator, emulators
@@ -137,6 +138,26 @@ async def api(make_client: MakeClient) -> PlaymentClient:
 
 
 # -- helpers for the providers behind OAuth2 and the introspection endpoints ---------------
+
+
+class RawApi:
+    """One provider's API as plain aiohttp calls: ``request`` sends to ``base`` + path with
+    the client's headers (or the ones given) and returns status, headers and the JSON body."""
+
+    def __init__(
+        self, emu: Emulator, session: aiohttp.ClientSession, base: str, headers: dict[str, str]
+    ) -> None:
+        self.emu = emu
+        self.session = session
+        self.base = base
+        self.headers = headers
+
+    async def request(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw: Any
+    ) -> tuple[int, CIMultiDict[str], Any]:
+        hdrs = self.headers if headers is None else headers
+        async with self.session.request(method, self.base + path, headers=hdrs, **kw) as r:
+            return r.status, CIMultiDict(r.headers), await r.json(content_type=None)
 
 
 def origin(emu: Emulator) -> str:
