@@ -32,10 +32,12 @@ from harvester.jobs import Job, JobState, job_key, new_job
 from harvester.logs import configure
 from harvester.providers import make_provider
 from harvester.store.base import NewJob
-from harvester.store.sqlite import SqliteStore
 from harvester.verify import verify_outputs
 from harvester.wire import Response
-from tests.integration.helpers import payload
+from tests.integration.helpers import (
+    payload,
+    stored,
+)
 
 from .helpers import CONFIG, SECRET_ENV
 from .proxy import Malformed, Proxy
@@ -333,9 +335,7 @@ async def _harvest(root: Path) -> Harvest:
             },
         }  # fmt: skip
         config = parse_config(doc, source=root / "config.toml")
-        assert config.store.path is not None
-        async with SqliteStore(config.store.path) as store:
-            await store.add_jobs([j for j, _ in bad] + GOOD_JOBS, now=0.0)
+        async with stored(config, [j for j, _ in bad] + GOOD_JOBS) as store:
             with anyio.fail_after(60):
                 await Engine(config, store).run()
             done = {f"{j.provider}/{j.key}": j for j in await store.jobs()}

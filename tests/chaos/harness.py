@@ -40,7 +40,7 @@ from harvester.fsutil import sha256_file
 from harvester.jobs import job_key
 from harvester.store.base import NewJob
 from tests.emulated import merged
-from tests.integration.helpers import check_outputs, payload
+from tests.integration.helpers import FAST_LANE, check_outputs, config_toml, payload
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -155,16 +155,7 @@ def write_config(
 ) -> Path:
     """A config for ``providers`` at the emulator, polling fast; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
-    common: dict[str, Any] = {
-        "rate_per_s": 0,
-        "max_concurrency": 8,
-        "poll_min_s": 0.1,
-        "poll_max_s": 0.5,
-        "request_timeout_s": 5,
-        "backoff_base_s": 0.05,
-        "backoff_max_s": 0.5,
-        **(provider or {}),
-    }
+    common: dict[str, Any] = {**FAST_LANE, **(provider or {})}
     sections: dict[str, dict[str, Any]] = {
         "playment": {
             "base_url": urls["playment"],
@@ -186,19 +177,18 @@ def write_config(
         },
         "modzy": {"base_url": urls["modzy"], "api_key_env": "CHAOS_MODZY_KEY"},
     }
-    text = [
-        '[store]\nurl = "sqlite://state.db"',
-        f'[output]\ndir = "out"\nlabel_dtype = "{label_dtype}"',
-        "[harvest]\nconcurrency = 4\nchunk_bytes = 4096\nmax_attempts = 8",
-        f'[log]\nlevel = "{log_level}"\nformat = "json"',
-        f'[server]\nlisten = "127.0.0.1:{listen_port}"\ndrain_grace_s = 5',
-    ]
-    for name in providers:
-        values = {**common, **sections[name], **(per_provider or {}).get(name, {})}
-        body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
-        text.append(f"[providers.{name}]\n{body}")
+    text = config_toml(
+        output={"dir": "out", "label_dtype": label_dtype},
+        harvest={"concurrency": 4, "chunk_bytes": 4096, "max_attempts": 8},
+        log={"level": log_level, "format": "json"},
+        server={"listen": f"127.0.0.1:{listen_port}", "drain_grace_s": 5},
+        providers={
+            name: {**common, **sections[name], **(per_provider or {}).get(name, {})}
+            for name in providers
+        },
+    )
     path = folder / "harvester.toml"
-    path.write_text("\n\n".join(text) + "\n")
+    path.write_text(text)
     return path
 
 
