@@ -1,12 +1,16 @@
 """The emulator in the test's own event loop, shared by the suites that start it that way
 (``tests/emulator``, ``tests/daemon``): a scenario as the suite's fast defaults plus a test's
-overrides, and a starter that stops every emulator it started when the test ends."""
+overrides, a starter that stops every emulator it started when the test ends, and the two
+fixtures such a suite's conftest declares (``emulator_fixtures``)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+
+import aiohttp
+import pytest
 
 from harvester.emulator import Emulator
 from harvester.emulator.scenario import parse_scenario
@@ -42,3 +46,22 @@ async def emulators(defaults: dict[str, Any]) -> AsyncIterator[StartEmulator]:
     finally:
         for emu in started:
             await emu.stop()
+
+
+def emulator_fixtures(defaults: dict[str, Any], *, timeout_s: float) -> tuple[Any, Any]:
+    """A suite's ``start_emulator`` fixture (emulators on ``defaults`` plus a test's overrides)
+    and its ``session`` fixture (an HTTP client whose every request ends within
+    ``timeout_s``), for its conftest: ``start_emulator, session = emulator_fixtures(...)``."""
+
+    @pytest.fixture
+    async def start_emulator() -> AsyncIterator[StartEmulator]:
+        """``await start_emulator({...scenario overrides...})`` -> a started emulator."""
+        async with emulators(defaults) as start:
+            yield start
+
+    @pytest.fixture
+    async def session() -> AsyncIterator[aiohttp.ClientSession]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
+            yield s
+
+    return start_emulator, session

@@ -7,7 +7,7 @@ check the emulator against the API description, not against harvester's own clie
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -16,7 +16,7 @@ import pytest
 from multidict import CIMultiDict
 
 from harvester.emulator import Emulator
-from tests.emulated import StartEmulator, emulators
+from tests.emulated import StartEmulator, emulator_fixtures
 
 API_KEY = "test-key-123"
 PROJECT = "proj-1"
@@ -31,17 +31,7 @@ CLIENT_ID = "client-1"
 CLIENT_SECRET = "secret-1"
 
 
-@pytest.fixture
-async def start_emulator() -> AsyncIterator[StartEmulator]:
-    """``await start_emulator({...scenario overrides...})`` -> a started emulator."""
-    async with emulators(FAST) as start:
-        yield start
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as s:
-        yield s
+start_emulator, session = emulator_fixtures(FAST, timeout_s=WAIT_S)
 
 
 def point_cloud_body(reference_id: str, frames: tuple[str, ...] = ("f0",)) -> dict[str, Any]:
