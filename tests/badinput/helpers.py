@@ -7,11 +7,15 @@ import contextlib
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from harvester.cli import main as cli_main
+from harvester.logs import configure
 from tests.integration.helpers import config_toml, payload
 
 SECRET_ENV = {
@@ -45,6 +49,19 @@ CONFIG = config_toml(
         "modzy": {"base_url": "http://127.0.0.1:9/modzy", "api_key_env": "BI_MODZY_KEY"},
     },
 )
+
+
+@contextlib.contextmanager
+def secret_env() -> Iterator[None]:
+    """The bad-input secrets in the environment and logging as JSON at warning, for a
+    module-scoped fixture (which cannot take ``monkeypatch``) while the block lasts."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in SECRET_ENV.items():
+            mp.setenv(name, value)
+        configure("warning", "json")
+        yield
+
+
 GOOD_LINE = {"provider": "playment", "reference_id": "good-1", "payload": payload(1)}
 
 

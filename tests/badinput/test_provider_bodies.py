@@ -29,7 +29,6 @@ from harvester.engine import Engine
 from harvester.errors import DecodeError, JobError, ProtocolError
 from harvester.harvest import LabelSink
 from harvester.jobs import Job, JobState, job_key, new_job
-from harvester.logs import configure
 from harvester.providers import make_provider
 from harvester.store.base import NewJob
 from harvester.verify import verify_outputs
@@ -39,7 +38,7 @@ from tests.integration.helpers import (
     stored,
 )
 
-from .helpers import CONFIG, SECRET_ENV
+from .helpers import CONFIG, secret_env
 from .proxy import Malformed, Proxy
 
 # -- through the parse functions and decoders ----------------------------------------------
@@ -344,10 +343,7 @@ async def _harvest(root: Path) -> Harvest:
 
 @pytest.fixture(scope="module")
 def harvest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harvest]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in SECRET_ENV.items():
-            mp.setenv(name, value)
-        configure("warning", "json")
+    with secret_env():
         yield anyio.run(_harvest, tmp_path_factory.mktemp("e2e"))
 
 
