@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,6 +269,16 @@ async def emu_json(session: aiohttp.ClientSession, emu: EmulatorProcess, path: s
         return orjson.loads(await resp.read())
 
 
+def emu_stats(emu: EmulatorProcess) -> Any:
+    """The emulator's ``/_emulator/stats``, read from outside any event loop."""
+
+    async def read() -> Any:
+        async with aiohttp.ClientSession() as session:
+            return await emu_json(session, emu, "/stats")
+
+    return asyncio.run(read())
+
+
 async def emu_post(
     session: aiohttp.ClientSession, emu: EmulatorProcess, path: str, doc: Any = None
 ) -> Any:
@@ -428,6 +438,48 @@ def write_tracking_jobs(path: Path, jobs: Sequence[tuple[str, str]]) -> None:
                 orjson.dumps({"provider": "playment", "job_id": job_id, "reference_id": ref})
                 + b"\n"
             )
+
+
+def submit_tracking(config: Path, jobs: Sequence[tuple[str, str]]) -> float:
+    """``harvester submit`` of a jobs file (beside ``config``) that tracks ``jobs``, existing
+    remote jobs as (reference, job id): the store filled in its own process; returns the
+    seconds the submit took."""
+    jobs_file = config.parent / "jobs.jsonl"
+    write_tracking_jobs(jobs_file, jobs)
+    return harvester_submit(config, jobs_file)
+
+
+def write_create_jobs(path: Path, refs: Iterable[str]) -> None:
+    """A jobs file that creates one Playment job of one frame per reference."""
+    with open(path, "wb") as fh:
+        for ref in refs:
+            body = job_body(ref, frames=1)
+            payload = {"data": body["data"], "work_flow_id": body["work_flow_id"]}
+            line = {"provider": "playment", "reference_id": ref, "payload": payload}
+            fh.write(orjson.dumps(line) + b"\n")
+
+
+def harvester_harvest(config: Path, jobs_file: Path, *, what: str) -> tuple[float, dict[str, Any]]:
+    """``harvester harvest --json JOBS`` to its end (its log in ``harvester.log`` beside
+    ``config``): the seconds it took and its summary; an error naming ``what`` with the log's
+    tail when it does not exit 0."""
+    log_path = config.parent / "harvester.log"
+    cmd = [PYTHON, "-m", "harvester.cli", "harvest", "-c", str(config), "--no-progress", "--json"]
+    t0 = time.perf_counter()
+    with open(log_path, "wb") as log_fh:
+        out = subprocess.run(
+            [*cmd, str(jobs_file)],
+            stdout=subprocess.PIPE,
+            stderr=log_fh,
+            env=child_env(),
+            cwd=config.parent,
+            timeout=600,
+        )
+    seconds = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} exited {out.returncode}: {tail(log_path)}")
+    summary: dict[str, Any] = orjson.loads(out.stdout)
+    return seconds, summary
 
 
 def harvester_submit(config: Path, jobs_file: Path) -> float:

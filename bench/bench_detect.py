@@ -44,12 +44,11 @@ from bench_common import (
     emu_requests,
     harvester_config,
     harvester_process,
-    harvester_submit,
     job_body,
     log,
     playment_attachment,
+    submit_tracking,
     tail,
-    write_tracking_jobs,
 )
 
 from harvester.emulator.playment_model import job_duration
@@ -200,9 +199,7 @@ def run_rate(
             poll_max_s=30.0,
         )
         ends_h = asyncio.run(create_jobs(emu_h, n, low, high))
-        jobs_file = cfg.parent / "jobs.jsonl"
-        write_tracking_jobs(jobs_file, [(f"det-{i:05d}", j) for i, j in enumerate(ends_h)])
-        harvester_submit(cfg, jobs_file)
+        submit_tracking(cfg, [(f"det-{i:05d}", j) for i, j in enumerate(ends_h)])
         ends_f = asyncio.run(create_jobs(emu_f, n, low, high))
         fixed = threading.Thread(target=lambda: asyncio.run(fixed_poller(emu_f, ends_f, rate)))
         with harvester_process(cfg) as proc:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -32,18 +31,17 @@ import orjson
 from bench_common import (
     API_KEY,
     PROJECT,
-    PYTHON,
     EmulatorProcess,
     Figure,
     bench_main,
-    child_env,
-    emu_json,
+    emu_stats,
     harvester_config,
+    harvester_harvest,
     job_body,
     log,
     playment_attachment,
     scenario_toml,
-    tail,
+    write_create_jobs,
 )
 
 POLL_S = 1.0
@@ -64,15 +62,9 @@ def run(args: argparse.Namespace, work: Path) -> list[Figure]:
             poll_max_s=4.0,
         )
         jobs_file = cfg.parent / "jobs.jsonl"
-        with open(jobs_file, "wb") as fh:
-            for i in range(n):
-                ref = f"h-{i:05d}"
-                body = job_body(ref, frames=1)
-                payload = {"data": body["data"], "work_flow_id": body["work_flow_id"]}
-                line = {"provider": "playment", "reference_id": ref, "payload": payload}
-                fh.write(orjson.dumps(line) + b"\n")
-        harvester_s, summary = _run_harvester(cfg, jobs_file)
-        stats = asyncio.run(_stats(emu))
+        write_create_jobs(jobs_file, (f"h-{i:05d}" for i in range(n)))
+        harvester_s, summary = harvester_harvest(cfg, jobs_file, what="harvester harvest")
+        stats = emu_stats(emu)
         harvested = summary["providers"]["playment"].get("harvested", 0)
         creates = stats["playment"]["creates"]
         dup = stats["playment"]["duplicate_creates"]
@@ -106,40 +98,6 @@ def run(args: argparse.Namespace, work: Path) -> list[Figure]:
         detail={"sdk_seconds_per_job": [round(x, 3) for x in per_job], "jobs": n},
     ).with_ratio()
     return [fig]
-
-
-def _run_harvester(cfg: Path, jobs_file: Path) -> tuple[float, dict[str, Any]]:
-    log_path = cfg.parent / "harvester.log"
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as log_fh:
-        out = subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "harvester.cli",
-                "harvest",
-                "-c",
-                str(cfg),
-                "--no-progress",
-                "--json",
-                str(jobs_file),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=log_fh,
-            env=child_env(),
-            cwd=cfg.parent,
-            timeout=600,
-        )
-    elapsed = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise RuntimeError(f"harvester harvest exited {out.returncode}: {tail(log_path)}")
-    summary: dict[str, Any] = orjson.loads(out.stdout)
-    return elapsed, summary
-
-
-async def _stats(emu: EmulatorProcess) -> Any:
-    async with aiohttp.ClientSession() as session:
-        return await emu_json(session, emu, "/stats")
 
 
 # -- the SDK way -----------------------------------------------------------------------------

@@ -48,11 +48,10 @@ from bench_common import (
     emu_requests,
     harvester_config,
     harvester_process,
-    harvester_submit,
     log,
     scenario_toml,
+    submit_tracking,
     tail,
-    write_tracking_jobs,
 )
 
 N_JOBS = 300
@@ -78,9 +77,7 @@ def _prepare(
     work: Path, emu: EmulatorProcess, jobs: list[tuple[str, str]], name: str, **kw: Any
 ) -> Path:
     cfg = harvester_config(work, emu, name=name, **kw)
-    jobs_file = cfg.parent / "jobs.jsonl"
-    write_tracking_jobs(jobs_file, jobs)
-    harvester_submit(cfg, jobs_file)
+    submit_tracking(cfg, jobs)
     return cfg
 
 

@@ -32,12 +32,11 @@ from bench_common import (
     emu_requests,
     harvester_config,
     harvester_process,
-    harvester_submit,
     log,
     proc_status_kb,
     scenario_toml,
+    submit_tracking,
     tail,
-    write_tracking_jobs,
 )
 
 TARGET_MB = 100.0
@@ -104,9 +103,7 @@ def _tracked(
     cfg = harvester_config(
         work, emu, name=name, poll_min_s=3600.0, poll_max_s=7200.0, max_concurrency=64
     )
-    jobs_file = cfg.parent / "jobs.jsonl"
-    write_tracking_jobs(jobs_file, jobs)
-    submit_s = harvester_submit(cfg, jobs_file)
+    submit_s = submit_tracking(cfg, jobs)
     log(f"harvester submit stored {len(jobs):,} jobs in {submit_s:.1f} s")
     rss, hwm, elapsed, samples = asyncio.run(_measure(emu, cfg, len(jobs)))
     log(f"{len(jobs):,} jobs: VmRSS {rss / 1024:.1f} MB, VmHWM {hwm / 1024:.1f} MB")

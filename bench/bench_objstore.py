@@ -24,7 +24,6 @@ process, blobs in memory).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import logging
 import os
@@ -40,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 from bench_common import (
     PYTHON,
@@ -49,12 +47,12 @@ from bench_common import (
     Figure,
     bench_main,
     child_env,
-    emu_json,
+    emu_stats,
     harvester_config,
-    job_body,
+    harvester_harvest,
     log,
     scenario_toml,
-    tail,
+    write_create_jobs,
 )
 
 # The tests' Azurite (tests/azurite, which imports tests.required). tests/ is a namespace
@@ -229,44 +227,17 @@ def _harvest(work: Path, emu: EmulatorProcess, t: Target, name: str, n: int) -> 
         work, emu, name=name, rate_per_s=0, max_concurrency=64, poll_min_s=1.0, output=output
     )
     jobs_file = cfg.parent / "jobs.jsonl"
-    with open(jobs_file, "wb") as fh:
-        for i in range(n):
-            ref = f"{name}-{i:05d}"
-            body = job_body(ref, frames=1)
-            payload = {"data": body["data"], "work_flow_id": body["work_flow_id"]}
-            fh.write(
-                orjson.dumps({"provider": "playment", "reference_id": ref, "payload": payload})
-                + b"\n"
-            )
-    log_path = cfg.parent / "harvester.log"
-    cmd = [PYTHON, "-m", "harvester.cli", "harvest", "-c", str(cfg), "--no-progress", "--json"]
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as log_fh:
-        out = subprocess.run(
-            [*cmd, str(jobs_file)],
-            stdout=subprocess.PIPE,
-            stderr=log_fh,
-            env=child_env(),
-            cwd=cfg.parent,
-            timeout=600,
-        )
-    seconds = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise RuntimeError(f"harvest to {t.label} exited {out.returncode}: {tail(log_path)}")
-    harvested = orjson.loads(out.stdout)["providers"]["playment"].get("harvested", 0)
+    write_create_jobs(jobs_file, (f"{name}-{i:05d}" for i in range(n)))
+    seconds, summary = harvester_harvest(cfg, jobs_file, what=f"harvest to {t.label}")
+    harvested = summary["providers"]["playment"].get("harvested", 0)
     manifests = t.manifests(place, "" if t.name == "local" else prefix)
     log(f"{t.label}: {harvested}/{n} harvested, {manifests} manifests, {seconds:.1f} s")
     if harvested != n or manifests != n:
         raise RuntimeError(f"{t.label}: {harvested}/{n} harvested, {manifests} manifests written")
-    stats = asyncio.run(_stats(emu))
+    stats = emu_stats(emu)
     if stats["playment"]["duplicate_creates"]:
         raise RuntimeError(f"duplicate creates at the emulator: {stats['playment']}")
     return seconds
-
-
-async def _stats(emu: EmulatorProcess) -> Any:
-    async with aiohttp.ClientSession() as session:
-        return await emu_json(session, emu, "/stats")
 
 
 # -- one upload's memory ---------------------------------------------------------------------

@@ -47,13 +47,12 @@ from bench_common import (
     emu_requests,
     harvester_config,
     harvester_process,
-    harvester_submit,
     log,
     scenario_toml,
     spawn,
     stop_process,
+    submit_tracking,
     tail,
-    write_tracking_jobs,
 )
 
 CONCURRENCY = 64
@@ -79,33 +78,11 @@ def run(args: argparse.Namespace, work: Path) -> list[Figure]:
         for i in range(rounds):
             bare.append(asyncio.run(_bare_phase(emu, ids_file, n_jobs, window)))
             log(f"round {i + 1}: bare loop {bare[-1]['polls_per_s']:,.0f} polls/s")
-            cfg = harvester_config(
-                work,
-                emu,
-                name=f"polls-{i}",
-                rate_per_s=0,
-                max_concurrency=CONCURRENCY,
-                poll_min_s=0.05,
-                poll_max_s=0.05,
-            )
-            jobs_file = cfg.parent / "jobs.jsonl"
-            write_tracking_jobs(jobs_file, jobs)
-            harvester_submit(cfg, jobs_file)
+            cfg = _submitted(work, emu, jobs, f"polls-{i}")
             harv.append(asyncio.run(_harvester_phase(emu, cfg, n_jobs, window)))
             log(f"round {i + 1}: harvester {harv[-1]['polls_per_s']:,.0f} polls/s")
         if args.profile is not None:
-            cfg = harvester_config(
-                work,
-                emu,
-                name="polls-profile",
-                rate_per_s=0,
-                max_concurrency=CONCURRENCY,
-                poll_min_s=0.05,
-                poll_max_s=0.05,
-            )
-            jobs_file = cfg.parent / "jobs.jsonl"
-            write_tracking_jobs(jobs_file, jobs)
-            harvester_submit(cfg, jobs_file)
+            cfg = _submitted(work, emu, jobs, "polls-profile")
             prof = asyncio.run(_harvester_phase(emu, cfg, n_jobs, window, args.profile))
             log(f"profiled run (not a figure): {prof['polls_per_s']:,.0f} polls/s")
             print(summarise_profile(args.profile), file=sys.stderr)
@@ -251,6 +228,21 @@ async def _harvester_phase(
             return await _window(
                 session, emu, proc, since, n_jobs, window, cfg.parent / "harvester.log", profile
             )
+
+
+def _submitted(work: Path, emu: EmulatorProcess, jobs: list[tuple[str, str]], name: str) -> Path:
+    """A store under ``work/name`` tracking ``jobs``, polled as fast as the lane allows."""
+    cfg = harvester_config(
+        work,
+        emu,
+        name=name,
+        rate_per_s=0,
+        max_concurrency=CONCURRENCY,
+        poll_min_s=0.05,
+        poll_max_s=0.05,
+    )
+    submit_tracking(cfg, jobs)
+    return cfg
 
 
 def summarise_profile(path: Path, top: int = 30) -> str:

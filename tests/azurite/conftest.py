@@ -7,11 +7,6 @@ import pytest
 from .server import Azurite, shared_azurite
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="session")
 def azurite(request: pytest.FixtureRequest) -> Azurite:
     return shared_azurite(request.config)

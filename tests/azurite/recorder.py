@@ -5,12 +5,15 @@ what harvester sent to storage from the wire rather than from a server's log for
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
+
+from tests.loopback import serving
 
 #: hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp sets itself
 _NOT_FORWARDED = frozenset({"host", "content-length", "connection", "transfer-encoding"})
@@ -29,27 +32,20 @@ class RecordingProxy:
         self.upstream = upstream.rstrip("/")
         self.requests: list[Recorded] = []
         self.origin = ""
-        self._runner: web.AppRunner | None = None
+        self._stack = contextlib.AsyncExitStack()
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> RecordingProxy:
-        app = web.Application(client_max_size=64 << 20)
-        app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.origin = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        server = serving(self._forward, client_max_size=64 << 20)
+        self.origin = await self._stack.enter_async_context(server)
         self._session = aiohttp.ClientSession(
             auto_decompress=False, timeout=aiohttp.ClientTimeout(total=60)
         )
+        self._stack.push_async_callback(self._session.close)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._stack.aclose()
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         # raw_path: the path and query exactly as sent (a SAS signature is in there)

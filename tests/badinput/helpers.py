@@ -7,12 +7,16 @@ import contextlib
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from harvester.cli import main as cli_main
-from tests.integration.helpers import payload
+from harvester.logs import configure
+from tests.integration.helpers import config_toml, payload
 
 SECRET_ENV = {
     "BI_PLAYMENT_KEY": "bi-playment-key",
@@ -21,39 +25,43 @@ SECRET_ENV = {
     "BI_BENTLEY_SECRET": "bi-bentley-secret",
 }
 #: a config for all four providers (no network is used by the bad-input cases)
-CONFIG = """\
-[store]
-url = "sqlite://state.db"
+CONFIG = config_toml(
+    log={"level": "warning", "format": "json"},
+    providers={
+        "playment": {
+            "base_url": "http://127.0.0.1:9/playment",
+            "api_key_env": "BI_PLAYMENT_KEY",
+            "project_id": "bi",
+        },
+        "cognite": {
+            "base_url": "http://127.0.0.1:9/cognite",
+            "project": "bi",
+            "token_url": "http://127.0.0.1:9/oauth2/token",
+            "client_id": "bi",
+            "client_secret_env": "BI_COGNITE_SECRET",
+        },
+        "bentley": {
+            "base_url": "http://127.0.0.1:9/bentley",
+            "token_url": "http://127.0.0.1:9/oauth2/token",
+            "client_id": "bi",
+            "client_secret_env": "BI_BENTLEY_SECRET",
+        },
+        "modzy": {"base_url": "http://127.0.0.1:9/modzy", "api_key_env": "BI_MODZY_KEY"},
+    },
+)
 
-[output]
-dir = "out"
 
-[log]
-level = "warning"
-format = "json"
+@contextlib.contextmanager
+def secret_env() -> Iterator[None]:
+    """The bad-input secrets in the environment and logging as JSON at warning, for a
+    module-scoped fixture (which cannot take ``monkeypatch``) while the block lasts."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in SECRET_ENV.items():
+            mp.setenv(name, value)
+        configure("warning", "json")
+        yield
 
-[providers.playment]
-base_url = "http://127.0.0.1:9/playment"
-api_key_env = "BI_PLAYMENT_KEY"
-project_id = "bi"
 
-[providers.cognite]
-base_url = "http://127.0.0.1:9/cognite"
-project = "bi"
-token_url = "http://127.0.0.1:9/oauth2/token"
-client_id = "bi"
-client_secret_env = "BI_COGNITE_SECRET"
-
-[providers.bentley]
-base_url = "http://127.0.0.1:9/bentley"
-token_url = "http://127.0.0.1:9/oauth2/token"
-client_id = "bi"
-client_secret_env = "BI_BENTLEY_SECRET"
-
-[providers.modzy]
-base_url = "http://127.0.0.1:9/modzy"
-api_key_env = "BI_MODZY_KEY"
-"""
 GOOD_LINE = {"provider": "playment", "reference_id": "good-1", "payload": payload(1)}
 
 

@@ -11,8 +11,7 @@ the proxy, with the test's config overrides, and returns every job as stored.
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,13 @@ from harvester.emulator.server import Emulator
 from harvester.engine import Engine
 from harvester.jobs import Job, job_key
 from harvester.store.base import NewJob
-from harvester.store.sqlite import SqliteStore
-from tests.integration.helpers import payload
+from tests.integration.helpers import (
+    payload,
+    stored,
+)
+from tests.loopback import Serve
 
 from .proxy import Malformed, Proxy
-
-Serve = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def gzip_of(head: bytes, unit: bytes, total: int) -> bytes:
@@ -98,21 +98,6 @@ def trickle(body: bytes, *, every_s: float, step: int = 1) -> Serve:
         return resp
 
     return serve
-
-
-@asynccontextmanager
-async def serving(handle: Serve) -> AsyncIterator[str]:
-    """A server on a free loopback port answering every request with ``handle``; its origin."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 @dataclass(frozen=True)
@@ -206,9 +191,7 @@ async def harvest_through(
             },
         }  # fmt: skip
         config = parse_config(doc, source=root / "config.toml")
-        assert config.store.path is not None
-        async with SqliteStore(config.store.path) as store:
-            await store.add_jobs([j for j, _ in bad] + GOOD_JOBS, now=0.0)
+        async with stored(config, [j for j, _ in bad] + GOOD_JOBS) as store:
             started = anyio.current_time()
             with anyio.fail_after(within_s):
                 await Engine(config, store).run()

@@ -14,6 +14,7 @@ Everything is forwarded to the emulator unchanged, except:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import re
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,8 @@ from urllib.parse import unquote
 import aiohttp
 import orjson
 from aiohttp import web
+
+from tests.loopback import serving
 
 #: how each provider's create answer names the new job
 _REMOTE_ID: dict[str, Callable[[Any], Any]] = {
@@ -72,25 +75,18 @@ class Proxy:
         self.remote: dict[str, str] = {}  #: case name -> remote id
         self.served: dict[str, int] = {}  #: case name -> malformed answers given
         self.origin = ""
-        self._runner: web.AppRunner | None = None
+        self._stack = contextlib.AsyncExitStack()
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Proxy:
-        app = web.Application(client_max_size=64 << 20)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.origin = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        server = serving(self._handle, client_max_size=64 << 20, auto_decompress=False)
+        self.origin = await self._stack.enter_async_context(server)
         self._session = aiohttp.ClientSession(auto_decompress=True)
+        self._stack.push_async_callback(self._session.close)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._stack.aclose()
 
     def url(self, service: str) -> str:
         return {

@@ -35,11 +35,10 @@ from harvester.config import parse_config
 from harvester.decode import PcdLabelDecoder
 from harvester.errors import ConfigError, DecodeError
 from harvester.jobs import JobState
-from harvester.logs import configure
 from harvester.netguard import url_reason
 from harvester.verify import verify_outputs
 
-from .helpers import SECRET_ENV
+from .helpers import secret_env
 from .hostile import GOOD_JOBS, Case, Run, bomb, endless, gzip_of, harvest_through
 
 MiB = 1 << 20
@@ -159,10 +158,7 @@ async def _run(root: Path) -> Result:
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Result]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in SECRET_ENV.items():
-            mp.setenv(name, value)
-        configure("warning", "json")
+    with secret_env():
         yield anyio.run(_run, tmp_path_factory.mktemp("hostile"))
 
 

@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 
 from harvester.jobs import job_key
-from tests.integration.helpers import payload
+from tests.integration.helpers import (
+    payload,
+    stored,
+)
 
 from .helpers import SECRET_ENV, Workspace, cli, line
 
@@ -288,7 +291,6 @@ async def test_traversal_ids_harvest_into_safe_folders(tmp_path: Path) -> None:
     from harvester.emulator.server import Emulator
     from harvester.engine import Engine
     from harvester.jobsfile import read_jobs_files
-    from harvester.store.sqlite import SqliteStore
     from tests.integration.helpers import API_KEY, make_config, scenario
 
     climbing = {
@@ -312,9 +314,7 @@ async def test_traversal_ids_harvest_into_safe_folders(tmp_path: Path) -> None:
         async with Emulator(scenario()) as emu:
             config = make_config(deep, emu)
             jobs = read_jobs_files([jobs_path], config)
-            assert config.store.path is not None
-            async with SqliteStore(config.store.path) as store:
-                await store.add_jobs(jobs, now=0.0)
+            async with stored(config, jobs) as store:
                 with anyio.fail_after(30):
                     await Engine(config, store).run()
                 done = await store.jobs()

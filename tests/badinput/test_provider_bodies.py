@@ -29,15 +29,16 @@ from harvester.engine import Engine
 from harvester.errors import DecodeError, JobError, ProtocolError
 from harvester.harvest import LabelSink
 from harvester.jobs import Job, JobState, job_key, new_job
-from harvester.logs import configure
 from harvester.providers import make_provider
 from harvester.store.base import NewJob
-from harvester.store.sqlite import SqliteStore
 from harvester.verify import verify_outputs
 from harvester.wire import Response
-from tests.integration.helpers import payload
+from tests.integration.helpers import (
+    payload,
+    stored,
+)
 
-from .helpers import CONFIG, SECRET_ENV
+from .helpers import CONFIG, secret_env
 from .proxy import Malformed, Proxy
 
 # -- through the parse functions and decoders ----------------------------------------------
@@ -333,9 +334,7 @@ async def _harvest(root: Path) -> Harvest:
             },
         }  # fmt: skip
         config = parse_config(doc, source=root / "config.toml")
-        assert config.store.path is not None
-        async with SqliteStore(config.store.path) as store:
-            await store.add_jobs([j for j, _ in bad] + GOOD_JOBS, now=0.0)
+        async with stored(config, [j for j, _ in bad] + GOOD_JOBS) as store:
             with anyio.fail_after(60):
                 await Engine(config, store).run()
             done = {f"{j.provider}/{j.key}": j for j in await store.jobs()}
@@ -344,10 +343,7 @@ async def _harvest(root: Path) -> Harvest:
 
 @pytest.fixture(scope="module")
 def harvest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harvest]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in SECRET_ENV.items():
-            mp.setenv(name, value)
-        configure("warning", "json")
+    with secret_env():
         yield anyio.run(_harvest, tmp_path_factory.mktemp("e2e"))
 
 

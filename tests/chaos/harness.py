@@ -7,6 +7,8 @@
   payload per case).
 - ``harvester`` / ``status_check``: the CLI as a subprocess (the thing that gets killed) and
   ``harvester status --check`` in this process (cheap: no interpreter start-up).
+- ``case``: a config and a jobs file written together; ``Case.harvest`` / ``Case.cli`` run the
+  CLI on them. ``module_emulator``: the ``emu`` fixture (``conftest``), one per test module.
 - ``check_crash_state`` / ``check_final``: the invariants after a kill and after a run.
 - ``record``: figures appended to ``$CHAOS_REPORT`` (JSON lines) for the README's numbers.
 """
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 from harvester.cli import main as cli_main
 from harvester.config import Config, load_config
 from harvester.emulator.scenario import Scenario, parse_scenario
@@ -35,8 +39,8 @@ from harvester.emulator.server import Emulator
 from harvester.fsutil import sha256_file
 from harvester.jobs import job_key
 from harvester.store.base import NewJob
-from tests.daemon.helpers import merged
-from tests.integration.helpers import check_outputs, payload
+from tests.emulated import merged
+from tests.integration.helpers import FAST_LANE, check_outputs, config_toml, payload
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -151,16 +155,7 @@ def write_config(
 ) -> Path:
     """A config for ``providers`` at the emulator, polling fast; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
-    common: dict[str, Any] = {
-        "rate_per_s": 0,
-        "max_concurrency": 8,
-        "poll_min_s": 0.1,
-        "poll_max_s": 0.5,
-        "request_timeout_s": 5,
-        "backoff_base_s": 0.05,
-        "backoff_max_s": 0.5,
-        **(provider or {}),
-    }
+    common: dict[str, Any] = {**FAST_LANE, **(provider or {})}
     sections: dict[str, dict[str, Any]] = {
         "playment": {
             "base_url": urls["playment"],
@@ -182,19 +177,18 @@ def write_config(
         },
         "modzy": {"base_url": urls["modzy"], "api_key_env": "CHAOS_MODZY_KEY"},
     }
-    text = [
-        '[store]\nurl = "sqlite://state.db"',
-        f'[output]\ndir = "out"\nlabel_dtype = "{label_dtype}"',
-        "[harvest]\nconcurrency = 4\nchunk_bytes = 4096\nmax_attempts = 8",
-        f'[log]\nlevel = "{log_level}"\nformat = "json"',
-        f'[server]\nlisten = "127.0.0.1:{listen_port}"\ndrain_grace_s = 5',
-    ]
-    for name in providers:
-        values = {**common, **sections[name], **(per_provider or {}).get(name, {})}
-        body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
-        text.append(f"[providers.{name}]\n{body}")
+    text = config_toml(
+        output={"dir": "out", "label_dtype": label_dtype},
+        harvest={"concurrency": 4, "chunk_bytes": 4096, "max_attempts": 8},
+        log={"level": log_level, "format": "json"},
+        server={"listen": f"127.0.0.1:{listen_port}", "drain_grace_s": 5},
+        providers={
+            name: {**common, **sections[name], **(per_provider or {}).get(name, {})}
+            for name in providers
+        },
+    )
     path = folder / "harvester.toml"
-    path.write_text("\n\n".join(text) + "\n")
+    path.write_text(text)
     return path
 
 
@@ -251,6 +245,62 @@ def job_lines(
 def write_jobs(path: Path, lines: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+@dataclass
+class Case:
+    """One job set at the emulator: its config, its jobs file and the lines in it."""
+
+    config: Path
+    jobs: Path
+    lines: list[dict[str, Any]]
+
+    def cli(
+        self, command: str, *args: str, env: dict[str, str] | None = None, timeout: float = 90.0
+    ) -> Run:
+        """``harvester COMMAND -c CONFIG ARGS`` to its end; ``env`` defaults to ``child_env()``."""
+        env = child_env() if env is None else env
+        return harvester(command, "-c", str(self.config), *args, env=env, timeout=timeout)
+
+    def harvest(
+        self,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        jobs: bool = True,
+        timeout: float = 90.0,
+    ) -> Run:
+        """``harvester harvest -c CONFIG [JOBS] --no-progress EXTRA``; ``jobs=False`` resumes
+        the store without adding to it."""
+        args = [*([str(self.jobs)] if jobs else []), "--no-progress", *extra]
+        return self.cli("harvest", *args, env=env, timeout=timeout)
+
+
+def case(
+    folder: Path,
+    urls: dict[str, str],
+    project: str,
+    *,
+    playment: int = 12,
+    frames: int = 2,
+    others: int = 2,
+    lines: list[dict[str, Any]] | None = None,
+    jobs_file: Path | None = None,
+    **config: Any,
+) -> Case:
+    """``write_config(folder, urls, project, **config)`` and a jobs file (``folder/jobs.jsonl``
+    unless ``jobs_file``) of ``lines``, by default ``job_lines(project, ...)``."""
+    if lines is None:
+        lines = job_lines(project, playment=playment, frames=frames, others=others)
+    path = write_config(folder, urls, project, **config)
+    jobs = write_jobs(jobs_file or folder / "jobs.jsonl", lines)
+    return Case(path, jobs, lines)
+
+
+def module_emulator(request: pytest.FixtureRequest) -> Iterator[EmulatorThread]:
+    """A test module's ``emu`` fixture: ``FAST_SCENARIO`` with the module's ``SCENARIO``
+    overrides, if it has any, served for the whole module."""
+    with EmulatorThread(scenario(getattr(request.module, "SCENARIO", None))) as emu:
+        yield emu
 
 
 def child_env(**extra: str) -> dict[str, str]:

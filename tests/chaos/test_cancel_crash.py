@@ -13,11 +13,8 @@ nothing lost, no remote job created twice, nothing partial under a final name.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from harvester.config import load_config
 from harvester.failpoints import ENV
@@ -26,22 +23,15 @@ from tests.badinput.helpers import tree_digest
 
 from .harness import (
     EmulatorThread,
+    case,
     check_crash_state,
     check_final,
     child_env,
-    harvester,
     job_lines,
     read_jobs,
-    scenario,
-    write_config,
-    write_jobs,
 )
 
-
-@pytest.fixture(scope="module")
-def emu() -> Iterator[EmulatorThread]:
-    with EmulatorThread(scenario({"bentley": {"job_duration_s": 120.0}})) as e:
-        yield e
+SCENARIO = {"bentley": {"job_duration_s": 120.0}}
 
 
 def bentley_only(prefix: str) -> list[dict[str, Any]]:
@@ -57,30 +47,22 @@ def bentley_creates(emu: EmulatorThread, lines: list[dict[str, Any]]) -> dict[st
 def test_cancel_of_a_create_cut_off_by_a_kill_finds_and_cancels_the_remote_job(
     tmp_path: Path, emu: EmulatorThread
 ) -> None:
-    lines = bentley_only("cc-create")
-    config = write_config(tmp_path, emu.urls, "cc-create")
-    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
-    killed = harvester(
-        "harvest",
-        "-c",
-        str(config),
-        str(jobs),
-        "--no-progress",
-        env=child_env(**{ENV: "submit.after_post=kill@1"}),
-    )
+    c = case(tmp_path, emu.urls, "cc-create", lines=bentley_only("cc-create"))
+    config, lines = c.config, c.lines
+    killed = c.harvest(env=child_env(**{ENV: "submit.after_post=kill@1"}))
     assert killed.killed, killed.tail()
     (row,) = read_jobs(load_config(config)).values()
     assert row["state"] == "submitting" and row["remote_id"] is None
     assert sum(bentley_creates(emu, lines).values()) == 1  # the create landed
 
-    done = harvester("cancel", "-c", str(config), "--json", row["key"], env=child_env())
+    done = c.cli("cancel", "--json", row["key"])
     assert done.returncode == 0, done.log
     (job,) = json.loads(done.stdout)["done"]
     assert job["state"] == "cancelled" and job["cancelled_by"] == "user"
     assert job["remote_id"] and f"at bentley (remote job {job['remote_id']})" in job["reason"]
     check_crash_state(config, emu, lines)
 
-    again = harvester("harvest", "-c", str(config), "--no-progress", env=child_env())
+    again = c.harvest(jobs=False)
     assert again.returncode == 1, again.tail()  # a cancelled job: exit 1, nothing resent
     assert bentley_creates(emu, lines) == {lines[0]["reference_id"]: 1}
     (row,) = read_jobs(load_config(config)).values()
@@ -90,24 +72,19 @@ def test_cancel_of_a_create_cut_off_by_a_kill_finds_and_cancels_the_remote_job(
 def test_a_cancel_killed_before_its_commit_is_finished_by_the_providers_verdict(
     tmp_path: Path, emu: EmulatorThread
 ) -> None:
-    lines = bentley_only("cc-commit")
-    config = write_config(tmp_path, emu.urls, "cc-commit")
-    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
-    started = harvester(
-        "harvest", "-c", str(config), str(jobs), "--no-progress", "--timeout", "3", env=child_env()
-    )
+    c = case(tmp_path, emu.urls, "cc-commit", lines=bentley_only("cc-commit"))
+    config, lines = c.config, c.lines
+    started = c.harvest("--timeout", "3")
     assert started.returncode == 3, started.tail()
     (row,) = read_jobs(load_config(config)).values()
     assert row["state"] == "running"
     key = row["key"]
-    cut = harvester(
-        "cancel", "-c", str(config), key, env=child_env(**{ENV: "store.before_commit=kill@1"})
-    )
+    cut = c.cli("cancel", key, env=child_env(**{ENV: "store.before_commit=kill@1"}))
     assert cut.killed, cut.log
     assert read_jobs(load_config(config))[("bentley", key)]["state"] == "running"
     check_crash_state(config, emu, lines)
 
-    again = harvester("harvest", "-c", str(config), "--no-progress", env=child_env())
+    again = c.harvest(jobs=False)
     assert again.returncode == 1, again.tail()
     row = read_jobs(load_config(config))[("bentley", key)]
     assert row["state"] == "cancelled" and row["cancelled_by"] == "provider", row
@@ -118,17 +95,9 @@ def test_a_cancel_killed_before_its_commit_is_finished_by_the_providers_verdict(
 def test_cancel_during_a_killed_harvest_is_refused_and_the_harvest_completes(
     tmp_path: Path, emu: EmulatorThread
 ) -> None:
-    lines = job_lines("cc-harvest", playment=1, others=0)
-    config = write_config(tmp_path, emu.urls, "cc-harvest", providers=("playment",))
-    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
-    killed = harvester(
-        "harvest",
-        "-c",
-        str(config),
-        str(jobs),
-        "--no-progress",
-        env=child_env(**{ENV: "download.chunk=kill@1"}),
-    )
+    c = case(tmp_path, emu.urls, "cc-harvest", playment=1, others=0, providers=("playment",))
+    config, lines = c.config, c.lines
+    killed = c.harvest(env=child_env(**{ENV: "download.chunk=kill@1"}))
     assert killed.killed, killed.tail()
     key = job_key(lines[0]["reference_id"])
     assert read_jobs(load_config(config))[("playment", key)]["state"] in (
@@ -143,13 +112,13 @@ def test_cancel_during_a_killed_harvest_is_refused_and_the_harvest_completes(
         return digest
 
     before = stored()
-    refused = harvester("cancel", "-c", str(config), key, env=child_env())
+    refused = c.cli("cancel", key)
     assert refused.returncode == 1, refused.log
     (line,) = [ln for ln in refused.log.splitlines() if ln.strip()]
     assert "already finished at the provider and is being harvested" in line, line
     assert stored() == before
 
-    done = harvester("harvest", "-c", str(config), "--no-progress", env=child_env())
+    done = c.harvest(jobs=False)
     assert done.returncode == 0, done.tail()
     outcome = check_final(config, emu, lines, crashed=True)
     assert outcome.harvested == 1

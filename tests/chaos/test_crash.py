@@ -18,7 +18,6 @@ import json
 import random
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,18 +31,14 @@ from tests.daemon.helpers import free_port
 from .harness import (
     EmulatorThread,
     Run,
+    case,
     check_crash_state,
     check_final,
     child_env,
     daemon,
-    harvester,
-    job_lines,
     read_jobs,
     record,
-    scenario,
     wait_until,
-    write_config,
-    write_jobs,
 )
 
 SEED = 20250131
@@ -54,31 +49,16 @@ RUN_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def emu() -> Iterator[EmulatorThread]:
-    with EmulatorThread(scenario()) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
 def calibration(emu: EmulatorThread, tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     """A clean run counting every failpoint's hits: where a kill can land."""
     folder = tmp_path_factory.mktemp("calibration")
-    lines = job_lines("calib")
-    config = write_config(folder, emu.urls, "calib")
-    jobs = write_jobs(folder / "jobs.jsonl", lines)
+    c = case(folder, emu.urls, "calib")
     counts_file = folder / "counts.json"
-    run = harvester(
-        "harvest",
-        "-c",
-        str(config),
-        str(jobs),
-        "--no-progress",
-        env=child_env(**{COUNTS_ENV: str(counts_file)}),
-    )
+    run = c.harvest(env=child_env(**{COUNTS_ENV: str(counts_file)}))
     assert run.returncode == 0, run.tail()
     counts: dict[str, int] = json.loads(counts_file.read_text())
-    check_final(config, emu, lines, crashed=False)
-    record("calibration", "clean-run", seconds=round(run.seconds, 2), jobs=len(lines), **counts)
+    check_final(c.config, emu, c.lines, crashed=False)
+    record("calibration", "clean-run", seconds=round(run.seconds, 2), jobs=len(c.lines), **counts)
     missing = [p for p in POINTS if not counts.get(p)]
     assert not missing, f"failpoints never reached in a clean run: {missing}"
     return counts
@@ -119,23 +99,14 @@ def test_harvest_killed_anywhere_then_rerun(
     kills: int,
 ) -> None:
     name = f"h{seed}"
-    lines = job_lines(name)
-    config = write_config(tmp_path, emu.urls, name)
-    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
+    c = case(tmp_path, emu.urls, name)
+    config, lines = c.config, c.lines
     steps = plan(seed, calibration, point, kills)
     started = time.monotonic()
     runs: list[Run] = []
     for fp, hit in steps:
-        run = harvester(
-            "harvest",
-            "-c",
-            str(config),
-            str(jobs),
-            "--no-progress",
-            "--timeout",
-            str(RUN_TIMEOUT_S),
-            env=child_env(HARVESTER_FAILPOINTS=f"{fp}=kill@{hit}"),
-        )
+        failpoint = child_env(HARVESTER_FAILPOINTS=f"{fp}=kill@{hit}")
+        run = c.harvest("--timeout", str(RUN_TIMEOUT_S), env=failpoint)
         runs.append(run)
         if run.killed:
             assert f"failpoint {fp} hit {hit}: SIGKILL" in run.log
@@ -144,7 +115,7 @@ def test_harvest_killed_anywhere_then_rerun(
         check_crash_state(config, emu, lines)
     # The first kill is planned to land; later ones may find the work already done.
     assert runs[0].killed, f"{steps[0]} never fired: {runs[0].tail()}"
-    final = harvester("harvest", "-c", str(config), str(jobs), "--no-progress", env=child_env())
+    final = c.harvest()
     outcome = check_final(config, emu, lines, crashed=True)
     assert final.returncode == (1 if outcome.lost_creates else 0), final.tail()
     record(
@@ -200,10 +171,9 @@ def test_daemon_killed_anywhere_then_restarted(
     emu: EmulatorThread, calibration: dict[str, int], tmp_path: Path, seed: int, point: str
 ) -> None:
     name = f"d{seed}"
-    lines = job_lines(name)
-    config = write_config(tmp_path, emu.urls, name, listen_port=free_port())
-    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
-    assert cli_main(["submit", "-c", str(config), str(jobs)]) == 0
+    c = case(tmp_path, emu.urls, name, listen_port=free_port())
+    config, lines = c.config, c.lines
+    assert cli_main(["submit", "-c", str(config), str(c.jobs)]) == 0
     (fp, hit) = plan(seed, calibration, point, 1)[0]
     started = time.monotonic()
     log = tmp_path / "daemon.log"

@@ -34,7 +34,9 @@ from harvester.ratelimit import ProviderLimiter
 from harvester.transport import Transport
 from harvester.wire import RequestSpec
 from tests.badinput.helpers import SECRET_ENV
-from tests.badinput.hostile import GOOD_JOBS, Case, harvest_through, serving, trickle
+from tests.badinput.hostile import GOOD_JOBS, Case, harvest_through, trickle
+from tests.integration.helpers import config_toml
+from tests.loopback import serving
 
 REPO = Path(__file__).resolve().parents[2]
 #: a valid mask of 300 bytes, sent one byte every 0.1 s: 30 s for the whole body
@@ -145,21 +147,15 @@ async def test_timeout_does_not_wait_for_requests_behind_a_closed_gate(
 ) -> None:
     base_url, seen = throttling_api
     config = tmp_path / "harvester.toml"
+    playment = {
+        "base_url": base_url,
+        "api_key_env": "BI_PLAYMENT_KEY",
+        "project_id": "p",
+        "batch_id": "b",
+        "max_retries": 5,
+    }
     config.write_text(
-        f"""
-[store]
-url = "sqlite://state.db"
-[output]
-dir = "out"
-[server]
-drain_grace_s = {GRACE_S}
-[providers.playment]
-base_url = "{base_url}"
-api_key_env = "BI_PLAYMENT_KEY"
-project_id = "p"
-batch_id = "b"
-max_retries = 5
-"""
+        config_toml(server={"drain_grace_s": GRACE_S}, providers={"playment": playment})
     )
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"provider": "playment", "job_id": "j-1"}\n')

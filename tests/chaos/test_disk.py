@@ -19,11 +19,8 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from harvester.cli import main as cli_main
 from harvester.config import load_config
@@ -32,24 +29,21 @@ from tests.daemon.helpers import free_port
 
 from .disk import fill, remount, temporaries, tmpfs
 from .harness import (
+    Case,
     EmulatorThread,
     Run,
+    case,
     check_final,
     child_env,
     daemon,
-    harvester,
-    job_lines,
     read_jobs,
     record,
-    scenario,
     status_check,
     wait_until,
-    write_config,
-    write_jobs,
 )
 
 #: masks of this many points need a 200 KB staging file each: more than the room left
-BIG_FRAMES = {"playment": {"points_per_frame": [50_000, 60_000]}}
+SCENARIO = {"playment": {"points_per_frame": [50_000, 60_000]}}
 #: what the "nearly full" disk leaves: both jobs' job.json, result.json and classes.json fit
 #: (64 KiB of tmpfs pages each, with the store file's page), their masks (32 KiB or more of
 #: staging) do not. Room for one job's small files only made the test depend on which job's
@@ -57,10 +51,9 @@ BIG_FRAMES = {"playment": {"points_per_frame": [50_000, 60_000]}}
 ROOM = 152 * 1024
 
 
-@pytest.fixture(scope="module")
-def emu() -> Iterator[EmulatorThread]:
-    with EmulatorThread(scenario(BIG_FRAMES)) as e:
-        yield e
+def _two_jobs(folder: Path, emu: EmulatorThread, project: str, **config: Any) -> Case:
+    """Two Playment jobs of ``project`` and a config for Playment alone."""
+    return case(folder, emu.urls, project, playment=2, others=0, providers=("playment",), **config)
 
 
 def _creates(emu: EmulatorThread, project: str) -> int:
@@ -94,28 +87,26 @@ def _mask_gets(emu: EmulatorThread, project: str) -> dict[str, int]:
 def test_output_dir_that_is_a_file_stops_harvest_before_anything(
     emu: EmulatorThread, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, emu.urls, "disk-file", providers=("playment",))
+    c = _two_jobs(tmp_path, emu, "disk-file")
     (tmp_path / "out").write_text("not a folder")
-    jobs = write_jobs(tmp_path / "jobs.jsonl", job_lines("disk-file", playment=2, others=0))
-    run = harvester("harvest", "-c", str(config), str(jobs), "--no-progress", env=child_env())
+    run = c.harvest()
     _one_clear_line(run, "output.dir", "is not a folder")
     assert _creates(emu, "disk-file") == 0
-    assert read_jobs(load_config(config)) == {}  # nothing added either
+    assert read_jobs(load_config(c.config)) == {}  # nothing added either
     assert (tmp_path / "out").read_text() == "not a folder"
 
 
 def test_read_only_output_stops_harvest_before_anything(
     emu: EmulatorThread, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, emu.urls, "disk-ro", providers=("playment",))
-    jobs = write_jobs(tmp_path / "jobs.jsonl", job_lines("disk-ro", playment=2, others=0))
+    c = _two_jobs(tmp_path, emu, "disk-ro")
     with tmpfs(tmp_path / "out", "1m") as out:
         remount(out, "ro")
-        run = harvester("harvest", "-c", str(config), str(jobs), "--no-progress", env=child_env())
+        run = c.harvest()
         _one_clear_line(run, "output.dir", "Read-only file system")
         assert list(out.iterdir()) == []
     assert _creates(emu, "disk-ro") == 0
-    assert read_jobs(load_config(config)) == {}
+    assert read_jobs(load_config(c.config)) == {}
 
 
 def test_disk_full_mid_harvest_is_one_line_charges_nothing_and_resumes(
@@ -124,13 +115,12 @@ def test_disk_full_mid_harvest_is_one_line_charges_nothing_and_resumes(
     """The disk fills while masks stream in: before, the ENOSPC was a "network error", each
     mask was downloaded again and again, and the job ended in error for good."""
     project = "disk-full"
-    lines = job_lines(project, playment=2, others=0)
-    config = write_config(tmp_path, emu.urls, project, providers=("playment",))
-    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
+    c = _two_jobs(tmp_path, emu, project)
+    config, lines = c.config, c.lines
     with tmpfs(tmp_path / "out", "2m") as out:
         filler, spare = fill(out, reserve=ROOM)
         spare.unlink()
-        run = harvester("harvest", "-c", str(config), str(jobs), "--no-progress", env=child_env())
+        run = c.harvest()
         _one_clear_line(run, "No space left on device")
         assert "network" not in _error_lines(run)[0]
         assert temporaries(out) == []
@@ -146,7 +136,7 @@ def test_disk_full_mid_harvest_is_one_line_charges_nothing_and_resumes(
         status_check(config)
 
         filler.unlink()
-        again = harvester("harvest", "-c", str(config), "--no-progress", env=child_env())
+        again = c.harvest(jobs=False)
         assert again.returncode == 0, again.tail()
         assert temporaries(out) == []
         check_final(config, emu, lines, crashed=False)
@@ -167,12 +157,10 @@ def test_daemon_waits_for_its_disk_not_ready_and_resumes(
     emu: EmulatorThread, tmp_path: Path
 ) -> None:
     project = "disk-daemon"
-    lines = job_lines(project, playment=2, others=0)
     port = free_port()
-    config = write_config(tmp_path, emu.urls, project, providers=("playment",), listen_port=port)
-    assert (
-        cli_main(["submit", "-c", str(config), str(write_jobs(tmp_path / "j.jsonl", lines))]) == 0
-    )
+    c = _two_jobs(tmp_path, emu, project, listen_port=port, jobs_file=tmp_path / "j.jsonl")
+    config, lines = c.config, c.lines
+    assert cli_main(["submit", "-c", str(config), str(c.jobs)]) == 0
     log = tmp_path / "daemon.log"
     started = time.monotonic()
     with tmpfs(tmp_path / "out", "2m") as out:

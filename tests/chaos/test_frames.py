@@ -17,14 +17,11 @@ from harvester.harvest import JOURNAL
 
 from .harness import (
     EmulatorThread,
+    case,
     check_final,
     child_env,
-    harvester,
-    job_lines,
     record,
     scenario,
-    write_config,
-    write_jobs,
 )
 
 FRAMES = 40
@@ -51,15 +48,10 @@ def _journaled(path: Path) -> int:
 
 def test_a_rerun_after_a_kill_fetches_only_the_missing_frames(tmp_path: Path) -> None:
     with EmulatorThread(scenario({"playment": {"points_per_frame": [1000, 2000]}})) as emu:
-        lines = job_lines("frames", playment=1, frames=FRAMES, others=0)
-        config = write_config(tmp_path, emu.urls, "frames", providers=("playment",))
-        jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
+        c = case(tmp_path, emu.urls, "frames", playment=1, frames=FRAMES, others=0,
+                 providers=("playment",))  # fmt: skip
         # job.json, result.json and classes.json are renamed into place first, then frames.
-        kill = "rename.after_replace=kill@20"
-        first = harvester(
-            "harvest", "-c", str(config), str(jobs), "--no-progress",
-            env=child_env(HARVESTER_FAILPOINTS=kill),
-        )  # fmt: skip
+        first = c.harvest(env=child_env(HARVESTER_FAILPOINTS="rename.after_replace=kill@20"))
         assert first.killed, first.tail()
         folder = tmp_path / "out" / "playment" / "frames-p00"
         kept = _journaled(folder / JOURNAL)
@@ -67,13 +59,13 @@ def test_a_rerun_after_a_kill_fetches_only_the_missing_frames(tmp_path: Path) ->
         assert 0 < kept <= on_disk < FRAMES, (kept, on_disk)
         since = len(emu.call(lambda: emu.state.requests(0)))
 
-        second = harvester("harvest", "-c", str(config), "--no-progress", env=child_env())
+        second = c.harvest(jobs=False)
         assert second.returncode == 0, second.tail()
         gets = _mask_gets(emu, since)
         assert sum(gets.values()) == FRAMES - kept, (kept, gets)
         assert set(gets.values()) == {1}, gets
         assert not (folder / JOURNAL).exists()  # a complete folder holds only what it lists
-        check_final(config, emu, lines, crashed=True)  # every frame equals the ground truth
+        check_final(c.config, emu, c.lines, crashed=True)  # every frame equals the ground truth
     record("frames", "resume", frames=FRAMES, kept=kept, fetched_on_rerun=sum(gets.values()))
 
 
@@ -81,15 +73,14 @@ def test_frames_are_fetched_in_parallel_within_frame_concurrency(tmp_path: Path)
     slow = {"kind": "slow", "provider": "storage", "match": "/masks/", "delay_s": 0.2}
     sc = scenario({"playment": {"points_per_frame": 500}, "faults": [slow]})
     with EmulatorThread(sc) as emu:
-        lines = job_lines("par", playment=1, frames=12, others=0)
-        config = write_config(tmp_path, emu.urls, "par", providers=("playment",))
-        config.write_text(
-            config.read_text().replace("[harvest]\n", "[harvest]\nframe_concurrency = 3\n")
+        c = case(tmp_path, emu.urls, "par", playment=1, frames=12, others=0,
+                 providers=("playment",))  # fmt: skip
+        c.config.write_text(
+            c.config.read_text().replace("[harvest]\n", "[harvest]\nframe_concurrency = 3\n")
         )
-        jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
-        run = harvester("harvest", "-c", str(config), str(jobs), "--no-progress", env=child_env())
+        run = c.harvest()
         assert run.returncode == 0, run.tail()
         at_once = emu.stats()["storage"]["max_in_flight"]
         assert at_once == 3, at_once
-        check_final(config, emu, lines, crashed=False)
+        check_final(c.config, emu, c.lines, crashed=False)
     record("frames", "parallel", frame_concurrency=3, max_in_flight=at_once)

@@ -21,13 +21,12 @@ from .harness import (
     SECRETS,
     EmulatorThread,
     Run,
+    case,
     child_env,
     harvester,
     job_lines,
     record,
     scenario,
-    write_config,
-    write_jobs,
 )
 
 #: what must never be seen: every secret (for Modzy, the part after the public access key)
@@ -75,23 +74,24 @@ def written_files(root: Path, *, inputs: set[Path]) -> list[Path]:
 def test_no_secret_or_signature_anywhere(emu: EmulatorThread, tmp_path: Path) -> None:
     secret_file = tmp_path / "bentley.secret"
     secret_file.write_text(SECRETS["CHAOS_BENTLEY_SECRET"] + "\n")
-    lines = job_lines("secrets", playment=4, others=2)
-    config = write_config(
+    c = case(
         tmp_path,
         emu.urls,
         "secrets",
+        playment=4,
+        others=2,
         log_level="debug",
         per_provider={"bentley": {"client_secret_file": str(secret_file)}},
     )
+    config, jobs, lines = c.config, c.jobs, c.lines
     # the config names the file: drop the _env reference the template puts there
     config.write_text(
         config.read_text().replace('client_secret_env = "CHAOS_BENTLEY_SECRET"\n', "")
     )
-    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
     env = child_env()
     env.pop("CHAOS_BENTLEY_SECRET")
     runs: list[Run] = [
-        harvester("harvest", "-c", str(config), str(jobs), "--no-progress", env=env),
+        c.harvest(env=env),
         harvester("status", "-c", str(config), env=env),
         harvester("status", "-c", str(config), "--json", "--check", env=env),
     ]
@@ -125,14 +125,11 @@ def test_refused_credentials_are_not_echoed(
     emu: EmulatorThread, tmp_path: Path, provider: str
 ) -> None:
     env_name, wrong = WRONG[provider]
-    config = write_config(tmp_path, emu.urls, f"wrong-{provider}", log_level="debug",
-                          providers=(provider,))  # fmt: skip
-    lines = [ln for ln in job_lines(f"wrong-{provider}", playment=1, others=1)
-             if ln["provider"] == provider]  # fmt: skip
-    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
-    run = harvester(
-        "harvest", "-c", str(config), str(jobs), "--no-progress", env=child_env(**{env_name: wrong})
-    )
+    project = f"wrong-{provider}"
+    lines = [ln for ln in job_lines(project, playment=1, others=1) if ln["provider"] == provider]
+    c = case(tmp_path, emu.urls, project, lines=lines, log_level="debug", providers=(provider,))
+    config, jobs = c.config, c.jobs
+    run = c.harvest(env=child_env(**{env_name: wrong}))
     assert run.returncode == 2, run.tail()
     message = run.log.strip().splitlines()[-1]
     assert message.startswith(f"harvester: {provider}"), message

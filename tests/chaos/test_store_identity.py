@@ -15,7 +15,6 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -25,21 +24,14 @@ from harvester.store.binding import MARKER
 from harvester.store.sqlite import SqliteStore
 
 from .harness import (
+    Case,
     EmulatorThread,
+    case,
     check_final,
     child_env,
     harvester,
-    job_lines,
     scenario,
-    write_config,
-    write_jobs,
 )
-
-
-@pytest.fixture(scope="module")
-def emu() -> Iterator[EmulatorThread]:
-    with EmulatorThread(scenario()) as e:
-        yield e
 
 
 def _files(db: Path) -> list[Path]:
@@ -76,16 +68,12 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
 }
 
 
-def harvested_once(
-    emu: EmulatorThread, folder: Path, prefix: str
-) -> tuple[Path, Path, list[dict[str, Any]]]:
-    lines = job_lines(prefix, playment=3, others=1)
-    config = write_config(folder, emu.urls, prefix)
-    jobs = write_jobs(folder / "jobs.jsonl", lines)
-    run = harvester("harvest", "-c", str(config), str(jobs), "--no-progress", env=child_env())
+def harvested_once(emu: EmulatorThread, folder: Path, prefix: str) -> Case:
+    c = case(folder, emu.urls, prefix, playment=3, others=1)
+    run = c.harvest()
     assert run.returncode == 0, run.tail()
-    check_final(config, emu, lines, crashed=False)
-    return config, jobs, lines
+    check_final(c.config, emu, c.lines, crashed=False)
+    return c
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
@@ -93,15 +81,16 @@ def test_a_store_that_does_not_match_its_output_is_refused(
     emu: EmulatorThread, tmp_path: Path, damage: str
 ) -> None:
     prefix = f"ident-{damage}"
-    config, jobs, _ = harvested_once(emu, tmp_path, prefix)
+    c = harvested_once(emu, tmp_path, prefix)
+    config = c.config
     loaded = load_config(config)
     assert loaded.store.path is not None
     DAMAGE[damage](loaded.store.path)
     env = child_env()
     requests = emu.stats()["requests"]
 
-    for command in (["harvest", str(jobs), "--no-progress"], ["run"]):
-        refused = harvester(command[0], "-c", str(config), *command[1:], env=env, timeout=30)
+    for command in (["harvest", str(c.jobs), "--no-progress"], ["run"]):
+        refused = c.cli(*command, env=env, timeout=30)
         assert refused.returncode == 2, refused.log
         # (JSON lines are the daemon's log; the error is the one line that is not)
         said = [ln for ln in refused.log.splitlines() if ln.strip() and not ln.startswith("{")]
@@ -111,18 +100,18 @@ def test_a_store_that_does_not_match_its_output_is_refused(
         assert marker["store_id"] in said[0] and "bind-output" in said[0], said[0]
     assert emu.stats()["requests"] == requests, "nothing was sent"
 
-    check = harvester("status", "-c", str(config), "--check", "--json", env=env, timeout=30)
+    check = c.cli("status", "--check", "--json", env=env, timeout=30)
     assert check.returncode == 1, check.log
     problems = json.loads(check.stdout)["check"]
     assert len(problems) == 1 and marker["store_id"] in problems[0], problems
 
     # On purpose: adopt the output for the new store; from then on it is the output's store.
-    bound = harvester("bind-output", "-c", str(config), env=env, timeout=30)
+    bound = c.cli("bind-output", env=env, timeout=30)
     assert bound.returncode == 0, bound.log
     assert marker["store_id"] in bound.stdout, bound.stdout
     after = json.loads((loaded.output.dir / MARKER).read_text())
     assert after["store_id"] != marker["store_id"]
-    fine = harvester("status", "-c", str(config), "--check", env=env, timeout=30)
+    fine = c.cli("status", "--check", env=env, timeout=30)
     assert fine.returncode == 0, fine.stdout + fine.log
 
 
@@ -137,8 +126,8 @@ def test_moving_the_output_away_lets_a_new_store_start_afresh(
     own_emu: EmulatorThread, tmp_path: Path
 ) -> None:
     emu = own_emu
-    config, jobs, _ = harvested_once(emu, tmp_path, "ident-moved")
-    loaded = load_config(config)
+    c = harvested_once(emu, tmp_path, "ident-moved")
+    loaded = load_config(c.config)
     assert loaded.store.path is not None
     delete(loaded.store.path)
     shutil.move(loaded.output.dir, tmp_path / "out.old")
@@ -148,16 +137,17 @@ def test_moving_the_output_away_lets_a_new_store_start_afresh(
     # ids exist already, and those jobs end in error saying so: exit 1).
     env = child_env()
     creates = sum(emu.stats()[p]["creates"] for p in ("cognite", "bentley", "modzy"))
-    run = harvester("harvest", "-c", str(config), str(jobs), "--no-progress", env=env)
+    run = c.harvest(env=env)
     assert run.returncode in (0, 1), run.tail()
     assert sum(emu.stats()[p]["creates"] for p in ("cognite", "bentley", "modzy")) == creates + 3
-    check = harvester("status", "-c", str(config), "--check", env=env, timeout=30)
+    check = c.cli("status", "--check", env=env, timeout=30)
     assert check.returncode == 0, check.stdout + check.log
     assert json.loads((loaded.output.dir / MARKER).read_text())["store_id"] != old_id
 
 
 def test_a_copied_store_still_matches_its_output(emu: EmulatorThread, tmp_path: Path) -> None:
-    config, jobs, _ = harvested_once(emu, tmp_path / "old", "ident-copy")
+    c = harvested_once(emu, tmp_path / "old", "ident-copy")
+    config, jobs = c.config, c.jobs
     old = load_config(config)
     new_config = tmp_path / "new" / "harvester.toml"
     new_config.parent.mkdir()

@@ -37,10 +37,12 @@ from harvester.engine import Engine
 from harvester.jobs import Job, JobState, job_key
 from harvester.logs import configure
 from harvester.store.base import NewJob
-from harvester.store.sqlite import SqliteStore
 from harvester.verify import verify_outputs
-from tests.daemon.helpers import merged
-from tests.integration.helpers import check_outputs
+from tests.emulated import merged
+from tests.integration.helpers import (
+    check_outputs,
+    stored,
+)
 
 from .harness import FAST_SCENARIO, LOOKUP, LOST_CREATE, SECRETS, job_lines, record
 
@@ -166,9 +168,7 @@ def new_jobs(prefix: str) -> list[NewJob]:
 async def harvest(
     config: Config, emu: Emulator, jobs: list[NewJob], storm: Storm, limit_s: float
 ) -> tuple[list[Job], float]:
-    assert config.store.path is not None
-    async with SqliteStore(config.store.path) as store:
-        await store.add_jobs(jobs, now=0.0)
+    async with stored(config, jobs) as store:
         started = time.monotonic()
 
         async def revoke() -> None:

@@ -20,19 +20,14 @@ from tests.badinput.helpers import tree_digest
 
 from .harness import (
     EmulatorThread,
+    case,
     check_final,
-    child_env,
-    harvester,
-    job_lines,
     scenario,
-    write_config,
-    write_jobs,
 )
 
 
 def test_planted_symlinks_lead_no_write_outside_output_dir(tmp_path: Path) -> None:
     project = "sym"
-    lines = job_lines(project, playment=4, others=0)
     outside = tmp_path / "outside"
     victim = outside / "victim-job"
     victim.mkdir(parents=True)
@@ -45,7 +40,8 @@ def test_planted_symlinks_lead_no_write_outside_output_dir(tmp_path: Path) -> No
     before = tree_digest(outside)
 
     with EmulatorThread(scenario()) as emu:
-        config = write_config(tmp_path / "cfg", emu.urls, project, providers=("playment",))
+        c = case(tmp_path / "cfg", emu.urls, project, playment=4, others=0,
+                 providers=("playment",), jobs_file=tmp_path / "jobs.jsonl")  # fmt: skip
         out = tmp_path / "cfg" / "out" / "playment"
         out.mkdir(parents=True)
         (out / "sym-p00").symlink_to(victim)  # the whole job folder
@@ -56,8 +52,7 @@ def test_planted_symlinks_lead_no_write_outside_output_dir(tmp_path: Path) -> No
         (out / "sym-p02" / "MANIFEST.json").symlink_to(outside / "precious.txt")
         (out / "elsewhere").mkdir()
         (out / "sym-p03").symlink_to(out / "elsewhere")  # a folder inside, still a link
-        jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
-        run = harvester("harvest", "-c", str(config), str(jobs), "--no-progress", env=child_env())
+        run = c.harvest()
         assert run.returncode == 0, run.tail()
         assert tree_digest(outside) == before
         assert list(labels_elsewhere.iterdir()) == []
@@ -68,4 +63,4 @@ def test_planted_symlinks_lead_no_write_outside_output_dir(tmp_path: Path) -> No
             assert links == [], links
             assert (folder / "MANIFEST.json").is_file()
         assert list((out / "elsewhere").iterdir()) == []
-        check_final(config, emu, lines, crashed=False)  # ground truth and status --check
+        check_final(c.config, emu, c.lines, crashed=False)  # ground truth and status --check

@@ -25,14 +25,13 @@ from harvester.config import Config, load_config
 
 from .harness import (
     EmulatorThread,
+    case,
     check_final,
     child_env,
-    harvester,
     job_lines,
     read_jobs,
     scenario,
     wait_until,
-    write_config,
     write_jobs,
 )
 
@@ -80,9 +79,8 @@ def one_line(stderr: str) -> str:
 def test_a_second_engine_is_refused_and_submit_and_status_still_work(
     emu: EmulatorThread, tmp_path: Path
 ) -> None:
-    lines = job_lines("twice", playment=4, others=2)
-    config = write_config(tmp_path, emu.urls, "twice")
-    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
+    c = case(tmp_path, emu.urls, "twice", playment=4, others=2)
+    config, jobs, lines = c.config, c.jobs, c.lines
     env = child_env()
     loaded = load_config(config)
     store = loaded.store
@@ -102,7 +100,7 @@ def test_a_second_engine_is_refused_and_submit_and_status_still_work(
             what="the first engine submitting",
         )
         for command in (["harvest", str(jobs)], ["run"]):
-            second = harvester(command[0], "-c", str(config), *command[1:], env=env, timeout=30)
+            second = c.cli(*command, env=env, timeout=30)
             assert second.returncode == 2, second.log
             said = one_line(second.log)
             assert said.startswith("harvester: ") and str(store.path) in said, said
@@ -112,9 +110,9 @@ def test_a_second_engine_is_refused_and_submit_and_status_still_work(
 
         # submit and status work beside the engine
         more = write_jobs(tmp_path / "more.jsonl", job_lines("twice-more", playment=1, others=0))
-        added = harvester("submit", "-c", str(config), str(more), env=env, timeout=30)
+        added = c.cli("submit", str(more), env=env, timeout=30)
         assert added.returncode == 0 and "added 1 jobs" in added.stdout, added.log
-        status = harvester("status", "-c", str(config), "--json", env=env, timeout=30)
+        status = c.cli("status", "--json", env=env, timeout=30)
         assert status.returncode == 0, status.log
         assert json.loads(status.stdout)["total"] == len(lines) + 1, status.stdout
 
@@ -130,7 +128,7 @@ def test_a_second_engine_is_refused_and_submit_and_status_still_work(
         if first.poll() is None:
             first.kill()
             first.wait(10)
-    rerun = harvester("harvest", "-c", str(config), "--no-progress", env=env, timeout=60)
+    rerun = c.harvest(jobs=False, env=env, timeout=60)
     assert rerun.returncode == 0, rerun.tail()
     all_lines = lines + job_lines("twice-more", playment=1, others=0)
     outcome = check_final(config, emu, all_lines, crashed=False)

@@ -26,12 +26,8 @@ from harvester.verify import verify_outputs
 
 from .harness import (
     EmulatorThread,
-    child_env,
-    harvester,
-    job_lines,
+    case,
     scenario,
-    write_config,
-    write_jobs,
 )
 
 
@@ -40,10 +36,8 @@ def harvested(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A folder holding a config, its store and its output: 3 Playment jobs harvested."""
     folder = tmp_path_factory.mktemp("harvested")
     with EmulatorThread(scenario()) as emu:
-        config = write_config(folder, emu.urls, "verify", providers=("playment",))
-        lines = job_lines("verify", playment=3, others=0)
-        jobs = write_jobs(folder / "jobs.jsonl", lines)
-        run = harvester("harvest", "-c", str(config), str(jobs), "--no-progress", env=child_env())
+        c = case(folder, emu.urls, "verify", playment=3, others=0, providers=("playment",))
+        run = c.harvest()
         assert run.returncode == 0, run.tail()
     yield folder
 

@@ -18,6 +18,7 @@ import requests
 from modzy import ApiClient
 
 from tests.badinput.helpers import cli
+from tests.integration.helpers import config_toml
 
 from .common import REPO, cognite, emulator, modzy
 from .seeds import cognite_job_example
@@ -40,26 +41,21 @@ def config(tmp_path: Path, urls: dict[str, str], monkeypatch: pytest.MonkeyPatch
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     path = tmp_path / "h.toml"
-    fast = "rate_per_s = 0\npoll_min_s = 0.1\npoll_max_s = 0.3\n"
+    fast = {"rate_per_s": 0, "poll_min_s": 0.1, "poll_max_s": 0.3}
+    cognite = {
+        "base_url": urls["cognite"],
+        "project": "docs",
+        "token_url": urls["token"],
+        "client_id": "docs",
+        "client_secret_env": "DOC_COGNITE_SECRET",
+        **fast,
+    }
+    modzy = {"base_url": urls["modzy"], "api_key_env": "DOC_MODZY_KEY", **fast}
     path.write_text(
-        f"""[store]
-url = "sqlite://state.db"
-[output]
-dir = "out"
-[log]
-level = "warning"
-format = "json"
-[providers.cognite]
-base_url = "{urls["cognite"]}"
-project = "docs"
-token_url = "{urls["token"]}"
-client_id = "docs"
-client_secret_env = "DOC_COGNITE_SECRET"
-{fast}
-[providers.modzy]
-base_url = "{urls["modzy"]}"
-api_key_env = "DOC_MODZY_KEY"
-{fast}"""
+        config_toml(
+            log={"level": "warning", "format": "json"},
+            providers={"cognite": cognite, "modzy": modzy},
+        )
     )
     return path
 

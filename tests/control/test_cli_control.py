@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from harvester.jobs import job_key
 from tests.badinput.helpers import tree_digest
@@ -18,21 +15,15 @@ from tests.chaos.harness import (
     SECRETS,
     EmulatorThread,
     Run,
+    case,
     child_env,
     harvester,
     job_lines,
-    scenario,
-    write_config,
-    write_jobs,
 )
 
 SLOW = {"job_duration_s": 120.0}
-
-
-@pytest.fixture(scope="module")
-def emu() -> Iterator[EmulatorThread]:
-    with EmulatorThread(scenario({"playment": SLOW, "bentley": SLOW, "modzy": SLOW})) as e:
-        yield e
+#: the emulator of this module (the ``emu`` fixture): jobs run until cancelled
+SCENARIO = {"playment": SLOW, "bentley": SLOW, "modzy": SLOW}
 
 
 def modzy_status(emu: EmulatorThread, remote_id: str) -> str:
@@ -49,14 +40,13 @@ class Work:
 
     def __init__(self, folder: Path, emu: EmulatorThread, prefix: str) -> None:
         self.folder = folder
-        self.lines = job_lines(prefix, playment=1, others=1)
-        self.lines = [ln for ln in self.lines if ln["provider"] != "cognite"]
-        self.config = write_config(
-            folder, emu.urls, prefix, providers=("playment", "bentley", "modzy")
-        )
-        jobs = write_jobs(folder / "jobs.jsonl", self.lines)
+        lines = job_lines(prefix, playment=1, others=1)
+        self.lines = [ln for ln in lines if ln["provider"] != "cognite"]
+        providers = ("playment", "bentley", "modzy")
+        made = case(folder, emu.urls, prefix, lines=self.lines, providers=providers)
+        self.config = made.config
         self.env = child_env()
-        started = self.cli("harvest", str(jobs), "--no-progress", "--timeout", "3")
+        started = self.cli("harvest", str(made.jobs), "--no-progress", "--timeout", "3")
         assert started.returncode == 3, started.tail()  # stopped with work left
         self.keys = {ln["provider"]: job_key(ln["reference_id"]) for ln in self.lines}
 

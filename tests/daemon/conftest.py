@@ -11,31 +11,19 @@ import aiohttp
 import pytest
 
 from harvester.emulator import Emulator
-from harvester.emulator.scenario import parse_scenario
+from tests.emulated import emulator_fixtures
 
-from .helpers import FAST, DaemonProcess, StartDaemon, StartEmulator, child_env, merged
+from .helpers import (
+    FAST,
+    DaemonProcess,
+    ReadyDaemon,
+    StartDaemon,
+    child_env,
+    free_port,
+    write_config,
+)
 
-
-@pytest.fixture
-async def start_emulator() -> AsyncIterator[StartEmulator]:
-    started: list[Emulator] = []
-
-    async def start(overrides: dict[str, Any] | None = None) -> Emulator:
-        emu = Emulator(parse_scenario(merged(FAST, overrides or {})))
-        await emu.start()
-        started.append(emu)
-        return emu
-
-    yield start
-    for emu in started:
-        await emu.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as s:
-        yield s
+start_emulator, session = emulator_fixtures(FAST, timeout_s=10)
 
 
 @pytest.fixture
@@ -57,3 +45,21 @@ async def start_daemon(session: aiohttp.ClientSession) -> AsyncIterator[StartDae
     finally:
         for daemon in started:
             await daemon.kill()
+
+
+@pytest.fixture
+def ready_daemon(tmp_path: Path, start_daemon: StartDaemon) -> ReadyDaemon:
+    """``await ready_daemon(emu, **config)`` -> a daemon on a free port, ready, its config
+    ``write_config(tmp_path, emu, port, **config)``; ``env`` adds to its environment."""
+
+    async def start(
+        emu: Emulator, *, env: dict[str, str] | None = None, **config: Any
+    ) -> DaemonProcess:
+        port = free_port()
+        daemon = await start_daemon(
+            write_config(tmp_path, emu, port, **config), port, **(env or {})
+        )
+        await daemon.wait_ready()
+        return daemon
+
+    return start

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -137,6 +138,7 @@ class DaemonProcess:
         nofile: int | None = None,
     ) -> None:
         self.config = config
+        self.port = port
         self.nofile = nofile
         self.base = f"http://127.0.0.1:{port}"
         self.session = session
@@ -242,18 +244,8 @@ class DaemonProcess:
             self._log_file = None
 
 
-StartEmulator = Callable[..., Awaitable[Emulator]]
 StartDaemon = Callable[..., Awaitable[DaemonProcess]]
-
-
-def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
+ReadyDaemon = Callable[..., Awaitable[DaemonProcess]]
 
 
 async def emulator_stats(emu: Emulator, session: aiohttp.ClientSession) -> dict[str, Any]:
@@ -269,23 +261,24 @@ def slow_storage(delay_s: float) -> dict[str, Any]:
     return {"faults": [{"kind": "slow", "provider": "storage", "delay_s": delay_s}]}
 
 
+async def cli_process(
+    *args: str,
+    within_s: float = 30.0,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """``harvester ARGS`` in a subprocess, to its end within ``within_s``; its environment
+    is ``child_env()`` unless ``env``. The exit code is the caller's to check."""
+    argv = [sys.executable, "-m", "harvester.cli", *args]
+    with anyio.fail_after(within_s):
+        return await anyio.run_process(
+            argv, env=child_env() if env is None else env, cwd=cwd, check=False
+        )
+
+
 async def store_status(config: Path) -> dict[str, Any]:
     """``harvester status --json --check`` of the store the stopped daemon left behind."""
-    with anyio.fail_after(30):
-        done = await anyio.run_process(
-            [
-                sys.executable,
-                "-m",
-                "harvester.cli",
-                "status",
-                "-c",
-                str(config),
-                "--json",
-                "--check",
-            ],
-            env=child_env(),
-            check=False,
-        )
+    done = await cli_process("status", "-c", str(config), "--json", "--check")
     assert done.returncode == 0, done.stderr.decode()
     doc: dict[str, Any] = json.loads(done.stdout)
     assert doc["check"] == []

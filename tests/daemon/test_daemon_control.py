@@ -15,16 +15,14 @@ import pytest
 from harvester.fsutil import TMP_MARK
 from tests.daemon.test_daemon_drain import slow_storage, submit_and_wait_for_a_harvest
 from tests.daemon.test_daemon_run import metric_samples
+from tests.emulated import StartEmulator
 
 from .helpers import (
     DaemonProcess,
-    StartDaemon,
-    StartEmulator,
+    ReadyDaemon,
     emulator_stats,
-    free_port,
     job_line,
     jsonl,
-    write_config,
 )
 
 pytestmark = pytest.mark.anyio
@@ -52,13 +50,11 @@ async def all_pages(daemon: DaemonProcess, first: str) -> tuple[list[dict[str, A
 async def test_cancel_retry_and_list_jobs_over_http(
     tmp_path: Path,
     start_emulator: StartEmulator,
-    start_daemon: StartDaemon,
+    ready_daemon: ReadyDaemon,
     session: aiohttp.ClientSession,
 ) -> None:
     emu = await start_emulator({"playment": {"job_duration_s": 120.0}})
-    port = free_port()
-    daemon = await start_daemon(write_config(tmp_path, emu, port), port)
-    await daemon.wait_ready()
+    daemon = await ready_daemon(emu)
     keys = [f"ctl-{i}" for i in range(5)]
     status, doc = await daemon.post("/jobs", jsonl(job_line(k) for k in keys))
     assert status == 201, doc
@@ -131,15 +127,12 @@ async def test_cancel_retry_and_list_jobs_over_http(
 async def test_a_cancel_racing_the_daemons_own_harvest_is_refused_and_loses_nothing(
     tmp_path: Path,
     start_emulator: StartEmulator,
-    start_daemon: StartDaemon,
+    ready_daemon: ReadyDaemon,
     session: aiohttp.ClientSession,
 ) -> None:
     # Every download takes 2 s, so the DELETE lands while the daemon is harvesting the job.
     emu = await start_emulator(slow_storage(2.0))
-    port = free_port()
-    config = write_config(tmp_path, emu, port)
-    daemon = await start_daemon(config, port)
-    await daemon.wait_ready()
+    daemon = await ready_daemon(emu)
     await submit_and_wait_for_a_harvest(daemon, ["race-0"])
     status, doc = await call(daemon, "DELETE", "/jobs/playment/race-0")
     assert status == 409, doc

@@ -12,18 +12,17 @@ import anyio
 import pytest
 
 from harvester.emulator import Emulator
+from tests.emulated import StartEmulator
 
 from .helpers import (
     DaemonProcess,
+    ReadyDaemon,
     StartDaemon,
-    StartEmulator,
     check_nothing_lost,
-    free_port,
     job_line,
     jsonl,
     slow_storage,
     store_status,
-    write_config,
 )
 
 pytestmark = pytest.mark.anyio
@@ -64,15 +63,14 @@ async def test_sigterm_drains_in_flight_work_then_a_restart_finishes_the_rest(
     tmp_path: Path,
     start_emulator: StartEmulator,
     start_daemon: StartDaemon,
+    ready_daemon: ReadyDaemon,
     session: aiohttp.ClientSession,
 ) -> None:
     emu = await start_emulator(slow_storage(1.5))
-    port = free_port()
     grace = 8.0
     # One harvest at a time, so most jobs are still waiting when the signal lands.
-    config = write_config(tmp_path, emu, port, drain_grace_s=grace, harvest_concurrency=1)
-    daemon = await start_daemon(config, port)
-    await daemon.wait_ready()
+    daemon = await ready_daemon(emu, drain_grace_s=grace, harvest_concurrency=1)
+    config, port = daemon.config, daemon.port
     keys = [f"drain-{i}" for i in range(6)]
     await submit_and_wait_for_a_harvest(daemon, keys)
 
@@ -107,16 +105,15 @@ async def test_a_second_signal_stops_at_once_and_loses_nothing(
     tmp_path: Path,
     start_emulator: StartEmulator,
     start_daemon: StartDaemon,
+    ready_daemon: ReadyDaemon,
     session: aiohttp.ClientSession,
     first: signal.Signals,
     second: signal.Signals,
 ) -> None:
     # Downloads slower than the test waits: only the second signal can end this drain.
     emu = await start_emulator(slow_storage(4.0))
-    port = free_port()
-    config = write_config(tmp_path, emu, port, drain_grace_s=30.0, harvest_concurrency=2)
-    daemon = await start_daemon(config, port)
-    await daemon.wait_ready()
+    daemon = await ready_daemon(emu, drain_grace_s=30.0, harvest_concurrency=2)
+    config, port = daemon.config, daemon.port
     keys = [f"forced-{i}" for i in range(3)]
     await submit_and_wait_for_a_harvest(daemon, keys)
 

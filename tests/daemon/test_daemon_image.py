@@ -27,13 +27,13 @@ import aiohttp
 import anyio
 import pytest
 
+from tests.emulated import StartEmulator
 from tests.required import unavailable
 
 from .helpers import (
     API_KEY,
     REPO,
     DaemonProcess,
-    StartEmulator,
     child_env,
     emulator_stats,
     free_port,

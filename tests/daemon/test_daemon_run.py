@@ -6,22 +6,21 @@ from __future__ import annotations
 import json
 import re
 import socket
-import sys
 from pathlib import Path
 
 import aiohttp
-import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harvester import __version__
+from tests.emulated import StartEmulator
 
 from .helpers import (
     API_KEY,
     REPO,
-    StartDaemon,
-    StartEmulator,
+    ReadyDaemon,
     child_env,
+    cli_process,
     emulator_stats,
     free_port,
     job_line,
@@ -66,14 +65,12 @@ def assert_dashboard_queries_name_exported_metrics(text: str) -> None:
 async def test_jobs_from_http_and_from_submit_are_harvested_and_counted(
     tmp_path: Path,
     start_emulator: StartEmulator,
-    start_daemon: StartDaemon,
+    ready_daemon: ReadyDaemon,
     session: aiohttp.ClientSession,
 ) -> None:
     emu = await start_emulator()
-    port = free_port()
-    config = write_config(tmp_path, emu, port)
-    daemon = await start_daemon(config, port)
-    await daemon.wait_ready()
+    daemon = await ready_daemon(emu)
+    config = daemon.config
 
     # JSON Lines, with a line repeated inside the body.
     body = jsonl([job_line("http-1"), job_line("http-2", frames=2), job_line("http-1")])
@@ -166,12 +163,10 @@ async def test_jobs_from_http_and_from_submit_are_harvested_and_counted(
 
 
 async def test_a_bad_body_adds_nothing_and_names_the_line(
-    tmp_path: Path, start_emulator: StartEmulator, start_daemon: StartDaemon
+    tmp_path: Path, start_emulator: StartEmulator, ready_daemon: ReadyDaemon
 ) -> None:
     emu = await start_emulator()
-    port = free_port()
-    daemon = await start_daemon(write_config(tmp_path, emu, port), port)
-    await daemon.wait_ready()
+    daemon = await ready_daemon(emu)
 
     body = jsonl([job_line("good-1"), {"provider": "playment", "reference_id": "x"}])
     body += b"{not json\n"
@@ -210,14 +205,13 @@ async def test_a_bad_body_adds_nothing_and_names_the_line(
 
 
 async def test_the_job_routes_need_the_token_and_the_probes_do_not(
-    tmp_path: Path, start_emulator: StartEmulator, start_daemon: StartDaemon
+    tmp_path: Path, start_emulator: StartEmulator, ready_daemon: ReadyDaemon
 ) -> None:
     emu = await start_emulator()
-    port = free_port()
-    config = write_config(tmp_path, emu, port, token_env="HARVESTER_API_TOKEN")
     secret = "s3cret-token-value"
-    daemon = await start_daemon(config, port, HARVESTER_API_TOKEN=secret)
-    await daemon.wait_ready()
+    daemon = await ready_daemon(
+        emu, token_env="HARVESTER_API_TOKEN", env={"HARVESTER_API_TOKEN": secret}
+    )
 
     body = jsonl([job_line("tok-1")])
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": secret}):
@@ -239,10 +233,7 @@ async def test_the_job_routes_need_the_token_and_the_probes_do_not(
 
 
 async def run_cli(*args: str, **env: str) -> tuple[int, str]:
-    with anyio.fail_after(30):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "harvester.cli", *args], env=child_env(**env), check=False
-        )
+    done = await cli_process(*args, env=child_env(**env))
     return done.returncode, done.stderr.decode()
 
 

@@ -25,11 +25,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harvester.httpserver import LINGER_S
+from tests.emulated import StartEmulator
 
 from .helpers import (
     DaemonProcess,
     StartDaemon,
-    StartEmulator,
     free_port,
     job_line,
     jsonl,

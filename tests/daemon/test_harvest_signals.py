@@ -21,12 +21,13 @@ from harvester.config import load_config
 from harvester.emulator import Emulator
 from harvester.lifecycle import Exit
 from tests.chaos.harness import read_jobs
+from tests.emulated import StartEmulator
 
 from .helpers import (
     DaemonProcess,
-    StartEmulator,
     check_nothing_lost,
     child_env,
+    cli_process,
     free_port,
     job_line,
     jsonl,
@@ -98,13 +99,7 @@ async def rerun_finishes(
     config: Path, emu: Emulator, session: aiohttp.ClientSession
 ) -> dict[str, Any]:
     emu.state.faults.clear()
-    with anyio.fail_after(60):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "harvester.cli", "harvest", "-c", str(config), "--json"],
-            env=child_env(),
-            cwd=config.parent,
-            check=False,
-        )
+    done = await cli_process("harvest", "-c", str(config), "--json", within_s=60, cwd=config.parent)
     assert done.returncode == Exit.OK, done.stderr.decode()[-3000:]
     assert sorted(await states(config)) == ["harvested"] * len(KEYS)
     await check_nothing_lost(emu, session, config, len(KEYS))

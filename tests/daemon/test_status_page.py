@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +14,16 @@ import aiohttp
 import anyio
 import pytest
 
+from tests.emulated import StartEmulator
+
 from .browser import open_browser
 from .helpers import (
     REPO,
     DaemonProcess,
-    StartDaemon,
-    StartEmulator,
-    child_env,
-    free_port,
+    ReadyDaemon,
+    cli_process,
     job_line,
     jsonl,
-    write_config,
 )
 from .test_daemon_run import metric_samples
 
@@ -57,12 +55,7 @@ async def status_doc(daemon: DaemonProcess, auth: dict[str, str]) -> dict[str, A
 
 async def store_counts(config: Path) -> dict[str, int]:
     """``harvester status --json``: the store, read by another process."""
-    result = await anyio.run_process(
-        [sys.executable, "-m", "harvester.cli", "status", "--json", "-c", str(config)],
-        env=child_env(),
-        cwd=config.parent,
-        check=False,
-    )
+    result = await cli_process("status", "--json", "-c", str(config), cwd=config.parent)
     assert result.returncode in (0, 1), result.stderr.decode()
     return dict(json.loads(result.stdout)["providers"]["playment"])
 
@@ -70,15 +63,15 @@ async def store_counts(config: Path) -> dict[str, int]:
 async def test_the_status_page_in_a_real_browser(
     tmp_path: Path,
     start_emulator: StartEmulator,
-    start_daemon: StartDaemon,
+    ready_daemon: ReadyDaemon,
     session: aiohttp.ClientSession,
 ) -> None:
     emu = await start_emulator()
-    port = free_port()
     token = secrets.token_hex(16)
-    config = write_config(tmp_path, emu, port, token_env="HARVESTER_API_TOKEN")
-    daemon = await start_daemon(config, port, HARVESTER_API_TOKEN=token)
-    await daemon.wait_ready()
+    daemon = await ready_daemon(
+        emu, token_env="HARVESTER_API_TOKEN", env={"HARVESTER_API_TOKEN": token}
+    )
+    config = daemon.config
     auth = {"Authorization": f"Bearer {token}"}
 
     # Four good jobs and one the provider refuses, echoing our (hostile) batch id back.

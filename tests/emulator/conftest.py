@@ -7,15 +7,16 @@ check the emulator against the API description, not against harvester's own clie
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import anyio
 import pytest
+from multidict import CIMultiDict
 
 from harvester.emulator import Emulator
-from harvester.emulator.scenario import parse_scenario
+from tests.emulated import StartEmulator, emulator_fixtures
 
 API_KEY = "test-key-123"
 PROJECT = "proj-1"
@@ -30,44 +31,7 @@ CLIENT_ID = "client-1"
 CLIENT_SECRET = "secret-1"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-StartEmulator = Callable[..., Awaitable[Emulator]]
-
-
-@pytest.fixture
-async def start_emulator() -> AsyncIterator[StartEmulator]:
-    """``await start_emulator({...scenario overrides...})`` -> a started emulator."""
-    started: list[Emulator] = []
-
-    async def start(overrides: dict[str, Any] | None = None) -> Emulator:
-        emu = Emulator(parse_scenario(merged(FAST, overrides or {})))
-        await emu.start()
-        started.append(emu)
-        return emu
-
-    yield start
-    for emu in started:
-        await emu.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as s:
-        yield s
+start_emulator, session = emulator_fixtures(FAST, timeout_s=WAIT_S)
 
 
 def point_cloud_body(reference_id: str, frames: tuple[str, ...] = ("f0",)) -> dict[str, Any]:
@@ -164,6 +128,26 @@ async def api(make_client: MakeClient) -> PlaymentClient:
 
 
 # -- helpers for the providers behind OAuth2 and the introspection endpoints ---------------
+
+
+class RawApi:
+    """One provider's API as plain aiohttp calls: ``request`` sends to ``base`` + path with
+    the client's headers (or the ones given) and returns status, headers and the JSON body."""
+
+    def __init__(
+        self, emu: Emulator, session: aiohttp.ClientSession, base: str, headers: dict[str, str]
+    ) -> None:
+        self.emu = emu
+        self.session = session
+        self.base = base
+        self.headers = headers
+
+    async def request(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw: Any
+    ) -> tuple[int, CIMultiDict[str], Any]:
+        hdrs = self.headers if headers is None else headers
+        async with self.session.request(method, self.base + path, headers=hdrs, **kw) as r:
+            return r.status, CIMultiDict(r.headers), await r.json(content_type=None)
 
 
 def origin(emu: Emulator) -> str:

@@ -7,8 +7,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import pytest
-from conftest import StartEmulator, get_token, introspect, origin, poll_until
-from multidict import CIMultiDict
+from conftest import RawApi, StartEmulator, get_token, introspect, origin, poll_until
 
 from harvester.emulator import Emulator
 
@@ -31,19 +30,10 @@ BODY: dict[str, Any] = {
 TERMINAL = {"Success", "Failed", "Cancelled"}
 
 
-class Bentley:
+class Bentley(RawApi):
     def __init__(self, emu: Emulator, session: aiohttp.ClientSession, token: str) -> None:
-        self.emu = emu
-        self.session = session
-        self.base = emu.urls["bentley"]
-        self.headers = {"Authorization": f"Bearer {token}", "Accept": ACCEPT}
-
-    async def request(
-        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw: Any
-    ) -> tuple[int, CIMultiDict[str], Any]:
-        hdrs = self.headers if headers is None else headers
-        async with self.session.request(method, self.base + path, headers=hdrs, **kw) as r:
-            return r.status, CIMultiDict(r.headers), await r.json(content_type=None)
+        headers = {"Authorization": f"Bearer {token}", "Accept": ACCEPT}
+        super().__init__(emu, session, emu.urls["bentley"], headers)
 
     async def create(self, body: dict[str, Any] = BODY) -> dict[str, Any]:
         status, _, doc = await self.request("POST", "/reality-analysis/jobs", json=body)

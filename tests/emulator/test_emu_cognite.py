@@ -7,8 +7,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
-from conftest import StartEmulator, get_token, introspect, poll_until
-from multidict import CIMultiDict
+from conftest import RawApi, StartEmulator, get_token, introspect, poll_until
 
 from harvester.emulator import Emulator
 
@@ -23,19 +22,11 @@ BODY_POINTS = {"points": BODY["points"]}
 JOB_KEYS = {"status", "createdTime", "statusTime", "jobId", "items", "prompt"}
 
 
-class Cognite:
+class Cognite(RawApi):
     def __init__(self, emu: Emulator, session: aiohttp.ClientSession, token: str) -> None:
-        self.emu = emu
-        self.session = session
-        self.base = f"{emu.urls['cognite']}/api/v1/projects/{PROJECT}"
-        self.headers = {"Authorization": f"Bearer {token}", "cdf-version": "beta"}
-
-    async def request(
-        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw: Any
-    ) -> tuple[int, CIMultiDict[str], Any]:
-        hdrs = self.headers if headers is None else headers
-        async with self.session.request(method, self.base + path, headers=hdrs, **kw) as r:
-            return r.status, CIMultiDict(r.headers), await r.json(content_type=None)
+        base = f"{emu.urls['cognite']}/api/v1/projects/{PROJECT}"
+        headers = {"Authorization": f"Bearer {token}", "cdf-version": "beta"}
+        super().__init__(emu, session, base, headers)
 
     async def create(self, body: dict[str, Any], *, gzipped: bool = True) -> tuple[int, Any]:
         # cognite-sdk gzips every POST body; so do these tests unless asked not to.

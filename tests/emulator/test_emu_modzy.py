@@ -4,8 +4,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import StartEmulator, introspect, poll_until
-from multidict import CIMultiDict
+from conftest import RawApi, StartEmulator, introspect, poll_until
 
 from harvester.emulator import Emulator
 
@@ -23,19 +22,10 @@ BODY: dict[str, Any] = {
 }
 
 
-class Modzy:
+class Modzy(RawApi):
     def __init__(self, emu: Emulator, session: aiohttp.ClientSession, key: str = KEY) -> None:
-        self.emu = emu
-        self.session = session
-        self.base = emu.urls["modzy"]
-        self.headers = {"Authorization": f"ApiKey {key}", "Accept": "application/json"}
-
-    async def request(
-        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw: Any
-    ) -> tuple[int, CIMultiDict[str], Any]:
-        hdrs = self.headers if headers is None else headers
-        async with self.session.request(method, self.base + path, headers=hdrs, **kw) as r:
-            return r.status, CIMultiDict(r.headers), await r.json(content_type=None)
+        headers = {"Authorization": f"ApiKey {key}", "Accept": "application/json"}
+        super().__init__(emu, session, emu.urls["modzy"], headers)
 
     async def create(self, body: dict[str, Any] = BODY) -> dict[str, Any]:
         status, _, doc = await self.request("POST", "/api/jobs", json=body)

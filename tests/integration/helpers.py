@@ -5,22 +5,67 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 
 from harvester.config import Config, parse_config
 from harvester.emulator.scenario import Scenario, parse_scenario
 from harvester.emulator.server import Emulator
+from harvester.engine import Engine
 from harvester.fsutil import sha256_file
-from harvester.jobs import job_key
+from harvester.jobs import JobState, job_key
 from harvester.store.base import NewJob
+from harvester.store.sqlite import SqliteStore
 
 API_KEY = "it-key-0123456789-marker"
 REPO = Path(__file__).resolve().parents[2]
+#: a provider lane that waits as little as possible: polls, backoff and timeouts all short
+FAST_LANE: dict[str, Any] = {
+    "rate_per_s": 0,
+    "max_concurrency": 8,
+    "poll_min_s": 0.1,
+    "poll_max_s": 0.5,
+    "request_timeout_s": 5,
+    "backoff_base_s": 0.05,
+    "backoff_max_s": 0.5,
+}
+
+
+def playment_lane(base_url: str, **extra: Any) -> dict[str, Any]:
+    """A ``[providers.playment]`` table for the emulator's project at ``base_url``, polled
+    often; ``extra`` adds to it or overrides."""
+    return {
+        "base_url": base_url,
+        "api_key_env": "IT_PLAYMENT_KEY",
+        "project_id": "it-project",
+        "rate_per_s": 0,
+        "poll_min_s": 0.1,
+        "poll_max_s": 0.5,
+        **extra,
+    }
+
+
+def config_toml(**tables: dict[str, Any]) -> str:
+    """A config file's text: ``[store]`` (a sqlite file beside it) and ``[output]`` (``out``)
+    unless given, then every table given; ``providers={name: {...}}`` becomes one
+    ``[providers.NAME]`` table each. Values are spelled by ``json.dumps``, which spells
+    strings, numbers, booleans and lists as TOML does."""
+    doc: dict[str, dict[str, Any]] = {
+        "store": {"url": "sqlite://state.db"},
+        "output": {"dir": "out"},
+        **tables,
+    }
+    named = [(name, table) for name, table in doc.items() if name != "providers"]
+    named += [(f"providers.{p}", t) for p, t in doc.get("providers", {}).items()]
+    return "\n".join(
+        f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
+        for name, table in named
+    )
 
 
 @contextmanager
@@ -59,19 +104,7 @@ def scenario(**playment: Any) -> Scenario:
 def make_config(
     tmp_path: Path, emulator: Emulator, *, output: dict[str, Any] | None = None, **provider: Any
 ) -> Config:
-    section: dict[str, Any] = {
-        "base_url": emulator.urls["playment"],
-        "api_key_env": "IT_PLAYMENT_KEY",
-        "project_id": "it-project",
-        "rate_per_s": 0,
-        "burst": 50,
-        "max_concurrency": 8,
-        "poll_min_s": 0.1,
-        "poll_max_s": 0.5,
-        "request_timeout_s": 5,
-        "backoff_base_s": 0.05,
-        "backoff_max_s": 0.5,
-    }
+    section = playment_lane(emulator.urls["playment"], burst=50, **FAST_LANE)
     section.update(provider)
     doc = {
         "store": {"url": "sqlite://state.db"},
@@ -81,6 +114,31 @@ def make_config(
         "providers": {"playment": section},
     }
     return parse_config(doc, source=tmp_path / "config.toml")
+
+
+@asynccontextmanager
+async def stored(
+    config: Config, jobs: Sequence[NewJob], *, now: float = 0.0
+) -> AsyncIterator[SqliteStore]:
+    """``config``'s sqlite store, open for the block, with ``jobs`` added to it."""
+    assert config.store.path is not None
+    async with SqliteStore(config.store.path) as store:
+        if jobs:
+            await store.add_jobs(list(jobs), now=now)
+        yield store
+
+
+async def harvest_burst(
+    config: Config, jobs: Sequence[NewJob], *, limit_s: float = 60.0, now: float = 0.0
+) -> tuple[dict[JobState, int], Engine]:
+    """Add ``jobs`` and run the engine in burst mode to its end (within ``limit_s``): the
+    store's counts by state, and the engine (its metrics)."""
+    async with stored(config, jobs, now=now) as store:
+        engine = Engine(config, store, burst=True)
+        with anyio.fail_after(limit_s):
+            await engine.run()
+        counts = await store.counts()
+    return {state: n for (_, state), n in counts.items()}, engine
 
 
 def payload(frames: int) -> dict[str, Any]:

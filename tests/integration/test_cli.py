@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import API_KEY, emulator_process, new_jobs
+from .helpers import (
+    API_KEY,
+    config_toml,
+    emulator_process,
+    new_jobs,
+    playment_lane,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,23 +47,8 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 def write_config(folder: Path, urls: dict[str, str], project: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "h.toml"
-    config.write_text(
-        f"""
-[store]
-url = "sqlite://state.db"
-[output]
-dir = "out"
-[log]
-level = "warning"
-[providers.playment]
-base_url = "{urls["playment"]}"
-api_key_env = "CLI_TEST_KEY"
-project_id = "{project}"
-rate_per_s = 0
-poll_min_s = 0.1
-poll_max_s = 0.5
-"""
-    )
+    playment = playment_lane(urls["playment"], api_key_env="CLI_TEST_KEY", project_id=project)
+    config.write_text(config_toml(log={"level": "warning"}, providers={"playment": playment}))
     return config
 
 

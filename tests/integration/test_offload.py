@@ -34,6 +34,7 @@ from harvester.offload import Offload
 from harvester.providers.base import LabelFrame, RemoteFile
 from harvester.ratelimit import ProviderLimiter
 from harvester.transport import Transport
+from tests.loopback import serving
 
 pytestmark = pytest.mark.anyio
 MIB = 1 << 20
@@ -293,22 +294,13 @@ async def test_a_host_that_ignores_range_gets_the_file_in_one_piece(stage: Stage
         seen.append(request.headers.get("Range"))
         return web.Response(body=body)
 
-    app = web.Application()
-    app.router.add_get("/f", whole)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
+    async with serving(whole) as origin:
 
         async def resolve() -> str:
-            return f"http://127.0.0.1:{port}/f"
+            return f"{origin}/f"
 
         out = stage.output("no-range", threads=2, concurrency=1, part_bytes=MIB)
         with anyio.fail_after(60):
             await out.download("f.bin", resolve, size=len(body), md5=hashlib.md5(body).digest())
-    finally:
-        await runner.cleanup()
     assert seen == ["bytes=0-1048575", None]  # one part tried (one stream at a time), then whole
     assert (stage.root / "playment" / "no-range" / "f.bin").read_bytes() == body

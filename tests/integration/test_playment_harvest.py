@@ -20,7 +20,16 @@ from harvester.jobs import Job, JobState
 from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
 
-from .helpers import API_KEY, check_outputs, make_config, new_jobs, payload, scenario
+from .helpers import (
+    API_KEY,
+    check_outputs,
+    harvest_burst,
+    make_config,
+    new_jobs,
+    payload,
+    scenario,
+    stored,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -35,21 +44,14 @@ async def harvest(
 ) -> dict:  # type: ignore[type-arg]
     """Add ``jobs`` and run the engine in burst mode; returns counts by state (and appends
     to ``gate_wait`` the seconds Playment's gate stayed closed, as the metric reports)."""
-    assert config.store.path is not None
-    async with SqliteStore(config.store.path) as store:
-        if jobs:
-            await store.add_jobs(jobs, now=0.0)
-        engine = Engine(config, store, burst=True)
-        with anyio.fail_after(limit_s):
-            await engine.run()
-        if gate_wait is not None:
-            value = engine.metrics.registry.get_sample_value(
-                "harvester_retry_after_wait_seconds_total", {"provider": "playment"}
-            )
-            assert value is not None
-            gate_wait.append(value)
-        counts = await store.counts()
-    return {state: n for (_, state), n in counts.items()}
+    counts, engine = await harvest_burst(config, jobs, limit_s=limit_s)
+    if gate_wait is not None:
+        value = engine.metrics.registry.get_sample_value(
+            "harvester_retry_after_wait_seconds_total", {"provider": "playment"}
+        )
+        assert value is not None
+        gate_wait.append(value)
+    return counts
 
 
 async def test_full_harvest_equals_ground_truth_and_rerun_sends_nothing(tmp_path: Path) -> None:
@@ -168,9 +170,7 @@ async def test_bad_api_key_stops_with_a_fatal_error(tmp_path: Path) -> None:
     sc = scenario(valid_api_keys=["the-only-key"])
     async with Emulator(sc) as emu:
         config = make_config(tmp_path, emu)
-        assert config.store.path is not None
-        async with SqliteStore(config.store.path) as store:
-            await store.add_jobs(new_jobs(2), now=0.0)
+        async with stored(config, new_jobs(2)) as store:
             engine = Engine(config, store, burst=True)
             with anyio.fail_after(20), pytest.raises(Exception, match="API key refused"):
                 await engine.run()

@@ -23,12 +23,19 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from harvester import tracing
 from harvester.emulator.scenario import parse_fault
 from harvester.emulator.server import Emulator
-from harvester.engine import Engine
 from harvester.jobs import JobState
 from harvester.logs import configure
-from harvester.store.sqlite import SqliteStore
 
-from .helpers import API_KEY, jobs_file, make_config, new_jobs, scenario
+from .helpers import (
+    API_KEY,
+    config_toml,
+    harvest_burst,
+    jobs_file,
+    make_config,
+    new_jobs,
+    playment_lane,
+    scenario,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,13 +59,8 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 async def run_harvest(tmp_path: Path, emu: Emulator, n: int) -> dict[JobState, int]:
     config = make_config(tmp_path, emu)
-    assert config.store.path is not None
-    async with SqliteStore(config.store.path) as store:
-        await store.add_jobs(new_jobs(n, frames=2), now=1_700_000_000.0)
-        with anyio.fail_after(60):
-            await Engine(config, store, burst=True).run()
-        counts = await store.counts()
-    return {state: k for (_, state), k in counts.items()}
+    counts, _ = await harvest_burst(config, new_jobs(n, frames=2), now=1_700_000_000.0)
+    return counts
 
 
 @pytest.mark.anyio
@@ -200,23 +202,8 @@ async def test_the_command_traces_when_the_standard_variable_asks(tmp_path: Path
     modzy-sdk refuses, so the test suite does not install it.)"""
     async with Emulator(scenario()) as emu:
         config = tmp_path / "harvester.toml"
-        config.write_text(
-            f"""
-[store]
-url = "sqlite://state.db"
-[output]
-dir = "out"
-[log]
-format = "json"
-[providers.playment]
-base_url = "{emu.urls["playment"]}"
-api_key_env = "IT_PLAYMENT_KEY"
-project_id = "it-project"
-rate_per_s = 0
-poll_min_s = 0.1
-poll_max_s = 0.5
-"""
-        )
+        playment = playment_lane(emu.urls["playment"])
+        config.write_text(config_toml(log={"format": "json"}, providers={"playment": playment}))
         jobs = jobs_file(tmp_path / "jobs.jsonl", new_jobs(2, frames=1))
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},

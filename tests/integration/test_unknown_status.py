@@ -17,9 +17,14 @@ from harvester import cli
 from harvester.emulator.server import Emulator
 from harvester.engine import Engine
 from harvester.jobs import JobState
-from harvester.store.sqlite import SqliteStore
 
-from .helpers import API_KEY, make_config, new_jobs, scenario
+from .helpers import (
+    API_KEY,
+    make_config,
+    new_jobs,
+    scenario,
+    stored,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -55,9 +60,7 @@ async def test_logged_and_counted_once_per_job_across_many_polls(tmp_path: Path)
     async with Emulator(scenario(statuses=statuses, job_duration_s=1.0)) as emu:
         config = make_config(tmp_path, emu, poll_min_s=0.02, poll_max_s=0.05)
         jobs = new_jobs(3, frames=1)
-        assert config.store.path is not None
-        async with SqliteStore(config.store.path) as store:
-            await store.add_jobs(jobs, now=0.0)
+        async with stored(config, jobs) as store:
             engine = Engine(config, store, burst=True)
             with capture_logs() as logs, anyio.fail_after(60):
                 await engine.run()
@@ -79,10 +82,7 @@ async def test_status_names_the_jobs_in_unknown_statuses(
 ) -> None:
     async with Emulator(scenario(statuses=["queued", "completed"], job_duration_s=600)) as emu:
         config = make_config(tmp_path, emu, poll_min_s=0.02, poll_max_s=0.05)
-        jobs = new_jobs(2, frames=1)
-        assert config.store.path is not None
-        async with SqliteStore(config.store.path) as store:
-            await store.add_jobs(jobs, now=0.0)
+        async with stored(config, new_jobs(2, frames=1)) as store:
             engine = Engine(config, store, burst=True)
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:

@@ -22,11 +22,6 @@ GS_CANNOT_PUBLISH = pytest.mark.xfail(
 )
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _backend(
     name: str, request: pytest.FixtureRequest, mp: pytest.MonkeyPatch
 ) -> Iterator[Backend]:

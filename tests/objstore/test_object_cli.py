@@ -13,34 +13,31 @@ import anyio
 import pytest
 
 from harvester.emulator.server import Emulator
-from tests.integration.helpers import API_KEY, REPO, jobs_file, new_jobs, scenario
+from tests.integration.helpers import (
+    API_KEY,
+    REPO,
+    config_toml,
+    jobs_file,
+    new_jobs,
+    playment_lane,
+    scenario,
+)
 
 from .servers import Backend
 
 pytestmark = pytest.mark.anyio
 
 
-def toml_value(v: Any) -> str:
-    return json.dumps(v)  # strings, ints and bools are spelled alike in TOML and JSON
-
-
 def write_config(tmp_path: Path, emu: Emulator, output: dict[str, Any]) -> Path:
-    lines = ["[store]", 'url = "sqlite://state.db"', "[output]"]
-    lines += [f"{k} = {toml_value(v)}" for k, v in output.items()]
-    lines += ["[log]", 'level = "warning"', 'format = "json"', "[providers.playment]"]
-    provider = {
-        "base_url": emu.urls["playment"],
-        "api_key_env": "IT_PLAYMENT_KEY",
-        "project_id": "it-project",
-        "rate_per_s": 0,
-        "poll_min_s": 0.1,
-        "poll_max_s": 0.5,
-        "backoff_base_s": 0.05,
-        "backoff_max_s": 0.5,
-    }
-    lines += [f"{k} = {toml_value(v)}" for k, v in provider.items()]
+    playment = playment_lane(emu.urls["playment"], backoff_base_s=0.05, backoff_max_s=0.5)
     path = tmp_path / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(
+        config_toml(
+            output=output,
+            log={"level": "warning", "format": "json"},
+            providers={"playment": playment},
+        )
+    )
     return path
 
 

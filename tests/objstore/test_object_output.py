@@ -17,14 +17,13 @@ from harvester.api import job_document
 from harvester.client import Harvester
 from harvester.config import Config
 from harvester.emulator.server import Emulator
-from harvester.engine import Engine
 from harvester.errors import ControlError
 from harvester.jobs import JobState
 from harvester.objstore import output_place
 from harvester.store.base import NewJob
 from harvester.store.sqlite import SqliteStore
 from harvester.verify import verify_outputs
-from tests.integration.helpers import API_KEY, make_config, new_jobs, scenario
+from tests.integration.helpers import API_KEY, harvest_burst, make_config, new_jobs, scenario
 
 from .servers import Backend
 
@@ -46,15 +45,8 @@ def config_for(tmp_path: Path, emu: Emulator, backend: Backend) -> Config:
 
 
 async def harvest(config: Config, jobs: list[NewJob]) -> dict[JobState, int]:
-    assert config.store.path is not None
-    async with SqliteStore(config.store.path) as store:
-        if jobs:
-            await store.add_jobs(jobs, now=0.0)
-        engine = Engine(config, store, burst=True)
-        with anyio.fail_after(60):
-            await engine.run()
-        counts = await store.counts()
-    return {state: n for (_, state), n in counts.items()}
+    counts, _ = await harvest_burst(config, jobs)
+    return counts
 
 
 async def check(config: Config) -> list[str]:

@@ -6,11 +6,6 @@ import pytest
 from store.pgserver import PgServer, shared_server
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="session")
 def postgres_server(request: pytest.FixtureRequest) -> PgServer:
     return shared_server(request.config)

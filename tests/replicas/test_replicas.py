@@ -29,11 +29,12 @@ import aiohttp
 import anyio
 import pytest
 from anyio.abc import Process
-from daemon.helpers import DaemonProcess, child_env, free_port, job_line, jsonl
+from daemon.helpers import DaemonProcess, child_env, cli_process, free_port, job_line, jsonl
 from store.pgserver import PgServer
 
 from harvester.jobs import ACTIVE, JobState
 from harvester.store.postgres import PostgresStore
+from tests.integration.helpers import config_toml
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -57,38 +58,26 @@ points_per_frame = 200
 def replica_config(folder: Path, *, url: str, emu: dict[str, str], port: int, output: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "harvester.toml"
+    playment = {
+        "base_url": emu["playment"],
+        "api_key_env": "PLAYMENT_API_KEY",
+        "project_id": "proj-replicas",
+        "rate_per_s": RATE,
+        "burst": BURST,
+        "max_concurrency": 48,
+        "poll_min_s": 0.2,
+        "poll_max_s": 1,
+        "request_timeout_s": 10,
+    }
     config.write_text(
-        f"""
-[store]
-url = "{url}"
-password_env = "{PASSWORD_ENV}"
-lease_s = {LEASE_S}
-
-[output]
-dir = "{output}"
-
-[server]
-listen = "127.0.0.1:{port}"
-drain_grace_s = 5
-
-[harvest]
-concurrency = 8
-
-[log]
-level = "info"
-format = "json"
-
-[providers.playment]
-base_url = "{emu["playment"]}"
-api_key_env = "PLAYMENT_API_KEY"
-project_id = "proj-replicas"
-rate_per_s = {RATE}
-burst = {BURST}
-max_concurrency = 48
-poll_min_s = 0.2
-poll_max_s = 1
-request_timeout_s = 10
-"""
+        config_toml(
+            store={"url": url, "password_env": PASSWORD_ENV, "lease_s": LEASE_S},
+            output={"dir": str(output)},
+            server={"listen": f"127.0.0.1:{port}", "drain_grace_s": 5},
+            harvest={"concurrency": 8},
+            log={"level": "info", "format": "json"},
+            providers={"playment": playment},
+        )
     )
     return config
 
@@ -163,20 +152,8 @@ async def test_three_replicas_harvest_1000_jobs_once_when_one_is_killed(
 
             jobs_file = tmp_path / "jobs.jsonl"
             jobs_file.write_bytes(jsonl(job_line(f"scan-{i:04}") for i in range(JOBS)))
-            with anyio.fail_after(60):
-                done = await anyio.run_process(
-                    [
-                        sys.executable,
-                        "-m",
-                        "harvester.cli",
-                        "submit",
-                        "-c",
-                        str(daemons[0].config),
-                        str(jobs_file),
-                    ],
-                    env=env,
-                    check=False,
-                )
+            submit = ("submit", "-c", str(daemons[0].config), str(jobs_file))
+            done = await cli_process(*submit, within_s=60, env=env)
             assert done.returncode == 0, done.stderr.decode()
             submitted = anyio.current_time()
 

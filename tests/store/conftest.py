@@ -18,11 +18,6 @@ from .backends import BACKENDS, SHARED_BACKENDS, Backend, PostgresBackend, Sqlit
 from .pgserver import PgServer, shared_server
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="session")
 def postgres_server(request: pytest.FixtureRequest) -> PgServer:
     return shared_server(request.config)

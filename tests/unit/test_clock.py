@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.lowlevel
@@ -11,9 +12,14 @@ from harvester.clock import Clock, FakeClock, SystemClock
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def waker(clock: FakeClock, woke: list[float]) -> Callable[[float], Awaitable[None]]:
+    """A task that sleeps until ``deadline``, then notes the virtual time it woke at."""
+
+    async def sleeper(deadline: float) -> None:
+        await clock.sleep_until(deadline)
+        woke.append(clock.monotonic())
+
+    return sleeper
 
 
 def test_both_clocks_satisfy_the_protocol() -> None:
@@ -68,10 +74,7 @@ async def test_advance_wakes_due_sleepers_in_deadline_order_ties_by_arrival() ->
 async def test_advance_to_next_jumps_exactly_to_each_deadline() -> None:
     clock = FakeClock()
     woke: list[float] = []
-
-    async def sleeper(deadline: float) -> None:
-        await clock.sleep_until(deadline)
-        woke.append(clock.monotonic())
+    sleeper = waker(clock, woke)
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
@@ -96,10 +99,7 @@ async def test_sleep_until_a_past_deadline_does_not_register_a_sleeper() -> None
 async def test_cancelled_sleeper_is_skipped() -> None:
     clock = FakeClock()
     woke: list[float] = []
-
-    async def sleeper(deadline: float) -> None:
-        await clock.sleep_until(deadline)
-        woke.append(clock.monotonic())
+    sleeper = waker(clock, woke)
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 import pytest
-from multidict import CIMultiDict
 
 from harvester.config import CogniteConfig, SecretRef
 from harvester.errors import (
@@ -20,11 +17,11 @@ from harvester.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from harvester.jobs import Job, JobState
-from harvester.providers import make_provider
+from harvester.jobs import Job
 from harvester.providers.base import Accepted, RemoteState, Status
 from harvester.providers.cognite import CogniteProvider
-from harvester.wire import RequestSpec, Response
+from harvester.wire import Response
+from tests.unit.adapters import FakeClient, RecordingIO, answer, make_job
 
 T = TypeVar("T")
 CFG = CogniteConfig(
@@ -73,22 +70,11 @@ COMPLETED: dict[str, Any] = {
 
 
 def job(**kw: Any) -> Job:
-    base: dict[str, Any] = {
-        "provider": "cognite",
-        "key": "img-1",
-        "reference_id": "img-1",
-        "remote_id": "777",
-        "state": JobState.RUNNING,
-        "created_at": 0.0,
-        "updated_at": 0.0,
-    }
-    base.update(kw)
-    return Job(**base)
+    return make_job("cognite", "img-1", "777", **kw)
 
 
 def resp(status: int, body: Any, request_id: str | None = "rid-9") -> Response:
-    raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return Response(status, CIMultiDict(), raw, SEGMENT, request_id)
+    return answer(status, body, url=SEGMENT, request_id=request_id)
 
 
 def err(code: int, message: str, **extra: Any) -> dict[str, Any]:
@@ -101,10 +87,6 @@ def p() -> CogniteProvider:
 
 
 # -- requests ---------------------------------------------------------------------------
-def test_factory_builds_it() -> None:
-    assert isinstance(make_provider(CFG), CogniteProvider)
-
-
 def test_create_request(p: CogniteProvider) -> None:
     spec = p.build_create(job(remote_id=None), PAYLOAD)
     assert (spec.method, spec.url, spec.endpoint) == ("POST", SEGMENT, "create")
@@ -278,16 +260,6 @@ def test_poll_404_is_a_failed_job(p: CogniteProvider) -> None:
         p.parse_poll(resp(404, err(404, "Job not found")), job())
 
 
-class FakeClient:
-    def __init__(self, handler: Callable[[RequestSpec], Response]) -> None:
-        self.handler = handler
-        self.specs: list[RequestSpec] = []
-
-    async def call(self, spec: RequestSpec, parse: Callable[[Response], T]) -> T:
-        self.specs.append(spec)
-        return parse(self.handler(spec))
-
-
 @pytest.mark.anyio
 async def test_poll_through_a_client(p: CogniteProvider) -> None:
     client = FakeClient(lambda spec: resp(200, {**COMPLETED, "status": "Running"}))
@@ -375,36 +347,11 @@ def test_invalid_payloads(p: CogniteProvider, payload: Any, words: str) -> None:
 
 
 # -- harvest -------------------------------------------------------------------------------
-class FakeIO:
-    input_urls: frozenset[str] = frozenset()
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-
-    async def request(self, spec: RequestSpec) -> Response:
-        raise AssertionError("Cognite's harvest needs no request")
-
-    async def fetch(self, resolve: Any, *, what: str) -> bytes:
-        raise AssertionError("Cognite's harvest fetches nothing")
-
-    async def labels(self, frame: str, resolve: Any, fmt: Any) -> None:
-        raise AssertionError("Cognite has no label arrays")
-
-    async def download(self, relpath: str, resolve: Any) -> None:
-        raise AssertionError("Cognite's harvest downloads nothing")
-
-    async def write_bytes(self, relpath: str, data: bytes) -> None:
-        self.files[relpath] = data
-
-    async def write_json(self, relpath: str, obj: Any) -> None:
-        await self.write_bytes(relpath, orjson.dumps(obj))
-
-
 @pytest.mark.anyio
 async def test_harvest_writes_job_and_segments_as_served(p: CogniteProvider) -> None:
     status = p.parse_poll(resp(200, COMPLETED), job())
     assert isinstance(status, Status)
-    io = FakeIO()
+    io = RecordingIO()
     await p.harvest(job(), status, io)
     assert set(io.files) == {"job.json", "segments.json"}
     assert orjson.loads(io.files["job.json"]) == COMPLETED
@@ -413,15 +360,7 @@ async def test_harvest_writes_job_and_segments_as_served(p: CogniteProvider) -> 
 
 @pytest.mark.anyio
 async def test_harvest_refuses_a_document_without_items(p: CogniteProvider) -> None:
-    io = FakeIO()
+    io = RecordingIO()
     with pytest.raises(ProtocolError):
         await p.harvest(job(), Status(RemoteState.SUCCEEDED, "Completed", document={}), io)
     assert io.files == {}
-
-
-def test_module_has_no_network_imports() -> None:
-    import harvester.providers.cognite as mod
-
-    source = Path(mod.__file__).read_text()
-    for forbidden in ("aiohttp", "harvester.transport", "harvester.engine", "anyio"):
-        assert forbidden not in source

@@ -134,32 +134,37 @@ def test_a_user_cancel_ends_new_and_running_jobs_only() -> None:
         apply(job_in(JobState.RUNNING), Event.CANCEL, now=1.0, reason=None)
 
 
-@pytest.mark.parametrize("event", [Event.TRACK, Event.ACCEPTED, Event.FOUND_REMOTE])
-def test_moves_into_running_need_a_remote_id(event: Event) -> None:
-    state = JobState.NEW if event is Event.TRACK else JobState.SUBMITTING
-    job = dataclasses.replace(job_in(state), remote_id=None)
-    with pytest.raises(ValueError, match="remote_id"):
-        apply(job, event, now=1.0)
-    with pytest.raises(ValueError, match="remote_id"):
-        apply(job, event, now=1.0, remote_id="")
-    assert apply(job, event, now=1.0, remote_id="r-9").remote_id == "r-9"
-
-
-@pytest.mark.parametrize(
-    ("state", "event"),
-    [
-        (JobState.RUNNING, Event.PROVIDER_FAILED),
-        (JobState.RUNNING, Event.PROVIDER_CANCELLED),
-        *[(s, Event.GIVE_UP) for s in JobState if Event.GIVE_UP in TRANSITIONS[s]],
+#: moves that must be given a field: into running, a remote id; a verdict, a reason
+NEEDS_A_FIELD = [
+    *[
+        pytest.param(state, event, "remote_id", "r-9", id=f"remote_id-{event.name}")
+        for state, event in [
+            (JobState.NEW, Event.TRACK),
+            (JobState.SUBMITTING, Event.ACCEPTED),
+            (JobState.SUBMITTING, Event.FOUND_REMOTE),
+        ]
     ],
-)
-def test_verdicts_need_a_reason(state: JobState, event: Event) -> None:
-    job = dataclasses.replace(job_in(state), reason=None)
-    with pytest.raises(ValueError, match="reason"):
+    *[
+        pytest.param(state, event, "reason", "quota", id=f"reason-{state.name}-{event.name}")
+        for state, event in [
+            (JobState.RUNNING, Event.PROVIDER_FAILED),
+            (JobState.RUNNING, Event.PROVIDER_CANCELLED),
+            *[(s, Event.GIVE_UP) for s in JobState if Event.GIVE_UP in TRANSITIONS[s]],
+        ]
+    ],
+]
+
+
+@pytest.mark.parametrize(("state", "event", "field", "value"), NEEDS_A_FIELD)
+def test_moves_refuse_a_needed_field_missing_or_empty(
+    state: JobState, event: Event, field: str, value: str
+) -> None:
+    job = dataclasses.replace(job_in(state), **{field: None})
+    with pytest.raises(ValueError, match=field):
         apply(job, event, now=1.0)
-    with pytest.raises(ValueError, match="reason"):
-        apply(job, event, now=1.0, reason="")
-    assert apply(job, event, now=1.0, reason="quota").reason == "quota"
+    with pytest.raises(ValueError, match=field):
+        apply(job, event, now=1.0, **{field: ""})
+    assert getattr(apply(job, event, now=1.0, **{field: value}), field) == value
 
 
 @pytest.mark.parametrize(

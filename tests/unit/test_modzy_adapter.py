@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 import pytest
-from multidict import CIMultiDict
 
 from harvester.config import ModzyConfig, SecretRef
 from harvester.errors import (
@@ -22,11 +19,11 @@ from harvester.errors import (
     RateLimited,
     RetryableError,
 )
-from harvester.jobs import Job, JobState
-from harvester.providers import make_provider
+from harvester.jobs import Job
 from harvester.providers.base import Accepted, RemoteState, Status
 from harvester.providers.modzy import RESULTS_RETRY_S, ModzyProvider
 from harvester.wire import RequestSpec, Response
+from tests.unit.adapters import FakeClient, RecordingIO, answer, make_job
 
 T = TypeVar("T")
 BASE = "https://app.modzy.example"
@@ -71,22 +68,11 @@ RESULTS: dict[str, Any] = {
 
 
 def job(**kw: Any) -> Job:
-    base: dict[str, Any] = {
-        "provider": "modzy",
-        "key": "txt-1",
-        "reference_id": "txt-1",
-        "remote_id": "5b2f-77",
-        "state": JobState.RUNNING,
-        "created_at": 0.0,
-        "updated_at": 0.0,
-    }
-    base.update(kw)
-    return Job(**base)
+    return make_job("modzy", "txt-1", "5b2f-77", **kw)
 
 
 def resp(status: int, body: Any) -> Response:
-    raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return Response(status, CIMultiDict(), raw, f"{BASE}/api/jobs", "rid-m")
+    return answer(status, body, url=f"{BASE}/api/jobs", request_id="rid-m")
 
 
 def err(status_code: int, status: str, message: str) -> dict[str, Any]:
@@ -104,10 +90,6 @@ def p() -> ModzyProvider:
 
 
 # -- requests ---------------------------------------------------------------------------
-def test_factory_builds_it() -> None:
-    assert isinstance(make_provider(CFG), ModzyProvider)
-
-
 def test_requests(p: ModzyProvider) -> None:
     create = p.build_create(job(remote_id=None), PAYLOAD)
     assert (create.method, create.url, create.json) == ("POST", f"{BASE}/api/jobs", PAYLOAD)
@@ -219,16 +201,6 @@ def test_malformed_poll_answers(p: ModzyProvider, body: Any) -> None:
         p.parse_poll(resp(200, body), job())
 
 
-class FakeClient:
-    def __init__(self, handler: Callable[[RequestSpec], Response]) -> None:
-        self.handler = handler
-        self.specs: list[RequestSpec] = []
-
-    async def call(self, spec: RequestSpec, parse: Callable[[Response], T]) -> T:
-        self.specs.append(spec)
-        return parse(self.handler(spec))
-
-
 @pytest.mark.anyio
 async def test_poll_through_a_client(p: ModzyProvider) -> None:
     client = FakeClient(lambda spec: resp(200, JOB_DOC))
@@ -298,32 +270,19 @@ def test_invalid_payloads(p: ModzyProvider, payload: Any, words: str) -> None:
 
 
 # -- harvest -------------------------------------------------------------------------------
-class FakeIO:
-    input_urls: frozenset[str] = frozenset()
+class FakeIO(RecordingIO):
+    """Modzy's results come from its API: every request gets ``answer``."""
+
+    provider = "Modzy"
 
     def __init__(self, answer: Response) -> None:
+        super().__init__()
         self.answer = answer
-        self.files: dict[str, bytes] = {}
         self.specs: list[RequestSpec] = []
 
     async def request(self, spec: RequestSpec) -> Response:
         self.specs.append(spec)
         return self.answer
-
-    async def fetch(self, resolve: Any, *, what: str) -> bytes:
-        raise AssertionError("Modzy's results come from the API")
-
-    async def labels(self, frame: str, resolve: Any, fmt: Any) -> None:
-        raise AssertionError("Modzy has no label arrays")
-
-    async def download(self, relpath: str, resolve: Any) -> None:
-        raise AssertionError("Modzy's results come from the API")
-
-    async def write_bytes(self, relpath: str, data: bytes) -> None:
-        self.files[relpath] = data
-
-    async def write_json(self, relpath: str, obj: Any) -> None:
-        await self.write_bytes(relpath, orjson.dumps(obj))
 
 
 def completed() -> Status:
@@ -400,11 +359,3 @@ async def test_results_not_there_yet_are_retried_later(p: ModzyProvider, answer:
 async def test_malformed_results(p: ModzyProvider, body: Any) -> None:
     with pytest.raises(ProtocolError):
         await p.harvest(job(), completed(), FakeIO(resp(200, body)))
-
-
-def test_module_has_no_network_imports() -> None:
-    import harvester.providers.modzy as mod
-
-    source = Path(mod.__file__).read_text()
-    for forbidden in ("aiohttp", "harvester.transport", "harvester.engine", "anyio"):
-        assert forbidden not in source

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from multidict import CIMultiDict
 
 from harvester.config import PlaymentConfig, SecretRef
 from harvester.errors import (
@@ -18,7 +16,7 @@ from harvester.errors import (
     ProviderJobFailed,
     ProviderUnavailable,
 )
-from harvester.jobs import Job, JobState
+from harvester.jobs import Job
 from harvester.providers.base import (
     Accepted,
     AlreadyExists,
@@ -30,6 +28,7 @@ from harvester.providers.base import (
 )
 from harvester.providers.playment import PlaymentProvider, classes_from_annotations
 from harvester.wire import Response
+from tests.unit.adapters import RecordingIO, answer, make_job
 
 CFG = PlaymentConfig(
     name="playment",
@@ -41,22 +40,11 @@ CFG = PlaymentConfig(
 
 
 def job(**kw: Any) -> Job:
-    base: dict[str, Any] = {
-        "provider": "playment",
-        "key": "scan-1",
-        "reference_id": "scan-1",
-        "remote_id": "j-1",
-        "state": JobState.RUNNING,
-        "created_at": 0.0,
-        "updated_at": 0.0,
-    }
-    base.update(kw)
-    return Job(**base)
+    return make_job("playment", "scan-1", "j-1", **kw)
 
 
 def resp(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
-    raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return Response(status, CIMultiDict(headers or {}), raw, "https://api.example/x", "rid-1")
+    return answer(status, body, url="https://api.example/x", request_id="rid-1", headers=headers)
 
 
 def err(code: str, message: str = "m") -> dict[str, Any]:
@@ -229,14 +217,6 @@ def test_classes_from_annotations_one_per_label_key() -> None:
     assert classes["3"] == {"label": "car", "class_id": "c3", "color": "#f00"}
 
 
-def test_module_has_no_network_imports() -> None:
-    import harvester.providers.playment as mod
-
-    source = Path(mod.__file__).read_text()
-    for forbidden in ("aiohttp", "harvester.transport", "harvester.engine", "anyio"):
-        assert forbidden not in source
-
-
 # -- image/video results: attachments ------------------------------------------------------
 VIDEO_RESULT: dict[str, Any] = {
     "frames": [
@@ -313,11 +293,13 @@ def _sha8(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-class _AttachmentIO:
+class _AttachmentIO(RecordingIO):
+    provider = "Playment's image/video result"
+
     def __init__(self, result: Any, inputs: frozenset[str] = frozenset()) -> None:
+        super().__init__()
         self.input_urls = inputs
         self.result = orjson.dumps(result)
-        self.files: dict[str, bytes] = {}
         self.downloads: dict[str, str] = {}
 
     async def request(self, spec: Any) -> Response:
@@ -329,17 +311,8 @@ class _AttachmentIO:
         await resolve()
         return self.result
 
-    async def labels(self, frame: str, resolve: Any, fmt: Any) -> None:
-        raise AssertionError("image/video results have no label arrays")
-
     async def download(self, relpath: str, resolve: Any) -> None:
         self.downloads[relpath] = await resolve()
-
-    async def write_bytes(self, relpath: str, data: bytes) -> None:
-        self.files[relpath] = data
-
-    async def write_json(self, relpath: str, obj: Any) -> None:
-        self.files[relpath] = orjson.dumps(obj)
 
 
 @pytest.mark.anyio

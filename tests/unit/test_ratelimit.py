@@ -56,6 +56,22 @@ async def _drive(clock: FakeClock, done: anyio.Event, *, max_sleepers: int = 1) 
         await clock.advance_to_next()
 
 
+class Entries:
+    """Requests that go through ``lim``'s slot and note the virtual time each got in;
+    ``done`` is set once ``expected`` of them have."""
+
+    def __init__(self, lim: ProviderLimiter, clock: FakeClock, expected: int = 1) -> None:
+        self.lim, self.clock, self.expected = lim, clock, expected
+        self.times: list[float] = []
+        self.done = anyio.Event()
+
+    async def request(self) -> None:
+        async with self.lim.slot():
+            self.times.append(self.clock.monotonic())
+        if len(self.times) == self.expected:
+            self.done.set()
+
+
 # -- parse_retry_after ---------------------------------------------------------------------
 
 
@@ -234,21 +250,14 @@ async def test_requests_admitted_at_exact_rate_times_in_fifo_order() -> None:
 async def test_irregular_rate_times_do_not_drift() -> None:
     clock = FakeClock(start=1e6)
     lim = _limiter(clock, rate_per_s=3.0, burst=1)
-    entered: list[float] = []
-    done = anyio.Event()
-
-    async def request() -> None:
-        async with lim.slot():
-            entered.append(clock.monotonic())
-        if len(entered) == 31:
-            done.set()
+    entries = Entries(lim, clock, 31)
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             for _ in range(31):
-                tg.start_soon(request)
-            await _drive(clock, done)
-    assert entered[-1] == pytest.approx(1e6 + 10.0, abs=1e-6)
+                tg.start_soon(entries.request)
+            await _drive(clock, entries.done)
+    assert entries.times[-1] == pytest.approx(1e6 + 10.0, abs=1e-6)
 
 
 @pytest.mark.anyio
@@ -360,44 +369,31 @@ async def test_longer_retry_after_extends_the_gate_for_a_sleeping_head() -> None
     clock = FakeClock()
     lim = _limiter(clock)
     lim.close_gate(2.0)
-    entered: list[float] = []
-    done = anyio.Event()
-
-    async def request() -> None:
-        async with lim.slot():
-            entered.append(clock.monotonic())
-        done.set()
+    entries = Entries(lim, clock)
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(request)
+            tg.start_soon(entries.request)
             await clock.run_until(1001.0)
             assert lim.close_gate(9.0) == 1010.0
-            await _drive(clock, done)
-    assert entered == [1010.0]
+            await _drive(clock, entries.done)
+    assert entries.times == [1010.0]
 
 
 @pytest.mark.anyio
 async def test_gate_also_stops_requests_waiting_for_a_token() -> None:
     clock = FakeClock()
     lim = _limiter(clock, rate_per_s=1.0, burst=1)
-    entered: list[float] = []
-    done = anyio.Event()
-
-    async def request() -> None:
-        async with lim.slot():
-            entered.append(clock.monotonic())
-        if len(entered) == 3:
-            done.set()
+    entries = Entries(lim, clock, 3)
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             for _ in range(3):
-                tg.start_soon(request)
+                tg.start_soon(entries.request)
             await clock.settle()
             lim.close_gate(5.0)  # the first request got a 429 right away
-            await _drive(clock, done)
-    assert entered == [1000.0, 1005.0, 1006.0]
+            await _drive(clock, entries.done)
+    assert entries.times == [1000.0, 1005.0, 1006.0]
 
 
 @pytest.mark.anyio
@@ -517,24 +513,18 @@ async def test_cancelling_the_sleeping_head_passes_the_timer_on() -> None:
     clock = FakeClock()
     lim = _limiter(clock)
     lim.close_gate(4.0)
-    entered: list[float] = []
-    done = anyio.Event()
-
-    async def request() -> None:
-        async with lim.slot():
-            entered.append(clock.monotonic())
-        done.set()
+    entries = Entries(lim, clock)
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             async with anyio.create_task_group() as doomed:
-                doomed.start_soon(request)
+                doomed.start_soon(entries.request)
                 await clock.settle()
-                tg.start_soon(request)
+                tg.start_soon(entries.request)
                 await clock.settle()
                 doomed.cancel_scope.cancel()
-            await _drive(clock, done)
-    assert entered == [1004.0]
+            await _drive(clock, entries.done)
+    assert entries.times == [1004.0]
 
 
 @pytest.mark.anyio
@@ -612,14 +602,7 @@ def test_constructor_validates() -> None:
 async def test_set_rate_changes_the_pace_of_queued_requests() -> None:
     clock = FakeClock()
     lim = _limiter(clock, rate_per_s=4.0, burst=4, max_concurrency=8)
-    entered: list[float] = []
-    done = anyio.Event()
-
-    async def request() -> None:
-        async with lim.slot():
-            entered.append(clock.monotonic())
-        if len(entered) == 8:
-            done.set()
+    entries = Entries(lim, clock, 8)
 
     # Three replicas now share the limit: a third of the rate, a third of the burst (its
     # saved tokens cut to the new burst at once), a third of the concurrency.
@@ -628,11 +611,11 @@ async def test_set_rate_changes_the_pace_of_queued_requests() -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             for _ in range(8):
-                tg.start_soon(request)
-            await _drive(clock, done)
-    gaps = [b - a for a, b in itertools.pairwise(entered)]
+                tg.start_soon(entries.request)
+            await _drive(clock, entries.done)
+    gaps = [b - a for a, b in itertools.pairwise(entries.times)]
     # 4/3 tokens kept: one now, the rest of a second token after (2/3) / (4/3) = 0.5 s
-    assert entered[0] == 1000.0 and entered[1] == pytest.approx(1000.5)
+    assert entries.times[0] == 1000.0 and entries.times[1] == pytest.approx(1000.5)
     assert gaps[1:] == pytest.approx([0.75] * 6)
 
 

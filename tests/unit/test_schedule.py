@@ -9,14 +9,19 @@ from harvester.schedule import BENTLEY_LADDER, DueQueue, PollPolicy
 # -- PollPolicy -----------------------------------------------------------------------------
 
 
+def unchanged_walk(p: PollPolicy, rng: random.Random, polls: int = 6) -> list[float]:
+    """The first ``polls`` intervals of a job whose state never changes."""
+    d = p.first(rng)
+    walk = [d]
+    for _ in range(polls - 1):
+        d = p.next(d, changed=False, rng=rng)
+        walk.append(d)
+    return walk
+
+
 def test_interval_grows_while_nothing_changes_and_caps() -> None:
     p = PollPolicy(min_s=10, max_s=60, factor=2.0, jitter=0.0)
-    rng = random.Random(0)
-    d = p.first(rng)
-    seen = [d]
-    for _ in range(5):
-        d = p.next(d, changed=False, rng=rng)
-        seen.append(d)
+    seen = unchanged_walk(p, random.Random(0))
     assert seen == [10.0, 20.0, 40.0, 60.0, 60.0, 60.0]
 
 
@@ -30,11 +35,7 @@ def test_interval_resets_on_change() -> None:
 def test_bentley_ladder_walks_and_restarts_on_change() -> None:
     p = PollPolicy(min_s=15, max_s=120, jitter=0.0, ladder=BENTLEY_LADDER)
     rng = random.Random(0)
-    d = p.first(rng)
-    walk = [d]
-    for _ in range(5):
-        d = p.next(d, changed=False, rng=rng)
-        walk.append(d)
+    walk = unchanged_walk(p, rng)
     assert walk == [15.0, 30.0, 60.0, 120.0, 120.0, 120.0]
     assert p.next(120.0, changed=True, rng=rng) == 15.0
     assert p.next(15.0, changed=False, rng=rng) == 30.0

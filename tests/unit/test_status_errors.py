@@ -25,7 +25,7 @@ from harvester.ratelimit import ProviderLimiter
 from harvester.statuses import error_for_status, is_transient
 from harvester.transport import Transport
 from harvester.wire import RequestSpec, Response
-from tests.badinput.hostile import serving
+from tests.loopback import serving
 from tests.unit.test_playment_adapter import CFG as PLAYMENT
 from tests.unit.test_playment_adapter import job as playment_job
 

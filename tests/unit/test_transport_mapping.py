@@ -21,7 +21,7 @@ from harvester.metrics import Metrics
 from harvester.ratelimit import ProviderLimiter
 from harvester.transport import Transport, _mapped, _marked_retryable, map_exceptions, safe_url
 from harvester.wire import RequestSpec, Response
-from tests.badinput.hostile import serving
+from tests.loopback import serving
 
 KEY = ConnectionKey("h", 1, False, True, None, None, None)
 
