@@ -50,6 +50,7 @@ from harvester.fsutil import (
     write_all,
     write_atomic,
 )
+from harvester.heap import keep_scratch_memory
 from harvester.jobs import Job
 from harvester.logs import get_logger
 from harvester.offload import Offload
@@ -99,6 +100,8 @@ class LabelSink:
         self.where = where
         self.shown = shown
         self.staging = tmp_name(name)
+        # Set on the first label file, not at start: only decoding needs it (harvester.heap).
+        keep_scratch_memory()
         with disk_errors(shown):
             self._fd = os.open(self.staging, _STAGING_FLAGS, 0o600, dir_fd=dir_fd)
         self._new_decoder()

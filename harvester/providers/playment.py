@@ -45,6 +45,7 @@ from harvester.providers.base import (
     NextPage,
     NotFound,
     PollResult,
+    RemoteFile,
     RemoteState,
     Status,
     protocol_error,
@@ -330,19 +331,20 @@ class PlaymentProvider:
             found = find_attachments(result)
         except ValueError as exc:
             raise ProtocolError(str(exc), provider=NAME, job=job.key) from exc
-        index: list[dict[str, Any]] = []
-        for att in found:
-            if att.url in io.input_urls:
-                continue  # the job's own input echoed back (image_url, src): not a result
-            await io.download(att.relpath, self.resolver(io, att.url))
-            index.append(
-                {
-                    "file": att.relpath,
-                    "frame": att.frame,
-                    "json_path": att.json_path,
-                    "url_path": _path_of(att.url),
-                }
-            )
+        # the job's own input echoed back (image_url, src) is not a result
+        wanted = [att for att in found if att.url not in io.input_urls]
+        # Several at a time, like frames; the index stays in document order whatever order
+        # the files finish in (the manifest is sorted by path).
+        await io.download_files([RemoteFile(a.relpath, self.resolver(io, a.url)) for a in wanted])
+        index = [
+            {
+                "file": att.relpath,
+                "frame": att.frame,
+                "json_path": att.json_path,
+                "url_path": _path_of(att.url),
+            }
+            for att in wanted
+        ]
         if index:
             # The folder says which frame a file belongs to; this says where in the result
             # it was referenced, for the files whose names alone are ambiguous.

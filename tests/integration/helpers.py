@@ -102,14 +102,19 @@ def scenario(**playment: Any) -> Scenario:
 
 
 def make_config(
-    tmp_path: Path, emulator: Emulator, *, output: dict[str, Any] | None = None, **provider: Any
+    tmp_path: Path,
+    emulator: Emulator,
+    *,
+    output: dict[str, Any] | None = None,
+    harvest: dict[str, Any] | None = None,
+    **provider: Any,
 ) -> Config:
     section = playment_lane(emulator.urls["playment"], burst=50, **FAST_LANE)
     section.update(provider)
     doc = {
         "store": {"url": "sqlite://state.db"},
         "output": output or {"dir": "out"},
-        "harvest": {"concurrency": 4, "chunk_bytes": 4096},
+        "harvest": {"concurrency": 4, "chunk_bytes": 4096, **(harvest or {})},
         "log": {"level": "warning", "format": "json"},
         "providers": {"playment": section},
     }

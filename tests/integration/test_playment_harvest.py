@@ -246,6 +246,35 @@ async def test_image_and_video_results_download_every_mask_by_frame(tmp_path: Pa
         assert emu.state.stats()["credential_hits"] == []
 
 
+async def test_image_and_video_attachments_download_several_at_once(tmp_path: Path) -> None:
+    """A video's masks are fetched ``frame_concurrency`` at a time, as a job's frames are
+    (the storage host counts requests in flight; each mask is held 0.2 s there), and land
+    and are indexed exactly as when fetched one by one."""
+    frames = [
+        {"frame_id": f"v-{i}", "src": f"https://customer.example/in/{i}.jpg"} for i in range(6)
+    ]
+    video = {"data": {"video_data": {"frames": frames}}, "work_flow_id": "wf"}
+    async with Emulator(scenario()) as emu:
+        emu.state.add_fault(
+            parse_fault(
+                {"kind": "slow", "provider": "storage", "match": "/image_masks/", "delay_s": 0.2}
+            )
+        )
+        config = make_config(tmp_path, emu, harvest={"frame_concurrency": 3})
+        counts = await harvest(config, [NewJob("playment", "vid-p", "vid-p", None, video, "t")])
+        assert counts == {JobState.HARVESTED: 1}
+        assert emu.state.stats()["storage"]["max_in_flight"] == 3
+        folder = config.output.dir / "playment" / "vid-p"
+        for i in range(6):
+            mask = folder / "outputs" / f"v-{i}" / f"{i}.png"
+            assert mask.read_bytes() == truth.image_mask_bytes(emu.scenario.seed, "vid-p", i)
+        index = json.loads((folder / "attachments.json").read_text())
+        assert [e["file"] for e in index] == [f"outputs/v-{i}/{i}.png" for i in range(6)]
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        for rel, entry in manifest["files"].items():
+            assert sha256_file(folder / rel) == entry["sha256"]
+
+
 class _CountingStore(SqliteStore):
     """Counts point reads: polling a running job should not need one each time."""
 

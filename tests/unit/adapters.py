@@ -3,13 +3,14 @@ and an in-memory ``Client`` and ``HarvestIO``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
 from multidict import CIMultiDict
 
 from harvester.jobs import Job, JobState
+from harvester.providers.base import RemoteFile
 from harvester.wire import RequestSpec, Resolver, Response
 
 T = TypeVar("T")
@@ -76,6 +77,10 @@ class RecordingIO:
 
     async def download(self, relpath: str, resolve: Resolver) -> None:
         raise AssertionError(f"{self.provider}'s harvest downloads nothing")
+
+    async def download_files(self, files: Sequence[RemoteFile]) -> None:
+        for f in files:
+            await self.download(f.relpath, f.resolve)
 
     async def write_bytes(self, relpath: str, data: bytes) -> None:
         self.files[relpath] = data

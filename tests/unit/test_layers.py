@@ -74,6 +74,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "harvester.download",
         "harvester.exchange",
         "harvester.fsutil",
+        "harvester.heap",
         "harvester.metrics",
         "harvester.objstore",
         "harvester.offload",
