@@ -368,3 +368,41 @@ def test_past_the_cap_a_new_job_type_shares_its_providers_table() -> None:
         stats.life(f"p/type-{i}")
     assert len(stats.classes) == MAX_CLASSES - 1
     assert stats.life("p/one-more") is stats.life("p")
+
+
+def test_a_starved_budget_polls_the_probably_finished_before_the_probably_running() -> None:
+    # Two modes: 80 % of the jobs take 150-210 s, 20 % 5,000-5,400 s. At 0.01 polls/s with
+    # 500 other jobs a round takes ~50,000 s: every key would fall far out, past the short
+    # mode. "fresh" was never polled since its create 400 s ago: 80 % likely done. "long"
+    # was seen running at 600 s, past the short mode: almost surely one of the long ones,
+    # nowhere near its end. Round robin (and the square-root law's time alone, which for
+    # both falls in the long mode) would poll "long" first.
+    stats = DurationStats()
+    for d in [150.0 + i % 61 for i in range(80)] + [5000.0 + 20 * i for i in range(20)]:
+        _ran(stats.life(""), d)
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, stats=stats, rate_per_s=0.01)
+    for i in range(500):
+        sched.add(f"other{i}", 1400.0, origin=1399.0, last_poll=1399.5)
+    sched.add("long", 1400.0, origin=400.0, last_poll=1000.0)
+    sched.add("fresh", 1400.0, origin=1000.0, last_poll=1000.0)
+    assert sched.pick(1400.0) == "fresh"
+    assert stats.life("").halving(0.0) < 220  # survival halves in the short mode
+    assert stats.life("").halving(600.0) > 4000  # from past it, in the long mode
+
+
+def test_jobs_keyed_before_anything_was_learned_do_not_wait_behind_those_keyed_after() -> None:
+    # A batch keyed from the prior alone (every job alike: the longest-unpolled first),
+    # then the class learns that jobs end at 2-4 s. "seen" was polled running at 1.2 s: its
+    # key is made from what was learned; the batch, never polled and now surely finished,
+    # must not wait behind it on keys made before anything was known.
+    stats = DurationStats()
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, stats=stats, rate_per_s=1.0)
+    for i in range(5):
+        sched.add(f"n{i}", 0.0, origin=0.0, last_poll=0.0)
+    assert sched.pick(1.0) == "n0"
+    sched.add("seen", 1.0, origin=0.0, last_poll=1.2)
+    for i in range(100):
+        _ran(stats.life(""), 2.0 + i % 3)
+    assert stats.life("").learned
+    assert [sched.pick(2.5 + i) for i in range(4)] == ["n1", "n2", "n3", "n4"]
+    assert sched.pick(6.5) == "seen"
