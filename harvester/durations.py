@@ -165,6 +165,45 @@ class Life:
         if self.parent is not None:
             self.parent.finished(seen, duration)
 
+    def finished_within(self, seen: int, lo: float, hi: float) -> None:
+        """A job counted up to bin ``seen - 1`` was last seen running at age ``lo`` and
+        seen finished at ``hi``: it ended somewhere between (the provider does not say when).
+
+        Within a bin or two the middle is close enough. A wider interval (a job not polled
+        for long: a starved budget, a restart) is shared out over the bins it spans as this
+        table says a job alive at ``lo`` ends by ``hi`` (one step of the self-consistent
+        estimate for interval-censored durations). Put at the middle instead, a finish seen
+        an hour late would teach that jobs end half an hour after their last poll, and the
+        scheduler would spend polls on jobs that two-mode durations make unlikely to end."""
+        b_lo, b_hi = bin_of(lo), bin_of(hi)
+        if b_hi - b_lo <= 1:
+            self.finished(seen, (lo + hi) / 2)
+            return
+        self._built()
+        s_lo, s_hi = self._survival(lo), self._survival(hi)
+        mass = s_lo - s_hi
+        if not mass > 1e-12 * s_lo:
+            self.finished(seen, (lo + hi) / 2)  # the table says it cannot: no shape to use
+            return
+        if b_lo + 1 > seen:
+            self._reach(seen, b_lo + 1)
+        reached, events = self.reached, self.events
+        for b in range(b_lo, b_hi + 1):
+            start = max(lo, EDGES[b])
+            end = min(hi, EDGES[b + 1]) if b + 1 < BINS else hi
+            if b > b_lo:
+                reached[b] += (self._survival(start) - s_hi) / mass  # alive when it began
+            events[b] += (self._survival(start) - self._survival(end)) / mass
+        self._move(seen, 0)
+        self._updates += 1
+        if self.parent is not None:
+            self.parent.finished_within(seen, lo, hi)
+
+    def _survival(self, age: float) -> float:
+        # from the table as last built (``_built``)
+        b = bin_of(age)
+        return math.exp(-(self._h_edges[b] + self._rates[b] * (age - EDGES[b])))
+
     def withdrawn(self, seen: int) -> None:
         """A job stopped being tracked without finishing (failed, cancelled, dropped)."""
         self._move(seen, 0)

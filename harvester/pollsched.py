@@ -284,13 +284,11 @@ class PollScheduler(Generic[K]):
             self._origin[i] = min(origin, now)
         origin = self._origin[i]
         hi = now - origin
-        # without the provider's end time: somewhere since the last poll (the middle)
-        duration = (
-            (self._last[i] - origin + hi) / 2
-            if finished_at is None
-            else min(max(finished_at - origin, 0.0), hi)
-        )
-        self._lives[self._life[i]].finished(self._seen[i], duration)
+        life = self._lives[self._life[i]]
+        if finished_at is None:  # somewhere since the last poll
+            life.finished_within(self._seen[i], min(self._last[i] - origin, hi), hi)
+        else:
+            life.finished(self._seen[i], min(max(finished_at - origin, 0.0), hi))
         self._free_slot(i)
 
     def defer(self, key: K, until: float) -> None:

@@ -406,3 +406,26 @@ def test_jobs_keyed_before_anything_was_learned_do_not_wait_behind_those_keyed_a
     assert stats.life("").learned
     assert [sched.pick(2.5 + i) for i in range(4)] == ["n1", "n2", "n3", "n4"]
     assert sched.pick(6.5) == "seen"
+
+
+def test_a_finish_seen_long_after_the_last_poll_is_learned_where_the_table_puts_it() -> None:
+    # Jobs of this class end at 320-400 s (each seen every second). One more was seen
+    # running at 300 s and, the budget starved, next polled at 3,000 s: finished. Its end
+    # is somewhere in between; the table says where: by about 400 s, not at the middle
+    # (1,650 s), which would teach that jobs run half an hour and keep long ones polled.
+    stats = DurationStats()
+    for i in range(100):
+        _ran(stats.life(""), 320.0 + i % 81)
+    life = stats.life("")
+    before = list(life.events)
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, stats=stats, rate_per_s=1.0)
+    sched.add("late", 1300.0, origin=1000.0, last_poll=1300.0)
+    sched.finished("late", 4000.0)
+    added = [a - b for a, b in zip(life.events, before, strict=True)]
+    assert sum(added) == pytest.approx(1.0)
+    assert sum(added[: bin_of(420.0) + 1]) > 0.99
+    assert added[bin_of(1650.0)] < 1e-9
+    # a finish seen within a bin or two of the last poll is put at the middle, as before
+    sched.add("near", 4000.0, origin=3650.0, last_poll=4000.0)
+    sched.finished("near", 4010.0)
+    assert life.events[bin_of(355.0)] - before[bin_of(355.0)] - added[bin_of(355.0)] == 1.0
