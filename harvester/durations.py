@@ -35,7 +35,8 @@ root hazard*: a job last seen alive at age ``a`` is due when ``G`` has grown by 
 constant ``c`` since ``a``. With ``alpha = 1/2`` this is the square-root law for polling
 (intervals proportional to ``1 / sqrt(hazard)``, which minimises the mean detection delay
 for a given number of polls); while nothing is known the hazard is flat and every job gets
-the same interval: round robin.
+the same interval: round robin. ``halving`` reads the plain cumulative hazard: the age by
+which a job seen running at ``a`` has more likely finished than not.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ HALVE_AT = float(2**20)
 #: hazard (1/s) of a bin where jobs were at risk and none finished: small, never zero, so
 #: the cumulative hazard keeps growing and every job is polled again eventually
 MIN_HAZARD = 1e-7
+_LN2 = math.log(2)
 FORMAT = "harvester-durations"
 VERSION = 1
 
@@ -105,7 +107,10 @@ class Life:
 
     __slots__ = (
         "_g_edges",
+        "_h_edges",
+        "_learned",
         "_parent_mark",
+        "_rates",
         "_slopes",
         "_updates",
         "alpha",
@@ -132,6 +137,9 @@ class Life:
         self.inside = [0] * BINS
         self._slopes: list[float] = []
         self._g_edges: list[float] = []
+        self._learned = False  #: the last build had finished jobs to go on (not the prior)
+        self._rates: list[float] = []  #: the hazard per bin, as last built
+        self._h_edges: list[float] = []  #: the cumulative hazard at each bin's start
         self._updates = 0
 
     # -- learning ----------------------------------------------------------------------
@@ -156,6 +164,45 @@ class Life:
         self._updates += 1
         if self.parent is not None:
             self.parent.finished(seen, duration)
+
+    def finished_within(self, seen: int, lo: float, hi: float) -> None:
+        """A job counted up to bin ``seen - 1`` was last seen running at age ``lo`` and
+        seen finished at ``hi``: it ended somewhere between (the provider does not say when).
+
+        Within a bin or two the middle is close enough. A wider interval (a job not polled
+        for long: a starved budget, a restart) is shared out over the bins it spans as this
+        table says a job alive at ``lo`` ends by ``hi`` (one step of the self-consistent
+        estimate for interval-censored durations). Put at the middle instead, a finish seen
+        an hour late would teach that jobs end half an hour after their last poll, and the
+        scheduler would spend polls on jobs that two-mode durations make unlikely to end."""
+        b_lo, b_hi = bin_of(lo), bin_of(hi)
+        if b_hi - b_lo <= 1:
+            self.finished(seen, (lo + hi) / 2)
+            return
+        self._built()
+        s_lo, s_hi = self._survival(lo), self._survival(hi)
+        mass = s_lo - s_hi
+        if not mass > 1e-12 * s_lo:
+            self.finished(seen, (lo + hi) / 2)  # the table says it cannot: no shape to use
+            return
+        if b_lo + 1 > seen:
+            self._reach(seen, b_lo + 1)
+        reached, events = self.reached, self.events
+        for b in range(b_lo, b_hi + 1):
+            start = max(lo, EDGES[b])
+            end = min(hi, EDGES[b + 1]) if b + 1 < BINS else hi
+            if b > b_lo:
+                reached[b] += (self._survival(start) - s_hi) / mass  # alive when it began
+            events[b] += (self._survival(start) - self._survival(end)) / mass
+        self._move(seen, 0)
+        self._updates += 1
+        if self.parent is not None:
+            self.parent.finished_within(seen, lo, hi)
+
+    def _survival(self, age: float) -> float:
+        # from the table as last built (``_built``)
+        b = bin_of(age)
+        return math.exp(-(self._h_edges[b] + self._rates[b] * (age - EDGES[b])))
 
     def withdrawn(self, seen: int) -> None:
         """A job stopped being tracked without finishing (failed, cancelled, dropped)."""
@@ -188,6 +235,12 @@ class Life:
             inside[upto - 1] += 1
 
     # -- reading -----------------------------------------------------------------------
+    @property
+    def learned(self) -> bool:
+        """Are its hazards built from finished jobs (not the prior alone)?"""
+        self._built()
+        return self._learned
+
     @property
     def finished_count(self) -> float:
         return sum(self.events)
@@ -243,12 +296,11 @@ class Life:
         ):
             if parent is not None:
                 self._parent_mark = parent.reached[0]
-            self._slopes = [r**self.alpha for r in self.hazards()]
-            g, acc = [], 0.0
-            for b in range(BINS):
-                g.append(acc)
-                acc += self._slopes[b] * _WIDTHS[b]
-            self._g_edges = g
+            self._rates = self.hazards()
+            self._learned = sum(self.events) > 0 or (parent is not None and parent.learned)
+            self._slopes = [r**self.alpha for r in self._rates]
+            self._g_edges = _cumulative(self._slopes)
+            self._h_edges = _cumulative(self._rates)
             self._updates = 0
         return self._slopes, self._g_edges
 
@@ -262,13 +314,19 @@ class Life:
     def advance(self, age: float, c: float) -> float:
         """The age at which the cumulative root hazard has grown by ``c`` since ``age``."""
         slopes, edges = self._built()
+        return _advance(edges, slopes, max(age, 0.0), c)
+
+    def halving(self, age: float) -> float:
+        """The age by which a job seen running at ``age`` has finished more likely than not:
+        where the cumulative hazard has grown by ln 2 (its survival halved) since ``age``."""
+        self._built()
+        return _advance(self._h_edges, self._rates, max(age, 0.0), _LN2)
+
+    def due(self, age: float, c: float) -> float:
+        """``min(advance(age, c), halving(age))``, in one go."""
+        slopes, edges = self._built()
         age = max(age, 0.0)
-        b = bin_of(age)
-        value = edges[b] + slopes[b] * (age - EDGES[b]) + c
-        if b + 1 >= BINS or value < edges[b + 1]:
-            return EDGES[b] + (value - edges[b]) / slopes[b]  # still inside the same bin
-        b = bisect.bisect_right(edges, value, lo=b + 1) - 1
-        return EDGES[b] + (value - edges[b]) / slopes[b]
+        return min(_advance(edges, slopes, age, c), _advance(self._h_edges, self._rates, age, _LN2))
 
     def slope(self, age: float) -> float:
         """``hazard(age) ** alpha``: how fast ``g`` grows at ``age``."""
@@ -276,6 +334,26 @@ class Life:
 
     def to_json(self) -> dict[str, list[float]]:
         return {"events": _rounded(self.events), "reached": _rounded(self.reached)}
+
+
+def _cumulative(rates: list[float]) -> list[float]:
+    """The integral of a per-bin rate at each bin's start."""
+    out, acc = [], 0.0
+    for b in range(BINS):
+        out.append(acc)
+        acc += rates[b] * _WIDTHS[b]
+    return out
+
+
+def _advance(edges: list[float], rates: list[float], age: float, c: float) -> float:
+    """The age at which the integral of ``rates`` (``edges``: its value at each bin's
+    start) has grown by ``c`` since ``age``."""
+    b = bin_of(age)
+    value = edges[b] + rates[b] * (age - EDGES[b]) + c
+    if b + 1 >= BINS or value < edges[b + 1]:
+        return EDGES[b] + (value - edges[b]) / rates[b]  # still inside the same bin
+    b = bisect.bisect_right(edges, value, lo=b + 1) - 1
+    return EDGES[b] + (value - edges[b]) / rates[b]
 
 
 def _rounded(xs: list[float]) -> list[float]:

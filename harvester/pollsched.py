@@ -21,9 +21,14 @@ Two rules, one structure:
 When the budget has room every eligible job is picked as soon as a token comes: each is
 polled at its floor. When it does not, tokens go in key order, and ``c`` is the square-root
 law's constant, ``sum(hazard ** alpha) / rate`` over the jobs: the intervals it gives spend
-the rate exactly, and minimise the mean detection delay for it (with ``alpha = 1/2``). So
-that a hazard learned wrong cannot park a job, no key is later than round robin would poll
-it (``stretch`` times the cycle ``jobs / rate``; twice that for a job reporting progress).
+the rate exactly, and minimise the mean detection delay for it (with ``alpha = 1/2``). No
+key is later than the moment the job has more likely finished than not since it was last
+seen (its survival halved): when the budget is short, ``c`` is large and every key would
+otherwise fall on the cap below, and a job that has probably finished (a short job of two
+modes, never polled yet) would wait its turn behind one that probably has not (a long job
+already seen past the short mode). So that a hazard learned wrong cannot park a job, no key
+is later than round robin would poll it (``stretch`` times the cycle ``jobs / rate``; twice
+that for a job reporting progress).
 
 ``budget_share`` < 1 keeps polls to that share of the provider's rate (a key shared with
 other clients, or paid per request): ``pick`` returns None when the share is spent. Every
@@ -279,13 +284,11 @@ class PollScheduler(Generic[K]):
             self._origin[i] = min(origin, now)
         origin = self._origin[i]
         hi = now - origin
-        # without the provider's end time: somewhere since the last poll (the middle)
-        duration = (
-            (self._last[i] - origin + hi) / 2
-            if finished_at is None
-            else min(max(finished_at - origin, 0.0), hi)
-        )
-        self._lives[self._life[i]].finished(self._seen[i], duration)
+        life = self._lives[self._life[i]]
+        if finished_at is None:  # somewhere since the last poll
+            life.finished_within(self._seen[i], min(self._last[i] - origin, hi), hi)
+        else:
+            life.finished(self._seen[i], min(max(finished_at - origin, 0.0), hi))
         self._free_slot(i)
 
     def defer(self, key: K, until: float) -> None:
@@ -480,8 +483,19 @@ class PollScheduler(Generic[K]):
             key = last + c * float(remaining**self.stats.alpha)
             stretch = self.stretch_progress
         else:
+            life = self._lives[self._life[i]]
+            if not life.learned:
+                # Nothing learned yet: every job alike, round robin. Keyed at its last poll
+                # (not a cycle later), so that it is not put behind the jobs keyed once
+                # finishes were learned: a batch keyed before its first finish does not
+                # wait behind every re-poll.
+                return last
+            # The square-root law's time, but never past the moment the job has more likely
+            # finished than not since it was last seen: when the budget is short (c large),
+            # a job that has probably finished goes before one that probably has not,
+            # instead of both waiting out a round-robin pass.
             origin = self._origin[i]
-            key = origin + self._lives[self._life[i]].advance(last - origin, c)
+            key = origin + life.due(last - origin, c)
             stretch = self.stretch
         # No job waits much longer than round robin would make it: the hazard moves polls
         # earlier for the likely-finished, it never parks the unlikely for good.

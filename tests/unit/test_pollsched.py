@@ -368,3 +368,64 @@ def test_past_the_cap_a_new_job_type_shares_its_providers_table() -> None:
         stats.life(f"p/type-{i}")
     assert len(stats.classes) == MAX_CLASSES - 1
     assert stats.life("p/one-more") is stats.life("p")
+
+
+def test_a_starved_budget_polls_the_probably_finished_before_the_probably_running() -> None:
+    # Two modes: 80 % of the jobs take 150-210 s, 20 % 5,000-5,400 s. At 0.01 polls/s with
+    # 500 other jobs a round takes ~50,000 s: every key would fall far out, past the short
+    # mode. "fresh" was never polled since its create 400 s ago: 80 % likely done. "long"
+    # was seen running at 600 s, past the short mode: almost surely one of the long ones,
+    # nowhere near its end. Round robin (and the square-root law's time alone, which for
+    # both falls in the long mode) would poll "long" first.
+    stats = DurationStats()
+    for d in [150.0 + i % 61 for i in range(80)] + [5000.0 + 20 * i for i in range(20)]:
+        _ran(stats.life(""), d)
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, stats=stats, rate_per_s=0.01)
+    for i in range(500):
+        sched.add(f"other{i}", 1400.0, origin=1399.0, last_poll=1399.5)
+    sched.add("long", 1400.0, origin=400.0, last_poll=1000.0)
+    sched.add("fresh", 1400.0, origin=1000.0, last_poll=1000.0)
+    assert sched.pick(1400.0) == "fresh"
+    assert stats.life("").halving(0.0) < 220  # survival halves in the short mode
+    assert stats.life("").halving(600.0) > 4000  # from past it, in the long mode
+
+
+def test_jobs_keyed_before_anything_was_learned_do_not_wait_behind_those_keyed_after() -> None:
+    # A batch keyed from the prior alone (every job alike: the longest-unpolled first),
+    # then the class learns that jobs end at 2-4 s. "seen" was polled running at 1.2 s: its
+    # key is made from what was learned; the batch, never polled and now surely finished,
+    # must not wait behind it on keys made before anything was known.
+    stats = DurationStats()
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, stats=stats, rate_per_s=1.0)
+    for i in range(5):
+        sched.add(f"n{i}", 0.0, origin=0.0, last_poll=0.0)
+    assert sched.pick(1.0) == "n0"
+    sched.add("seen", 1.0, origin=0.0, last_poll=1.2)
+    for i in range(100):
+        _ran(stats.life(""), 2.0 + i % 3)
+    assert stats.life("").learned
+    assert [sched.pick(2.5 + i) for i in range(4)] == ["n1", "n2", "n3", "n4"]
+    assert sched.pick(6.5) == "seen"
+
+
+def test_a_finish_seen_long_after_the_last_poll_is_learned_where_the_table_puts_it() -> None:
+    # Jobs of this class end at 320-400 s (each seen every second). One more was seen
+    # running at 300 s and, the budget starved, next polled at 3,000 s: finished. Its end
+    # is somewhere in between; the table says where: by about 400 s, not at the middle
+    # (1,650 s), which would teach that jobs run half an hour and keep long ones polled.
+    stats = DurationStats()
+    for i in range(100):
+        _ran(stats.life(""), 320.0 + i % 81)
+    life = stats.life("")
+    before = list(life.events)
+    sched: PollScheduler[str] = PollScheduler(floor_s=1.0, stats=stats, rate_per_s=1.0)
+    sched.add("late", 1300.0, origin=1000.0, last_poll=1300.0)
+    sched.finished("late", 4000.0)
+    added = [a - b for a, b in zip(life.events, before, strict=True)]
+    assert sum(added) == pytest.approx(1.0)
+    assert sum(added[: bin_of(420.0) + 1]) > 0.99
+    assert added[bin_of(1650.0)] < 1e-9
+    # a finish seen within a bin or two of the last poll is put at the middle, as before
+    sched.add("near", 4000.0, origin=3650.0, last_poll=4000.0)
+    sched.finished("near", 4010.0)
+    assert life.events[bin_of(355.0)] - before[bin_of(355.0)] - added[bin_of(355.0)] == 1.0
