@@ -18,6 +18,20 @@ uploads do not exist: fake-gcs-server issue #331 ("Consider XML support for obje
 and #852 ("Support XML Multipart uploads?") are open, their pull requests (#1164, #2092,
 #1819) unmerged. So harvester can read from it (``status --check``) but not publish to it.
 
+No other GCS emulator installable by package name serves that publishing path either (looked
+at 2026-12, each run against obstore's calls or read at its router): fake-gcs-server's
+newest release, v1.55.1, routes an XML ``PUT``/``POST`` of an object to its JSON upload
+handler as 1.54.0 does (``fakestorage/server.go`` "insertObject" route, ``upload.go``
+"invalid uploadType"); PyPI ``gcp-storage-emulator`` 2026.7.19 takes the XML ``PUT`` but
+answers it without the ``ETag`` obstore requires and has no HEAD, DELETE, ``?list-type=2``
+or ``?uploads`` (501; ``server.py`` HANDLERS, the last route: GET and PUT only); its
+predecessor ``gcloud-storage-emulator`` only an XML GET; ``gcplocal`` and ``cloudbox`` (the
+latter Python >= 3.14) only the JSON API; npm ``firebase-tools``' Storage emulator only an
+XML GET and a form POST, the rest 501 (``src/emulator/storage/apis/gcloud.ts``); Debian's
+``google-cloud-cli-*`` emulators include none for Storage; Google's ``storage-testbench`` is
+not on PyPI (and its XML API is PUT/GET, POST 501). Writing one here would only test harvester
+against itself, so the gs:// publishing tests stay strict xfails (``conftest``).
+
 Where the binary cannot be found the tests that need it are skipped with a message saying
 so, unless ``HARVESTER_REQUIRE_GCS`` is set (CI sets it): there, its absence is a failure.
 """
