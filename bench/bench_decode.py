@@ -81,13 +81,14 @@ def decode_stream(data: bytes) -> list[np.ndarray[Any, Any]]:
 
 def validation_only(data: bytes) -> None:
     """The passes the decoder makes only to validate, per 1 MiB block: the scan for bytes
-    above '9' and the whitespace count (the per-digit compares also find where numbers start,
-    so parsing needs them anyway)."""
+    above '9', the count of bytes up to ' ' and the check that none is a control byte (the
+    per-digit compares also find where numbers start, so parsing needs them anyway)."""
     buf = np.frombuffer(data, dtype=np.uint8)
     for i in range(0, len(buf), CHUNK):
         block = buf[i : i + CHUNK]
         _ = int(block.max()) > 0x39
-        _ = np.count_nonzero(block == 0x20) + np.count_nonzero(block == 0x0A)
+        _ = np.count_nonzero(block <= 0x20)
+        _ = int((block ^ np.uint8(21)).min()) < 31
 
 
 def measure(label: str, labels: np.ndarray[Any, Any], runs: int) -> list[Entry]:

@@ -16,7 +16,9 @@ anywhere, and holds millions of labels, so decoding is vectorised per block of b
    for all numbers at once (one ``take`` per two digit positions, five digits need three), and
    each digit is picked from them by whether the comma is byte 2p - 1 or 2p.
 4. Validation is a count, not a classification: the block is well formed when its gathered
-   digits, commas and whitespace add up to its length. The gather loop stops as soon as they do.
+   digits, commas and bytes up to ' ' add up to its length, and none of the latter is a control
+   byte (one XOR and one minimum; tabs and CRs, once seen, are counted instead). The gather loop
+   stops as soon as they do.
 5. Anything unusual (whitespace before a comma, a stray byte, a long number, the closing ``]``)
    goes to the exact path, which classifies every byte, reports the first problem by absolute
    byte offset, or decodes the block when there is no problem after all.
@@ -67,6 +69,8 @@ BLOCK = 1 << 20
 _PAD: Final = 32
 #: a carry longer than this (only whitespace runs do that) is squeezed to its digits
 _CARRY_MAX: Final = 64
+#: ``b ^ _XOR_LOW`` is 31 for '\\n', above 31 for ' ' to '9', below 31 for any other byte below ' '
+_XOR_LOW: Final = np.uint8(21)
 
 
 class _Phase(enum.Enum):
@@ -262,12 +266,19 @@ class MaskDecoder(StreamDecoder):
         end = 2 * int(pairs[-1])
         last = end if flags[end + 1] else end - 1
         body = region[: last + 1]
-        # The marks are no longer needed: count whitespace into them (no new 1 MiB arrays)
+        # The marks are no longer needed: count whitespace into them (no new 1 MiB arrays).
+        # Without tabs or CRs, one pass counts every byte up to ' ': whitespace, or a control
+        # byte that one more pass rules out once the counts agree (below).
         marks = flags[: len(body)]
-        ws = int(np.count_nonzero(np.equal(body, SPACE, out=marks)))
-        ws += int(np.count_nonzero(np.equal(body, NEWLINE, out=marks)))
+        controls = False
         if self._more_ws:
-            ws += _tabs_and_crs(body)
+            ws = _whitespace(body, marks)
+        else:
+            ws = int(np.count_nonzero(np.less_equal(body, SPACE, out=marks)))
+            # Which of those bytes are whitespace is told below; this pass runs here, while
+            # the block is still in the cache. x ^ 21 maps '\n' to 31, bytes from ' ' to '9'
+            # above 31, and every other byte below ' ' below 31.
+            controls = bool(np.bitwise_xor(body, _XOR_LOW, out=marks.view(np.uint8)).min() < 31)
         # Every byte up to the last comma is a comma, whitespace or a digit of some number,
         # so this many digits must be found; the gather loop stops when they are.
         digits = last + 1 - (1 + len(pairs)) - ws
@@ -275,12 +286,14 @@ class MaskDecoder(StreamDecoder):
         if got is None:
             return None
         values, total = got
-        if total != digits and not self._more_ws:
-            tabs = _tabs_and_crs(body)
-            self._more_ws = tabs > 0
-            digits -= tabs
         if total != digits:
             return None
+        # Now every byte above ' ' is a comma or a gathered digit, and those up to ' ' must be
+        # whitespace: tabs and CRs are, any other control byte is not.
+        if controls:
+            if _whitespace(body, marks) != ws:
+                return None
+            self._more_ws = True
         top = int(values.max())
         if top > self._max_value:
             return None
@@ -457,8 +470,11 @@ def _scaled_add(values: Labels, part: U8, scale: int, top: int) -> Labels:
     return out
 
 
-def _tabs_and_crs(body: U8) -> int:
-    return int(np.count_nonzero(body == TAB)) + int(np.count_nonzero(body == CR))
+def _whitespace(body: U8, marks: npt.NDArray[np.bool_]) -> int:
+    """How many bytes of ``body`` are whitespace (``marks`` is scratch space of its length)."""
+    return sum(
+        int(np.count_nonzero(np.equal(body, ws, out=marks))) for ws in (SPACE, NEWLINE, TAB, CR)
+    )
 
 
 def _first_non_ws(data: U8) -> int:

@@ -304,6 +304,23 @@ def test_error_in_a_later_block_names_its_absolute_offset() -> None:
         assert error_offset(data, [1000, 500_000]) == len(data) - 3
 
 
+CONTROL = [b for b in range(0x20) if bytes([b]) not in WS]
+
+
+@pytest.mark.parametrize("tabs", [False, True])
+@pytest.mark.parametrize("control", CONTROL)
+def test_a_control_byte_between_numbers_is_refused(control: int, tabs: bool) -> None:
+    """Whitespace is counted as "any byte up to ' '" and the control bytes among those are
+    ruled out separately: each one, deep inside a block the fast path decodes, before and
+    after tabs and CRs have been seen (which switches to counting each kind of whitespace)."""
+    head = b"[" + (b"5,\t\r\n " if tabs else b"") + b", ".join(b"%d" % i for i in range(50_000))
+    at = len(head) + 2
+    data = head + b", " + bytes([control]) + b"7, 8, 9]"
+    assert reference(data) == at
+    assert error_offset(data) == at
+    assert error_offset(data, [1000]) == at  # the tabs, if any, in an earlier block
+
+
 # -- properties ---------------------------------------------------------------------------
 
 labels_st = st.lists(st.integers(0, U32_MAX), max_size=60)
