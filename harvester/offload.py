@@ -4,8 +4,9 @@ On the event loop, one big mask would stall every poll of every provider for as 
 takes to decode; so each such step (one chunk at a time, so memory stays flat) runs in a
 worker thread, at most ``threads`` of them at once across the whole process. numpy, zlib and
 hashlib release the GIL for the bulk of that work (a decoding thread holds it ~0.12-0.18 of
-the time, for numpy's per-call work), so two cores decode about 1.7-1.9 times as fast as one,
-where two processes doing the same work reach about 2 (``bench/bench_offload.py``).
+the time, for numpy's per-call work), so two cores decode 1.5-1.9 times as fast as one (it
+varies from run to run and machine to machine), where two processes doing the same work reach
+about 2 (``bench/bench_offload.py``).
 
 ``threads = 0`` keeps everything on the event loop (the behaviour before this module): the
 benchmark's baseline, and a way to rule threads out when chasing a problem.
