@@ -247,6 +247,10 @@ class _Db:
         try:
             if not self.read_only:
                 self.conn.execute("PRAGMA optimize")
+        except sqlite3.OperationalError:
+            # optimize is a hint that may want to write statistics: beside another writer (a
+            # daemon, when `submit` closes) it can meet a lock, and the next close retries it
+            pass
         finally:
             self.conn.close()
 

@@ -348,3 +348,25 @@ async def test_two_processes_write_the_same_file(store: SqliteStore, path: Path)
         await store.transition(theirs, Event.GIVE_UP, now=NOW, reason="stale")
     stored = await store.get(theirs.provider, theirs.key)
     assert stored is not None and stored.state is JobState.NEW
+
+
+async def test_closing_while_another_process_writes_does_not_fail(
+    path: Path, anyio_backend: str
+) -> None:
+    """``harvester submit`` beside a running daemon: the jobs are added, and closing the store
+    (``PRAGMA optimize``, a hint that may want to write statistics) meets the daemon's write
+    lock. That must not turn a successful submit into a traceback and exit status 1 (CI saw it
+    once: "database is locked" from close)."""
+    async with SqliteStore(path, busy_timeout_s=5.0) as first:
+        await add(first, 500)  # tables never analysed: optimize has statistics to write
+    store = SqliteStore(path, busy_timeout_s=0.2)
+    await store.open()
+    await store.add_jobs([new(f"more-{i:04}") for i in range(500)], now=NOW)
+    with raw(path) as lock:
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            await store.close()
+        finally:
+            lock.execute("ROLLBACK")
+    async with SqliteStore(path, busy_timeout_s=5.0, read_only=True) as reader:
+        assert len(await reader.jobs()) == 1000
