@@ -22,6 +22,7 @@ from harvester.emulator.server import Emulator
 from harvester.engine import DURATIONS_META, Engine
 from harvester.engine.learned import LearnedDurations
 from harvester.jobs import Job, JobState
+from harvester.store.base import NewJob
 from harvester.store.copy import copy_store
 from harvester.store.postgres import PostgresStore
 from harvester.store.sqlite import SqliteStore
@@ -84,6 +85,18 @@ async def run_burst(
     return engines
 
 
+def assert_created_once(emulator: Emulator, n: int) -> None:
+    """The emulator saw ``n`` creates, none of them a duplicate."""
+    stats = emulator.state.stats()["playment"]
+    assert (stats["creates"], stats["duplicate_creates"]) == (n, 0)
+
+
+def created_once_and_output(config: Config, emulator: Emulator, jobs: list[NewJob]) -> None:
+    """Each job created once at the emulator and its output equal to the emulator's truth."""
+    assert_created_once(emulator, len(jobs))
+    check_outputs(config, emulator, jobs, frames=1)
+
+
 async def test_a_burst_run_on_a_shared_store_ends_when_nothing_is_active(
     tmp_path: Path,
     emulator: Emulator,
@@ -127,9 +140,7 @@ async def test_two_engines_share_the_work_and_each_job_is_done_once(
         value = await a.get_meta(DURATIONS_META)
     assert done.keys() == {"a", "b"}, "both engines did some of the work"
     assert not (done["a"] & done["b"]) and len(done["a"] | done["b"]) == 60
-    stats = emulator.state.stats()["playment"]
-    assert (stats["creates"], stats["duplicate_creates"]) == (60, 0)
-    check_outputs(config, emulator, jobs, frames=1)
+    created_once_and_output(config, emulator, jobs)
     # What each learned of the jobs' durations adds up in the store. Before, each engine
     # saved its whole table at the end of its run and the last one overwrote the other's.
     assert value is not None
@@ -196,9 +207,7 @@ async def test_jobs_taken_from_an_engine_are_dropped_not_written_then_finished(
     dropped = {e["job"] for e in logs if e["event"] == "job dropped"}
     assert dropped == set(stolen), dropped
     assert all(j.state in (JobState.RUNNING, JobState.SUBMITTING) for j in before.values())
-    stats = emulator.state.stats()["playment"]
-    assert (stats["creates"], stats["duplicate_creates"]) == (20, 0)
-    check_outputs(config, emulator, jobs, frames=1)
+    created_once_and_output(config, emulator, jobs)
 
 
 async def test_a_replica_that_stops_hands_its_jobs_to_the_others_at_once(
@@ -230,8 +239,7 @@ async def test_a_replica_that_stops_hands_its_jobs_to_the_others_at_once(
         with anyio.fail_after(LEASE_S + 15):
             await second.run()
         assert await b.counts() == {("playment", JobState.HARVESTED): 10}
-    stats = slow_emulator.state.stats()["playment"]
-    assert (stats["creates"], stats["duplicate_creates"]) == (10, 0)
+    assert_created_once(slow_emulator, 10)
 
 
 @pytest.fixture
@@ -284,9 +292,7 @@ async def test_a_replica_that_joins_later_gets_a_fair_share_of_running_jobs(
         assert await a.counts() == {("playment", JobState.HARVESTED): 40}
     assert not (harvested_by["first"] & harvested_by["late"])
     assert len(harvested_by["late"]) >= 15, harvested_by
-    stats = long_emulator.state.stats()["playment"]
-    assert (stats["creates"], stats["duplicate_creates"]) == (40, 0)
-    check_outputs(config, long_emulator, jobs, frames=1)
+    created_once_and_output(config, long_emulator, jobs)
 
 
 async def test_jobs_copied_from_sqlite_mid_run_finish_on_postgres_without_duplicates(
@@ -318,9 +324,7 @@ async def test_jobs_copied_from_sqlite_mid_run_finish_on_postgres_without_duplic
             with anyio.fail_after(30):
                 await Engine(shared, new, burst=True).run()
             assert await new.counts() == {("playment", JobState.HARVESTED): 10}
-    stats = slow_emulator.state.stats()["playment"]
-    assert (stats["creates"], stats["duplicate_creates"]) == (10, 0)
-    check_outputs(shared, slow_emulator, jobs, frames=1)
+    created_once_and_output(shared, slow_emulator, jobs)
 
 
 async def test_replicas_saving_their_durations_at_once_lose_none_and_learn_each_others(
