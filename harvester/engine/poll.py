@@ -31,6 +31,11 @@ T = TypeVar("T")
 #: running jobs whose stored row is kept in memory between polls (about 400 bytes each), so
 #: polling them needs no store read; beyond this many the row is read before each poll
 CACHED_JOBS_MAX = 10_000
+#: a job the provider ended without results: the event that records it
+_ENDED_AT_PROVIDER = {
+    RemoteState.FAILED: Event.PROVIDER_FAILED,
+    RemoteState.CANCELLED: Event.PROVIDER_CANCELLED,
+}
 
 
 class Poller:
@@ -109,17 +114,10 @@ class Poller:
                 job, Event.COMPLETED, remote_status=status.raw, progress=status.progress
             )
             await self.v.queue_harvest(lane.name, job.key, status)
-        elif status.state == RemoteState.FAILED:
+        elif status.state in _ENDED_AT_PROVIDER:
             await self.v.transition(
                 job,
-                Event.PROVIDER_FAILED,
-                remote_status=status.raw,
-                reason=status.reason or f"provider status {status.raw}",
-            )
-        elif status.state == RemoteState.CANCELLED:
-            await self.v.transition(
-                job,
-                Event.PROVIDER_CANCELLED,
+                _ENDED_AT_PROVIDER[status.state],
                 remote_status=status.raw,
                 reason=status.reason or f"provider status {status.raw}",
             )
